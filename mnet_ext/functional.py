@@ -1,0 +1,172 @@
+"""User-facing functions with autograd, as ``torch.nn.functional`` is for native layers.
+
+Both validate their arguments (errors name the argument and what was expected), pick the backend, apply
+autocast the way native convolutions do, and call the ``mnet_ext`` torch ops.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+import mnet_ext.ops  # noqa: F401  (registers the torch.ops.mnet_ext ops)
+from mnet_ext._backend import resolve
+from mnet_ext.reference import (
+    CONV_ACTS,
+    DILATIONS,
+    KERNEL_SIZES,
+    SE_ACTS,
+    SE_GATES,
+    STRIDES,
+    acc_dtype,
+    output_hw,
+)
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_warned_fp64: set[str] = set()
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_input(x: Tensor) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    _check(x.dim() == 4, f"x: expected a 4-D [N, C, H, W] tensor, got shape {tuple(x.shape)}")
+    _check(x.dtype in _DTYPES, f"x: expected dtype float32, float16, bfloat16 (or float64), got {x.dtype}")
+    _check(x.numel() > 0, f"x: expected a non-empty tensor, got shape {tuple(x.shape)} (empty batch?)")
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()  # neither supported layout: one explicit copy
+
+
+def _check_vector(name: str, v: Tensor, c: int, x: Tensor) -> None:
+    _check(v.shape == (c,), f"{name}: expected shape ({c},) (one value per channel of x), got {tuple(v.shape)}")
+    _check(v.device == x.device, f"{name}: expected device {x.device} (that of x), got {v.device}")
+    _check(v.is_floating_point(), f"{name}: expected a floating-point tensor, got {v.dtype}")
+
+
+def _backend_for(backend: str | None, x: Tensor) -> str:
+    """The resolved backend; float64 (for gradcheck) runs only on the reference, with a one-time warning."""
+    name = resolve(backend, x.device.type)
+    if x.dtype == torch.float64 and name != "reference":
+        if name not in _warned_fp64:
+            _warned_fp64.add(name)
+            warnings.warn(f"mnet_ext: backend {name!r} has no float64 kernels; using 'reference'", stacklevel=3)
+        return "reference"
+    return name
+
+
+def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Cast like a native convolution does under autocast."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return x.to(dtype), weight.to(dtype)
+    return x, weight
+
+
+def dwconv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    stride: int = 1,
+    dilation: int = 1,
+    act: str = "none",
+    backend: str | None = None,
+) -> Tensor:
+    """act(batch_norm(depthwise_conv2d(x, weight))) in one fused op.
+
+    Args mirror ``F.conv2d`` + ``F.batch_norm``: ``x`` is ``[N, C, H, W]`` (NCHW or channels_last), ``weight`` the
+    depthwise filter ``[C, 1, k, k]`` (k in 3/5/7, padding ``(k-1)//2*dilation``), then BatchNorm's running stats
+    and affine parameters (``None`` = no affine). ``training=True`` normalizes with batch statistics and, when
+    running stats are given, updates them in place (``momentum`` as in ``F.batch_norm``). ``act`` is one of
+    none/relu/relu6/hardswish/silu. ``backend`` None picks one (see ``mnet_ext.use_backend``).
+    """
+    x = _check_input(x)
+    n, c, h, w = x.shape
+    _check(isinstance(weight, Tensor) and weight.dim() == 4, "weight: expected a 4-D [C, 1, k, k] tensor")
+    k = weight.shape[-1]
+    _check(
+        tuple(weight.shape) == (c, 1, k, k) and k in KERNEL_SIZES,
+        f"weight: expected a depthwise filter of shape ({c}, 1, k, k) with k in {KERNEL_SIZES} "
+        f"(groups = channels = {c}), got {tuple(weight.shape)}",
+    )
+    _check(weight.device == x.device, f"weight: expected device {x.device} (that of x), got {weight.device}")
+    _check(stride in STRIDES, f"stride: expected one of {STRIDES}, got {stride!r}")
+    _check(dilation in DILATIONS, f"dilation: expected one of {DILATIONS}, got {dilation!r}")
+    _check(act in CONV_ACTS, f"act: expected one of {CONV_ACTS}, got {act!r}")
+    x, weight = _autocast(x, weight)
+    _check(weight.dtype == x.dtype, f"weight: expected dtype {x.dtype} (that of x), got {weight.dtype}")
+    for name, v in (("running_mean", running_mean), ("running_var", running_var),
+                    ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        if v is not None:
+            _check_vector(name, v, c, x)
+    acc = acc_dtype(x.dtype)
+    gamma = x.new_ones(c, dtype=acc) if bn_weight is None else bn_weight.to(acc)
+    beta = x.new_zeros(c, dtype=acc) if bn_bias is None else bn_bias.to(acc)
+    name = _backend_for(backend, x)
+    if not training:
+        _check(running_mean is not None and running_var is not None,
+               "running_mean/running_var: required when training=False")
+        invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
+        return torch.ops.mnet_ext.dwconv_bn_act(
+            x, weight, running_mean.detach().to(acc), invstd, gamma, beta, stride, dilation, act, name
+        )
+    ho, wo = output_hw(h, w, k, stride, dilation)
+    count = n * ho * wo
+    _check(count > 1, f"x: expected more than 1 value per channel when training, got input size {list(x.shape)}")
+    y, mean, var = torch.ops.mnet_ext.dwconv_bn_act_train(x, weight, gamma, beta, eps, stride, dilation, act, name)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():  # exactly nn.BatchNorm2d's update: unbiased variance into running_var
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            unbiased = var * (count / (count - 1))
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return y
+
+
+def squeeze_excite(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    act: str = "relu",
+    gate: str = "hardsigmoid",
+    backend: str | None = None,
+) -> Tensor:
+    """x * gate(fc2(act(fc1(mean_hw(x))))), torchvision's ``SqueezeExcitation`` in one fused op.
+
+    ``fc1_weight`` is ``[S, C]`` or ``[S, C, 1, 1]`` (a 1x1 conv's weight), ``fc2_weight`` ``[C, S]`` or
+    ``[C, S, 1, 1]``; the biases ``[S]`` and ``[C]``. ``act`` relu/silu, ``gate`` hardsigmoid/sigmoid.
+    """
+    x = _check_input(x)
+    c = x.shape[1]
+    w1 = fc1_weight.reshape(fc1_weight.shape[0], -1) if isinstance(fc1_weight, Tensor) else fc1_weight
+    w2 = fc2_weight.reshape(fc2_weight.shape[0], -1) if isinstance(fc2_weight, Tensor) else fc2_weight
+    _check(isinstance(w1, Tensor) and w1.dim() == 2 and w1.shape[1] == c,
+           f"fc1_weight: expected shape [S, {c}] or [S, {c}, 1, 1], got "
+           f"{tuple(fc1_weight.shape) if isinstance(fc1_weight, Tensor) else type(fc1_weight).__name__}")
+    s = w1.shape[0]
+    _check(isinstance(w2, Tensor) and tuple(w2.shape) == (c, s),
+           f"fc2_weight: expected shape [{c}, {s}] or [{c}, {s}, 1, 1], got "
+           f"{tuple(fc2_weight.shape) if isinstance(fc2_weight, Tensor) else type(fc2_weight).__name__}")
+    _check(isinstance(fc1_bias, Tensor) and tuple(fc1_bias.shape) == (s,), f"fc1_bias: expected shape [{s}]")
+    _check(isinstance(fc2_bias, Tensor) and tuple(fc2_bias.shape) == (c,), f"fc2_bias: expected shape [{c}]")
+    for name, t in (("fc1_weight", w1), ("fc1_bias", fc1_bias), ("fc2_weight", w2), ("fc2_bias", fc2_bias)):
+        _check(t.device == x.device, f"{name}: expected device {x.device} (that of x), got {t.device}")
+        _check(t.dtype in _DTYPES, f"{name}: expected a float32/float16/bfloat16 tensor, got {t.dtype}")
+    _check(act in SE_ACTS, f"act: expected one of {SE_ACTS}, got {act!r}")
+    _check(gate in SE_GATES, f"gate: expected one of {SE_GATES}, got {gate!r}")
+    name = _backend_for(backend, x)
+    return torch.ops.mnet_ext.squeeze_excite(x, w1, fc1_bias, w2, fc2_bias, act, gate, name)[0]

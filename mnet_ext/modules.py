@@ -1,0 +1,165 @@
+"""Drop-in fused modules whose parameter and buffer names are those of the modules they replace.
+
+``FusedConvBNAct`` replaces a container ``[depthwise Conv2d, BatchNorm2d, activation]`` (torchvision's
+``Conv2dNormActivation``) and keeps the children under the container's names, so ``state_dict`` keys do not change
+(``0.weight``, ``1.weight``, ``1.running_mean``, ...). The BatchNorm's tensors live in ``BatchNormState``, which is
+deliberately not a ``_BatchNorm``: ``nn.SyncBatchNorm.convert_sync_batchnorm`` must not silently swap in a module
+our fused forward would bypass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mnet_ext import functional as MF
+from mnet_ext._backend import BACKENDS
+
+
+class BatchNormState(nn.Module):
+    """The parameters, buffers and settings of a ``BatchNorm2d`` (same names, no forward of its own)."""
+
+    _version = 2  # as _BatchNorm: checkpoints without num_batches_tracked load (see _load_from_state_dict)
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.num_features = bn.num_features
+        self.eps = bn.eps
+        self.momentum = bn.momentum
+        self.affine = bn.affine
+        self.track_running_stats = bn.track_running_stats
+        self.weight = bn.weight
+        self.bias = bn.bias
+        self.register_buffer("running_mean", bn.running_mean)
+        self.register_buffer("running_var", bn.running_var)
+        self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
+
+    def to_batchnorm(self) -> nn.BatchNorm2d:
+        """A native BatchNorm2d sharing this module's tensors."""
+        bn = nn.BatchNorm2d(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats,
+                            device="meta")
+        for name in ("weight", "bias"):
+            setattr(bn, name, getattr(self, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            bn.register_buffer(name, getattr(self, name))
+        bn.train(self.training)
+        return bn
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              *args: Any, **kwargs: Any) -> None:
+        version = local_metadata.get("version")
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.running_mean.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, " \
+               f"track_running_stats={self.track_running_stats}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise RuntimeError("BatchNormState holds a fused layer's BatchNorm tensors; call the FusedConvBNAct")
+
+
+def _check_backend(backend: str | None) -> str | None:
+    if backend not in (None, "auto", *BACKENDS):
+        raise ValueError(f"backend: expected None, 'auto' or one of {BACKENDS}, got {backend!r}")
+    return None if backend == "auto" else backend
+
+
+class FusedConvBNAct(nn.Module):
+    """Depthwise Conv2d + BatchNorm2d + activation in one op; a drop-in for ``Conv2dNormActivation``.
+
+    Built by ``mnet_ext.fuse``; ``original`` is the replaced container, returned (with current tensors) by
+    ``unfuse``. Training/eval behaviour, momentum=None, ``track_running_stats=False`` follow ``nn.BatchNorm2d``.
+    """
+
+    def __init__(self, original: nn.Sequential, act: str, backend: str | None = None) -> None:
+        super().__init__()
+        names = list(original._modules)
+        conv, bn = original[0], original[1]
+        self._conv_name, self._bn_name = names[0], names[1]
+        self.add_module(names[0], conv)
+        self.add_module(names[1], BatchNormState(bn))
+        if len(names) > 2:  # the activation module: no state, kept so the structure reads the same
+            self.add_module(names[2], original[2])
+        self.act = act
+        self.backend = _check_backend(backend)
+        self.stride = conv.stride[0]
+        self.dilation = conv.dilation[0]
+        object.__setattr__(self, "_original", original)  # not a child: its tensors are ours
+        self.train(original.training)
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self._modules[self._conv_name]
+
+    @property
+    def bn(self) -> BatchNormState:
+        return self._modules[self._bn_name]
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self.bn
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        use_batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
+        track = not self.training or bn.track_running_stats
+        return MF.dwconv_bn_act(
+            x,
+            self.conv.weight,
+            bn.running_mean if track else None,
+            bn.running_var if track else None,
+            bn.weight,
+            bn.bias,
+            use_batch_stats,
+            momentum,
+            bn.eps,
+            self.stride,
+            self.dilation,
+            self.act,
+            self.backend,
+        )
+
+    def unfused(self) -> nn.Sequential:
+        """The original container, holding this module's current tensors."""
+        original = self._original
+        original._modules[self._conv_name] = self.conv
+        original._modules[self._bn_name] = self.bn.to_batchnorm()
+        return original.train(self.training)
+
+    def extra_repr(self) -> str:
+        k = self.conv.kernel_size[0]
+        return f"k={k}, stride={self.stride}, dilation={self.dilation}, act={self.act}, backend={self.backend}"
+
+
+class FusedSqueezeExcitation(nn.Module):
+    """torchvision's ``SqueezeExcitation`` (or a look-alike with ``avgpool``, ``fc1``, ``activation``, ``fc2``,
+    ``scale_activation``) in one op; keeps every child under its name, so ``state_dict`` keys do not change."""
+
+    def __init__(self, original: nn.Module, act: str, gate: str, backend: str | None = None) -> None:
+        super().__init__()
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        self.act = act
+        self.gate = gate
+        self.backend = _check_backend(backend)
+        object.__setattr__(self, "_original", original)
+        self.train(original.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        fc1, fc2 = self.fc1, self.fc2
+        return MF.squeeze_excite(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.act, self.gate, self.backend)
+
+    def unfused(self) -> nn.Module:
+        original = self._original
+        for name, child in self.named_children():
+            original._modules[name] = child
+        return original.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}, gate={self.gate}, backend={self.backend}"

@@ -1,0 +1,152 @@
+"""torch.library ops for fused depthwise conv + BatchNorm + activation.
+
+Three composite ops, each running the primitives of one backend (``docs/op_contract.md``):
+
+* ``mnet_ext::dwconv_bn_act`` -- statistics given (eval: running stats); one ``fwd`` pass.
+* ``mnet_ext::dwconv_bn_act_train`` -- batch statistics: ``stats`` -> finalize -> ``fwd``; returns ``(y, mean, var)``
+  so the caller updates running statistics (an op that mutated its inputs could not have autograd).
+* ``mnet_ext::dwconv_bn_act_backward`` -- ``bwd_reduce`` -> finalize -> ``bwd_apply``; gives dx, dweight, dgamma, dbeta.
+
+Per-channel tensors (mean, invstd/var, gamma, beta) are fp32 (fp64 for fp64 inputs); ``backend`` is an already-resolved backend name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mnet_ext._backend import load
+from mnet_ext.ops._common import dense_like
+from mnet_ext.reference import acc_dtype, memory_format_of, output_hw
+
+
+def _like_output(x: Tensor, weight: Tensor, stride: int, dilation: int) -> Tensor:
+    n, c, h, w = x.shape
+    ho, wo = output_hw(h, w, weight.shape[-1], stride, dilation)
+    return torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+
+
+def _vector(x: Tensor) -> Tensor:
+    return torch.empty((x.shape[1],), dtype=acc_dtype(x.dtype), device=x.device)
+
+
+@torch.library.custom_op("mnet_ext::dwconv_bn_act", mutates_args=())
+def dwconv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    stride: int,
+    dilation: int,
+    act: str,
+    backend: str,
+) -> Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return load(backend).dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
+
+
+@torch.library.custom_op("mnet_ext::dwconv_bn_act_train", mutates_args=())
+def dwconv_bn_act_train(
+    x: Tensor,
+    weight: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    eps: float,
+    stride: int,
+    dilation: int,
+    act: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    impl = load(backend)
+    with torch.autocast(x.device.type, enabled=False):
+        mean, var = impl.dwconv_bn_stats(x, weight, stride, dilation)
+        invstd = torch.rsqrt(var + eps)
+        y = impl.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
+    return y, mean, var
+
+
+@torch.library.custom_op("mnet_ext::dwconv_bn_act_backward", mutates_args=())
+def dwconv_bn_act_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    stride: int,
+    dilation: int,
+    act: str,
+    training: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = load(backend)
+    with torch.autocast(x.device.type, enabled=False):
+        sum_g, sum_g_xhat = impl.dwconv_bn_act_bwd_reduce(
+            grad_y, x, weight, mean, invstd, gamma, beta, stride, dilation, act
+        )
+        if training:  # the statistics depend on x: BatchNorm's mean terms
+            count = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3]
+            mean_g, mean_g_xhat = sum_g / count, sum_g_xhat / count
+        else:
+            mean_g, mean_g_xhat = torch.zeros_like(sum_g), torch.zeros_like(sum_g_xhat)
+        dx, dweight = impl.dwconv_bn_act_bwd_apply(
+            grad_y, x, weight, mean, invstd, gamma, beta, mean_g, mean_g_xhat, stride, dilation, act
+        )
+    return dx, dweight, sum_g_xhat, sum_g
+
+
+@dwconv_bn_act.register_fake
+def _(x, weight, mean, invstd, gamma, beta, stride, dilation, act, backend):
+    return _like_output(x, weight, stride, dilation)
+
+
+@dwconv_bn_act_train.register_fake
+def _(x, weight, gamma, beta, eps, stride, dilation, act, backend):
+    return _like_output(x, weight, stride, dilation), _vector(x), _vector(x)
+
+
+@dwconv_bn_act_backward.register_fake
+def _(grad_y, x, weight, mean, invstd, gamma, beta, stride, dilation, act, training, backend):
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    return dx, torch.empty_like(weight, memory_format=torch.contiguous_format), _vector(x), _vector(x)
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+def _setup_eval(ctx, inputs, output):
+    x, weight, mean, invstd, gamma, beta, stride, dilation, act, backend = inputs
+    ctx.save_for_backward(x, weight, mean, invstd, gamma, beta)
+    ctx.args = (stride, dilation, act, backend)
+
+
+def _backward_eval(ctx, grad_y):
+    x, weight, mean, invstd, gamma, beta = ctx.saved_tensors
+    stride, dilation, act, backend = ctx.args
+    dx, dweight, dgamma, dbeta = dwconv_bn_act_backward(
+        dense_like(grad_y, x), x, weight, mean, invstd, gamma, beta, stride, dilation, act, False, backend
+    )
+    return dx, dweight, None, None, dgamma, dbeta, None, None, None, None
+
+
+def _setup_train(ctx, inputs, output):
+    x, weight, gamma, beta, eps, stride, dilation, act, backend = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(x, weight, gamma, beta, mean, var)
+    ctx.args = (eps, stride, dilation, act, backend)
+
+
+def _backward_train(ctx, grad_y, _grad_mean, _grad_var):
+    x, weight, gamma, beta, mean, var = ctx.saved_tensors
+    eps, stride, dilation, act, backend = ctx.args
+    invstd = torch.rsqrt(var + eps)
+    dx, dweight, dgamma, dbeta = dwconv_bn_act_backward(
+        dense_like(grad_y, x), x, weight, mean, invstd, gamma, beta, stride, dilation, act, True, backend
+    )
+    return dx, dweight, dgamma, dbeta, None, None, None, None, None
+
+
+dwconv_bn_act.register_autograd(_backward_eval, setup_context=_setup_eval)
+dwconv_bn_act_train.register_autograd(_backward_train, setup_context=_setup_train)

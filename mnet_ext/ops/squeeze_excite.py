@@ -1,0 +1,110 @@
+"""torch.library ops for fused squeeze-excitation: y = x * gate(fc2(act(fc1(mean_hw(x))))).
+
+The backend's primitives make the two passes over the activation (pool; scale) and the two passes of the
+backward (reduce; apply). The fully connected layers act on ``[N, C]`` fp32 tensors between those passes and run
+in PyTorch: they are a few kilobytes per sample.
+
+* ``mnet_ext::squeeze_excite`` -> ``(y, pooled)``; ``pooled`` is saved for the backward.
+* ``mnet_ext::squeeze_excite_backward`` -> ``(dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias)``.
+
+FC weights are 2-D: ``fc1_weight [S, C]``, ``fc2_weight [C, S]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mnet_ext._backend import load
+from mnet_ext.ops._common import dense_like
+from mnet_ext.reference import acc_dtype, act_bwd, act_fwd, memory_format_of
+
+
+def _excite(pooled: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: str, gate: str):
+    """The two FCs on the pooled means, in their dtype (fp32; fp64 for fp64 inputs). Returns every intermediate the backward needs."""
+    dt = pooled.dtype
+    a1 = torch.addmm(b1.to(dt), pooled, w1.to(dt).t())
+    h = act_fwd(a1, act)
+    a2 = torch.addmm(b2.to(dt), h, w2.to(dt).t())
+    return a1, h, a2, act_fwd(a2, gate)
+
+
+@torch.library.custom_op("mnet_ext::squeeze_excite", mutates_args=())
+def squeeze_excite(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    act: str,
+    gate: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    impl = load(backend)
+    with torch.autocast(x.device.type, enabled=False):
+        pooled = impl.se_pool(x)
+        s = _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)[-1]
+        return impl.se_scale(x, s), pooled
+
+
+@torch.library.custom_op("mnet_ext::squeeze_excite_backward", mutates_args=())
+def squeeze_excite_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    pooled: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    act: str,
+    gate: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = load(backend)
+    with torch.autocast(x.device.type, enabled=False):
+        a1, h, a2, s = _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
+        da2 = act_bwd(a2, impl.se_bwd_reduce(grad_y, x), gate)
+        da1 = act_bwd(a1, da2 @ fc2_weight.to(s.dtype), act)
+        dx = impl.se_bwd_apply(grad_y, s, da1 @ fc1_weight.to(s.dtype))
+    return (
+        dx,
+        (da1.t() @ pooled).to(fc1_weight.dtype),
+        da1.sum(0).to(fc1_bias.dtype),
+        (da2.t() @ h).to(fc2_weight.dtype),
+        da2.sum(0).to(fc2_bias.dtype),
+    )
+
+
+@squeeze_excite.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, backend):
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    return y, x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
+
+
+@squeeze_excite_backward.register_fake
+def _(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, backend):
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    return (
+        dx,
+        torch.empty_like(fc1_weight),
+        torch.empty_like(fc1_bias),
+        torch.empty_like(fc2_weight),
+        torch.empty_like(fc2_bias),
+    )
+
+
+def _setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, act, gate, backend = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, output[1], w1, b1, w2, b2)
+    ctx.args = (act, gate, backend)
+
+
+def _backward(ctx, grad_y, _grad_pooled):
+    x, pooled, w1, b1, w2, b2 = ctx.saved_tensors
+    act, gate, backend = ctx.args
+    grads = squeeze_excite_backward(dense_like(grad_y, x), x, pooled, w1, b1, w2, b2, act, gate, backend)
+    return *grads, None, None, None
+
+
+squeeze_excite.register_autograd(_backward, setup_context=_setup)
