@@ -89,8 +89,8 @@ def act_bwd(u: torch.Tensor, grad: torch.Tensor, act: str) -> torch.Tensor:
         return torch.where(u > 0, grad, zero)
     if act == "relu6":  # hardtanh_backward: passes strictly inside (0, 6)
         return torch.where((u > 0) & (u < 6), grad, zero)
-    if act == "hardswish":  # hardswish_backward: 0 below -3, u/3 + 1/2 on [-3, 3], 1 above
-        return torch.where(u < -3, zero, torch.where(u <= 3, grad * (u / 3 + 0.5), grad))
+    if act == "hardswish":  # hardswish_backward: 0 up to -3, u/3 + 1/2 on (-3, 3), 1 from 3
+        return torch.where(u <= -3, zero, torch.where(u < 3, grad * (u / 3 + 0.5), grad))
     if act == "silu":
         s = torch.sigmoid(u)
         return grad * s * (1 + u * (1 - s))

@@ -1,0 +1,146 @@
+"""Triton-specific checks the generic backend tests do not cover: the tile-size heuristic, grids with several
+pixel and channel blocks (partial tiles on both axes), the multi-chunk paths of the deterministic second stages,
+numerically hard statistics, bitwise determinism and ``unavailable_reason``.
+
+Small tiles are forced by patching the module constants, so the interpreter (CPU) runs few, cheap programs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mnet_ext import reference as ref
+from tests.helpers import assert_close_scaled
+
+triton = pytest.importorskip("triton")
+import triton_kernels  # noqa: E402
+import triton_kernels.dwconv_bn_act as tdw  # noqa: E402
+import triton_kernels.squeeze_excite as tse  # noqa: E402
+from mnet_ext.backends import triton as backend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [] if DEVICE == "cuda" else [pytest.mark.triton_interp]
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytestmark.append(pytest.mark.skip(reason="CPU tensors need TRITON_INTERPRET=1 (set by tests/conftest.py)"))
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 16 pixels (both layouts) and 16 channels (channels_last) or 64 / 16 = 4 channels (NCHW), and
+    second stages folding 4 rows per chunk: tiny shapes then span several blocks on every axis."""
+    monkeypatch.setattr(triton_kernels, "_TILE_ELEMS", 64)
+    monkeypatch.setattr(triton_kernels, "_NCHW_BLOCK_P", 16)
+    monkeypatch.setattr(tdw, "_COMBINE_BLOCK_R", 4)
+    monkeypatch.setattr(tdw, "_SUM_BLOCK_R", 4)
+
+
+def _inputs(n, c, h, w, k, stride, dilation, dtype, channels_last, offset=0.0):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(n, c, h, w) + offset).to(DEVICE, dtype).contiguous(memory_format=fmt)
+    weight = (torch.randn(c, 1, k, k) / k).to(DEVICE, dtype)
+    ho, wo = ref.output_hw(h, w, k, stride, dilation)
+    grad_y = torch.randn(n, c, ho, wo).to(DEVICE, dtype).contiguous(memory_format=fmt)
+    vec = {name: v.to(DEVICE) for name, v in zip(
+        ("mean", "invstd", "gamma", "beta", "mean_g", "mean_g_xhat"),
+        (0.1 * torch.randn(c), torch.rand(c) + 0.5, torch.randn(c), torch.randn(c), 0.1 * torch.randn(c),
+         0.1 * torch.randn(c)),
+    )}  # fmt: skip
+    return x, weight, grad_y, vec
+
+
+@pytest.mark.parametrize("channels", [1, 5, 16, 24, 40, 72, 120, 960])
+def test_pick_block_c_keeps_lanes_busy(channels):
+    b = triton_kernels.pick_block_c(channels)
+    assert b in (1, 2, 4, 8, 16, 32, 64) and b <= triton_kernels.next_pow2(channels)
+    assert channels / (-(-channels // b) * b) >= 0.6  # never more than 40% of lanes masked
+    assert triton_kernels.pick_block_c(72) == 16 and triton_kernels.pick_block_c(960) == 64
+
+
+def test_tile_sizes_orientation():
+    bp, bc = triton_kernels.tile_sizes(112 * 112, 32, channels_last=True)
+    assert (bp, bc) == (128, 32)  # channels contiguous: 32 channels x 128 pixels
+    bp, bc = triton_kernels.tile_sizes(112 * 112, 32, channels_last=False)
+    assert (bp, bc) == (1024, 4)  # pixels contiguous: long pixel runs
+    assert triton_kernels.tile_sizes(49, 5, True) == (64, 8)  # tiny shapes: one tile per image
+
+
+# (C, H, W): partial channel block and partial pixel block at once (5 = 4 + 1 in NCHW, 20 = 16 + 4 in NHWC).
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    "k, stride, dilation, act",
+    [(3, 1, 1, "relu6"), (5, 2, 1, "hardswish"), (3, 2, 2, "silu")],
+)
+def test_dwconv_multi_block(small_tiles, channels_last, k, stride, dilation, act):
+    c = 20 if channels_last else 5
+    x, weight, grad_y, v = _inputs(3, c, 7, 9, k, stride, dilation, torch.float32, channels_last)
+    bn = (v["mean"], v["invstd"], v["gamma"], v["beta"])
+    args = (x, weight, *bn, stride, dilation, act)
+    assert_close_scaled(tdw.dwconv_bn_act_fwd(*args), ref.dwconv_bn_act_fwd(*args), torch.float32, "fwd")
+    for got, want in zip(
+        tdw.dwconv_bn_stats(x, weight, stride, dilation), ref.dwconv_bn_stats(x, weight, stride, dilation)
+    ):
+        assert_close_scaled(got, want, torch.float32, "stats")
+    red = (grad_y, x, weight, *bn, stride, dilation, act)
+    for got, want in zip(tdw.dwconv_bn_act_bwd_reduce(*red), ref.dwconv_bn_act_bwd_reduce(*red)):
+        assert_close_scaled(got, want, torch.float32, "bwd_reduce")
+    app = (grad_y, x, weight, *bn, v["mean_g"], v["mean_g_xhat"], stride, dilation, act)
+    for got, want in zip(tdw.dwconv_bn_act_bwd_apply(*app), ref.dwconv_bn_act_bwd_apply(*app)):
+        assert_close_scaled(got, want, torch.float32, "bwd_apply")
+
+
+def test_stats_large_mean(small_tiles):
+    """mean 1000, std ~1: a naive sum of squares in fp32 loses the variance; Welford tiles + Chan keep it."""
+    x, weight, _, _ = _inputs(3, 4, 7, 9, 3, 1, 1, torch.float32, True, offset=1000.0)
+    weight = weight.abs()  # keep the conv output near k^2 * 1000 / k scale, far from zero
+    mean, var = tdw.dwconv_bn_stats(x, weight, 1, 1)
+    z = ref._conv(x.double(), weight.double(), 1, 1)
+    var64, mean64 = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-3, atol=0)
+
+
+def test_reductions_bitwise_deterministic(small_tiles):
+    x, weight, grad_y, v = _inputs(2, 5, 7, 7, 3, 1, 1, torch.float32, True)
+    bn = (v["mean"], v["invstd"], v["gamma"], v["beta"])
+    for _ in range(2):
+        runs = [
+            (*tdw.dwconv_bn_stats(x, weight, 1, 1), *tdw.dwconv_bn_act_bwd_reduce(grad_y, x, weight, *bn, 1, 1, "relu"))
+            for _ in range(2)
+        ]
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_se_multi_block(small_tiles, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 20, 5, 7).to(DEVICE).contiguous(memory_format=fmt)
+    gy = torch.randn_like(x)
+    s, dp = torch.rand(2, 20, device=DEVICE), torch.randn(2, 20, device=DEVICE)
+    assert_close_scaled(tse.se_pool(x), ref.se_pool(x), torch.float32, "se_pool")
+    assert_close_scaled(tse.se_scale(x, s), ref.se_scale(x, s), torch.float32, "se_scale")
+    assert_close_scaled(tse.se_bwd_reduce(gy, x), ref.se_bwd_reduce(gy, x), torch.float32, "se_bwd_reduce")
+    assert_close_scaled(tse.se_bwd_apply(gy, s, dp), ref.se_bwd_apply(gy, s, dp), torch.float32, "se_bwd_apply")
+
+
+def test_unavailable_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in backend.unavailable_reason("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.unavailable_reason("cpu") is None
+    assert backend.unavailable_reason("mps") is not None
+    assert (backend.unavailable_reason("cuda") is None) == torch.cuda.is_available()
+
+
+def test_bad_arguments():
+    x, weight, _, v = _inputs(1, 3, 5, 5, 3, 1, 1, torch.float32, False)
+    bn = (v["mean"], v["invstd"], v["gamma"], v["beta"])
+    with pytest.raises(ValueError, match="stride"):
+        tdw.dwconv_bn_act_fwd(x, weight, *bn, 3, 1, "relu")
+    with pytest.raises(ValueError, match="act"):
+        tdw.dwconv_bn_act_fwd(x, weight, *bn, 1, 1, "gelu")
+    with pytest.raises(TypeError, match="weight"):
+        tdw.dwconv_bn_act_fwd(x, weight.double(), *bn, 1, 1, "relu")
