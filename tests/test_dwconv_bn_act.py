@@ -1,0 +1,162 @@
+"""dwconv_bn_act: every backend's primitives against the reference; the torch ops (opcheck, autograd, compile)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import mnet_ext
+from mnet_ext import reference as R
+from mnet_ext._backend import load
+from tests.helpers import ROUNDING_TOL, assert_close_scaled, backend_param
+from tests.test_reference import compare_layer, fused_copy, make_native
+
+CPU_BACKENDS = [backend_param("cuda"), backend_param("triton")]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _configs(exhaustive: bool):
+    """(k, stride, dilation, act, layout, dtype). The default set covers every k/stride/dilation/layout pair with
+    activations and dtypes rotating through them, plus every activation in both dtypes; the exhaustive set is the
+    full product."""
+    if exhaustive:
+        yield from itertools.product(R.KERNEL_SIZES, R.STRIDES, R.DILATIONS, R.CONV_ACTS, ("nchw", "nhwc"),
+                                     ("fp32", "bf16", "fp16"))
+        return
+    for i, (k, s, d, layout) in enumerate(itertools.product(R.KERNEL_SIZES, R.STRIDES, R.DILATIONS, ("nchw", "nhwc"))):
+        yield k, s, d, R.CONV_ACTS[i % len(R.CONV_ACTS)], layout, ("fp32", "bf16")[i % 2]
+    for act, dtype in itertools.product(R.CONV_ACTS, ("fp32", "bf16")):
+        yield 3, 1, 1, act, "nhwc", dtype
+    yield 3, 2, 1, "relu6", "nchw", "fp16"
+
+
+def make_inputs(shape, k, dtype, layout, device="cpu", stride=1, dilation=1):
+    """Random inputs for every primitive: x, weight, per-channel stats/affine, grad_y and the mean terms."""
+    n, c, h, w = shape
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    x = torch.randn(shape, device=device).to(dtype=dtype, memory_format=fmt)
+    weight = (torch.randn(c, 1, k, k, device=device) / k).to(dtype)
+    z = R._conv(x, weight, stride, dilation)
+    mean = z.mean(dim=(0, 2, 3)) + 0.1 * torch.randn(c, device=device)  # near, not at, the batch statistics
+    invstd = torch.rsqrt(z.var(dim=(0, 2, 3)) + 0.1)
+    gamma = torch.rand(c, device=device) + 0.5
+    beta = torch.randn(c, device=device) * 0.5
+    grad_y = torch.randn(z.shape, device=device).to(dtype=dtype, memory_format=fmt)
+    mean_g, mean_g_xhat = torch.randn(c, device=device) * 0.1, torch.randn(c, device=device) * 0.1
+    return x, weight, mean, invstd, gamma, beta, grad_y, mean_g, mean_g_xhat
+
+
+def check_primitives(backend: str, shape, k, stride, dilation, act, layout, dtype, device="cpu") -> None:
+    impl = load(backend)
+    x, weight, mean, invstd, gamma, beta, grad_y, mean_g, mean_g_xhat = make_inputs(
+        shape, k, dtype, layout, device, stride, dilation)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    bn = (mean, invstd, gamma, beta)
+    what = f"{backend} k{k} s{stride} d{dilation} {act} {layout} {dtype}"
+
+    y, y_ref = (m.dwconv_bn_act_fwd(x, weight, *bn, stride, dilation, act) for m in (impl, R))
+    assert y.dtype == dtype and y.shape == y_ref.shape and y.is_contiguous(memory_format=fmt), what
+    assert_close_scaled(y, y_ref, dtype, f"fwd {what}")
+
+    for got, ref, name in zip(impl.dwconv_bn_stats(x, weight, stride, dilation),
+                              R.dwconv_bn_stats(x, weight, stride, dilation), ("mean", "var")):
+        assert got.dtype == torch.float32 and got.shape == (shape[1],), what
+        assert_close_scaled(got, ref, torch.float32, f"stats {name} {what}")
+
+    args = (grad_y, x, weight, *bn, stride, dilation, act)
+    for got, ref, name in zip(impl.dwconv_bn_act_bwd_reduce(*args), R.dwconv_bn_act_bwd_reduce(*args),
+                              ("sum_g", "sum_g_xhat")):
+        assert got.dtype == torch.float32, what
+        # sums over N*Ho*Wo terms: fp32 summation-order noise grows with the count
+        assert_close_scaled(got / grad_y[:, 0].numel(), ref / grad_y[:, 0].numel(), torch.float32,
+                            f"bwd_reduce {name} {what}")
+
+    args = (grad_y, x, weight, *bn, mean_g, mean_g_xhat, stride, dilation, act)
+    (dx, dw), (dx_ref, dw_ref) = impl.dwconv_bn_act_bwd_apply(*args), R.dwconv_bn_act_bwd_apply(*args)
+    assert dx.dtype == dtype and dx.shape == x.shape and dx.is_contiguous(memory_format=fmt), what
+    assert dw.dtype == dtype and dw.shape == weight.shape and dw.is_contiguous(), what
+    assert_close_scaled(dx, dx_ref, dtype, f"dx {what}")
+    assert_close_scaled(dw, dw_ref, dtype, f"dweight {what}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("k,stride,dilation,act,layout,dtype", list(_configs(False)))
+def test_primitives_match_reference(backend, k, stride, dilation, act, layout, dtype):
+    check_primitives(backend, (2, 5, 7, 6), k, stride, dilation, act, layout, DTYPES[dtype])
+
+
+@pytest.mark.exhaustive
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("k,stride,dilation,act,layout,dtype", list(_configs(True)))
+def test_primitives_match_reference_exhaustive(backend, k, stride, dilation, act, layout, dtype):
+    check_primitives(backend, (2, 5, 7, 6), k, stride, dilation, act, layout, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 3, 5, 5), (3, 17, 9, 11), (2, 8, 1, 1), (1, 1, 4, 3)],
+                         ids=["n1", "odd_c_h_w", "1x1_spatial", "one_channel"])
+def test_primitives_edge_shapes(backend, shape):
+    for layout in ("nchw", "nhwc"):
+        check_primitives(backend, shape, 3, 2, 1, "hardswish", layout, torch.float32)
+
+
+@pytest.mark.parametrize("backend", [backend_param("reference"), *CPU_BACKENDS])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_matches_native(backend, training):
+    """The whole module (ops, autograd, running-stat update) on each backend against nn modules."""
+    native = make_native(6, 5, 2, 1, "hardswish", momentum=None)
+    compare_layer(native, fused_copy(native, backend), (2, 6, 9, 8), torch.float32, True, training, steps=2)
+
+
+def _op_args(backend: str, training: bool):
+    x, weight, mean, invstd, gamma, beta, *_ = make_inputs((2, 4, 6, 5), 3, torch.float32, "nhwc")
+    x.requires_grad_()
+    weight.requires_grad_()
+    gamma.requires_grad_()
+    beta.requires_grad_()
+    if training:
+        return torch.ops.mnet_ext.dwconv_bn_act_train.default, (x, weight, gamma, beta, 1e-5, 2, 1, "relu6", backend)
+    return torch.ops.mnet_ext.dwconv_bn_act.default, (x, weight, mean, invstd, gamma, beta, 2, 1, "relu6", backend)
+
+
+@pytest.mark.parametrize("backend", [backend_param("reference"), *CPU_BACKENDS])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck(backend, training):
+    op, args = _op_args(backend, training)
+    torch.library.opcheck(op, args)
+
+
+def test_opcheck_backward_op():
+    x, weight, mean, invstd, gamma, beta, grad_y, *_ = make_inputs((2, 4, 6, 5), 3, torch.float32, "nchw")
+    args = (grad_y, x, weight, mean, invstd, gamma, beta, 1, 1, "silu", True, "reference")
+    torch.library.opcheck(torch.ops.mnet_ext.dwconv_bn_act_backward.default, args)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_eager():
+    """A fused layer trains under torch.compile(fullgraph=True) with no graph break, like eager."""
+    native = make_native(8, 3, 1, 1, "relu6")
+    eager, compiled_module = fused_copy(native, None), fused_copy(native, None)
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    x = torch.randn(2, 8, 6, 6)
+    for module in (eager, compiled):
+        module.train()
+    y_e, y_c = eager(x), compiled(x)
+    y_e.sum().backward()
+    y_c.sum().backward()
+    assert_close_scaled(y_c, y_e, torch.float32, "compiled forward")
+    assert_close_scaled(compiled_module.conv.weight.grad, eager.conv.weight.grad, torch.float32, "compiled dW")
+    torch.testing.assert_close(compiled_module.bn.running_mean, eager.bn.running_mean)
+    assert int(compiled_module.bn.num_batches_tracked) == 1
+
+
+def test_float64_matches_native():
+    """float64 (for gradcheck) runs on the reference whatever the backend; it matches native to fp64 precision."""
+    native = make_native(3, 3, 1, 1, "relu").double().eval()
+    fused = fused_copy(native, None).eval()
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    y = fused(x)
+    assert y.dtype == torch.float64
+    assert_close_scaled(y, native(x), torch.float64, "fp64 eval")
