@@ -41,7 +41,7 @@ def fused_copy(native: nn.Module, backend: str) -> nn.Module:
 def run_steps(module: nn.Module, xs: list[torch.Tensor], grads: list[torch.Tensor]):
     """Forward + backward on each batch; returns outputs, input grads and parameter grads of the last step."""
     outs, dxs = [], []
-    for x, g in zip(xs, grads):
+    for x, g in zip(xs, grads, strict=False):
         module.zero_grad(set_to_none=True)
         x = x.detach().requires_grad_()
         y = module(x)
@@ -72,7 +72,7 @@ def compare_layer(native: nn.Module, fused: nn.Module, shape, dtype, channels_la
     for name, g in pg_n.items():
         # weight/BN gradients are sums over N*H*W terms: allow the fp32 summation-order noise of such sums
         assert scaled_error(pg_f[name], g) <= 4 * tol, f"d{name}: {scaled_error(pg_f[name], g)}"
-    for (name, b_f), b_n in zip(fused.state_dict().items(), native.state_dict().values()):
+    for (name, b_f), b_n in zip(fused.state_dict().items(), native.state_dict().values(), strict=False):
         assert scaled_error(b_f.float(), b_n.float()) <= tol, f"{name} after {steps} steps"
 
 
@@ -152,7 +152,8 @@ def test_reference_squeeze_excite_gradcheck_fp64():
     args = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((2, 6, 4, 3), (3, 6), (3,), (6, 3), (6,))]
     for act, gate in (("relu", "hardsigmoid"), ("silu", "sigmoid")):
         assert torch.autograd.gradcheck(
-            lambda *a: mnet_ext.functional.squeeze_excite(*a, act=act, gate=gate, backend="reference"), args,
+            lambda *a, act=act, gate=gate: mnet_ext.functional.squeeze_excite(*a, act=act, gate=gate,
+                                                                          backend="reference"), args,
             fast_mode=True)
 
 

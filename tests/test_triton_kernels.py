@@ -16,10 +16,13 @@ from mnet_ext import reference as ref
 from tests.helpers import assert_close_scaled
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
 import triton_kernels  # noqa: E402
 import triton_kernels.dwconv_bn_act as tdw  # noqa: E402
 import triton_kernels.squeeze_excite as tse  # noqa: E402
 from mnet_ext.backends import triton as backend  # noqa: E402
+from triton_kernels.activations import ACT_IDS, act_bwd, act_fwd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [] if DEVICE == "cuda" else [pytest.mark.triton_interp]
@@ -30,11 +33,13 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 16 pixels (both layouts) and 16 channels (channels_last) or 64 / 16 = 4 channels (NCHW), and
-    second stages folding 4 rows per chunk: tiny shapes then span several blocks on every axis."""
+    second stages folding 2 rows per chunk: tiny shapes then span several blocks on every axis."""
     monkeypatch.setattr(triton_kernels, "_TILE_ELEMS", 64)
     monkeypatch.setattr(triton_kernels, "_NCHW_BLOCK_P", 16)
-    monkeypatch.setattr(tdw, "_COMBINE_BLOCK_R", 4)
-    monkeypatch.setattr(tdw, "_SUM_BLOCK_R", 4)
+    monkeypatch.setattr(tdw, "_COMBINE_BLOCK_R", 2)
+    monkeypatch.setattr(tdw, "_SUM_BLOCK_R", 2)
+    # 2 images x 4 pixel blocks over 2 channel blocks: 3 stage-1 rows of 3, 3 and 2 tiles (ITERS = 3, short tail)
+    monkeypatch.setattr(tdw, "_INTERP_STAGE1_PROGRAMS", 6)
 
 
 def _inputs(n, c, h, w, k, stride, dilation, dtype, channels_last, offset=0.0):
@@ -46,7 +51,7 @@ def _inputs(n, c, h, w, k, stride, dilation, dtype, channels_last, offset=0.0):
     vec = {name: v.to(DEVICE) for name, v in zip(
         ("mean", "invstd", "gamma", "beta", "mean_g", "mean_g_xhat"),
         (0.1 * torch.randn(c), torch.rand(c) + 0.5, torch.randn(c), torch.randn(c), 0.1 * torch.randn(c),
-         0.1 * torch.randn(c)),
+         0.1 * torch.randn(c)), strict=True,
     )}  # fmt: skip
     return x, weight, grad_y, vec
 
@@ -67,33 +72,46 @@ def test_tile_sizes_orientation():
     assert triton_kernels.tile_sizes(49, 5, True) == (64, 8)  # tiny shapes: one tile per image
 
 
-# (C, H, W): partial channel block and partial pixel block at once (5 = 4 + 1 in NCHW, 20 = 16 + 4 in NHWC).
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_stage1_rows(small_tiles):
+    """The multi-block tests below really walk several tiles per stage-1 program, with a short tail."""
+    if DEVICE == "cpu":
+        assert tdw._stage1_rows(8, 5, 4, torch.device("cpu")) == (3, 3)  # 8 tiles: rows of 3, 3, 2
+    rows, iters = tdw._stage1_rows(256 * 98, 32, 32, torch.device(DEVICE))
+    assert rows * iters >= 256 * 98 and (rows - 1) * iters < 256 * 98
+
+
+# C = 5 (NCHW: blocks of 4) and 20 (channels_last: blocks of 16) leave a partial channel block; 7 x 9 output
+# pixels in blocks of 16 leave a partial pixel block.
 @pytest.mark.parametrize(
-    "k, stride, dilation, act",
-    [(3, 1, 1, "relu6"), (5, 2, 1, "hardswish"), (3, 2, 2, "silu")],
+    "k, stride, dilation, act, channels_last",
+    [
+        (3, 1, 1, "relu6", False),
+        (3, 2, 2, "silu", True),
+        (5, 2, 1, "hardswish", True),
+        (5, 2, 2, "none", False),
+    ],
 )
-def test_dwconv_multi_block(small_tiles, channels_last, k, stride, dilation, act):
+def test_dwconv_multi_block(small_tiles, k, stride, dilation, act, channels_last):
     c = 20 if channels_last else 5
-    x, weight, grad_y, v = _inputs(3, c, 7, 9, k, stride, dilation, torch.float32, channels_last)
+    x, weight, grad_y, v = _inputs(2, c, 7, 9, k, stride, dilation, torch.float32, channels_last)
     bn = (v["mean"], v["invstd"], v["gamma"], v["beta"])
     args = (x, weight, *bn, stride, dilation, act)
     assert_close_scaled(tdw.dwconv_bn_act_fwd(*args), ref.dwconv_bn_act_fwd(*args), torch.float32, "fwd")
     for got, want in zip(
-        tdw.dwconv_bn_stats(x, weight, stride, dilation), ref.dwconv_bn_stats(x, weight, stride, dilation)
+        tdw.dwconv_bn_stats(x, weight, stride, dilation), ref.dwconv_bn_stats(x, weight, stride, dilation), strict=True
     ):
         assert_close_scaled(got, want, torch.float32, "stats")
     red = (grad_y, x, weight, *bn, stride, dilation, act)
-    for got, want in zip(tdw.dwconv_bn_act_bwd_reduce(*red), ref.dwconv_bn_act_bwd_reduce(*red)):
+    for got, want in zip(tdw.dwconv_bn_act_bwd_reduce(*red), ref.dwconv_bn_act_bwd_reduce(*red), strict=True):
         assert_close_scaled(got, want, torch.float32, "bwd_reduce")
     app = (grad_y, x, weight, *bn, v["mean_g"], v["mean_g_xhat"], stride, dilation, act)
-    for got, want in zip(tdw.dwconv_bn_act_bwd_apply(*app), ref.dwconv_bn_act_bwd_apply(*app)):
+    for got, want in zip(tdw.dwconv_bn_act_bwd_apply(*app), ref.dwconv_bn_act_bwd_apply(*app), strict=True):
         assert_close_scaled(got, want, torch.float32, "bwd_apply")
 
 
 def test_stats_large_mean(small_tiles):
     """mean 1000, std ~1: a naive sum of squares in fp32 loses the variance; Welford tiles + Chan keep it."""
-    x, weight, _, _ = _inputs(3, 4, 7, 9, 3, 1, 1, torch.float32, True, offset=1000.0)
+    x, weight, _, _ = _inputs(2, 4, 7, 9, 3, 1, 1, torch.float32, True, offset=1000.0)
     weight = weight.abs()  # keep the conv output near k^2 * 1000 / k scale, far from zero
     mean, var = tdw.dwconv_bn_stats(x, weight, 1, 1)
     z = ref._conv(x.double(), weight.double(), 1, 1)
@@ -105,13 +123,12 @@ def test_stats_large_mean(small_tiles):
 def test_reductions_bitwise_deterministic(small_tiles):
     x, weight, grad_y, v = _inputs(2, 5, 7, 7, 3, 1, 1, torch.float32, True)
     bn = (v["mean"], v["invstd"], v["gamma"], v["beta"])
-    for _ in range(2):
-        runs = [
-            (*tdw.dwconv_bn_stats(x, weight, 1, 1), *tdw.dwconv_bn_act_bwd_reduce(grad_y, x, weight, *bn, 1, 1, "relu"))
-            for _ in range(2)
-        ]
-        for a, b in zip(*runs):
-            assert torch.equal(a, b)
+    runs = [
+        (*tdw.dwconv_bn_stats(x, weight, 1, 1), *tdw.dwconv_bn_act_bwd_reduce(grad_y, x, weight, *bn, 1, 1, "relu"))
+        for _ in range(2)
+    ]
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -144,3 +161,29 @@ def test_bad_arguments():
         tdw.dwconv_bn_act_fwd(x, weight, *bn, 1, 1, "gelu")
     with pytest.raises(TypeError, match="weight"):
         tdw.dwconv_bn_act_fwd(x, weight.double(), *bn, 1, 1, "relu")
+
+
+@triton.jit
+def _act_probe_kernel(u_ptr, g_ptr, y_ptr, dy_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, act_fwd(u, ACT), mask=mask)
+    tl.store(dy_ptr + offs, act_bwd(u, g, ACT), mask=mask)
+
+
+# exp(100) overflows to inf on purpose (sigmoid(-100) must come out 0): numpy warns in the interpreter
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("act", list(ACT_IDS))
+def test_activations_match_reference(act):
+    """All seven activations, at and around their kinks (-3, 0, 3, 6) and far out, against reference."""
+    u = torch.tensor(
+        [-100.0, -6.0, -3.0, -2.999, -1.0, -1e-7, 0.0, 1e-7, 0.5, 2.999, 3.0, 3.001, 5.999, 6.0, 6.001, 100.0]
+    )
+    u = torch.cat([u, torch.randn(48) * 4]).to(DEVICE)
+    g = torch.randn_like(u)
+    y, dy = torch.empty_like(u), torch.empty_like(u)
+    _act_probe_kernel[(1,)](u, g, y, dy, u.numel(), ACT=ACT_IDS[act], BLOCK=64)
+    torch.testing.assert_close(y, ref.act_fwd(u, act), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dy, ref.act_bwd(u, g, act), rtol=1e-6, atol=1e-6)

@@ -5,9 +5,11 @@ Three composite ops, each running the primitives of one backend (``docs/op_contr
 * ``mnet_ext::dwconv_bn_act`` -- statistics given (eval: running stats); one ``fwd`` pass.
 * ``mnet_ext::dwconv_bn_act_train`` -- batch statistics: ``stats`` -> finalize -> ``fwd``; returns ``(y, mean, var)``
   so the caller updates running statistics (an op that mutated its inputs could not have autograd).
-* ``mnet_ext::dwconv_bn_act_backward`` -- ``bwd_reduce`` -> finalize -> ``bwd_apply``; gives dx, dweight, dgamma, dbeta.
+* ``mnet_ext::dwconv_bn_act_backward`` -- ``bwd_reduce`` -> finalize -> ``bwd_apply``;
+  gives dx, dweight, dgamma, dbeta.
 
-Per-channel tensors (mean, invstd/var, gamma, beta) are fp32 (fp64 for fp64 inputs); ``backend`` is an already-resolved backend name.
+Per-channel tensors (mean, invstd/var, gamma, beta) are fp32 (fp64 for fp64 inputs); ``backend`` is an
+already-resolved backend name.
 """
 
 from __future__ import annotations

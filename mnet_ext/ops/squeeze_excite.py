@@ -21,7 +21,9 @@ from mnet_ext.reference import acc_dtype, act_bwd, act_fwd, memory_format_of
 
 
 def _excite(pooled: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: str, gate: str):
-    """The two FCs on the pooled means, in their dtype (fp32; fp64 for fp64 inputs). Returns every intermediate the backward needs."""
+    """The two FCs on the pooled means, in their dtype (fp32; fp64 for fp64 inputs).
+
+    Returns every intermediate the backward needs."""
     dt = pooled.dtype
     a1 = torch.addmm(b1.to(dt), pooled, w1.to(dt).t())
     h = act_fwd(a1, act)
