@@ -19,12 +19,12 @@ def pytest_collection_modifyitems(config, items):
     if not config.getoption("-m"):
         skip = pytest.mark.skip(reason="exhaustive sweep: run with -m exhaustive")
         for item in items:
-            if "exhaustive" in item.keywords:
+            if item.get_closest_marker("exhaustive"):
                 item.add_marker(skip)
     if not HAS_CUDA:
         skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine); scripts/gpu_run.sh runs it")
         for item in items:
-            if "cuda" in item.keywords:
+            if item.get_closest_marker("cuda"):
                 item.add_marker(skip)
 
 
