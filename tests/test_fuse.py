@@ -95,7 +95,7 @@ def test_fused_model_trains_like_native(name, backend):
     for step in range(2):
         fused.load_state_dict(native.state_dict())
         truth.load_state_dict(native.state_dict())
-        x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+        x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
         logits_f, logits_n = _sgd_step(fused, x, step), _sgd_step(native, x, step)
         logits_t = _sgd_step(truth, x.double(), step)
         err_f, err_n = scaled_error(logits_f, logits_t), scaled_error(logits_n, logits_t)
