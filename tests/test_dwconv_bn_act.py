@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from mnet_ext import reference as R
 from mnet_ext._backend import load
-from tests.helpers import assert_close_scaled, backend_param
+from tests.helpers import ROUNDING_TOL, assert_close_scaled, backend_param, scaled_error
 from tests.test_reference import compare_layer, fused_copy, make_native
 
 CPU_BACKENDS = [backend_param("cuda"), backend_param("triton")]
@@ -159,3 +160,17 @@ def test_float64_matches_native():
     y = fused(x)
     assert y.dtype == torch.float64
     assert_close_scaled(y, native(x), torch.float64, "fp64 eval")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_autocast_like_native(training):
+    """Under autocast the fused layer casts like a native conv (bf16 output) and is at least as accurate."""
+    native = make_native(8, 3, 1, 1, "hardswish").train(training)
+    fused = fused_copy(native, None).train(training)
+    truth = copy.deepcopy(native).double().train(training)
+    x = torch.randn(2, 8, 10, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_f, y_n = fused(x), native(x)
+    assert y_f.dtype == y_n.dtype == torch.bfloat16
+    y_t = truth(x.double())
+    assert scaled_error(y_f, y_t) <= 2 * scaled_error(y_n, y_t) + ROUNDING_TOL[torch.bfloat16]
