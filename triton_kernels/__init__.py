@@ -1,0 +1,149 @@
+"""Triton kernels for mnet_ext: ``dwconv_bn_act`` (depthwise conv + BatchNorm + activation) and
+``squeeze_excite``. Host launchers have the signatures of ``mnet_ext.reference``; ``mnet_ext.backends.triton``
+re-exports them.
+
+This module holds what both ops share: the interpreter switch, the autotune wrapper, the tile-size heuristic
+and the ``@triton.jit`` helpers that place a program in the grid and orient its [pixels x channels] tile.
+
+Tiles. Every kernel works on a 2-D tile of BLOCK_P pixels (flattened ``h * W + w`` of one image) by BLOCK_C
+channels. The axis that is contiguous in memory is made the *last* (fastest) axis of the tile so that a warp's
+threads walk consecutive addresses: channels for channels_last (NHWC), pixels for NCHW. The constexpr
+``CHANNELS_LAST`` picks the orientation; all arithmetic broadcasts either way and per-channel reductions go
+through ``sum_pixels``. The orientation only affects speed, never results: every address is formed from the
+tensor's own four strides.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements per [pixels x channels] tile on a GPU: 4096 fp32 values = 32 registers per thread and per live tile
+# with 4 warps, enough bytes in flight per program for a memory-bound kernel without spilling for k = 7.
+_TILE_ELEMS = 4096
+# Longest pixel run of an NCHW tile (the contiguous axis there).
+_NCHW_BLOCK_P = 1024
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before triton was imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune(key: list[str]):
+    """``triton.autotune`` over num_warps keyed on ``key`` on a GPU; no autotuning under the interpreter
+    (which cannot benchmark several configs). Block sizes are chosen on the host (``tile_sizes``) because the
+    partial-sum buffers are sized by them; the kernels are functional (no read-modify-write of outputs), so the
+    autotuner's repeated launches are harmless."""
+    if interpreting():
+        return lambda fn: fn
+    configs = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
+    return triton.autotune(configs=configs, key=key)
+
+
+def on_tensor_device(fn):
+    """Run launcher ``fn`` with its first tensor's CUDA device current: Triton launches on the current device,
+    which need not be the tensors' (e.g. a model replica on cuda:1)."""
+
+    @functools.wraps(fn)
+    def wrapper(t, *args, **kwargs):
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
+
+    return wrapper
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pick_block_c(channels: int) -> int:
+    """Channel block for a channels_last tile: the largest of 64/32/16 that keeps >= 85% of the lanes busy
+    (C = 72 -> 16, not 64 with 56% busy), else the most efficient (ties to the larger). Masked lanes cost no
+    bandwidth, but they cost issue slots and shrink the bytes in flight per program."""
+    cands = [b for b in (64, 32, 16) if b <= next_pow2(channels)] or [next_pow2(channels)]
+
+    def eff(b: int) -> float:
+        return channels / (-(-channels // b) * b)
+
+    good = [b for b in cands if eff(b) >= 0.85]
+    return good[0] if good else max(cands, key=lambda b: (eff(b), b))
+
+
+def tile_sizes(pixels: int, channels: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) for a tile over ``pixels`` x ``channels``: the contiguous axis gets up to 64 channels
+    (channels_last: 128 bytes of bf16 per pixel, see ``pick_block_c``) or 1024 pixels (NCHW), the other axis
+    fills the tile to ``_TILE_ELEMS``. Tiny shapes give one tile per image, which keeps interpreter runs short."""
+    if channels_last:
+        block_c = pick_block_c(channels)
+        block_p = min(next_pow2(pixels), max(16, _TILE_ELEMS // block_c))
+    else:
+        block_p = min(next_pow2(pixels), _NCHW_BLOCK_P)
+        block_c = min(next_pow2(channels), max(1, _TILE_ELEMS // block_p))
+    return block_p, block_c
+
+
+def vec_width(channels_last: bool, channels: int, *tensors) -> int:
+    """The kernels' VEC: 1 for NCHW; for channels_last the largest power of two <= 8 dividing C and the image,
+    row and column strides of every activation tensor the kernel indexes (see ``hint_multiple``)."""
+    if not channels_last:
+        return 1
+    values = [channels] + [t.stride(d) for t in tensors for d in (0, 2, 3)]
+    vec = 8
+    while vec > 1 and any(v % vec for v in values):
+        vec //= 2
+    return vec
+
+
+@triton.jit
+def hint_multiple(v, VEC: tl.constexpr):
+    """``v`` (a scalar the host checked is a multiple of VEC) rewritten as (v // VEC) * VEC, which the compiler
+    can prove divisible by VEC. Triton only specialises integer arguments divisible by 16; with this hint a
+    channels_last tile with C = 24, 40, 72 or 120 still loads 8 consecutive bf16 channels as one 16-byte vector
+    (the channel mask ``c < C`` and the pixel offsets then share that divisibility). Costs two integer ops."""
+    if VEC > 1:
+        v = (v // VEC) * VEC
+    return v
+
+
+@triton.jit
+def program_tile(num_pb, num_cb):
+    """(n, pb, cb, row) of this program in a 1-D grid of N * num_pb * num_cb programs (axis 0 allows 2^31 - 1):
+    channel block cb fastest, then pixel block pb of image n; row = n * num_pb + pb indexes the per-tile partial
+    buffers. Channel blocks of the same pixels run back to back, so DRAM sectors they share (channels_last
+    pixels whose channel count is not a multiple of the block) are fetched once and hit L2 for the neighbour."""
+    pid = tl.program_id(0)
+    cb = pid % num_cb
+    row = pid // num_cb
+    return row // num_pb, row % num_pb, cb, row
+
+
+@triton.jit
+def tile_offsets(pid_p, pid_c, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Pixel and channel offsets of tile (pid_p, pid_c), shaped to broadcast into the tile:
+    channels_last: offs_p [BLOCK_P, 1], offs_c [1, BLOCK_C]; NCHW: offs_p [1, BLOCK_P], offs_c [BLOCK_C, 1]."""
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    if CHANNELS_LAST:
+        offs_p = p[:, None]
+        offs_c = c[None, :]
+    else:
+        offs_p = p[None, :]
+        offs_c = c[:, None]
+    return offs_p, offs_c
+
+
+@triton.jit
+def sum_pixels(v, CHANNELS_LAST: tl.constexpr):
+    """Sum of a tile over its pixel axis, kept as a broadcastable per-channel vector (the shape of offs_c)."""
+    if CHANNELS_LAST:
+        r = tl.sum(v, axis=0, keep_dims=True)
+    else:
+        r = tl.sum(v, axis=1, keep_dims=True)
+    return r
