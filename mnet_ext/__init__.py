@@ -29,7 +29,7 @@ if _torch_version() < _MIN_TORCH:
 
 from mnet_ext import functional, models  # noqa: E402
 from mnet_ext._backend import available_backends, use_backend  # noqa: E402
-from mnet_ext.fuse import FuseReport, explain_fuse, fuse, unfuse  # noqa: E402
+from mnet_ext.fuse import FuseReport, convert_sync_batchnorm, explain_fuse, fuse, unfuse  # noqa: E402
 from mnet_ext.modules import FusedConvBNAct, FusedSqueezeExcitation  # noqa: E402
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "FusedConvBNAct",
     "FusedSqueezeExcitation",
     "available_backends",
+    "convert_sync_batchnorm",
     "explain_fuse",
     "functional",
     "fuse",

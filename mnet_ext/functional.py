@@ -7,6 +7,7 @@ autocast the way native convolutions do, and call the ``mnet_ext`` torch ops.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +24,7 @@ from mnet_ext.reference import (
     acc_dtype,
     output_hw,
 )
+from mnet_ext.sync_batchnorm import needs_sync, sync_dwconv_bn_act_train
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _warned_fp64: set[str] = set()
@@ -84,6 +86,7 @@ def dwconv_bn_act(
     dilation: int = 1,
     act: str = "none",
     backend: str | None = None,
+    process_group: Any = None,
 ) -> Tensor:
     """act(batch_norm(depthwise_conv2d(x, weight))) in one fused op.
 
@@ -91,7 +94,9 @@ def dwconv_bn_act(
     depthwise filter ``[C, 1, k, k]`` (k in 3/5/7, padding ``(k-1)//2*dilation``), then BatchNorm's running stats
     and affine parameters (``None`` = no affine). ``training=True`` normalizes with batch statistics and, when
     running stats are given, updates them in place (``momentum`` as in ``F.batch_norm``). ``act`` is one of
-    none/relu/relu6/hardswish/silu. ``backend`` None picks one (see ``mnet_ext.use_backend``).
+    none/relu/relu6/hardswish/silu. ``backend`` None picks one (see ``mnet_ext.use_backend``). With a
+    ``process_group`` (e.g. ``torch.distributed.group.WORLD``) of several ranks, training statistics are those of
+    the whole group, as ``nn.SyncBatchNorm`` computes them.
     """
     x = _check_input(x)
     n, c, h, w = x.shape
@@ -123,10 +128,15 @@ def dwconv_bn_act(
         return torch.ops.mnet_ext.dwconv_bn_act(
             x, weight, running_mean.detach().to(acc), invstd, gamma, beta, stride, dilation, act, name
         )
-    ho, wo = output_hw(h, w, k, stride, dilation)
-    count = n * ho * wo
-    _check(count > 1, f"x: expected more than 1 value per channel when training, got input size {list(x.shape)}")
-    y, mean, var = torch.ops.mnet_ext.dwconv_bn_act_train(x, weight, gamma, beta, eps, stride, dilation, act, name)
+    if needs_sync(process_group):
+        y, mean, var, count = sync_dwconv_bn_act_train(x, weight, gamma, beta, eps, stride, dilation, act, name,
+                                                       process_group)
+    else:
+        ho, wo = output_hw(h, w, k, stride, dilation)
+        count = n * ho * wo
+        _check(count > 1, f"x: expected more than 1 value per channel when training, got input size {list(x.shape)}")
+        y, mean, var = torch.ops.mnet_ext.dwconv_bn_act_train(x, weight, gamma, beta, eps, stride, dilation, act,
+                                                              name)
     if running_mean is not None and running_var is not None:
         with torch.no_grad():  # exactly nn.BatchNorm2d's update: unbiased variance into running_var
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch.distributed as dist
 from torch import nn
 
 from mnet_ext.modules import FusedConvBNAct, FusedSqueezeExcitation, _check_backend
@@ -179,3 +180,13 @@ def unfuse(model: nn.Module) -> nn.Module:
             if isinstance(child, (FusedConvBNAct, FusedSqueezeExcitation)):
                 parent._modules[name] = child.unfused()
     return model
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group: object = None) -> nn.Module:
+    """For DDP: fused layers synchronise their batch statistics over ``process_group`` (default: the whole world)
+    between their passes; remaining native BatchNorms become ``nn.SyncBatchNorm``. In place; returns the model."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    for m in model.modules():
+        if isinstance(m, FusedConvBNAct):
+            m.process_group = group
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)

@@ -89,6 +89,7 @@ class FusedConvBNAct(nn.Module):
         self.backend = _check_backend(backend)
         self.stride = conv.stride[0]
         self.dilation = conv.dilation[0]
+        self.process_group = None  # set by mnet_ext.convert_sync_batchnorm: synchronised batch statistics
         object.__setattr__(self, "_original", original)  # not a child: its tensors are ours
         self.train(original.training)
 
@@ -123,6 +124,7 @@ class FusedConvBNAct(nn.Module):
             self.dilation,
             self.act,
             self.backend,
+            self.process_group if self.training else None,
         )
 
     def unfused(self) -> nn.Sequential:

@@ -1,0 +1,139 @@
+"""Fused SyncBatchNorm across 2 gloo ranks on CPU, against native BatchNorm over the concatenated global batch
+(which is what ``nn.SyncBatchNorm`` computes; it refuses CPU tensors itself)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.ops import SqueezeExcitation
+from torchvision.ops.misc import Conv2dNormActivation
+
+import mnet_ext
+from tests.helpers import ROUNDING_TOL, scaled_error
+
+WORLD = 2
+SPLIT = (3, 2)  # uneven per-rank batch sizes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(rank: int, port: int, fn, errors) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        fn(rank)
+    except BaseException as exc:  # report any failure to the parent test
+        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn) -> None:
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_run, args=(r, port, fn, errors)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    messages = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+    assert not messages and all(p.exitcode == 0 for p in procs), messages or [p.exitcode for p in procs]
+
+
+def _layer(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    native = Conv2dNormActivation(6, 6, 3, 2, groups=6, activation_layer=nn.Hardswish)
+    with torch.no_grad():
+        native[1].weight.uniform_(0.5, 1.5)
+        native[1].bias.uniform_(-0.5, 0.5)
+    return native.to(dtype)
+
+
+def _slices(rank: int) -> slice:
+    start = sum(SPLIT[:rank])
+    return slice(start, start + SPLIT[rank])
+
+
+def _layer_check(rank: int) -> None:
+    native = _layer()
+    fused = mnet_ext.convert_sync_batchnorm(mnet_ext.fuse(nn.Sequential(copy.deepcopy(native))))[0]
+    torch.manual_seed(1)
+    for step in range(2):  # two steps: running statistics compound
+        x_all = torch.randn(sum(SPLIT), 6, 9, 8)
+        g_all = torch.randn(sum(SPLIT), 6, 5, 4)
+        x_n = x_all.clone().requires_grad_()
+        native.zero_grad()
+        y_n = native.train()(x_n)
+        y_n.backward(g_all)
+        x_f = x_all[_slices(rank)].clone().requires_grad_()
+        fused.zero_grad()
+        y_f = fused.train()(x_f)
+        y_f.backward(g_all[_slices(rank)])
+        tol = ROUNDING_TOL[torch.float32]
+        assert scaled_error(y_f, y_n[_slices(rank)]) <= tol, f"y step {step}"
+        assert scaled_error(x_f.grad, x_n.grad[_slices(rank)]) <= tol, f"dx step {step}"
+        for (name, p_f), p_n in zip(fused.named_parameters(), native.parameters(), strict=True):
+            total = p_f.grad.clone()
+            dist.all_reduce(total)  # per-rank contributions sum to the global-batch gradient
+            assert scaled_error(total, p_n.grad) <= 4 * tol, f"d{name} step {step}"
+        for (name, b_f), b_n in zip(fused.state_dict().items(), native.state_dict().values(), strict=True):
+            assert scaled_error(b_f.float(), b_n.float()) <= tol, f"{name} step {step}"
+
+
+def test_fused_sync_batchnorm_matches_global_batchnorm():
+    _spawn(_layer_check)
+
+
+def _tiny_mobilenet() -> nn.Module:
+    """Stem conv, two depthwise blocks (one with SE), head: every BatchNorm is fused, so native BN over the global
+    batch in one process is the exact reference for 2-rank SyncBN."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1),
+        Conv2dNormActivation(8, 8, 3, 1, groups=8, activation_layer=nn.ReLU6),
+        nn.Conv2d(8, 16, 1),
+        Conv2dNormActivation(16, 16, 5, 2, groups=16, activation_layer=nn.Hardswish),
+        SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    ).double()
+
+
+def _ddp_check(rank: int) -> None:
+    native = _tiny_mobilenet()
+    fused = mnet_ext.convert_sync_batchnorm(mnet_ext.fuse(copy.deepcopy(native)))
+    ddp = DistributedDataParallel(fused)
+    opt_n = torch.optim.SGD(native.parameters(), lr=0.1, momentum=0.9)
+    opt_f = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    torch.manual_seed(2)
+    for _ in range(3):
+        x_all = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+        labels = torch.randint(0, 4, (4,))
+        opt_n.zero_grad()
+        nn.functional.cross_entropy(native(x_all), labels).backward()
+        opt_n.step()
+        mine = slice(2 * rank, 2 * rank + 2)  # equal halves: DDP's gradient mean equals the global-batch mean
+        opt_f.zero_grad()
+        nn.functional.cross_entropy(ddp(x_all[mine]), labels[mine]).backward()
+        opt_f.step()
+    for (name, t_f), t_n in zip(fused.state_dict().items(), native.state_dict().values(), strict=True):
+        assert scaled_error(t_f, t_n) <= 1e-9, name
+
+
+@pytest.mark.slow
+def test_ddp_training_fused_sync_matches_native_global_batch():
+    _spawn(_ddp_check)
