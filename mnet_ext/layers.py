@@ -22,6 +22,21 @@ MODEL_BUILDERS = {
 }
 
 
+def fused_bytes(kind: str, mode: str, a_in: int, a_out: int) -> int:
+    """Bytes the fused kernels must move for one layer, from the bytes of its input (a_in) and output (a_out).
+
+    dwconv_bn_act: eval reads x, writes y; train_fwd adds the statistics pass over x; bwd = reduce pass (dy, x)
+    + apply pass (dy, x, writes dx); wgrad counts the (dy, x) reads. squeeze_excite: pool reads x, scale reads x
+    and writes y; its backward reads dy and x, then dy again and writes dx.
+    """
+    if kind == "dwconv_bn_act":
+        table = {"eval": a_in + a_out, "train_fwd": 2 * a_in + a_out, "bwd": 3 * a_in + 2 * a_out,
+                 "fwd_bwd": 5 * a_in + 3 * a_out, "wgrad": a_in + a_out}
+    else:
+        table = {"eval": 3 * a_in, "train_fwd": 3 * a_in, "bwd": 4 * a_in, "fwd_bwd": 7 * a_in, "wgrad": 0}
+    return table[mode]
+
+
 @dataclass(frozen=True)
 class LayerConfig:
     kind: str  # "dwconv_bn_act" or "squeeze_excite"

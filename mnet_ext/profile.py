@@ -10,61 +10,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torchvision
 from torch import nn
 
 import mnet_ext
 from mnet_ext._backend import resolve
+from mnet_ext._timing import copy_bandwidth, time_ms
+from mnet_ext.layers import MODEL_BUILDERS, fused_bytes
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mobilenet_v1": mnet_ext.models.mobilenet_v1,
-    "mobilenet_v2": torchvision.models.mobilenet_v2,
-    "mobilenet_v3_large": torchvision.models.mobilenet_v3_large,
-    "mobilenet_v3_small": torchvision.models.mobilenet_v3_small,
-}
+MODELS = MODEL_BUILDERS
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def fused_bytes(mode: str, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes a fused layer must move (PERF-NOTES): eval reads x and writes y; a training step (fwd + bwd) with the
-    contract's passes reads x twice and writes y, then reads dy and x twice and writes dx."""
-    if mode == "eval":
-        return x.nbytes + y.nbytes
-    return 3 * x.nbytes + y.nbytes + 2 * (y.nbytes + x.nbytes) + x.nbytes
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, min_time: float = 0.2, max_reps: int = 200) -> float:
-    """Median wall time of ``fn`` in ms after a warm-up, synchronising the device around each call."""
-    fn()
-    sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
-    """Measured device copy bandwidth in GB/s (read + write) for a buffer larger than the caches."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
-    return 2 * nbytes / ms / 1e6
 
 
 @dataclass
@@ -148,7 +107,8 @@ def profile(model_name: str, batch: int, mode: str, backend: str | None, dtype: 
         with torch.no_grad():
             y = f_mod.eval()(xin)
         f_mod.train(mode == "train")
-        gbps = fused_bytes(mode, xin, y) / fused_ms / 1e6
+        nbytes = fused_bytes(entry.kind, "eval" if mode == "eval" else "fwd_bwd", xin.nbytes, y.nbytes)
+        gbps = nbytes / fused_ms / 1e6
         rows.append(LayerTiming(entry.name, entry.kind, tuple(xin.shape), native_ms, fused_ms, gbps))
     summary["model_native_ms"] = time_ms(_step(native, x, mode), device)
     summary["model_fused_ms"] = time_ms(_step(fused, x, mode), device)

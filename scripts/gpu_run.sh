@@ -43,6 +43,25 @@ for mode in eval train; do
   echo "profile_${mode}_status=$?" >> "$OUT/status.env"
 done
 
+stamp "benchmarks: per-op (MobileNetV3-Large layers) and end-to-end, bf16, channels_last, batch 256 -> bench/"
+# About 3 minutes in all. CSV rows are flushed as measured, so a timeout keeps what was done. torch.compile costs
+# seconds per layer: per op it runs in eval only, per model in inference only (skipped rows say so); train first.
+BENCH="$OUT/bench"
+mkdir -p "$BENCH"
+timeout 80 $PY -m bench.bench_dwconv_bn_act --models mobilenet_v3_large --batch 256 --dtype bf16 \
+  --layout channels_last --compile-modes eval --warmup-ms 5 --rep-ms 25 --out "$BENCH" --no-progress \
+  > "$BENCH/dwconv_bn_act.log" 2>&1
+echo "bench_dwconv_status=$?" >> "$OUT/status.env"
+timeout 35 $PY -m bench.bench_squeeze_excite --models mobilenet_v3_large --batch 256 --dtype bf16 \
+  --layout channels_last --modes eval,fwd_bwd --compile-modes eval --warmup-ms 5 --rep-ms 25 --out "$BENCH" \
+  --no-progress > "$BENCH/squeeze_excite.log" 2>&1
+echo "bench_se_status=$?" >> "$OUT/status.env"
+timeout 70 $PY -m bench.bench_models --models mobilenet_v3_large --batch 256 --tasks train,infer \
+  --compile-tasks infer --autocast bf16 --min-time 0.5 --out "$BENCH" --no-progress > "$BENCH/models.log" 2>&1
+echo "bench_models_status=$?" >> "$OUT/status.env"
+timeout 20 $PY -m bench.plot "$BENCH" > "$BENCH/plot.log" 2>&1
+echo "bench_plot_status=$?" >> "$OUT/status.env"
+
 stamp "rest of the test suite (CPU tests; time-boxed: CI runs them in full)"
 timeout 180 $PY -m pytest -m "not cuda" -q -rs -x --junitxml="$OUT/junit_rest.xml" > "$OUT/pytest_rest.log" 2>&1
 echo "pytest_rest_status=$?" >> "$OUT/status.env"

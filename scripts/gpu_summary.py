@@ -7,6 +7,9 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench import report  # noqa: E402  (standard library only)
+
 
 def junit_counts(path: pathlib.Path) -> str:
     if not path.exists():
@@ -47,6 +50,42 @@ def main(out: str) -> None:
     print("\n## Profile: MobileNetV3-Large, batch 256, bf16, channels_last\n")
     for mode in ("eval", "train"):
         print(f"### {mode}\n\n```\n{read(f'profile_v3_large_{mode}.txt')}\n```\n")
+    bench_section(d)
+
+
+def bench_section(d: pathlib.Path) -> None:
+    """Headline of the benchmarks in d/bench: geomean speedups per model and mode, % of copy bandwidth."""
+    bench = d / "bench"
+    print("## Benchmarks (bench/)\n")
+    if not bench.is_dir():
+        print("did not run (no bench directory)\n")
+        return
+    for op in ("dwconv_bn_act", "squeeze_excite"):
+        path = bench / f"{op}.csv"
+        if not path.exists():
+            print(f"### {op}: no CSV (see bench/{op}.log)\n")
+            continue
+        rows = report.read_rows(path)
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "error")}
+        first = rows[0] if rows else {}
+        print(f"### {op}\n\n{len(rows)} rows ({counts}); batch {first.get('batch')}, {first.get('dtype')}, "
+              f"{first.get('device')}; copy bandwidth {first.get('copy_peak_gbps', '?')} GB/s; "
+              f"{first.get('timing', '')}\n")
+        print("Geomean speedup over the model's unique layers; % copy bw = sum of the bytes each mode must move / "
+              "sum of times, over the measured copy bandwidth.\n")
+        print(report.markdown(report.headline(rows)))
+        errors = sorted({(r["provider"], r["mode"], r["reason"][:120]) for r in rows if r["status"] == "error"})
+        for provider, mode, reason in errors[:10]:
+            print(f"- error: {provider} {mode}: {reason}")
+        print()
+    path = bench / "models.csv"
+    if path.exists():
+        cols = ["model", "task", "batch", "provider", "status", "ms", "images_per_s", "speedup_vs_eager",
+                "peak_mem_mb", "reason"]
+        rows = report.read_rows(path)
+        print("### models (end to end)\n\n" + report.markdown([{c: r.get(c, "") for c in cols} for r in rows], cols))
+    else:
+        print("### models: no CSV (see bench/models.log)\n")
 
 
 if __name__ == "__main__":
