@@ -128,7 +128,7 @@ def test_fused_model_matches_native_over_steps_fp64(name):
     native = build(name).double()
     fused = mnet_ext.fuse(copy.deepcopy(native))  # float64 always runs on the reference
     for step in range(3):
-        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
         assert scaled_error(_sgd_step(fused, x, step), _sgd_step(native, x, step)) <= 1e-7, f"logits {step}"
     for (key, t_f), t_n in zip(fused.state_dict().items(), native.state_dict().values(), strict=False):
         assert scaled_error(t_f, t_n) <= 1e-7, key

@@ -1,0 +1,90 @@
+// Activation forward / derivative shared by the host twin and the CUDA kernels (fp32 math).
+// Derivatives at the kinks follow PyTorch's backward kernels, exactly as mnet_ext.reference.act_bwd:
+//   relu       passes where u > 0                    (threshold_backward)
+//   relu6      passes strictly inside (0, 6)          (hardtanh_backward)
+//   hardswish  0 for u < -3, u/3 + 1/2 on [-3, 3], 1 above
+//   hardsigmoid 1/6 strictly inside (-3, 3)
+#pragma once
+
+#include <math.h>
+
+#include "common/macros.h"
+
+namespace mnet {
+
+// Values are part of the ABI between op.cpp (parses the string) and the kernels (template/switch).
+enum class Act : int { None = 0, Relu = 1, Relu6 = 2, Hardswish = 3, Silu = 4, Hardsigmoid = 5, Sigmoid = 6 };
+
+MNET_HD float sigmoidf_(float u) { return 1.0f / (1.0f + expf(-u)); }
+
+// clamp written with comparisons (not fminf/fmaxf): vectorises on the host without -ffast-math, and a NaN
+// input stays NaN as with torch.clamp.
+MNET_HD float clampf_(float u, float lo, float hi) { return u < lo ? lo : (u > hi ? hi : u); }
+
+template <Act A>
+MNET_HD float act_fwd(float u) {
+  if constexpr (A == Act::None) {
+    return u;
+  } else if constexpr (A == Act::Relu) {
+    return u < 0.0f ? 0.0f : u;  // NaN stays NaN, as torch.relu
+  } else if constexpr (A == Act::Relu6) {
+    return clampf_(u, 0.0f, 6.0f);
+  } else if constexpr (A == Act::Hardswish) {
+    return u * clampf_(u + 3.0f, 0.0f, 6.0f) * (1.0f / 6.0f);
+  } else if constexpr (A == Act::Silu) {
+    return u * sigmoidf_(u);
+  } else if constexpr (A == Act::Hardsigmoid) {
+    return clampf_(u + 3.0f, 0.0f, 6.0f) * (1.0f / 6.0f);
+  } else {
+    return sigmoidf_(u);
+  }
+}
+
+// d act(u)/du * grad.
+template <Act A>
+MNET_HD float act_bwd(float u, float grad) {
+  if constexpr (A == Act::None) {
+    return grad;
+  } else if constexpr (A == Act::Relu) {
+    return u > 0.0f ? grad : 0.0f;
+  } else if constexpr (A == Act::Relu6) {
+    return (u > 0.0f && u < 6.0f) ? grad : 0.0f;
+  } else if constexpr (A == Act::Hardswish) {
+    return u < -3.0f ? 0.0f : (u <= 3.0f ? grad * (u * (1.0f / 3.0f) + 0.5f) : grad);
+  } else if constexpr (A == Act::Silu) {
+    const float s = sigmoidf_(u);
+    return grad * s * (1.0f + u * (1.0f - s));
+  } else if constexpr (A == Act::Hardsigmoid) {
+    return (u > -3.0f && u < 3.0f) ? grad * (1.0f / 6.0f) : 0.0f;
+  } else {
+    const float s = sigmoidf_(u);
+    return grad * s * (1.0f - s);
+  }
+}
+
+// Runtime-act versions (uniform branch; used where the act is not a template parameter).
+MNET_HD float act_fwd(Act a, float u) {
+  switch (a) {
+    case Act::Relu: return act_fwd<Act::Relu>(u);
+    case Act::Relu6: return act_fwd<Act::Relu6>(u);
+    case Act::Hardswish: return act_fwd<Act::Hardswish>(u);
+    case Act::Silu: return act_fwd<Act::Silu>(u);
+    case Act::Hardsigmoid: return act_fwd<Act::Hardsigmoid>(u);
+    case Act::Sigmoid: return act_fwd<Act::Sigmoid>(u);
+    default: return u;
+  }
+}
+
+MNET_HD float act_bwd(Act a, float u, float grad) {
+  switch (a) {
+    case Act::Relu: return act_bwd<Act::Relu>(u, grad);
+    case Act::Relu6: return act_bwd<Act::Relu6>(u, grad);
+    case Act::Hardswish: return act_bwd<Act::Hardswish>(u, grad);
+    case Act::Silu: return act_bwd<Act::Silu>(u, grad);
+    case Act::Hardsigmoid: return act_bwd<Act::Hardsigmoid>(u, grad);
+    case Act::Sigmoid: return act_bwd<Act::Sigmoid>(u, grad);
+    default: return grad;
+  }
+}
+
+}  // namespace mnet

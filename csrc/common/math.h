@@ -1,0 +1,72 @@
+// Small shared math: BN folding, Welford/Chan statistics, conv geometry. No ATen; host and device.
+#pragma once
+
+#include <stdint.h>
+
+#include "common/macros.h"
+
+namespace mnet {
+
+// ---- conv geometry -----------------------------------------------------------------------------
+MNET_HD int padding_for(int k, int dilation) { return (k - 1) / 2 * dilation; }
+MNET_HD int64_t out_size(int64_t in, int k, int stride, int dilation) {
+  const int pad = padding_for(k, dilation);
+  return (in + 2 * pad - (dilation * (k - 1) + 1)) / stride + 1;
+}
+// Input coordinate read by output coordinate `o` at tap `t` (may be out of range = zero padding).
+MNET_HD int64_t in_coord(int64_t o, int t, int stride, int dilation, int pad) {
+  return o * stride - pad + (int64_t)t * dilation;
+}
+// Output coordinate that reads input coordinate `i` at tap `t`, or -1 when none does.
+MNET_HD int64_t out_coord(int64_t i, int t, int stride, int dilation, int pad, int64_t out_len) {
+  const int64_t num = i + pad - (int64_t)t * dilation;
+  if (num < 0 || num % stride != 0) return -1;
+  const int64_t o = num / stride;
+  return o < out_len ? o : -1;
+}
+
+// ---- BatchNorm fold ----------------------------------------------------------------------------
+// u = gamma * (z - mean) * invstd + beta = z * scale + shift
+struct BnFold {
+  float scale, shift;
+};
+MNET_HD BnFold bn_fold(float mean, float invstd, float gamma, float beta) {
+  const float scale = gamma * invstd;
+  return {scale, beta - mean * scale};
+}
+
+// ---- Welford / Chan ----------------------------------------------------------------------------
+// (count, mean, M2) with M2 = sum (z - mean)^2. Chan et al. combine; deterministic given the order.
+struct Welford {
+  float count, mean, m2;
+};
+MNET_HD Welford welford_init() { return {0.0f, 0.0f, 0.0f}; }
+MNET_HD void welford_add(Welford& w, float v) {
+  w.count += 1.0f;
+  const float d = v - w.mean;
+  w.mean += d / w.count;
+  w.m2 += d * (v - w.mean);
+}
+MNET_HD Welford welford_combine(const Welford& a, const Welford& b) {
+  const float n = a.count + b.count;
+  if (n == 0.0f) return a;
+  if (a.count == 0.0f) return b;
+  if (b.count == 0.0f) return a;
+  const float d = b.mean - a.mean;
+  const float fb = b.count / n;
+  return {n, a.mean + d * fb, a.m2 + b.m2 + d * d * a.count * fb};
+}
+// Same with double accumulators (host side combine of many partials).
+struct WelfordD {
+  double count, mean, m2;
+};
+MNET_HD WelfordD welford_combine(const WelfordD& a, double bc, double bm, double bm2) {
+  const double n = a.count + bc;
+  if (bc == 0.0) return a;
+  if (a.count == 0.0) return {bc, bm, bm2};
+  const double d = bm - a.mean;
+  const double fb = bc / n;
+  return {n, a.mean + d * fb, a.m2 + bm2 + d * d * a.count * fb};
+}
+
+}  // namespace mnet

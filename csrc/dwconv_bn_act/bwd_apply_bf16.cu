@@ -1,0 +1,6 @@
+// dwconv_bn_act_bwd_apply kernels for dtype __nv_bfloat16 (see bwd_apply.cuh).
+#include "dwconv_bn_act/bwd_apply.cuh"
+
+namespace mnet {
+template void dw_bwd_apply_launch<__nv_bfloat16>(const DwParams&, cudaStream_t);
+}  // namespace mnet

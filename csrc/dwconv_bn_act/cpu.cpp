@@ -1,0 +1,66 @@
+// Host twin of the dwconv_bn_act primitives: the CPU implementation, sharing activations/BN fold/Welford with
+// the CUDA kernels (common/*.h). Also the fast CPU path: native NCHW and NHWC loops whose innermost loop runs
+// over contiguous memory (W in NCHW, C in NHWC) so the compiler vectorises it; fp32 accumulation.
+//
+// ISA: the body (cpu_impl.h) is compiled twice, for the baseline ISA and (x86-64 with GCC) for AVX2+FMA, and
+// the entry points pick the AVX2 copy at runtime when the CPU supports it (like ATen's CPU_CAPABILITY).
+//
+// Parallelism: at::parallel_for over independent work items (NCHW: (n, c) planes; NHWC: (n, oh) rows or fixed
+// row blocks). Reductions write one partial per work item / fixed block and are combined afterwards in a
+// fixed order (double precision), so results do not depend on the number of threads.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/activations.h"
+#include "common/dispatch.h"
+#include "common/math.h"
+#include "dwconv_bn_act/launch.h"
+
+namespace mnet {
+
+namespace twin_base {
+namespace {
+#include "dwconv_bn_act/cpu_impl.h"
+}  // namespace
+}  // namespace twin_base
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MNET_AVX2_TWIN 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace twin_avx2 {
+namespace {
+#include "dwconv_bn_act/cpu_impl.h"
+}  // namespace
+}  // namespace twin_avx2
+#pragma GCC pop_options
+
+static bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+// Runs FN<T>(p) from the AVX2+FMA copy when the CPU has it, else from the baseline copy.
+#ifdef MNET_AVX2_TWIN
+#define MNET_TWIN_CALL(FN, p)                                                         \
+  MNET_DISPATCH_DTYPE((p).dtype, c10::Half, c10::BFloat16, T, [&] {                  \
+    if (cpu_has_avx2()) return twin_avx2::FN<T>(p);                                   \
+    return twin_base::FN<T>(p);                                                       \
+  })
+#else
+#define MNET_TWIN_CALL(FN, p) \
+  MNET_DISPATCH_DTYPE((p).dtype, c10::Half, c10::BFloat16, T, [&] { return twin_base::FN<T>(p); })
+#endif
+
+void dw_fwd_cpu(const DwParams& p) { MNET_TWIN_CALL(fwd_impl, p); }
+void dw_stats_cpu(const DwParams& p) { MNET_TWIN_CALL(stats_impl, p); }
+void dw_bwd_reduce_cpu(const DwParams& p) { MNET_TWIN_CALL(bwd_reduce_impl, p); }
+void dw_bwd_apply_cpu(const DwParams& p) { MNET_TWIN_CALL(bwd_apply_impl, p); }
+
+}  // namespace mnet

@@ -1,0 +1,543 @@
+// Body of the dwconv_bn_act host twin (see cpu.cpp). Deliberately without include guard: cpu.cpp includes it
+// twice, into namespaces compiled for the baseline ISA and for AVX2+FMA, and picks one at runtime. It relies on
+// the includes of cpu.cpp and lives inside an anonymous namespace there.
+// NOLINTBEGIN(build/include)
+
+// Valid output range [lo, hi) for which iw = ow * s + off lies in [0, W).
+inline void valid_range(int64_t off, int s, int64_t W, int64_t Wo, int64_t& lo, int64_t& hi) {
+  lo = off >= 0 ? 0 : (-off + s - 1) / s;
+  const int64_t top = W - 1 - off;
+  hi = top < 0 ? 0 : std::min<int64_t>(Wo, top / s + 1);
+  if (hi < lo) hi = lo;
+}
+
+template <typename T>
+inline float ld(const T* p, int64_t i) {
+  return static_cast<float>(p[i]);
+}
+
+// Weights as fp32: w[c * kk + t] (NCHW loops) and wt[t * C + c] (NHWC loops).
+template <typename T>
+void weights_f32(const DwParams& p, std::vector<float>& w, std::vector<float>& wt) {
+  const int kk = p.k * p.k;
+  const T* src = static_cast<const T*>(p.weight);
+  w.resize(p.C * kk);
+  wt.resize(p.C * kk);
+  for (int64_t c = 0; c < p.C; ++c) {
+    for (int t = 0; t < kk; ++t) {
+      const float v = static_cast<float>(src[c * kk + t]);
+      w[c * kk + t] = v;
+      wt[t * p.C + c] = v;
+    }
+  }
+}
+
+// z for a whole NCHW plane (contiguous H x W) -> out[Ho * Wo]. The plane is copied once into a zero-padded
+// fp32 buffer so the tap loops need no bounds checks; with stride 1 each tap is one long contiguous loop over
+// the flattened padded plane (the columns that fall into the padding are computed and dropped), which keeps
+// small maps (7x7, 14x14) vectorised.
+struct PlaneConv {
+  std::vector<float> xpad, acc, phase;
+  template <typename T>
+  void run(const DwParams& p, const T* xp, const float* w, float* out) {
+    const int k = p.k, s = p.stride, d = p.dilation, pad = p.pad;
+    const int64_t Hp = p.H + 2 * pad, Wp = p.W + 2 * pad, Ho = p.Ho, Wo = p.Wo;
+    xpad.assign(Hp * Wp, 0.0f);
+    for (int64_t ih = 0; ih < p.H; ++ih) {
+      float* dst = xpad.data() + (ih + pad) * Wp + pad;
+      const T* src = xp + ih * p.W;
+      for (int64_t iw = 0; iw < p.W; ++iw) dst[iw] = static_cast<float>(src[iw]);
+    }
+    if (s == 1) {
+      const int64_t len = (Ho - 1) * Wp + Wo;
+      acc.assign(len, 0.0f);
+      float* a = acc.data();
+      for (int kh = 0; kh < k; ++kh)
+        for (int kw = 0; kw < k; ++kw) {
+          const float wv = w[kh * k + kw];
+          const float* src = xpad.data() + (int64_t)kh * d * Wp + (int64_t)kw * d;
+          for (int64_t i = 0; i < len; ++i) a[i] += wv * src[i];
+        }
+      for (int64_t oh = 0; oh < Ho; ++oh) std::memcpy(out + oh * Wo, a + oh * Wp, Wo * sizeof(float));
+    } else {
+      // stride 2: polyphase split of the padded plane into 4 images phase[rq][cq][r][j] = xpad[2r + rq][2j + cq],
+      // so output (oh, ow) at tap (th, tw) reads phase[th & 1][tw & 1][oh + (th >> 1)][ow + (tw >> 1)]: the same
+      // flattened contiguous loop as stride 1, with row pitch Wh.
+      const int64_t Hh = (Hp + 1) / 2, Wh = (Wp + 1) / 2, img = Hh * Wh;
+      phase.assign(4 * img, 0.0f);
+      for (int64_t r = 0; r < Hp; ++r) {
+        const float* src = xpad.data() + r * Wp;
+        float* ev = phase.data() + ((r & 1) * 2) * img + (r >> 1) * Wh;
+        float* od = ev + img;
+        for (int64_t j = 0; j < Wp / 2; ++j) ev[j] = src[2 * j], od[j] = src[2 * j + 1];
+        if (Wp % 2) ev[Wp / 2] = src[Wp - 1];
+      }
+      const int64_t len = (Ho - 1) * Wh + Wo;
+      acc.assign(len, 0.0f);
+      float* a = acc.data();
+      for (int kh = 0; kh < k; ++kh)
+        for (int kw = 0; kw < k; ++kw) {
+          const int64_t th = (int64_t)kh * d, tw = (int64_t)kw * d;
+          const float wv = w[kh * k + kw];
+          const float* src = phase.data() + ((th & 1) * 2 + (tw & 1)) * img + (th >> 1) * Wh + (tw >> 1);
+          for (int64_t i = 0; i < len; ++i) a[i] += wv * src[i];
+        }
+      for (int64_t oh = 0; oh < Ho; ++oh) std::memcpy(out + oh * Wo, a + oh * Wh, Wo * sizeof(float));
+    }
+  }
+};
+
+// z for output row `oh` of image n in NHWC -> out[ow * C + c].
+template <typename T>
+void conv_row_nhwc(const DwParams& p, const T* xi, const float* wt, int64_t oh, float* out) {
+  const int k = p.k, s = p.stride, d = p.dilation, pad = p.pad;
+  const int64_t H = p.H, W = p.W, Wo = p.Wo, C = p.C;
+  std::fill(out, out + Wo * C, 0.0f);
+  for (int kh = 0; kh < k; ++kh) {
+    const int64_t ih = in_coord(oh, kh, s, d, pad);
+    if (ih < 0 || ih >= H) continue;
+    const T* xr = xi + ih * W * C;
+    for (int kw = 0; kw < k; ++kw) {
+      const float* wtt = wt + (int64_t)(kh * k + kw) * C;
+      const int64_t off = (int64_t)kw * d - pad;
+      int64_t lo, hi;
+      valid_range(off, s, W, Wo, lo, hi);
+      for (int64_t ow = lo; ow < hi; ++ow) {
+        const T* xv = xr + (ow * s + off) * C;
+        float* o = out + ow * C;
+        for (int64_t c = 0; c < C; ++c) o[c] += wtt[c] * ld(xv, c);
+      }
+    }
+  }
+}
+
+inline int64_t off4(const Strides4& st, int64_t n, int64_t c, int64_t h, int64_t w) {
+  return n * st.n + c * st.c + h * st.h + w * st.w;
+}
+
+// Fixed partition of NHWC rows (n, oh) into blocks: independent of the thread count (determinism).
+inline int64_t num_row_blocks(int64_t rows) { return std::min<int64_t>(rows, 64); }
+
+// ------------------------------------------------------------------------------------------------
+// Activation and dtype passes over fp32 row buffers. Only these small loops depend on the activation, and
+// only load_row/store_row on the dtype, so the heavy conv loops are instantiated once per dtype (build time).
+// ------------------------------------------------------------------------------------------------
+using ActFwdFn = void (*)(float* u, int64_t n);                // u <- act(u)
+using ActBwdFn = void (*)(const float* u, float* g, int64_t n);  // g <- act'(u) * g
+
+template <Act A>
+void act_fwd_row(float* u, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) u[i] = act_fwd<A>(u[i]);
+}
+template <Act A>
+void act_bwd_row(const float* u, float* g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) g[i] = act_bwd<A>(u[i], g[i]);
+}
+ActFwdFn act_fwd_fn(Act a) {
+  return MNET_DISPATCH_CONV_ACT(a, A, [&]() -> ActFwdFn { return &act_fwd_row<A>; });
+}
+ActBwdFn act_bwd_fn(Act a) {
+  return MNET_DISPATCH_CONV_ACT(a, A, [&]() -> ActBwdFn { return &act_bwd_row<A>; });
+}
+
+template <typename T>
+void store_row(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i]);
+}
+
+// grad_y row (n, :, oh, :) as fp32, in x's layout order (NCHW: [Wo] for channel c; NHWC: [Wo * C]).
+template <typename T>
+void load_grad_row(const DwParams& p, const T* gy, int64_t n, int64_t c, int64_t oh, float* g) {
+  if (!p.channels_last) {
+    const T* src = gy + off4(p.gs, n, c, oh, 0);
+    if (p.gs.w == 1) {
+      for (int64_t ow = 0; ow < p.Wo; ++ow) g[ow] = static_cast<float>(src[ow]);
+    } else {
+      for (int64_t ow = 0; ow < p.Wo; ++ow) g[ow] = static_cast<float>(src[ow * p.gs.w]);
+    }
+  } else {
+    if (p.gs.c == 1) {
+      const T* src = gy + off4(p.gs, n, 0, oh, 0);
+      for (int64_t i = 0; i < p.Wo * p.C; ++i) g[i] = static_cast<float>(src[i]);
+    } else {
+      for (int64_t ow = 0; ow < p.Wo; ++ow)
+        for (int64_t cc = 0; cc < p.C; ++cc) g[ow * p.C + cc] = static_cast<float>(gy[off4(p.gs, n, cc, oh, ow)]);
+    }
+  }
+}
+
+// Per-channel BN parameters as fp32 arrays (NHWC rows use them as vectors).
+struct BnVecs {
+  std::vector<float> mean, invstd, gamma, beta, scale, shift;
+  explicit BnVecs(const DwParams& p)
+      : mean(p.mean, p.mean + p.C), invstd(p.invstd, p.invstd + p.C), gamma(p.gamma, p.gamma + p.C),
+        beta(p.beta, p.beta + p.C), scale(p.C), shift(p.C) {
+    for (int64_t c = 0; c < p.C; ++c) {
+      const BnFold f = bn_fold(mean[c], invstd[c], gamma[c], beta[c]);
+      scale[c] = f.scale, shift[c] = f.shift;
+    }
+  }
+};
+
+// For a row of z (overwritten with xhat), the incoming grad (overwritten with g = act'(u) * grad).
+// NCHW: one channel c over n = Wo elements; NHWC: Wo pixels x C channels.
+inline void grad_u_row(const DwParams& p, const BnVecs& bn, ActBwdFn actb, int64_t c, float* z, float* g, float* u) {
+  if (!p.channels_last) {
+    const float mean = bn.mean[c], invstd = bn.invstd[c], gamma = bn.gamma[c], beta = bn.beta[c];
+    for (int64_t ow = 0; ow < p.Wo; ++ow) {
+      z[ow] = (z[ow] - mean) * invstd;
+      u[ow] = z[ow] * gamma + beta;
+    }
+    actb(u, g, p.Wo);
+  } else {
+    const int64_t C = p.C;
+    for (int64_t ow = 0; ow < p.Wo; ++ow) {
+      float* zr = z + ow * C;
+      float* ur = u + ow * C;
+      for (int64_t cc = 0; cc < C; ++cc) {
+        zr[cc] = (zr[cc] - bn.mean[cc]) * bn.invstd[cc];
+        ur[cc] = zr[cc] * bn.gamma[cc] + bn.beta[cc];
+      }
+    }
+    actb(u, g, p.Wo * C);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// forward
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+void fwd_impl(const DwParams& p) {
+  std::vector<float> w, wt;
+  weights_f32<T>(p, w, wt);
+  const BnVecs bn(p);
+  const ActFwdFn actf = act_fwd_fn(p.act);
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  if (!p.channels_last) {
+    at::parallel_for(0, p.N * p.C, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> plane(p.Ho * p.Wo);
+      PlaneConv pc;
+      const int64_t HWo = p.Ho * p.Wo;
+      for (int64_t nc = b; nc < e; ++nc) {
+        const int64_t n = nc / p.C, c = nc % p.C;
+        const float sc = bn.scale[c], sh = bn.shift[c];
+        float* z = plane.data();
+        pc.run(p, x + off4(p.xs, n, c, 0, 0), w.data() + c * p.k * p.k, z);
+        for (int64_t i = 0; i < HWo; ++i) z[i] = z[i] * sc + sh;
+        actf(z, HWo);
+        store_row(z, y + off4(p.ys, n, c, 0, 0), HWo);
+      }
+    });
+  } else {
+    const float* sc = bn.scale.data();
+    const float* sh = bn.shift.data();
+    at::parallel_for(0, p.N * p.Ho, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> row(p.Wo * p.C);
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = r / p.Ho, oh = r % p.Ho;
+        float* z = row.data();
+        conv_row_nhwc(p, x + off4(p.xs, n, 0, 0, 0), wt.data(), oh, z);
+        for (int64_t ow = 0; ow < p.Wo; ++ow) {
+          float* zr = z + ow * p.C;
+          for (int64_t c = 0; c < p.C; ++c) zr[c] = zr[c] * sc[c] + sh[c];
+        }
+        actf(z, p.Wo * p.C);
+        store_row(z, y + off4(p.ys, n, 0, oh, 0), p.Wo * p.C);
+      }
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// statistics: per-channel mean and biased variance of z
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+void stats_impl(const DwParams& p) {
+  std::vector<float> w, wt;
+  weights_f32<T>(p, w, wt);
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t C = p.C;
+  std::vector<WelfordD> acc(C, WelfordD{0.0, 0.0, 0.0});
+  if (!p.channels_last) {
+    // one exact two-pass (mean, M2) per (n, c) plane, then Chan over n
+    std::vector<double> pm(p.N * C), pm2(p.N * C);
+    const double cnt = (double)p.Ho * p.Wo;
+    at::parallel_for(0, p.N * C, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> plane(p.Ho * p.Wo);
+      PlaneConv pc;
+      for (int64_t nc = b; nc < e; ++nc) {
+        const int64_t n = nc / C, c = nc % C;
+        pc.run(p, x + off4(p.xs, n, c, 0, 0), w.data() + c * p.k * p.k, plane.data());
+        double s = 0.0;
+        for (int64_t oh = 0; oh < p.Ho; ++oh) {
+          float* z = plane.data() + oh * p.Wo;
+          float rs = 0.0f;
+          for (int64_t ow = 0; ow < p.Wo; ++ow) rs += z[ow];
+          s += rs;
+        }
+        const double m = s / cnt;
+        double m2 = 0.0;
+        for (int64_t oh = 0; oh < p.Ho; ++oh) {
+          const float* z = plane.data() + oh * p.Wo;
+          const float mf = (float)m;
+          float r2 = 0.0f;
+          for (int64_t ow = 0; ow < p.Wo; ++ow) {
+            const float dv = z[ow] - mf;
+            r2 += dv * dv;
+          }
+          m2 += r2;
+        }
+        pm[nc] = m, pm2[nc] = m2;
+      }
+    });
+    for (int64_t n = 0; n < p.N; ++n)
+      for (int64_t c = 0; c < C; ++c) acc[c] = welford_combine(acc[c], cnt, pm[n * C + c], pm2[n * C + c]);
+  } else {
+    const int64_t rows = p.N * p.Ho, nb = num_row_blocks(rows), per = (rows + nb - 1) / nb;
+    std::vector<WelfordD> part(nb * C, WelfordD{0.0, 0.0, 0.0});
+    at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> row(p.Wo * C), rm(C), rm2(C);
+      for (int64_t blk = b; blk < e; ++blk) {
+        WelfordD* pa = part.data() + blk * C;
+        for (int64_t r = blk * per; r < std::min(rows, (blk + 1) * per); ++r) {
+          const int64_t n = r / p.Ho, oh = r % p.Ho;
+          conv_row_nhwc(p, x + off4(p.xs, n, 0, 0, 0), wt.data(), oh, row.data());
+          std::fill(rm.begin(), rm.end(), 0.0f);
+          std::fill(rm2.begin(), rm2.end(), 0.0f);
+          for (int64_t ow = 0; ow < p.Wo; ++ow) {
+            const float* z = row.data() + ow * C;
+            for (int64_t c = 0; c < C; ++c) rm[c] += z[c];
+          }
+          const float inv = 1.0f / (float)p.Wo;
+          for (int64_t c = 0; c < C; ++c) rm[c] *= inv;
+          for (int64_t ow = 0; ow < p.Wo; ++ow) {
+            const float* z = row.data() + ow * C;
+            for (int64_t c = 0; c < C; ++c) {
+              const float dv = z[c] - rm[c];
+              rm2[c] += dv * dv;
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) pa[c] = welford_combine(pa[c], (double)p.Wo, rm[c], rm2[c]);
+        }
+      }
+    });
+    for (int64_t blk = 0; blk < nb; ++blk)
+      for (int64_t c = 0; c < C; ++c) {
+        const WelfordD& q = part[blk * C + c];
+        acc[c] = welford_combine(acc[c], q.count, q.mean, q.m2);
+      }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    p.out0[c] = (float)acc[c].mean;
+    p.out1[c] = acc[c].count > 0 ? (float)(acc[c].m2 / acc[c].count) : 0.0f;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// backward reduce: sum g, sum g * xhat per channel (g = grad_y * act'(u), recomputed from x)
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+void bwd_reduce_impl(const DwParams& p) {
+  std::vector<float> w, wt;
+  weights_f32<T>(p, w, wt);
+  const BnVecs bn(p);
+  const ActBwdFn actb = act_bwd_fn(p.act);
+  const T* x = static_cast<const T*>(p.x);
+  const T* gy = static_cast<const T*>(p.grad_y);
+  const int64_t C = p.C;
+  std::vector<double> s0(C, 0.0), s1(C, 0.0);
+  if (!p.channels_last) {
+    std::vector<double> p0(p.N * C), p1(p.N * C);
+    at::parallel_for(0, p.N * C, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> plane(p.Ho * p.Wo), g(p.Wo), u(p.Wo);
+      PlaneConv pc;
+      for (int64_t nc = b; nc < e; ++nc) {
+        const int64_t n = nc / C, c = nc % C;
+        pc.run(p, x + off4(p.xs, n, c, 0, 0), w.data() + c * p.k * p.k, plane.data());
+        double a0 = 0.0, a1 = 0.0;
+        for (int64_t oh = 0; oh < p.Ho; ++oh) {
+          float* z = plane.data() + oh * p.Wo;
+          load_grad_row(p, gy, n, c, oh, g.data());
+          grad_u_row(p, bn, actb, c, z, g.data(), u.data());
+          float r0 = 0.0f, r1 = 0.0f;
+          for (int64_t ow = 0; ow < p.Wo; ++ow) {
+            r0 += g[ow];
+            r1 += g[ow] * z[ow];
+          }
+          a0 += r0, a1 += r1;
+        }
+        p0[nc] = a0, p1[nc] = a1;
+      }
+    });
+    for (int64_t n = 0; n < p.N; ++n)
+      for (int64_t c = 0; c < C; ++c) s0[c] += p0[n * C + c], s1[c] += p1[n * C + c];
+  } else {
+    const int64_t rows = p.N * p.Ho, nb = num_row_blocks(rows), per = (rows + nb - 1) / nb;
+    std::vector<double> p0(nb * C, 0.0), p1(nb * C, 0.0);
+    at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> z(p.Wo * C), g(p.Wo * C), u(p.Wo * C), r0(C), r1(C);
+      for (int64_t blk = b; blk < e; ++blk) {
+        for (int64_t r = blk * per; r < std::min(rows, (blk + 1) * per); ++r) {
+          const int64_t n = r / p.Ho, oh = r % p.Ho;
+          conv_row_nhwc(p, x + off4(p.xs, n, 0, 0, 0), wt.data(), oh, z.data());
+          load_grad_row(p, gy, n, 0, oh, g.data());
+          grad_u_row(p, bn, actb, 0, z.data(), g.data(), u.data());
+          std::fill(r0.begin(), r0.end(), 0.0f);
+          std::fill(r1.begin(), r1.end(), 0.0f);
+          for (int64_t ow = 0; ow < p.Wo; ++ow) {
+            const float* gr = g.data() + ow * C;
+            const float* xr = z.data() + ow * C;
+            for (int64_t c = 0; c < C; ++c) {
+              r0[c] += gr[c];
+              r1[c] += gr[c] * xr[c];
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) p0[blk * C + c] += r0[c], p1[blk * C + c] += r1[c];
+        }
+      }
+    });
+    for (int64_t blk = 0; blk < nb; ++blk)
+      for (int64_t c = 0; c < C; ++c) s0[c] += p0[blk * C + c], s1[c] += p1[blk * C + c];
+  }
+  for (int64_t c = 0; c < C; ++c) p.out0[c] = (float)s0[c], p.out1[c] = (float)s1[c];
+}
+
+// ------------------------------------------------------------------------------------------------
+// backward apply: dz = gamma*invstd*(g - mean_g - xhat*mean_g_xhat); dx = conv^T(dz); dweight = corr(dz, x)
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+void bwd_apply_impl(const DwParams& p) {
+  std::vector<float> w, wt;
+  weights_f32<T>(p, w, wt);
+  const BnVecs bn(p);
+  const ActBwdFn actb = act_bwd_fn(p.act);
+  const T* x = static_cast<const T*>(p.x);
+  const T* gy = static_cast<const T*>(p.grad_y);
+  T* dx = static_cast<T*>(p.y);
+  const int64_t C = p.C, kk = p.k * p.k;
+  const int k = p.k, s = p.stride, d = p.dilation, pad = p.pad;
+  std::vector<float> gis(C), mg(p.mean_g, p.mean_g + C), mgx(p.mean_g_xhat, p.mean_g_xhat + C);
+  for (int64_t c = 0; c < C; ++c) gis[c] = bn.gamma[c] * bn.invstd[c];
+  std::vector<double> dw(C * kk, 0.0);
+  if (!p.channels_last) {
+    std::vector<float> pdw(p.N * C * kk);
+    at::parallel_for(0, p.N * C, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> dz(p.Ho * p.Wo), g(p.Wo), u(p.Wo), dxp(p.H * p.W);
+      PlaneConv pc;
+      for (int64_t nc = b; nc < e; ++nc) {
+        const int64_t n = nc / C, c = nc % C;
+        const T* xp = x + off4(p.xs, n, c, 0, 0);
+        const float* wc = w.data() + c * kk;
+        pc.run(p, xp, wc, dz.data());
+        for (int64_t oh = 0; oh < p.Ho; ++oh) {
+          float* z = dz.data() + oh * p.Wo;
+          load_grad_row(p, gy, n, c, oh, g.data());
+          grad_u_row(p, bn, actb, c, z, g.data(), u.data());
+          const float gi = gis[c], m0 = mg[c], m1 = mgx[c];
+          for (int64_t ow = 0; ow < p.Wo; ++ow) z[ow] = gi * (g[ow] - m0 - z[ow] * m1);
+        }
+        // dweight partial and dx (scatter into an fp32 plane), sharing the valid-range walk
+        std::fill(dxp.begin(), dxp.end(), 0.0f);
+        float* pd = pdw.data() + nc * kk;
+        for (int64_t t = 0; t < kk; ++t) pd[t] = 0.0f;
+        for (int64_t oh = 0; oh < p.Ho; ++oh) {
+          const float* dzr = dz.data() + oh * p.Wo;
+          for (int kh = 0; kh < k; ++kh) {
+            const int64_t ih = in_coord(oh, kh, s, d, pad);
+            if (ih < 0 || ih >= p.H) continue;
+            const T* xr = xp + ih * p.W;
+            float* dxr = dxp.data() + ih * p.W;
+            for (int kw = 0; kw < k; ++kw) {
+              const int64_t off = (int64_t)kw * d - pad;
+              int64_t lo, hi;
+              valid_range(off, s, p.W, p.Wo, lo, hi);
+              const float wv = wc[kh * k + kw];
+              float acc = 0.0f;
+              for (int64_t ow = lo; ow < hi; ++ow) {
+                acc += dzr[ow] * ld(xr, ow * s + off);
+                dxr[ow * s + off] += dzr[ow] * wv;
+              }
+              pd[kh * k + kw] += acc;
+            }
+          }
+        }
+        for (int64_t ih = 0; ih < p.H; ++ih) store_row(dxp.data() + ih * p.W, dx + off4(p.ys, n, c, ih, 0), p.W);
+      }
+    });
+    for (int64_t n = 0; n < p.N; ++n)
+      for (int64_t i = 0; i < C * kk; ++i) dw[i] += pdw[n * C * kk + i];
+  } else {
+    // pass 1: dz for every output position (fp32, NHWC) and per-block dweight partials [blk][t][c]
+    const int64_t rows = p.N * p.Ho, nb = num_row_blocks(rows), per = (rows + nb - 1) / nb;
+    std::vector<float> dzb(rows * p.Wo * C);
+    std::vector<float> pdw(nb * kk * C, 0.0f);
+    at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> g(p.Wo * C), u(p.Wo * C);
+      for (int64_t blk = b; blk < e; ++blk) {
+        float* pd = pdw.data() + blk * kk * C;
+        for (int64_t r = blk * per; r < std::min(rows, (blk + 1) * per); ++r) {
+          const int64_t n = r / p.Ho, oh = r % p.Ho;
+          const T* xi = x + off4(p.xs, n, 0, 0, 0);
+          float* dzr = dzb.data() + r * p.Wo * C;
+          conv_row_nhwc(p, xi, wt.data(), oh, dzr);
+          load_grad_row(p, gy, n, 0, oh, g.data());
+          grad_u_row(p, bn, actb, 0, dzr, g.data(), u.data());
+          for (int64_t ow = 0; ow < p.Wo; ++ow) {
+            float* z = dzr + ow * C;
+            const float* gr = g.data() + ow * C;
+            for (int64_t c = 0; c < C; ++c) z[c] = gis[c] * (gr[c] - mg[c] - z[c] * mgx[c]);
+          }
+          for (int kh = 0; kh < k; ++kh) {
+            const int64_t ih = in_coord(oh, kh, s, d, pad);
+            if (ih < 0 || ih >= p.H) continue;
+            const T* xr = xi + ih * p.W * C;
+            for (int kw = 0; kw < k; ++kw) {
+              const int64_t off = (int64_t)kw * d - pad;
+              int64_t lo, hi;
+              valid_range(off, s, p.W, p.Wo, lo, hi);
+              float* pt = pd + (int64_t)(kh * k + kw) * C;
+              for (int64_t ow = lo; ow < hi; ++ow) {
+                const T* xv = xr + (ow * s + off) * C;
+                const float* dv = dzr + ow * C;
+                for (int64_t c = 0; c < C; ++c) pt[c] += dv[c] * ld(xv, c);
+              }
+            }
+          }
+        }
+      }
+    });
+    for (int64_t blk = 0; blk < nb; ++blk)
+      for (int64_t t = 0; t < kk; ++t)
+        for (int64_t c = 0; c < C; ++c) dw[c * kk + t] += pdw[(blk * kk + t) * C + c];
+    // pass 2: dx by gathering dz (each input row owned by one task: no races, fixed order)
+    at::parallel_for(0, p.N * p.H, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> acc(p.W * C);
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = r / p.H, ih = r % p.H;
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int kh = 0; kh < k; ++kh) {
+          const int64_t oh = out_coord(ih, kh, s, d, pad, p.Ho);
+          if (oh < 0) continue;
+          const float* dzr = dzb.data() + (n * p.Ho + oh) * p.Wo * C;
+          for (int kw = 0; kw < k; ++kw) {
+            const int64_t off = (int64_t)kw * d - pad;
+            int64_t lo, hi;
+            valid_range(off, s, p.W, p.Wo, lo, hi);
+            const float* wtt = wt.data() + (int64_t)(kh * k + kw) * C;
+            for (int64_t ow = lo; ow < hi; ++ow) {
+              float* a = acc.data() + (ow * s + off) * C;
+              const float* dv = dzr + ow * C;
+              for (int64_t c = 0; c < C; ++c) a[c] += dv[c] * wtt[c];
+            }
+          }
+        }
+        store_row(acc.data(), dx + off4(p.ys, n, 0, ih, 0), p.W * C);
+      }
+    });
+  }
+  T* dwo = static_cast<T*>(p.dweight);
+  for (int64_t i = 0; i < C * kk; ++i) dwo[i] = T((float)dw[i]);
+}
+
+// NOLINTEND(build/include)

@@ -1,0 +1,55 @@
+// The extension module mnet_ext._C: importing it runs the operator registrations of this library (schemas
+// below, CPU / CUDA implementations in csrc/*/op.cpp). The module itself only exposes two build facts:
+//   WITH_CUDA: bool   CUDA kernels were compiled in
+//   CUDA_ARCHS: str   the TORCH_CUDA_ARCH_LIST they were compiled for ("" without CUDA)
+#include <Python.h>
+#include <torch/library.h>
+
+#include "common/macros.h"
+
+#ifndef MNET_EXT_CUDA_ARCHS
+#define MNET_EXT_CUDA_ARCHS none
+#endif
+
+// Schemas: names and argument order exactly as in docs/op_contract.md and mnet_ext/reference.py.
+TORCH_LIBRARY(mnet_ext_cuda, m) {
+  m.def(
+      "dwconv_bn_act_fwd(Tensor x, Tensor weight, Tensor mean, Tensor invstd, Tensor gamma, Tensor beta, "
+      "int stride, int dilation, str act) -> Tensor");
+  m.def("dwconv_bn_stats(Tensor x, Tensor weight, int stride, int dilation) -> (Tensor, Tensor)");
+  m.def(
+      "dwconv_bn_act_bwd_reduce(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor invstd, "
+      "Tensor gamma, Tensor beta, int stride, int dilation, str act) -> (Tensor, Tensor)");
+  m.def(
+      "dwconv_bn_act_bwd_apply(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor invstd, "
+      "Tensor gamma, Tensor beta, Tensor mean_g, Tensor mean_g_xhat, int stride, int dilation, str act) "
+      "-> (Tensor, Tensor)");
+  m.def("se_pool(Tensor x) -> Tensor");
+  m.def("se_scale(Tensor x, Tensor s) -> Tensor");
+  m.def("se_bwd_reduce(Tensor grad_y, Tensor x) -> Tensor");
+  m.def("se_bwd_apply(Tensor grad_y, Tensor s, Tensor dpooled) -> Tensor");
+}
+
+namespace {
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "mnet_ext C++/CUDA extension (registers torch.ops.mnet_ext_cuda)",
+                          -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+#ifdef WITH_CUDA
+  PyObject* with_cuda = Py_True;
+  const char* archs = MNET_STR(MNET_EXT_CUDA_ARCHS);
+#else
+  PyObject* with_cuda = Py_False;
+  const char* archs = "";
+#endif
+  Py_INCREF(with_cuda);
+  if (PyModule_AddObject(m, "WITH_CUDA", with_cuda) < 0 ||
+      PyModule_AddStringConstant(m, "CUDA_ARCHS", archs) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -1,0 +1,244 @@
+"""The C++ extension ``mnet_ext._C`` (backend ``cuda``): registration, schemas, opcheck, input validation, and
+the CUDA kernels against the reference / the host twin (``@pytest.mark.cuda``, skipped without a GPU).
+
+Numerical agreement of every primitive with the reference on CPU is covered by the generic backend tests
+(tests/test_dwconv_bn_act.py, tests/test_squeeze_excite.py) through the ``cuda`` backend's host twin.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mnet_ext import reference as R
+
+_C = pytest.importorskip("mnet_ext._C", reason="the C++ extension mnet_ext._C is not built")
+from mnet_ext.backends import cuda as B  # noqa: E402
+
+OPS = torch.ops.mnet_ext_cuda
+
+SCHEMAS = {
+    "dwconv_bn_act_fwd": "dwconv_bn_act_fwd(Tensor x, Tensor weight, Tensor mean, Tensor invstd, Tensor gamma, "
+    "Tensor beta, int stride, int dilation, str act) -> Tensor",
+    "dwconv_bn_stats": "dwconv_bn_stats(Tensor x, Tensor weight, int stride, int dilation) -> (Tensor, Tensor)",
+    "dwconv_bn_act_bwd_reduce": "dwconv_bn_act_bwd_reduce(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, "
+    "Tensor invstd, Tensor gamma, Tensor beta, int stride, int dilation, str act) -> (Tensor, Tensor)",
+    "dwconv_bn_act_bwd_apply": "dwconv_bn_act_bwd_apply(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, "
+    "Tensor invstd, Tensor gamma, Tensor beta, Tensor mean_g, Tensor mean_g_xhat, int stride, int dilation, "
+    "str act) -> (Tensor, Tensor)",
+    "se_pool": "se_pool(Tensor x) -> Tensor",
+    "se_scale": "se_scale(Tensor x, Tensor s) -> Tensor",
+    "se_bwd_reduce": "se_bwd_reduce(Tensor grad_y, Tensor x) -> Tensor",
+    "se_bwd_apply": "se_bwd_apply(Tensor grad_y, Tensor s, Tensor dpooled) -> Tensor",
+}
+
+
+def _dw_args(device="cpu", dtype=torch.float32, layout="nchw", shape=(2, 5, 7, 6), k=3, stride=1, dilation=1):
+    n, c, h, w = shape
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    x = torch.randn(shape, device=device).to(dtype=dtype, memory_format=fmt)
+    weight = (torch.randn(c, 1, k, k, device=device) / k).to(dtype)
+    vec = [
+        torch.randn(c, device=device) * 0.1,
+        torch.rand(c, device=device) + 0.5,
+        torch.rand(c, device=device) + 0.5,
+        torch.randn(c, device=device) * 0.5,
+    ]
+    ho, wo = R.output_hw(h, w, k, stride, dilation)
+    grad_y = torch.randn(n, c, ho, wo, device=device).to(dtype=dtype, memory_format=fmt)
+    mg = [torch.randn(c, device=device) * 0.1, torch.randn(c, device=device) * 0.1]
+    return x, weight, vec, grad_y, mg
+
+
+def _op_args(name, device="cpu", dtype=torch.float32, layout="nchw", **kw):
+    """Positional arguments of primitive ``name`` for a small random problem."""
+    x, weight, (mean, invstd, gamma, beta), grad_y, (mg, mgx) = _dw_args(device, dtype, layout, **kw)
+    stride, dilation = kw.get("stride", 1), kw.get("dilation", 1)
+    n, c = x.shape[:2]
+    s, dp = torch.rand(n, c, device=device), torch.randn(n, c, device=device)
+    gy_se = torch.randn_like(x)
+    return {
+        "dwconv_bn_act_fwd": (x, weight, mean, invstd, gamma, beta, stride, dilation, "hardswish"),
+        "dwconv_bn_stats": (x, weight, stride, dilation),
+        "dwconv_bn_act_bwd_reduce": (grad_y, x, weight, mean, invstd, gamma, beta, stride, dilation, "silu"),
+        "dwconv_bn_act_bwd_apply": (grad_y, x, weight, mean, invstd, gamma, beta, mg, mgx, stride, dilation, "relu6"),
+        "se_pool": (x,),
+        "se_scale": (x, s),
+        "se_bwd_reduce": (gy_se, x),
+        "se_bwd_apply": (gy_se, s, dp),
+    }[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# registration
+# ------------------------------------------------------------------------------------------------
+def test_extension_attributes():
+    assert isinstance(_C.WITH_CUDA, bool)
+    assert isinstance(_C.CUDA_ARCHS, str)
+    assert bool(_C.CUDA_ARCHS) == _C.WITH_CUDA
+    assert B.unavailable_reason("cpu") is None
+    assert B.unavailable_reason("mps") is not None
+    if not (_C.WITH_CUDA and torch.cuda.is_available()):
+        assert B.unavailable_reason("cuda") is not None
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_schema(name):
+    assert str(getattr(OPS, name).default._schema) == "mnet_ext_cuda::" + SCHEMAS[name]
+
+
+def test_backend_module_has_every_primitive():
+    for name in SCHEMAS:
+        assert callable(getattr(B, name)) and callable(getattr(R, name))
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck (schema, fake kernels, dispatch) on small CPU inputs
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_opcheck(name, layout):
+    torch.library.opcheck(getattr(OPS, name).default, _op_args(name, layout=layout, stride=2))
+
+
+# ------------------------------------------------------------------------------------------------
+# bad inputs: the message names the argument
+# ------------------------------------------------------------------------------------------------
+def _fwd(x=None, weight=None, mean=None, stride=1, dilation=1, act="relu"):
+    x0, w0, (m0, invstd, gamma, beta), _, _ = _dw_args()
+    return OPS.dwconv_bn_act_fwd(
+        x0 if x is None else x,
+        w0 if weight is None else weight,
+        m0 if mean is None else mean,
+        invstd,
+        gamma,
+        beta,
+        stride,
+        dilation,
+        act,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"x": torch.randn(2, 5, 7, 6, dtype=torch.float64)}, r"x: expected dtype float32, float16 or bfloat16"),
+        ({"x": torch.randn(5, 7, 6)}, r"x: expected a 4-D"),
+        ({"x": torch.randn(2, 5, 7, 12)[..., ::2]}, r"x: expected an NCHW-contiguous or channels_last"),
+        ({"weight": torch.randn(5, 1, 4, 4)}, r"weight: kernel size k must be 3, 5 or 7, got k = 4"),
+        ({"weight": torch.randn(4, 1, 3, 3)}, r"weight: expected shape \[C, 1, k, k\] with C = 5"),
+        ({"weight": torch.randn(5, 1, 3, 3, dtype=torch.bfloat16)}, r"weight: expected dtype Float"),
+        ({"mean": torch.randn(4)}, r"mean: expected shape \[5\]"),
+        ({"mean": torch.randn(5, dtype=torch.float64)}, r"mean: expected dtype float32"),
+        ({"stride": 3}, r"stride: expected 1 or 2, got 3"),
+        ({"dilation": 3}, r"dilation: expected 1 or 2, got 3"),
+        ({"act": "gelu"}, r"act: expected one of .*got 'gelu'"),
+    ],
+)
+def test_bad_inputs_dwconv(kwargs, match):
+    with pytest.raises(RuntimeError, match=match):
+        _fwd(**kwargs)
+
+
+def test_bad_inputs_grad_y_and_se():
+    x, weight, (mean, invstd, gamma, beta), grad_y, (mg, mgx) = _dw_args()
+    with pytest.raises(RuntimeError, match=r"grad_y: expected shape \[2, 5, 7, 6\]"):
+        OPS.dwconv_bn_act_bwd_reduce(grad_y[:, :, :3].contiguous(), x, weight, mean, invstd, gamma, beta, 1, 1, "relu")
+    with pytest.raises(RuntimeError, match=r"mean_g_xhat: expected shape \[5\]"):
+        OPS.dwconv_bn_act_bwd_apply(grad_y, x, weight, mean, invstd, gamma, beta, mg, mgx[:3], 1, 1, "relu")
+    with pytest.raises(RuntimeError, match=r"s: expected shape \[2, 5\]"):
+        OPS.se_scale(x, torch.rand(5))
+    with pytest.raises(RuntimeError, match=r"x: expected the shape of grad_y"):
+        OPS.se_bwd_reduce(x, x[:, :, :3].contiguous())
+    with pytest.raises(RuntimeError, match=r"dpooled: expected dtype float32"):
+        OPS.se_bwd_apply(x, torch.rand(2, 5), torch.rand(2, 5, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------
+# host twin: a few spot checks here (the generic backend tests sweep the full matrix)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_host_twin_deterministic_and_matches_reference(layout):
+    args = _op_args("dwconv_bn_act_bwd_apply", layout=layout, shape=(3, 6, 9, 7), k=5, stride=2, dilation=2)
+    dx1, dw1 = B.dwconv_bn_act_bwd_apply(*args)
+    dx2, dw2 = B.dwconv_bn_act_bwd_apply(*args)
+    assert torch.equal(dx1, dx2) and torch.equal(dw1, dw2)
+    dxr, dwr = R.dwconv_bn_act_bwd_apply(*args)
+    torch.testing.assert_close(dx1, dxr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw1, dwr, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA kernels (GPU machines only)
+# ------------------------------------------------------------------------------------------------
+def _close(actual, expected, dtype):
+    scale = max(expected.abs().max().item(), 1.0)
+    tol = {torch.float32: 2e-5, torch.float16: 2 * 2.0**-11 + 2e-5, torch.bfloat16: 2 * 2.0**-8 + 2e-5}[dtype]
+    err = (actual.double() - expected.double()).abs().max().item() / scale
+    assert err <= tol, f"scaled error {err:.3g} > {tol:.3g}"
+
+
+CUDA_CASES = list(itertools.product((3, 5, 7), (1, 2), (1, 2), ("nchw", "nhwc")))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k, stride, dilation, layout", CUDA_CASES)
+def test_cuda_primitives_match_reference(k, stride, dilation, layout, dtype):
+    assert B.unavailable_reason("cuda") is None, B.unavailable_reason("cuda")
+    shape = (3, 37, 17, 13)
+    for name in SCHEMAS:
+        args = _op_args(
+            name, device="cuda", dtype=dtype, layout=layout, shape=shape, k=k, stride=stride, dilation=dilation
+        )
+        out = getattr(B, name)(*args)
+        ref = getattr(R, name)(*args)
+        out, ref = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+        for o, r in zip(out, ref, strict=True):
+            assert o.dtype == r.dtype and o.shape == r.shape and o.device == r.device, name
+            if o.dim() == 4:
+                assert R.memory_format_of(o) == R.memory_format_of(r), name
+            # sums over many elements (fp32 outputs of bf16 inputs) carry the input rounding: compare in dtype
+            _close(o, r, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_cuda_matches_host_twin_and_is_deterministic(layout):
+    for name in SCHEMAS:
+        args = _op_args(name, device="cuda", layout=layout, shape=(4, 24, 29, 31), k=7, stride=2)
+        a = getattr(B, name)(*args)
+        b = getattr(B, name)(*args)
+        cpu = getattr(B, name)(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in args])
+        a, b, cpu = ((v,) if isinstance(v, torch.Tensor) else v for v in (a, b, cpu))
+        for u, v, w in zip(a, b, cpu, strict=True):
+            assert torch.equal(u, v), f"{name}: not deterministic"
+            _close(u.cpu(), w, torch.float32)
+
+
+@pytest.mark.cuda
+def test_cuda_large_batch_and_streams():
+    # many chunks in the two-stage reductions; launched on a side stream
+    x, weight, (mean, invstd, gamma, beta), grad_y, (mg, mgx) = _dw_args(
+        "cuda", torch.bfloat16, "nhwc", shape=(64, 32, 56, 56), k=3
+    )
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        m, v = B.dwconv_bn_stats(x, weight, 1, 1)
+        s0, s1 = B.dwconv_bn_act_bwd_reduce(grad_y, x, weight, mean, invstd, gamma, beta, 1, 1, "relu6")
+    stream.synchronize()
+    mr, vr = R.dwconv_bn_stats(x, weight, 1, 1)
+    torch.testing.assert_close(m, mr, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(v, vr, rtol=1e-4, atol=1e-4)
+    r0, r1 = R.dwconv_bn_act_bwd_reduce(grad_y, x, weight, mean, invstd, gamma, beta, 1, 1, "relu6")
+    torch.testing.assert_close(s0, r0, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(s1, r1, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_bad_device():
+    x, weight, (mean, invstd, gamma, beta), _, _ = _dw_args("cuda")
+    with pytest.raises(RuntimeError, match=r"mean: expected a tensor on cuda"):
+        OPS.dwconv_bn_act_fwd(x, weight, mean.cpu(), invstd, gamma, beta, 1, 1, "relu")
