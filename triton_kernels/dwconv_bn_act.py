@@ -115,6 +115,48 @@ def _conv_tile(
 
 
 @triton.jit
+def _grad_u_tile(
+    x_img,  # x of this tile's image (base pointer advanced by n * stride_xn)
+    gy_img,  # grad_y of this tile's image
+    w_ptr,  # weight [C, 1, K, K]
+    offs_c,
+    ho,
+    wo,
+    mask,
+    cmask,
+    mean,  # per-channel vectors of the tile, fp32
+    invstd,
+    gamma,
+    beta,
+    H,
+    W,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_wc,
+    stride_wh,
+    stride_ww,
+    stride_gc,  # grad_y strides: channel, row, column
+    stride_gh,
+    stride_gw,
+    K: tl.constexpr,
+    STRIDE: tl.constexpr,
+    DIL: tl.constexpr,
+    ACT: tl.constexpr,
+):
+    """(g, xhat) of one tile: z recomputed from x, xhat = (z - mean) * invstd, g = act'(gamma*xhat + beta) * grad_y
+    (zero where ``mask`` is false). Shared by both backward passes so they recompute exactly the same g."""
+    z = _conv_tile(
+        x_img, w_ptr, offs_c, ho, wo, mask, cmask, H, W, stride_xc, stride_xh, stride_xw,
+        stride_wc, stride_wh, stride_ww, K, STRIDE, DIL,
+    )  # fmt: skip
+    xhat = (z - mean) * invstd
+    u = xhat * gamma + beta
+    gy = tl.load(gy_img + offs_c * stride_gc + ho * stride_gh + wo * stride_gw, mask=mask, other=0.0)
+    return tl.where(mask, act_bwd(u, gy.to(tl.float32), ACT), 0.0), xhat
+
+
+@triton.jit
 def _load_vec(ptr, offs_c, cmask):
     """fp32 per-channel vector [C] loaded broadcast-shaped like offs_c."""
     return tl.load(ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
@@ -377,15 +419,11 @@ def _bwd_reduce_partial_kernel(
         ho = offs_p // Wo
         wo = offs_p % Wo
         x_img = x_ptr + n.to(tl.int64) * stride_xn
-        z = _conv_tile(
-            x_img, w_ptr, offs_c, ho, wo, mask, cmask, H, W, stride_xc, stride_xh, stride_xw,
-            stride_wc, stride_wh, stride_ww, K, STRIDE, DIL,
+        g, xhat = _grad_u_tile(
+            x_img, gy_ptr + n.to(tl.int64) * stride_gn, w_ptr, offs_c, ho, wo, mask, cmask, mean, invstd, gamma,
+            beta, H, W, stride_xc, stride_xh, stride_xw, stride_wc, stride_wh, stride_ww, stride_gc, stride_gh,
+            stride_gw, K, STRIDE, DIL, ACT,
         )  # fmt: skip
-        xhat = (z - mean) * invstd
-        u = xhat * gamma + beta
-        gy_ptrs = gy_ptr + n.to(tl.int64) * stride_gn + offs_c * stride_gc + ho * stride_gh + wo * stride_gw
-        gy = tl.load(gy_ptrs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(mask, act_bwd(u, gy, ACT), 0.0)
         sum_g += sum_pixels(g, CHANNELS_LAST)
         sum_gx += sum_pixels(g * xhat, CHANNELS_LAST)
     base = row.to(tl.int64) * (2 * C)
@@ -503,15 +541,11 @@ def _bwd_dz_kernel(
         ho = offs_p // Wo
         wo = offs_p % Wo
         x_img = x_ptr + n.to(tl.int64) * stride_xn
-        z = _conv_tile(
-            x_img, w_ptr, offs_c, ho, wo, mask, cmask, H, W, stride_xc, stride_xh, stride_xw,
-            stride_wc, stride_wh, stride_ww, K, STRIDE, DIL,
+        g, xhat = _grad_u_tile(
+            x_img, gy_ptr + n.to(tl.int64) * stride_gn, w_ptr, offs_c, ho, wo, mask, cmask, mean, invstd, gamma,
+            beta, H, W, stride_xc, stride_xh, stride_xw, stride_wc, stride_wh, stride_ww, stride_gc, stride_gh,
+            stride_gw, K, STRIDE, DIL, ACT,
         )  # fmt: skip
-        xhat = (z - mean) * invstd
-        u = xhat * gamma + beta
-        gy_ptrs = gy_ptr + n.to(tl.int64) * stride_gn + offs_c * stride_gc + ho * stride_gh + wo * stride_gw
-        gy = tl.load(gy_ptrs, mask=mask, other=0.0).to(tl.float32)
-        g = act_bwd(u, gy, ACT)
         dz = tl.where(mask, (gamma * invstd) * (g - mean_g - xhat * mean_gx), 0.0)
         dz_ptrs = dz_ptr + n.to(tl.int64) * stride_dn + offs_c * stride_dc + ho * stride_dh + wo * stride_dw
         tl.store(dz_ptrs, dz, mask=mask)
