@@ -104,12 +104,16 @@ class FusedConvBNAct(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         bn = self.bn
         momentum = 0.0 if bn.momentum is None else bn.momentum
-        if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        # A forward run inside autograd's backward is a gradient-checkpointing recomputation: it must not count the
+        # batch twice (native BatchNorm does; see NOTES.md).
+        recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+        update = self.training and bn.track_running_stats and not recomputing
+        if update and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
             if bn.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(bn.num_batches_tracked)
         use_batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
-        track = not self.training or bn.track_running_stats
+        track = not self.training or update
         return MF.dwconv_bn_act(
             x,
             self.conv.weight,

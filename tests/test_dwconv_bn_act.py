@@ -174,3 +174,24 @@ def test_autocast_like_native(training):
     assert y_f.dtype == y_n.dtype == torch.bfloat16
     y_t = truth(x.double())
     assert scaled_error(y_f, y_t) <= 2 * scaled_error(y_n, y_t) + ROUNDING_TOL[torch.bfloat16]
+
+
+def test_gradient_checkpointing_counts_the_batch_once():
+    """Under torch.utils.checkpoint the forward is recomputed during backward. Native BatchNorm then updates its
+    running statistics twice; the fused layer skips the update on recomputation, so a checkpointed step leaves the
+    same statistics as a plain one (and the same gradients)."""
+    from torch.utils.checkpoint import checkpoint
+
+    native = make_native(6, 3, 1, 1, "relu6")
+    fused, native_ckpt = fused_copy(native, None), copy.deepcopy(native)
+    x = torch.randn(2, 6, 8, 8)
+    for module, ckpt in ((native, False), (fused, True), (native_ckpt, True)):
+        module.train()
+        xi = x.clone().requires_grad_()
+        y = checkpoint(module, xi, use_reentrant=False) if ckpt else module(xi)
+        y.sum().backward()
+    assert int(native_ckpt[1].num_batches_tracked) == 2, "native BatchNorm counts a checkpointed batch twice"
+    assert int(fused.bn.num_batches_tracked) == int(native[1].num_batches_tracked) == 1
+    assert_close_scaled(fused.bn.running_mean, native[1].running_mean, torch.float32, "running_mean")
+    assert_close_scaled(fused.bn.running_var, native[1].running_var, torch.float32, "running_var")
+    assert_close_scaled(fused.conv.weight.grad, native[0].weight.grad, torch.float32, "dW")
