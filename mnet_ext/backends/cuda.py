@@ -18,19 +18,6 @@ from mnet_ext.reference import memory_format_of, output_hw
 
 _ops = torch.ops.mnet_ext_cuda
 
-PRIMITIVES = (
-    "dwconv_bn_act_fwd",
-    "dwconv_bn_stats",
-    "dwconv_bn_act_bwd_reduce",
-    "dwconv_bn_act_bwd_apply",
-    "se_pool",
-    "se_scale",
-    "se_bwd_reduce",
-    "se_bwd_apply",
-)
-
-# Primitives that have no CUDA kernel in this build (none at present); listed in unavailable_reason("cuda").
-MISSING_CUDA: tuple[str, ...] = ()
 
 
 def unavailable_reason(device_type: str) -> str | None:
@@ -41,8 +28,6 @@ def unavailable_reason(device_type: str) -> str | None:
             return "mnet_ext._C was built without CUDA (CPU host twin only; rebuild with a CUDA toolkit)"
         if not torch.cuda.is_available():
             return "torch.cuda.is_available() is False"
-        if MISSING_CUDA:
-            return f"primitives without a CUDA kernel: {', '.join(MISSING_CUDA)}"
         return None
     return f"the C++ extension serves only cpu and cuda tensors, not {device_type!r}"
 
