@@ -19,7 +19,6 @@ from mnet_ext.reference import memory_format_of, output_hw
 _ops = torch.ops.mnet_ext_cuda
 
 
-
 def unavailable_reason(device_type: str) -> str | None:
     if device_type == "cpu":
         return None
