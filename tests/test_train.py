@@ -187,8 +187,6 @@ def test_no_weight_decay_on_bn_and_bias():
 
 @pytest.mark.parametrize("backend", ["reference", "cuda"])  # cuda on CPU tensors: the C++ host twin
 def test_fused_matches_native_training(backend):
-    if backend == "cuda" and not HOST_TWIN:
-        pytest.skip(f"the C++ host twin is unavailable: {unavailable_reason('cuda', 'cpu')}")
     """Same seed, same data: 30 SGD steps of fused (reference backend) and native MobileNetV3-Small.
 
     Step 0 runs identical weights on identical data, so its loss agrees to fp32 rounding (1e-5). After that the
@@ -198,6 +196,8 @@ def test_fused_matches_native_training(backend):
     within 5% (relative) of each other, and both below the first loss (the synthetic set is learnable).
     Measured on this seed: the first 13 losses agree to 1e-4, the tail means differ by 1.9% (reference) and 2.0%
     (host twin), while single steps near the end differ by up to 0.05-0.11 (of losses ~0.4-1.4)."""
+    if backend == "cuda" and not HOST_TWIN:
+        pytest.skip(f"the C++ host twin is unavailable: {unavailable_reason('cuda', 'cpu')}")
     cfg = dict(steps=30, synthetic_size=32, batch_size=8, lr=0.1, label_smoothing=0.0, seed=3)
     native = T.train(tiny_config(**cfg, fused=False))["loss_history"]
     fused = T.train(tiny_config(**cfg, fused=True, backend=backend))["loss_history"]
