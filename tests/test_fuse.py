@@ -27,6 +27,11 @@ MODELS = {
 }
 # fp32 noise (summation order) amplified through ~50 layers; a wrong formula errs by O(1)
 MODEL_TOL = 2e-4
+# Whole-network fp32 gradients can sit next to an activation kink that rounding flips: measured on V1 alpha 0.25,
+# 64x64, batch 2, the global relative gradient error vs the fp64 truth is 1.5e-4 or 2.5e-2 for native and for fused
+# alike, depending only on the CPU thread count (summation order). A wiring error (a gradient lost, doubled or sent
+# to the wrong parameter) errs by O(1); exactness is checked in fp64 (test_fused_model_matches_native_over_steps_fp64).
+GRAD_CHAOS = 0.05
 
 
 def build(name: str) -> nn.Module:
@@ -86,7 +91,7 @@ def test_fused_model_trains_like_native(name, backend):
     running statistics as close to the float64 truth as native's own. A whole network in training mode is
     ill-conditioned in fp32 (activation kinks flip on rounding noise; BatchNorm over the few values per channel of
     the last 1x1 layers; native itself is ~1e-2 off the fp64 truth on some gradients), so those are bounded by
-    native's error rather than compared with native directly; states are re-synchronised
+    native's error (gradients: or by GRAD_CHAOS) rather than compared with native directly; states are re-synchronised
     before each step because fp32 training is chaotic (test_fused_model_matches_native_over_steps_fp64 checks
     compounding steps)."""
     native = build(name)
@@ -103,7 +108,7 @@ def test_fused_model_trains_like_native(name, backend):
         g_t = _grad_vector(truth)
         err_f = (_grad_vector(fused) - g_t).norm() / g_t.norm()
         err_n = (_grad_vector(native) - g_t).norm() / g_t.norm()
-        assert err_f <= 3 * err_n + 1e-5, f"gradient error {err_f:.3g} vs native's {err_n:.3g} at step {step}"
+        assert err_f <= max(3 * err_n, GRAD_CHAOS), f"gradient error {err_f:.3g} vs native's {err_n:.3g} at {step}"
         for key, t_f in fused.state_dict().items():
             if t_f.dtype == torch.long:
                 assert torch.equal(t_f, native.state_dict()[key]), key
