@@ -15,6 +15,7 @@ import torch
 from mnet_ext import FusedConvBNAct
 from mnet_ext import train as T
 from mnet_ext._backend import unavailable_reason
+from tests.helpers import backend_param
 
 # The fused modules run on the C++ host twin when it is built, else on the reference (never on the Triton
 # interpreter, which "auto" would pick on CPU under TRITON_INTERPRET=1 without the extension: far too slow here).
@@ -185,7 +186,7 @@ def test_no_weight_decay_on_bn_and_bias():
     assert len(no_decay["params"]) >= 2 * n_bn
 
 
-@pytest.mark.parametrize("backend", ["reference", "cuda"])  # cuda on CPU tensors: the C++ host twin
+@pytest.mark.parametrize("backend", ["reference", backend_param("cuda")])  # cuda on CPU tensors: the host twin
 def test_fused_matches_native_training(backend):
     """Same seed, same data: 30 SGD steps of fused (reference backend) and native MobileNetV3-Small.
 
@@ -196,8 +197,6 @@ def test_fused_matches_native_training(backend):
     within 5% (relative) of each other, and both below the first loss (the synthetic set is learnable).
     Measured on this seed: the first 13 losses agree to 1e-4, the tail means differ by 1.9% (reference) and 2.0%
     (host twin), while single steps near the end differ by up to 0.05-0.11 (of losses ~0.4-1.4)."""
-    if backend == "cuda" and not HOST_TWIN:
-        pytest.skip(f"the C++ host twin is unavailable: {unavailable_reason('cuda', 'cpu')}")
     cfg = dict(steps=30, synthetic_size=32, batch_size=8, lr=0.1, label_smoothing=0.0, seed=3)
     native = T.train(tiny_config(**cfg, fused=False))["loss_history"]
     fused = T.train(tiny_config(**cfg, fused=True, backend=backend))["loss_history"]
