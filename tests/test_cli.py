@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mnet_ext import info, profile
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (spinning OpenMP threads make a loaded 2-core machine crawl), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_info_reports_versions_build_and_backends(capsys):
@@ -14,8 +24,7 @@ def test_info_reports_versions_build_and_backends(capsys):
         assert key in out
 
 
-def test_profile_cli_checks_times_and_plots(tmp_path, capsys):
-    torch.set_num_threads(1)
+def test_profile_cli_checks_times_and_plots(tmp_path, capsys, one_thread):
     png = tmp_path / "profile.png"
     code = profile.main(["--model", "mobilenet_v3_small", "--batch", "2", "--resolution", "32", "--mode", "train",
                          "--device", "cpu", "--backend", "reference", "--plot", str(png)])
