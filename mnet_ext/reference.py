@@ -60,7 +60,7 @@ def output_hw(h: int, w: int, kernel_size: int, stride: int, dilation: int) -> t
 
 
 # ----------------------------------------------------------------------------------------------
-# Activations and their derivatives (at the kinks they follow PyTorch's own backward kernels)
+# Activations and their derivatives (at the kinks and for NaN they follow PyTorch's own backward kernels)
 # ----------------------------------------------------------------------------------------------
 def act_fwd(u: torch.Tensor, act: str) -> torch.Tensor:
     if act == "none":
@@ -85,16 +85,16 @@ def act_bwd(u: torch.Tensor, grad: torch.Tensor, act: str) -> torch.Tensor:
     zero = torch.zeros_like(grad)
     if act == "none":
         return grad
-    if act == "relu":  # threshold_backward: passes where u > 0
-        return torch.where(u > 0, grad, zero)
-    if act == "relu6":  # hardtanh_backward: passes strictly inside (0, 6)
-        return torch.where((u > 0) & (u < 6), grad, zero)
-    if act == "hardswish":  # hardswish_backward: 0 up to -3, u/3 + 1/2 on (-3, 3), 1 from 3
+    if act == "relu":  # threshold_backward: 0 where u <= 0 (a NaN passes)
+        return torch.where(u <= 0, zero, grad)
+    if act == "relu6":  # hardtanh_backward: 0 where u <= 0 or u >= 6 (a NaN passes)
+        return torch.where((u <= 0) | (u >= 6), zero, grad)
+    if act == "hardswish":  # hardswish_backward: 0 up to -3, u/3 + 1/2 on (-3, 3), 1 from 3 (a NaN passes)
         return torch.where(u <= -3, zero, torch.where(u < 3, grad * (u / 3 + 0.5), grad))
     if act == "silu":
         s = torch.sigmoid(u)
         return grad * s * (1 + u * (1 - s))
-    if act == "hardsigmoid":  # hardsigmoid_backward: 1/6 strictly inside (-3, 3)
+    if act == "hardsigmoid":  # hardsigmoid_backward: 1/6 strictly inside (-3, 3) (a NaN gives 0)
         return torch.where((u > -3) & (u < 3), grad / 6, zero)
     if act == "sigmoid":
         s = torch.sigmoid(u)
@@ -181,12 +181,16 @@ def dwconv_bn_act_bwd_apply(
     act: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dz = gamma * invstd * (g - mean_g - xhat * mean_g_xhat); dx = conv^T(dz), dweight = corr(dz, x).
+    The xhat term is exactly zero where mean_g_xhat is zero, even for a non-finite xhat.
 
     Training passes mean_g = sum g / M and mean_g_xhat = sum g*xhat / M (M = N*Ho*Wo, or the global
     count under SyncBatchNorm); eval mode (statistics are constants) passes zeros.
     """
     g, xhat = _grad_u(grad_y, x, weight, mean, invstd, gamma, beta, stride, dilation, act)
-    dz = _bcast(gamma * invstd) * (g - _bcast(mean_g) - xhat * _bcast(mean_g_xhat))
+    # A zero mean term (eval) contributes exactly zero, as in native's eval backward, which has no such term: an
+    # Inf/NaN xhat (from an Inf/NaN input) must not poison dz where native's gradient stays finite.
+    mgx = _bcast(mean_g_xhat)
+    dz = _bcast(gamma * invstd) * (g - _bcast(mean_g) - torch.where(mgx == 0, 0, xhat * mgx))
     k = weight.shape[-1]
     pad = padding_for(k, dilation)
     xf = _acc(x)

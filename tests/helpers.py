@@ -51,9 +51,21 @@ def backend_param(name: str, device: str = "cpu"):
 
 
 def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| relative to the largest magnitude of ``expected`` (at least 1)."""
-    scale = max(expected.detach().abs().max().item(), 1.0) if expected.numel() else 1.0
-    return (actual.detach().double() - expected.detach().double()).abs().max().item() / scale
+    """max |actual - expected| relative to the largest finite magnitude of ``expected`` itself (no floor: a tensor
+    of scale 1e-3 is judged at 1e-3). Non-finite entries must match exactly (NaN where NaN, the same infinity),
+    else the error is inf; an all-zero ``expected`` is compared absolutely."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    if not expected.numel():
+        return 0.0
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    finite = torch.isfinite(e)
+    if not torch.equal(torch.isfinite(a), finite) or not torch.equal(a[~finite].nan_to_num(), e[~finite].nan_to_num()):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    scale = e[finite].abs().max().item()
+    diff = (a[finite] - e[finite]).abs().max().item()
+    return diff / scale if scale > 0 else diff
 
 
 # Error allowed when a result rounded to ``dtype`` is compared with one computed in fp32 and rounded alike:

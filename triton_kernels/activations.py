@@ -38,33 +38,41 @@ def _sigmoid(u):
 
 
 @triton.jit
+def _clamp(u, lo, hi):
+    # Written with comparisons, not tl.minimum/tl.maximum: those may return the non-NaN operand (fmin/fmax on a
+    # GPU), while torch.clamp keeps a NaN input NaN.
+    return tl.where(u < lo, lo, tl.where(u > hi, hi, u))
+
+
+@triton.jit
 def act_fwd(u, ACT: tl.constexpr):
-    """act(u) for fp32 ``u`` of any shape."""
+    """act(u) for fp32 ``u`` of any shape; a NaN input gives NaN, as PyTorch's."""
     if ACT == 0:  # none
         return u
     elif ACT == 1:  # relu
-        return tl.where(u > 0.0, u, 0.0)
+        return tl.where(u < 0.0, 0.0, u)
     elif ACT == 2:  # relu6 (hardtanh(0, 6))
-        return tl.minimum(tl.maximum(u, 0.0), 6.0)
+        return _clamp(u, 0.0, 6.0)
     elif ACT == 3:  # hardswish: u * relu6(u + 3) / 6
-        return u * tl.minimum(tl.maximum(u + 3.0, 0.0), 6.0) / 6.0
+        return u * _clamp(u + 3.0, 0.0, 6.0) / 6.0
     elif ACT == 4:  # silu
         return u * _sigmoid(u)
     elif ACT == 5:  # hardsigmoid: relu6(u + 3) / 6
-        return tl.minimum(tl.maximum(u + 3.0, 0.0), 6.0) / 6.0
+        return _clamp(u + 3.0, 0.0, 6.0) / 6.0
     else:  # 6: sigmoid
         return _sigmoid(u)
 
 
 @triton.jit
 def act_bwd(u, grad, ACT: tl.constexpr):
-    """act'(u) * grad for fp32 ``u``, ``grad`` of the same shape; kinks as in ``reference.act_bwd``."""
+    """act'(u) * grad for fp32 ``u``, ``grad`` of the same shape; kinks and NaN as in ``reference.act_bwd`` (each
+    test written as PyTorch's backward kernel writes it, so a NaN ``u`` takes PyTorch's branch)."""
     if ACT == 0:  # none
         return grad
-    elif ACT == 1:  # relu: threshold_backward passes where u > 0
-        return tl.where(u > 0.0, grad, 0.0)
-    elif ACT == 2:  # relu6: hardtanh_backward passes strictly inside (0, 6)
-        return tl.where((u > 0.0) & (u < 6.0), grad, 0.0)
+    elif ACT == 1:  # relu: threshold_backward, 0 where u <= 0
+        return tl.where(u <= 0.0, 0.0, grad)
+    elif ACT == 2:  # relu6: hardtanh_backward, 0 where u <= 0 or u >= 6
+        return tl.where((u <= 0.0) | (u >= 6.0), 0.0, grad)
     elif ACT == 3:  # hardswish: 0 up to -3, u/3 + 1/2 on (-3, 3), 1 from 3
         return tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, grad * (u / 3.0 + 0.5), grad))
     elif ACT == 4:  # silu: s * (1 + u * (1 - s))

@@ -546,7 +546,10 @@ def _bwd_dz_kernel(
             beta, H, W, stride_xc, stride_xh, stride_xw, stride_wc, stride_wh, stride_ww, stride_gc, stride_gh,
             stride_gw, K, STRIDE, DIL, ACT,
         )  # fmt: skip
-        dz = tl.where(mask, (gamma * invstd) * (g - mean_g - xhat * mean_gx), 0.0)
+        # a zero mean term (eval) contributes exactly zero, as native's eval backward that has none: an Inf/NaN
+        # xhat must not poison dz there
+        xhat_term = tl.where(mean_gx == 0.0, 0.0, xhat * mean_gx)
+        dz = tl.where(mask, (gamma * invstd) * (g - mean_g - xhat_term), 0.0)
         dz_ptrs = dz_ptr + n.to(tl.int64) * stride_dn + offs_c * stride_dc + ho * stride_dh + wo * stride_dw
         tl.store(dz_ptrs, dz, mask=mask)
         for kh in tl.static_range(K):

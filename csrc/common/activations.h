@@ -1,9 +1,10 @@
 // Activation forward / derivative shared by the host twin and the CUDA kernels (fp32 math).
-// Derivatives at the kinks follow PyTorch's backward kernels, exactly as mnet_ext.reference.act_bwd:
-//   relu       passes where u > 0                    (threshold_backward)
-//   relu6      passes strictly inside (0, 6)          (hardtanh_backward)
-//   hardswish  0 for u < -3, u/3 + 1/2 on [-3, 3], 1 above
-//   hardsigmoid 1/6 strictly inside (-3, 3)
+// Derivatives at the kinks, and for a NaN u, follow PyTorch's backward kernels, exactly as
+// mnet_ext.reference.act_bwd (each written with PyTorch's own comparison, so a NaN takes PyTorch's branch):
+//   relu        0 where u <= 0, else grad (NaN passes)       threshold_backward
+//   relu6       0 where u <= 0 or u >= 6, else grad (NaN passes) hardtanh_backward
+//   hardswish   0 for u <= -3, grad (u/3 + 1/2) for -3 < u < 3, grad from 3 (NaN passes) hardswish_backward
+//   hardsigmoid grad/6 strictly inside (-3, 3), else 0 (NaN gives 0) hardsigmoid_backward
 #pragma once
 
 #include <math.h>
@@ -46,11 +47,11 @@ MNET_HD float act_bwd(float u, float grad) {
   if constexpr (A == Act::None) {
     return grad;
   } else if constexpr (A == Act::Relu) {
-    return u > 0.0f ? grad : 0.0f;
+    return u <= 0.0f ? 0.0f : grad;
   } else if constexpr (A == Act::Relu6) {
-    return (u > 0.0f && u < 6.0f) ? grad : 0.0f;
+    return (u <= 0.0f || u >= 6.0f) ? 0.0f : grad;
   } else if constexpr (A == Act::Hardswish) {
-    return u < -3.0f ? 0.0f : (u <= 3.0f ? grad * (u * (1.0f / 3.0f) + 0.5f) : grad);
+    return u <= -3.0f ? 0.0f : (u < 3.0f ? grad * (u * (1.0f / 3.0f) + 0.5f) : grad);
   } else if constexpr (A == Act::Silu) {
     const float s = sigmoidf_(u);
     return grad * s * (1.0f + u * (1.0f - s));

@@ -35,6 +35,13 @@ MNET_HD BnFold bn_fold(float mean, float invstd, float gamma, float beta) {
   return {scale, beta - mean * scale};
 }
 
+// dL/dz from g = dL/du: gamma * invstd * (g - mean_g - xhat * mean_g_xhat). In eval the mean terms are exact zeros
+// and native BatchNorm's eval backward has no xhat term at all, so a zero coefficient contributes exactly zero:
+// a non-finite xhat (an Inf or NaN input) must not poison dz where native's gradient stays finite.
+MNET_HD float bn_bwd_dz(float gamma_invstd, float g, float mean_g, float xhat, float mean_g_xhat) {
+  return gamma_invstd * (g - mean_g - (mean_g_xhat == 0.0f ? 0.0f : xhat * mean_g_xhat));
+}
+
 // ---- Welford / Chan ----------------------------------------------------------------------------
 // (count, mean, M2) with M2 = sum (z - mean)^2. Chan et al. combine; deterministic given the order.
 struct Welford {

@@ -435,7 +435,7 @@ void bwd_apply_impl(const DwParams& p) {
           load_grad_row(p, gy, n, c, oh, g.data());
           grad_u_row(p, bn, actb, c, z, g.data(), u.data());
           const float gi = gis[c], m0 = mg[c], m1 = mgx[c];
-          for (int64_t ow = 0; ow < p.Wo; ++ow) z[ow] = gi * (g[ow] - m0 - z[ow] * m1);
+          for (int64_t ow = 0; ow < p.Wo; ++ow) z[ow] = bn_bwd_dz(gi, g[ow], m0, z[ow], m1);
         }
         // dweight partial and dx (scatter into an fp32 plane), sharing the valid-range walk
         std::fill(dxp.begin(), dxp.end(), 0.0f);
@@ -486,7 +486,7 @@ void bwd_apply_impl(const DwParams& p) {
           for (int64_t ow = 0; ow < p.Wo; ++ow) {
             float* z = dzr + ow * C;
             const float* gr = g.data() + ow * C;
-            for (int64_t c = 0; c < C; ++c) z[c] = gis[c] * (gr[c] - mg[c] - z[c] * mgx[c]);
+            for (int64_t c = 0; c < C; ++c) z[c] = bn_bwd_dz(gis[c], gr[c], mg[c], z[c], mgx[c]);
           }
           for (int kh = 0; kh < k; ++kh) {
             const int64_t ih = in_coord(oh, kh, s, d, pad);

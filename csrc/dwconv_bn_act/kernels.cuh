@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) bwd_apply_dz_kernel(const DwParams p
       load_window<T, K>(p, x, n, g.c, oh, ow, xv);
       const float xhat = (dot_window<K>(xv, wv) - mean) * invstd;
       const float gv = act_bwd(p.act, xhat * gamma + beta, to_f(gy[off4(p.gs, n, g.c, oh, ow)]));
-      const float dz = gi * (gv - mg - xhat * mgx);
+      const float dz = bn_bwd_dz(gi, gv, mg, xhat, mgx);
       p.work2[dz_index(p, n, g.c, oh, ow)] = dz;
 #pragma unroll
       for (int t = 0; t < KK; ++t) dw[t] = fmaf(dz, xv[t], dw[t]);
