@@ -40,7 +40,7 @@ def _check_input(x: Tensor) -> Tensor:
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     _check(x.dim() == 4, f"x: expected a 4-D [N, C, H, W] tensor, got shape {tuple(x.shape)}")
     _check(x.dtype in _DTYPES, f"x: expected dtype float32, float16, bfloat16 (or float64), got {x.dtype}")
-    _check(x.numel() > 0, f"x: expected a non-empty tensor, got shape {tuple(x.shape)} (empty batch?)")
+    _check(x.shape[1] > 0, f"x: expected at least one channel, got shape {tuple(x.shape)}")
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
     return x.contiguous()  # neither supported layout: one explicit copy
@@ -63,13 +63,18 @@ def _backend_for(backend: str | None, x: Tensor) -> str:
     return name
 
 
-def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype autocast gives ``t`` in a native convolution, None when it leaves ``t`` alone: autocast casts only
+    floating tensors of its device, and never float64 ones."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type) and t.is_floating_point() and t.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Cast like a native convolution does under autocast."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        return x.to(dtype), weight.to(dtype)
-    return x, weight
+    return tuple(t if (dtype := _autocast_dtype(t)) is None else t.to(dtype) for t in tensors)
 
 
 def dwconv_bn_act(
@@ -100,6 +105,8 @@ def dwconv_bn_act(
     """
     x = _check_input(x)
     n, c, h, w = x.shape
+    # Native convolutions refuse an empty image (an empty batch is fine: the result is empty).
+    _check(h > 0 and w > 0, f"x: expected a non-zero height and width, got shape {tuple(x.shape)}")
     _check(isinstance(weight, Tensor) and weight.dim() == 4, "weight: expected a 4-D [C, 1, k, k] tensor")
     k = weight.shape[-1]
     _check(
@@ -134,15 +141,27 @@ def dwconv_bn_act(
     else:
         ho, wo = output_hw(h, w, k, stride, dilation)
         count = n * ho * wo
-        _check(count > 1, f"x: expected more than 1 value per channel when training, got input size {list(x.shape)}")
+        # As native: an empty batch is fine (an empty result, running statistics left alone), one value is not.
+        _check(count != 1, f"x: expected more than 1 value per channel when training, got input size {list(x.shape)}")
         y, mean, var = torch.ops.mnet_ext.dwconv_bn_act_train(x, weight, gamma, beta, eps, stride, dilation, act,
                                                               name)
     if running_mean is not None and running_var is not None:
-        with torch.no_grad():  # exactly nn.BatchNorm2d's update: unbiased variance into running_var
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            unbiased = var * (count / (count - 1))
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
+
+
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                          count: int | Tensor, momentum: float) -> None:
+    """Exactly nn.BatchNorm2d's update: unbiased variance into running_var. An empty batch leaves the statistics
+    alone, as native does; under SyncBatchNorm ``count`` is the group's count as a device tensor, read without a
+    host synchronisation."""
+    if isinstance(count, int) and count == 0:
+        return
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1))
+        for running, stat in ((running_mean, mean), (running_var, unbiased)):
+            updated = running.mul(1 - momentum).add_(stat.to(running.dtype), alpha=momentum)
+            running.copy_(updated if isinstance(count, int) else torch.where(count > 0, updated, running))
 
 
 def squeeze_excite(
@@ -178,5 +197,9 @@ def squeeze_excite(
         _check(t.dtype in _DTYPES, f"{name}: expected a float32/float16/bfloat16 tensor, got {t.dtype}")
     _check(act in SE_ACTS, f"act: expected one of {SE_ACTS}, got {act!r}")
     _check(gate in SE_GATES, f"gate: expected one of {SE_GATES}, got {gate!r}")
+    if (dtype := _autocast_dtype(x)) is not None:
+        # Native SE computes its gate in the autocast dtype and multiplies x by it: type promotion gives the result
+        # (x's dtype for float32 or the autocast dtype itself; float32 for float16 x under bfloat16 and vice versa).
+        x = x.to(torch.promote_types(x.dtype, dtype))
     name = _backend_for(backend, x)
     return torch.ops.mnet_ext.squeeze_excite(x, w1, fc1_bias, w2, fc2_bias, act, gate, name)[0]

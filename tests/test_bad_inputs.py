@@ -20,7 +20,8 @@ def _dw_args(**over):
 @pytest.mark.parametrize("over,match", [
     (dict(x=torch.randn(4, 6, 6)), "x: expected a 4-D"),
     (dict(x=torch.randint(0, 3, (2, 4, 6, 6))), "x: expected dtype"),
-    (dict(x=torch.randn(0, 4, 6, 6)), "x: expected a non-empty tensor"),
+    (dict(x=torch.randn(2, 4, 0, 6)), "x: expected a non-zero height and width"),  # an empty batch is fine
+    (dict(x=torch.randn(2, 0, 6, 6)), "x: expected at least one channel"),
     (dict(weight=torch.randn(4, 2, 3, 3)), "weight: expected a depthwise filter"),  # groups != channels
     (dict(weight=torch.randn(8, 1, 3, 3)), "weight: expected a depthwise filter"),  # wrong channel count
     (dict(weight=torch.randn(4, 1, 4, 4)), r"weight: .*k in \(3, 5, 7\)"),
@@ -59,7 +60,7 @@ def _se_args(**over):
     (dict(fc2_bias=torch.randn(8, device="meta")), "fc2_bias: expected device cpu"),
     (dict(act="hardswish"), "act: expected one of"),
     (dict(gate="relu"), "gate: expected one of"),
-    (dict(x=torch.randn(0, 8, 4, 4)), "x: expected a non-empty tensor"),
+    (dict(x=torch.randn(2, 0, 4, 4)), "x: expected at least one channel"),  # empty batches: see test_parity.py
 ])
 def test_squeeze_excite_bad_inputs(over, match):
     with pytest.raises(ValueError, match=match):

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -29,9 +31,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(rank: int, port: int, fn, errors) -> None:
+def _run(rank: int, port: int, fn, errors, timeout: float) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A collective that a peer never joins raises after ``timeout`` instead of hanging.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=timeout))
     try:
         torch.set_num_threads(1)
         fn(rank)
@@ -42,16 +45,23 @@ def _run(rank: int, port: int, fn, errors) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(fn) -> None:
+def _spawn(fn, timeout: float = 240) -> None:
+    """Run ``fn(rank)`` on WORLD gloo ranks; fail (and end them) if any raises or still runs after ``timeout``."""
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_run, args=(r, port, fn, errors)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_run, args=(r, port, fn, errors, timeout)) for r in range(WORLD)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + timeout
     for p in procs:
-        p.join(timeout=240)
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join()
     messages = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+    assert not hung, f"ranks {hung} still running after {timeout} s (a collective left waiting?); {messages}"
     assert not messages and all(p.exitcode == 0 for p in procs), messages or [p.exitcode for p in procs]
 
 
@@ -97,6 +107,38 @@ def _layer_check(rank: int) -> None:
 
 def test_fused_sync_batchnorm_matches_global_batchnorm():
     _spawn(_layer_check)
+
+
+def _empty_rank_check(rank: int) -> None:
+    """Rank 0 gets an empty batch, rank 1 three images: rank 1's results are native BatchNorm's over its own batch;
+    both ranks' running statistics are the group's (those of rank 1's batch); rank 0 gets an empty result and zero
+    gradients, as with nn.SyncBatchNorm, whose empty ranks join the collectives with a count of 0."""
+    native = _layer()
+    fused = mnet_ext.convert_sync_batchnorm(mnet_ext.fuse(nn.Sequential(copy.deepcopy(native))))[0]
+    tol = ROUNDING_TOL[torch.float32]
+    torch.manual_seed(1)
+    for step in range(2):  # two steps: running statistics compound
+        x = torch.randn(3, 6, 9, 8)
+        g = torch.randn(3, 6, 5, 4)
+        x_n = x.clone().requires_grad_()
+        native.zero_grad()
+        y_n = native.train()(x_n)
+        y_n.backward(g)
+        x_f = x[: 3 * rank].clone().requires_grad_()
+        fused.zero_grad()
+        y_f = fused.train()(x_f)
+        y_f.backward(g[: 3 * rank])
+        assert scaled_error(y_f, y_n[: 3 * rank]) <= tol, f"y step {step}"
+        assert scaled_error(x_f.grad, x_n.grad[: 3 * rank]) <= tol, f"dx step {step}"
+        for (name, p_f), p_n in zip(fused.named_parameters(), native.parameters(), strict=True):
+            expected = p_n.grad if rank else torch.zeros_like(p_n.grad)
+            assert scaled_error(p_f.grad, expected) <= 4 * tol, f"d{name} step {step}"
+        for (name, b_f), b_n in zip(fused.state_dict().items(), native.state_dict().values(), strict=True):
+            assert scaled_error(b_f.float(), b_n.float()) <= tol, f"{name} step {step}"
+
+
+def test_fused_sync_batchnorm_rank_with_empty_batch():
+    _spawn(_empty_rank_check, timeout=120)
 
 
 def _tiny_mobilenet() -> nn.Module:

@@ -13,3 +13,16 @@ def dense_like(grad: Tensor, ref: Tensor) -> Tensor:
     if grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last):
         return grad
     return grad.contiguous(memory_format=memory_format_of(ref))
+
+
+def new_output(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An uninitialised result of ``shape`` for input ``x``, laid out as native modules lay theirs out.
+
+    A non-empty result takes x's layout (NCHW or channels_last). An empty x is contiguous in every format, so its
+    strides decide, as in native: its empty convolution is ``x * w[0]`` viewed to the output shape and BatchNorm
+    and the activations are elementwise, so the result keeps x's strides when the shape is unchanged and is
+    NCHW-contiguous otherwise (measured on torch 2.14).
+    """
+    if x.numel() == 0:
+        return torch.empty_like(x) if tuple(shape) == tuple(x.shape) else x.new_empty(shape)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))

@@ -9,7 +9,10 @@ Three composite ops, each running the primitives of one backend (``docs/op_contr
   gives dx, dweight, dgamma, dbeta.
 
 Per-channel tensors (mean, invstd/var, gamma, beta) are fp32 (fp64 for fp64 inputs); ``backend`` is an
-already-resolved backend name.
+already-resolved backend name. The ops take a weight of any strides (the backends read a contiguous one: it is
+tiny, so it is copied here when needed). An empty batch never reaches a backend: the results are those native
+modules give (empty outputs; zero gradients for the weight and the affine parameters); its statistics are zeros,
+which the caller must not fold into running statistics (native leaves them alone).
 """
 
 from __future__ import annotations
@@ -18,14 +21,13 @@ import torch
 from torch import Tensor
 
 from mnet_ext._backend import load
-from mnet_ext.ops._common import dense_like
-from mnet_ext.reference import acc_dtype, memory_format_of, output_hw
+from mnet_ext.ops._common import dense_like, new_output
+from mnet_ext.reference import acc_dtype, output_hw
 
 
 def _like_output(x: Tensor, weight: Tensor, stride: int, dilation: int) -> Tensor:
     n, c, h, w = x.shape
-    ho, wo = output_hw(h, w, weight.shape[-1], stride, dilation)
-    return torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    return new_output(x, (n, c, *output_hw(h, w, weight.shape[-1], stride, dilation)))
 
 
 def _vector(x: Tensor) -> Tensor:
@@ -45,8 +47,11 @@ def dwconv_bn_act(
     act: str,
     backend: str,
 ) -> Tensor:
+    if x.numel() == 0:
+        return _like_output(x, weight, stride, dilation)
+    impl, weight = load(backend), weight.contiguous()
     with torch.autocast(x.device.type, enabled=False):
-        return load(backend).dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
+        return impl.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
 
 
 @torch.library.custom_op("mnet_ext::dwconv_bn_act_train", mutates_args=())
@@ -61,7 +66,9 @@ def dwconv_bn_act_train(
     act: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    impl = load(backend)
+    if x.numel() == 0:  # zero statistics with a count of 0, as an empty rank reports them under SyncBatchNorm
+        return _like_output(x, weight, stride, dilation), _vector(x).zero_(), _vector(x).zero_()
+    impl, weight = load(backend), weight.contiguous()
     with torch.autocast(x.device.type, enabled=False):
         mean, var = impl.dwconv_bn_stats(x, weight, stride, dilation)
         invstd = torch.rsqrt(var + eps)
@@ -84,7 +91,10 @@ def dwconv_bn_act_backward(
     training: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = load(backend)
+    if x.numel() == 0:
+        dweight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        return new_output(x, x.shape), dweight, _vector(x).zero_(), _vector(x).zero_()
+    impl, weight = load(backend), weight.contiguous()
     with torch.autocast(x.device.type, enabled=False):
         sum_g, sum_g_xhat = impl.dwconv_bn_act_bwd_reduce(
             grad_y, x, weight, mean, invstd, gamma, beta, stride, dilation, act
@@ -112,8 +122,8 @@ def _(x, weight, gamma, beta, eps, stride, dilation, act, backend):
 
 @dwconv_bn_act_backward.register_fake
 def _(grad_y, x, weight, mean, invstd, gamma, beta, stride, dilation, act, training, backend):
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
-    return dx, torch.empty_like(weight, memory_format=torch.contiguous_format), _vector(x), _vector(x)
+    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return new_output(x, x.shape), dweight, _vector(x), _vector(x)
 
 
 # ---------------------------------------------------------------------------------------------- autograd

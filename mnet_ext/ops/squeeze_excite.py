@@ -7,7 +7,8 @@ in PyTorch: they are a few kilobytes per sample.
 * ``mnet_ext::squeeze_excite`` -> ``(y, pooled)``; ``pooled`` is saved for the backward.
 * ``mnet_ext::squeeze_excite_backward`` -> ``(dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias)``.
 
-FC weights are 2-D: ``fc1_weight [S, C]``, ``fc2_weight [C, S]``.
+FC weights are 2-D: ``fc1_weight [S, C]``, ``fc2_weight [C, S]``. An empty x never reaches a backend: its passes
+are done here as native does them (the mean of no pixels is NaN; sums over nothing are 0).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 from torch import Tensor
 
 from mnet_ext._backend import load
-from mnet_ext.ops._common import dense_like
-from mnet_ext.reference import acc_dtype, act_bwd, act_fwd, memory_format_of
+from mnet_ext.ops._common import dense_like, new_output
+from mnet_ext.reference import acc_dtype, act_bwd, act_fwd
 
 
 def _excite(pooled: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: str, gate: str):
@@ -42,6 +43,9 @@ def squeeze_excite(
     gate: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    if x.numel() == 0:
+        pooled = x.to(acc_dtype(x.dtype)).mean(dim=(2, 3))
+        return new_output(x, x.shape), pooled
     impl = load(backend)
     with torch.autocast(x.device.type, enabled=False):
         pooled = impl.se_pool(x)
@@ -62,12 +66,13 @@ def squeeze_excite_backward(
     gate: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = load(backend)
+    impl, empty = load(backend), x.numel() == 0
     with torch.autocast(x.device.type, enabled=False):
         a1, h, a2, s = _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
-        da2 = act_bwd(a2, impl.se_bwd_reduce(grad_y, x), gate)
+        ds = torch.zeros_like(pooled) if empty else impl.se_bwd_reduce(grad_y, x)
+        da2 = act_bwd(a2, ds, gate)
         da1 = act_bwd(a1, da2 @ fc2_weight.to(s.dtype), act)
-        dx = impl.se_bwd_apply(grad_y, s, da1 @ fc1_weight.to(s.dtype))
+        dx = new_output(x, x.shape) if empty else impl.se_bwd_apply(grad_y, s, da1 @ fc1_weight.to(s.dtype))
     return (
         dx,
         (da1.t() @ pooled).to(fc1_weight.dtype),
@@ -79,15 +84,13 @@ def squeeze_excite_backward(
 
 @squeeze_excite.register_fake
 def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, backend):
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
-    return y, x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
+    return new_output(x, x.shape), x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
 
 
 @squeeze_excite_backward.register_fake
 def _(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, backend):
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
     return (
-        dx,
+        new_output(x, x.shape),
         torch.empty_like(fc1_weight),
         torch.empty_like(fc1_bias),
         torch.empty_like(fc2_weight),
