@@ -1,9 +1,12 @@
 """One generic structural walk that swaps fused modules into any model (no per-model code).
 
 A container whose children are exactly ``[depthwise Conv2d, BatchNorm2d]`` or ``[depthwise Conv2d, BatchNorm2d,
-activation]`` becomes a ``FusedConvBNAct``; a module with the structure of torchvision's ``SqueezeExcitation``
-becomes a ``FusedSqueezeExcitation``. Settings (kernel, stride, dilation, eps, momentum, activation) are read from
-the modules. Every depthwise conv and SE-like module that is left alone is reported with the reason.
+activation]`` becomes a ``FusedConvBNAct``; torchvision's ``SqueezeExcitation`` becomes a
+``FusedSqueezeExcitation``. Settings (kernel, stride, dilation, eps, momentum, activation) are read from the
+modules. A swap replaces the modules' own code, so it happens only when that code is the native one: no class on
+the way overrides ``forward`` (a ``Sequential`` subclass adding a residual, a look-alike SE that doubles its
+output), and no module carries hooks (``weight_norm``'s pre-hook recomputes the weight). Every depthwise conv and
+SE-like module (one with ``avgpool``, ``fc1``, ``fc2``) that is left alone is reported with the reason.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 from torch import nn
+from torchvision.ops import SqueezeExcitation
 
 from mnet_ext.modules import FusedConvBNAct, FusedSqueezeExcitation, _check_backend
 from mnet_ext.reference import DILATIONS, KERNEL_SIZES, STRIDES, padding_for
@@ -45,10 +49,22 @@ class FuseReport:
         return "\n".join(lines)
 
 
+def _overridden(module: nn.Module, base: type, *methods: str) -> list[str]:
+    """The ``methods`` that ``module``'s class defines differently from ``base``'s (a fused forward skips them)."""
+    return [name for name in methods if getattr(type(module), name) is not getattr(base, name)]
+
+
+def _hooked(modules: dict[str, nn.Module | None]) -> list[str]:
+    """Problems for the modules that carry forward or backward hooks: a fused forward would never run them."""
+    return [f"{name} has forward/backward hooks" for name, m in modules.items() if m is not None and (
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)]
+
+
 def _act_name(module: nn.Module | None, allowed: dict[type, str]) -> str | None:
     if module is None or type(module) is nn.Identity:
         return "none" if nn.Identity in allowed else None
-    if isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) == (0.0, 6.0):
+    if isinstance(module, nn.Hardtanh) and not _overridden(module, nn.Hardtanh, "forward") \
+            and (module.min_val, module.max_val) == (0.0, 6.0):
         return allowed.get(nn.ReLU6)
     return allowed.get(type(module))
 
@@ -68,7 +84,10 @@ def _conv_bn_act(container: nn.Module) -> tuple[str | None, str] | None:
         return None
     conv, bn = container[0], container[1]
     k, s, d = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
-    problems = []
+    problems = [f"{type(container).__name__} overrides {name}"
+                for name in _overridden(container, nn.Sequential, "forward")]
+    problems += [f"conv {type(conv).__name__} overrides {name}"
+                 for name in _overridden(conv, nn.Conv2d, "forward", "_conv_forward")]
     if conv.kernel_size != (k, k) or k not in KERNEL_SIZES:
         problems.append(f"kernel {conv.kernel_size} (supported: square {KERNEL_SIZES})")
     if conv.stride != (s, s) or s not in STRIDES:
@@ -88,6 +107,8 @@ def _conv_bn_act(container: nn.Module) -> tuple[str | None, str] | None:
     act = _act_name(container[2] if len(container) == 3 else None, _CONV_ACTS)
     if act is None:
         problems.append(f"activation {type(container[2]).__name__} unsupported")
+    problems += _hooked({"container": container, "conv": conv, "norm": bn,
+                         "activation": container[2] if len(container) == 3 else None})
     if problems:
         return None, "; ".join(problems)
     return act, f"C={conv.out_channels} k={k} s={s} d={d} act={act}"
@@ -98,7 +119,16 @@ def _squeeze_excite(module: nn.Module) -> tuple[tuple[str, str] | None, str] | N
     fc1, fc2, pool = (getattr(module, n, None) for n in ("fc1", "fc2", "avgpool"))
     if not (isinstance(fc1, nn.Conv2d) and isinstance(fc2, nn.Conv2d) and isinstance(pool, nn.AdaptiveAvgPool2d)):
         return None
-    problems = []
+    if isinstance(module, SqueezeExcitation):
+        problems = [f"{type(module).__name__} overrides {name}"
+                    for name in _overridden(module, SqueezeExcitation, "forward", "_scale")]
+    else:  # the same attributes say nothing of what its forward computes
+        problems = [f"{type(module).__name__} is not torchvision's SqueezeExcitation"]
+    problems += [f"{name} {type(m).__name__} overrides {method}"
+                 for name, m, base, methods in (("avgpool", pool, nn.AdaptiveAvgPool2d, ("forward",)),
+                                                ("fc1", fc1, nn.Conv2d, ("forward", "_conv_forward")),
+                                                ("fc2", fc2, nn.Conv2d, ("forward", "_conv_forward")))
+                 for method in _overridden(m, base, *methods)]
     if pool.output_size not in (1, (1, 1)):
         problems.append(f"avgpool output size {pool.output_size}")
     for name, fc in (("fc1", fc1), ("fc2", fc2)):
@@ -112,6 +142,9 @@ def _squeeze_excite(module: nn.Module) -> tuple[tuple[str, str] | None, str] | N
         problems.append(f"activation {type(getattr(module, 'activation', None)).__name__} unsupported")
     if gate is None:
         problems.append(f"scale_activation {type(getattr(module, 'scale_activation', None)).__name__} unsupported")
+    problems += _hooked({"module": module, "avgpool": pool, "fc1": fc1, "fc2": fc2,
+                         "activation": getattr(module, "activation", None),
+                         "scale_activation": getattr(module, "scale_activation", None)})
     if problems:
         return None, "; ".join(problems)
     return (act, gate), f"C={fc1.in_channels} S={fc1.out_channels} act={act} gate={gate}"

@@ -144,8 +144,8 @@ class FusedConvBNAct(nn.Module):
 
 
 class FusedSqueezeExcitation(nn.Module):
-    """torchvision's ``SqueezeExcitation`` (or a look-alike with ``avgpool``, ``fc1``, ``activation``, ``fc2``,
-    ``scale_activation``) in one op; keeps every child under its name, so ``state_dict`` keys do not change."""
+    """torchvision's ``SqueezeExcitation`` in one op; keeps every child under its name, so ``state_dict`` keys do not
+    change. ``mnet_ext.fuse`` swaps it in only where torchvision's own ``forward`` would run (see ``mnet_ext.fuse``)."""
 
     def __init__(self, original: nn.Module, act: str, gate: str, backend: str | None = None) -> None:
         super().__init__()

@@ -1,5 +1,5 @@
 """Drop-in parity with native modules on edge inputs: empty batches, non-contiguous weights, float64 under
-autocast."""
+autocast, and which modules ``fuse`` may swap (only those whose code is torchvision's/PyTorch's own)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 from torchvision.ops import SqueezeExcitation
+from torchvision.ops.misc import Conv2dNormActivation
 
 import mnet_ext
 from mnet_ext import functional as MF
@@ -171,3 +172,104 @@ def test_autocast_dwconv_bn_act_casts_low_precision_like_native(dtype):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x = torch.randn(2, 6, 8, 8).to(dtype)
         assert fused(x).dtype == native(x).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------- what fuse may swap, and why not
+class _DoubledSE(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+class _SquaredGateSE(SqueezeExcitation):
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        return super()._scale(x) ** 2
+
+
+class _ResidualLookAlikeSE(nn.Module):
+    """torchvision's attributes, another forward."""
+
+    def __init__(self, c: int, s: int) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(c, s, 1), nn.Conv2d(s, c, 1)
+        self.activation, self.scale_activation = nn.ReLU(), nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+        return x + x * s
+
+
+class _PlainSubclassSE(SqueezeExcitation):
+    """Overrides nothing: torchvision's forward runs, so it is fused."""
+
+
+class _ResidualConvBNAct(Conv2dNormActivation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
+class _StandardisedConv(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return self._conv_forward(x, (w - w.mean((1, 2, 3), keepdim=True)) / w.std((1, 2, 3), keepdim=True), None)
+
+
+class _ClampAt5(nn.ReLU6):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(0, 5)
+
+
+def _dw_block(container: type = Conv2dNormActivation, act: type = nn.Hardswish, conv: type | None = None) -> nn.Module:
+    block = container(8, 8, 3, groups=8, activation_layer=act)
+    if conv is not None:
+        block[0] = conv(8, 8, 3, padding=1, groups=8, bias=False)
+    return block
+
+
+def _with_pre_hook(module: nn.Module, child: str = "") -> nn.Module:
+    """``module`` with a forward pre-hook (which does nothing here; weight_norm's recomputes the weight) on itself or
+    on ``child``."""
+    module.get_submodule(child).register_forward_pre_hook(lambda m, args: None)
+    return module
+
+
+LEFT_NATIVE = {
+    "doubled_se": (lambda: _DoubledSE(8, 4), "_DoubledSE overrides forward"),
+    "squared_gate_se": (lambda: _SquaredGateSE(8, 4), "_SquaredGateSE overrides _scale"),
+    "lookalike_se": (lambda: _ResidualLookAlikeSE(8, 4), "_ResidualLookAlikeSE is not torchvision's"),
+    "hooked_se": (lambda: _with_pre_hook(SqueezeExcitation(8, 4), "fc1"), "fc1 has forward/backward hooks"),
+    "residual_block": (lambda: _dw_block(container=_ResidualConvBNAct), "_ResidualConvBNAct overrides forward"),
+    "standardised_conv": (lambda: _dw_block(conv=_StandardisedConv), "_StandardisedConv overrides forward"),
+    "clamped_act": (lambda: _dw_block(act=_ClampAt5), "activation _ClampAt5 unsupported"),
+    "hooked_block": (lambda: _with_pre_hook(_dw_block()), "container has forward/backward hooks"),
+    "hooked_conv": (lambda: _with_pre_hook(_dw_block(), "0"), "conv has forward/backward hooks"),
+}
+
+
+@pytest.mark.parametrize("case", LEFT_NATIVE)
+def test_lookalikes_are_left_native_and_explained(case):
+    """A module whose code (its class's forward, or a hook) differs from what the fused op computes is never
+    swapped: explain_fuse reports it as left native with the reason, and the model computes what it did."""
+    build, reason = LEFT_NATIVE[case]
+    torch.manual_seed(0)
+    model = nn.Sequential(build())
+    x = torch.randn(2, 8, 6, 6)
+    expected = model(x)
+    report = mnet_ext.explain_fuse(model)
+    assert len(report.entries) == 1 and not report.entries[0].fused, str(report)
+    assert reason in report.entries[0].detail, str(report)
+    fused = mnet_ext.fuse(model)
+    assert not any(isinstance(m, (mnet_ext.FusedConvBNAct, mnet_ext.FusedSqueezeExcitation)) for m in fused.modules())
+    assert torch.equal(fused(x), expected)
+
+
+@pytest.mark.parametrize("build", [lambda: SqueezeExcitation(8, 4), lambda: _PlainSubclassSE(8, 4), _dw_block,
+                                   lambda: _dw_block(act=nn.ReLU6)],
+                         ids=["torchvision_se", "plain_subclass_se", "conv_bn_act", "conv_bn_relu6"])
+def test_native_code_is_still_fused(build):
+    model = nn.Sequential(build()).eval()
+    report = mnet_ext.explain_fuse(model)
+    assert [e.fused for e in report.entries] == [True], str(report)
+    x = torch.randn(2, 8, 6, 6)
+    expected = model(x)
+    assert scaled_error(mnet_ext.fuse(model, backend="reference")(x), expected) <= ROUNDING_TOL[torch.float32]
