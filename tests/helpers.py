@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from mnet_ext import reference
 from mnet_ext._backend import BACKENDS, unavailable_reason
 
 HAS_CUDA = torch.cuda.is_available()
@@ -77,3 +78,48 @@ ROUNDING_TOL = {torch.float32: 2e-5, torch.float16: 2 * 2.0**-11 + 2e-5, torch.b
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
     err = scaled_error(actual, expected)
     assert err <= ROUNDING_TOL[dtype], f"{what}: scaled error {err:.3g} > {ROUNDING_TOL[dtype]:.3g} ({dtype})"
+
+
+def assert_sums_close(actual: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor, what: str) -> None:
+    """Sums (or means) of many fp32 terms, one per entry: the error relative to the same reduction of the terms'
+    magnitudes (the condition of a sum), entry by entry, not to the sum itself (cancellation makes it arbitrarily
+    small) nor to the largest sum of the tensor (against which a small entry's error vanishes). Entries whose terms
+    are all zero must be exactly zero. (Same rule as tests/test_dwconv_bn_act.py: assert_sums_close.)"""
+    diff = (actual.double() - expected.double()).abs().cpu()
+    mag = magnitude.double().cpu()
+    err = torch.where(mag > 0, diff / mag, torch.where(diff == 0, 0.0, torch.inf)).nan_to_num(nan=torch.inf)
+    err = err.max().item()
+    tol = ROUNDING_TOL[torch.float32]
+    assert err <= tol, f"{what}: error {err:.3g} of the sum of |terms| > {tol:.3g}"
+
+
+def _sum_magnitudes(name: str, args: tuple, expected: tuple) -> tuple:
+    """For each output of primitive ``name`` on fp64 ``args``: the same reduction of its terms' magnitudes when it is
+    a sum or mean over many terms, else None."""
+    if name == "dwconv_bn_stats":
+        x, weight, stride, dilation = args
+        return reference._conv(x, weight, stride, dilation).abs().mean(dim=(0, 2, 3)), expected[1]  # var: terms >= 0
+    if name == "dwconv_bn_act_bwd_reduce":
+        g, xhat = reference._grad_u(*args)
+        return g.abs().sum(dim=(0, 2, 3)), (g * xhat).abs().sum(dim=(0, 2, 3))
+    if name == "se_pool":
+        return (args[0].abs().mean(dim=(2, 3)),)
+    if name == "se_bwd_reduce":
+        return ((args[0] * args[1]).abs().sum(dim=(2, 3)),)
+    return (None,) * len(expected)
+
+
+def assert_matches_fp64_reference(name: str, outputs, args: tuple, what: str = "") -> None:
+    """The outputs of backend primitive ``name`` on ``args`` against mnet_ext.reference computed in fp64 on the same
+    device. Nothing in that reference rounds (no fp32, no TF32), so each output is held to its own dtype's
+    ROUNDING_TOL: fp32 statistics and sums to fp32's (assert_sums_close), whatever the input dtype."""
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    args = tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
+    expected = getattr(reference, name)(*args)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for i, (out, ref, mag) in enumerate(zip(outputs, expected, _sum_magnitudes(name, args, expected), strict=True)):
+        if mag is None:
+            assert_close_scaled(out, ref, out.dtype, f"{name} output {i} {what}")
+        else:
+            assert out.dtype == torch.float32, f"{name} output {i} {what}: dtype {out.dtype}, expected float32"
+            assert_sums_close(out, ref, mag, f"{name} output {i} {what}")
