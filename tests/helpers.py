@@ -84,7 +84,7 @@ def assert_sums_close(actual: torch.Tensor, expected: torch.Tensor, magnitude: t
     """Sums (or means) of many fp32 terms, one per entry: the error relative to the same reduction of the terms'
     magnitudes (the condition of a sum), entry by entry, not to the sum itself (cancellation makes it arbitrarily
     small) nor to the largest sum of the tensor (against which a small entry's error vanishes). Entries whose terms
-    are all zero must be exactly zero. (Same rule as tests/test_dwconv_bn_act.py: assert_sums_close.)"""
+    are all zero must be exactly zero."""
     diff = (actual.double() - expected.double()).abs().cpu()
     mag = magnitude.double().cpu()
     err = torch.where(mag > 0, diff / mag, torch.where(diff == 0, 0.0, torch.inf)).nan_to_num(nan=torch.inf)

@@ -11,7 +11,7 @@ import torch
 
 from mnet_ext import reference as R
 from mnet_ext._backend import load
-from tests.helpers import ROUNDING_TOL, assert_close_scaled, backend_param, scaled_error
+from tests.helpers import ROUNDING_TOL, assert_close_scaled, assert_sums_close, backend_param, scaled_error
 from tests.test_reference import compare_layer, fused_copy, make_native
 
 CPU_BACKENDS = [backend_param("cuda"), backend_param("triton")]
@@ -32,19 +32,6 @@ def _configs(exhaustive: bool):
     for i, (act, dtype) in enumerate(itertools.product(R.CONV_ACTS, dtypes)):
         configs.append((3, 1, 1, act, ("nhwc", "nchw")[i % 2], dtype))
     yield from dict.fromkeys(configs)  # without the repeats
-
-
-def assert_sums_close(actual: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor, what: str) -> None:
-    """Sums (or means) of many fp32 terms, one per entry. The rounding error of a sum is bounded relative to the sum
-    of its terms' magnitudes (``magnitude``, same reduction of |term|), not to the sum itself, which cancellation
-    makes arbitrarily small (Σg·x̂ over a few pixels), nor to the largest sum of the tensor, against which a small
-    channel's error vanishes. Entries whose terms are all zero must be exactly zero."""
-    diff = (actual.double() - expected.double()).abs().cpu()
-    mag = magnitude.double().cpu()
-    err = torch.where(mag > 0, diff / mag, torch.where(diff == 0, 0.0, torch.inf)).nan_to_num(nan=torch.inf)
-    err = err.max().item()
-    tol = ROUNDING_TOL[torch.float32]
-    assert err <= tol, f"{what}: error {err:.3g} of the sum of |terms| > {tol:.3g}"
 
 
 def make_inputs(shape, k, dtype, layout, device="cpu", stride=1, dilation=1):

@@ -13,8 +13,7 @@ from torchvision.ops import SqueezeExcitation
 import mnet_ext
 from mnet_ext import reference as R
 from mnet_ext._backend import load
-from tests.helpers import ROUNDING_TOL, assert_close_scaled, backend_param, scaled_error
-from tests.test_dwconv_bn_act import assert_sums_close
+from tests.helpers import ROUNDING_TOL, assert_close_scaled, assert_sums_close, backend_param, scaled_error
 
 CPU_BACKENDS = [backend_param("cuda"), backend_param("triton")]
 
