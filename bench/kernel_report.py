@@ -1,0 +1,652 @@
+"""Static kernel report: what the compiler made of every CUDA and Triton kernel, without a GPU.
+
+    python -m bench.kernel_report [--quick] [--json FILE] [--out FILE] [--backend cuda,triton] [--arch 90,80]
+                                  [--dtype bf16,fp16,fp32] [--layout nhwc,nchw] [--k 3,5,7] [--per-layer]
+
+Compiles every kernel for sm_90 (and sm_80 with ``--arch``): the CUDA ``.cu`` files with setup.py's flags, the
+Triton kernels ahead of time with the constexprs, warps and grids their launchers choose for every unique
+depthwise and SE layer of MobileNet V1/V2/V3-L/V3-S at 224x224 (``mnet_ext.layers.unique_layers``; MobileNets have
+no 7x7 depthwise conv, so K = 7 is measured on the K = 5 layers' shapes), batch 256 by default. Compiles are cached
+by content hash (``bench.kernel_builds``), so a rerun only compiles what changed. Progress goes to stderr.
+
+Per kernel instantiation and layer (``--json``: one record each; markdown: aggregated over the layers):
+
+* ``regs``, ``spill_bytes`` (spill stores per thread), ``smem_bytes`` (static + dynamic per block), from
+  ``ptxas -v`` and the launch; ``blocks_per_sm``: resident blocks from registers, shared memory and threads per
+  block at the architecture's limits (sm_90: 65,536 registers, 228 KB, 2,048 threads, 32 blocks).
+* ``sass_per_output_elem``: SASS instructions one thread issues per output element on the main path:
+
+      (outside + trips * body) / (trips * outputs per iteration)
+
+  where ``body`` is the counted path through the kernel's main loop (the loop with the most global loads and
+  stores: CUDA grid-stride and walker loops, Triton's ``for i in range(ITERS)`` and the pixel loop of the SE
+  reduction), ``outside`` the counted path from entry to exit around it (prologue, epilogue, other loops once),
+  and ``trips`` the loop's mean trip count per thread from the launch plan (CUDA: the geometry of
+  ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). A kernel without a
+  loop (Triton fwd/dx: one tile per program) counts its entry-to-exit path over the outputs one thread holds
+  (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path visits every block with a
+  load or store on its way (all K*K taps, the store) and takes the cheaper side of a branch that only computes; a
+  subroutine call counts its callee's path, so an int64 division counts its inline 32-bit fast path, not the call
+  of the 64-bit routine. A runtime activation switch (the CUDA kernels) counts its cheapest case, ``none``: relu
+  adds 3 instructions per output, relu6 4, hardswish 7, silu and sigmoid ~30. ``fma_per_output_elem`` and
+  ``gmem_per_output_elem`` (global load/store instructions) split the same count.
+
+  Checked by hand on the CUDA ``fwd_kernel<__nv_bfloat16, 3, true>`` (sm_90, nvcc 13.0, addresses of
+  ``cuobjdump -sass``): the grid-stride loop 0x3e0-0x21b0 is three int64 div/mod steps of ``decompose`` (each a
+  4-instruction test of the high words, the 22-instruction 32-bit fast path and a BSYNC: 27; the other side, 14-18
+  instructions calling the 64-bit routine, not taken) = 81; 238 straight-line instructions 0xbf0-0x1ac0
+  (coordinates and bounds of the 9 taps, 9 predicated LDG.E.U16 of x, 9 of the weight, 4 LDG of the BN vectors,
+  conversions, 11 FFMA, the BN fold, the first activation test); the activation dispatch to ``none`` (6); the
+  address of y, the STG and the loop test (25): 350 per output, what the tool counts (11 FFMA, 23 global loads and
+  stores). With the 64-instruction prologue and exit and one trip per thread (batch 256), 414 per output element.
+
+* ``planned_bytes_per_elem``: DRAM bytes the kernel's plan moves per element of its iteration space, in units of
+  the activation's element size (eval forward at stride 1 = 2): what ``ROLES`` says each kernel reads and writes,
+  with the fp32 dz scratch of today's backward counted (4 bytes written by bwd_dz, read by bwd_dx). Per-channel
+  vectors and partial-sum buffers are ignored. The planned totals per primitive are listed against the fused
+  minimum of ``mnet_ext.layers.fused_bytes``.
+* ``issue_over_mem_h100`` / ``_h200``: predicted issue time / DRAM time per element: instructions at 3e13
+  thread-instructions/s (132 SMs x 4 schedulers x 32 lanes x ~1.75 GHz) over bytes at 3.0 TB/s (H100) or
+  4.3 TB/s (H200); above 1 the kernel is issue-bound (``bound_*``), below memory-bound. Assumes full issue rate:
+  an occupancy of 1-2 blocks per SM makes the issue side worse than predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench import kernel_builds, sass
+from bench.kernel_builds import ROOT
+
+DTYPES = ("bf16", "fp16", "fp32")
+ELEM_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+LAYOUTS = ("NHWC", "NCHW")
+# DRAM bandwidth (bytes/s) and issue rate (thread-instructions/s) the bound is predicted against, per arch.
+RATES = {90: {"h100": (3.0e12, 3e13), "h200": (4.3e12, 3e13)}}
+
+
+# ------------------------------------------------------------------------------------------------- roles
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """What one kernel does for its primitive, and the DRAM bytes it plans per element of its iteration space as
+    a function of r = input pixels / output pixels (4 at stride 2) and the element size es."""
+
+    primitive: str
+    hot: bool
+    bytes_per_elem: Callable[[float, int], float] | None = None
+
+
+ROLES: dict[str, Role] = {
+    # dwconv_bn_act: iteration space = output elements, except bwd_dx (input elements)
+    "fwd": Role("dwconv_bn_act_fwd", True, lambda r, es: es * (r + 1)),  # read x, write y
+    "stats": Role("dwconv_bn_stats", True, lambda r, es: es * r),  # read x
+    "stats_combine": Role("dwconv_bn_stats", False),
+    "bwd_reduce": Role("dwconv_bn_act_bwd_reduce", True, lambda r, es: es * (1 + r)),  # read dy, x
+    "sum_partials": Role("dwconv_bn_act_bwd_reduce/_apply", False),
+    "bwd_dz": Role("dwconv_bn_act_bwd_apply", True, lambda r, es: es * (1 + r) + 4),  # read dy, x; write fp32 dz
+    "bwd_dx": Role("dwconv_bn_act_bwd_apply", True, lambda r, es: 4 / r + es),  # read fp32 dz, write dx
+    # squeeze_excite: iteration space = activation elements
+    "se_pool": Role("se_pool", True, lambda r, es: es),  # read x
+    "se_bwd_reduce": Role("se_bwd_reduce", True, lambda r, es: 2 * es),  # read dy, x
+    "se_scale": Role("se_scale", True, lambda r, es: 2 * es),  # read x, write y
+    "se_bwd_apply": Role("se_bwd_apply", True, lambda r, es: 2 * es),  # read dy, write dx
+    "se_apply": Role("se_scale, se_bwd_apply", True, lambda r, es: 2 * es),  # CUDA: one kernel for both
+    "unknown": Role("?", False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Launch plan of one kernel for one layer: per-thread view."""
+
+    threads: int
+    trips: float | None  # mean main-loop iterations per thread; None: no main loop
+    outputs_per_iter: float  # elements of the iteration space one thread produces per iteration (or per tile)
+    dynamic_smem: int = 0
+
+
+# ------------------------------------------------------------------------------------------------- CUDA plans
+# Mirrors of the launch geometry in csrc/dwconv_bn_act/kernels.cuh (kThreads, num_chunks, elementwise_blocks,
+# RedGeom, bwd_apply_dz_smem) and csrc/squeeze_excite/se.cu: keep in step with them.
+_KTHREADS = 256
+
+
+def _grid_stride_trips(total: int) -> float:
+    blocks = min(max(-(-total // _KTHREADS), 1), 1 << 20)  # elementwise_blocks
+    return total / (blocks * _KTHREADS)
+
+
+def _walker_trips(m: int, channels_last: bool) -> float:
+    walk = _KTHREADS // (32 if channels_last else 1)  # RedGeom<CL>::WALK
+    nchunks = min(max(-(-m // (walk * 16)), 1), 1024)  # num_chunks<CL>
+    return -(-m // nchunks) / walk
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaKernel:
+    role: str | Callable[[dict[str, Any]], str]  # fixed, or from the template arguments
+    params: tuple[str, ...]  # template parameter names, in order (T: dtype, K: kernel size, CL: channels_last)
+    plan: Callable[[Shape, dict[str, Any]], Plan] | None = None  # None: no per-layer plan (not a hot kernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One layer at one batch size."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    ho: int
+    wo: int
+
+    @property
+    def ratio(self) -> float:
+        return self.h * self.w / (self.ho * self.wo)
+
+
+def _dz_smem(t: dict[str, Any]) -> int:
+    return t["K"] * t["K"] * (_KTHREADS if t["CL"] else _KTHREADS // 32) * 4  # bwd_apply_dz_smem<K, CL>
+
+
+CUDA_KERNELS: dict[str, CudaKernel] = {
+    "fwd_kernel": CudaKernel("fwd", ("T", "K", "CL"),
+                             lambda s, t: Plan(256, _grid_stride_trips(s.n * s.c * s.ho * s.wo), 1)),
+    "stats_partial_kernel": CudaKernel("stats", ("T", "K", "CL"),
+                                       lambda s, t: Plan(256, _walker_trips(s.n * s.ho * s.wo, t["CL"]), 1)),
+    "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", ("T", "K", "CL"),
+                                            lambda s, t: Plan(256, _walker_trips(s.n * s.ho * s.wo, t["CL"]), 1)),
+    "bwd_apply_dz_kernel": CudaKernel(
+        "bwd_dz", ("T", "K", "CL"),
+        lambda s, t: Plan(256, _walker_trips(s.n * s.ho * s.wo, t["CL"]), 1, _dz_smem(t))),
+    "bwd_apply_dx_kernel": CudaKernel("bwd_dx", ("T", "K", "CL"),
+                                      lambda s, t: Plan(256, _grid_stride_trips(s.n * s.c * s.h * s.w), 1)),
+    "stats_final_kernel": CudaKernel("stats_combine", ()),
+    "bwd_reduce_final_kernel": CudaKernel("sum_partials", ()),
+    "bwd_apply_dw_final_kernel": CudaKernel("sum_partials", ("T",)),
+    "se_reduce_kernel": CudaKernel(
+        lambda t: "se_bwd_reduce" if t["PROD"] else "se_pool", ("T", "CL", "PROD"),
+        lambda s, t: Plan(256, s.h * s.w / (_KTHREADS // (32 if t["CL"] else 1)), 1)),
+    "se_affine_kernel": CudaKernel("se_apply", ("T", "CL"),
+                                   lambda s, t: Plan(256, _grid_stride_trips(s.n * s.c * s.h * s.w), 1)),
+}
+CUDA_THREADS_UNPLANNED = 128  # the *_final kernels' block size (stats.cu, bwd_reduce.cu, bwd_apply.cuh)
+_CUDA_DTYPES = {"float": "fp32", "__half": "fp16", "__nv_bfloat16": "bf16"}
+
+
+def parse_cuda_name(demangled: str) -> tuple[str, dict[str, Any]]:
+    """Kernel name and template arguments by parameter name: ("fwd_kernel", {"T": "bf16", "K": 3, "CL": True})
+    from "void mnet::dev::fwd_kernel<__nv_bfloat16, 3, true>(mnet::DwParams)"."""
+    m = re.match(r"(?:void )?(?:[\w:]+::)?(\w+)(?:<([^>]*)>)?\(", demangled)
+    if not m:
+        return demangled, {}
+    name, targs = m.group(1), [a.strip() for a in (m.group(2) or "").split(",") if a.strip()]
+    kernel = CUDA_KERNELS.get(name)
+    names = kernel.params if kernel and len(kernel.params) == len(targs) else tuple(f"arg{i}" for i in
+                                                                                    range(len(targs)))
+    values: dict[str, Any] = {}
+    for pname, a in zip(names, targs, strict=True):
+        values[pname] = _CUDA_DTYPES.get(a) or ({"true": True, "false": False}.get(a, int(a) if a.isdigit() else a))
+    return name, values
+
+
+# ------------------------------------------------------------------------------------------------- Triton plans
+@dataclasses.dataclass(frozen=True)
+class TritonKernel:
+    role: str | Callable[[dict[str, Any]], str]  # fixed, or from the launch's constexprs
+    trips: Callable[[dict[str, Any]], float] | None = None  # main-loop trip count from the launch values
+    hot: bool = True
+
+
+TRITON_KERNELS: dict[str, TritonKernel] = {
+    "_fwd_kernel": TritonKernel("fwd"),
+    "_stats_partial_kernel": TritonKernel("stats", lambda v: v["ITERS"]),
+    "_stats_combine_kernel": TritonKernel("stats_combine", hot=False),
+    "_bwd_reduce_partial_kernel": TritonKernel("bwd_reduce", lambda v: v["ITERS"]),
+    "_sum_rows_kernel": TritonKernel("sum_partials", hot=False),
+    "_bwd_dz_kernel": TritonKernel("bwd_dz", lambda v: v["ITERS"]),
+    "_bwd_dx_kernel": TritonKernel("bwd_dx"),
+    "_se_reduce_kernel": TritonKernel(lambda v: "se_bwd_reduce" if v["PRODUCT"] else "se_pool",
+                                      lambda v: -(-v["H"] * v["W"] // v["BLOCK_P"])),
+    "_se_apply_kernel": TritonKernel(lambda v: "se_bwd_apply" if v["HAS_BIAS"] else "se_scale"),
+}
+
+
+# ------------------------------------------------------------------------------------------------- scope
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One layer in one dtype and layout."""
+
+    layer: Any  # mnet_ext.layers.LayerConfig
+    source: str  # "model:layer, ..." or how a synthetic layer was derived
+    dtype: str
+    layout: str
+
+    @property
+    def k(self) -> int | None:
+        return self.layer.kernel_size if self.layer.kind == "dwconv_bn_act" else None
+
+
+def layers(models: tuple[str, ...]) -> list[tuple[Any, str]]:
+    """(config, source) of the unique layers, plus a K = 7 variant of each K = 5 depthwise layer."""
+    from mnet_ext.layers import unique_layers
+
+    found = unique_layers(models)
+    out = [(cfg, ", ".join(where)) for cfg, where in found.items()]
+    for cfg in list(found):
+        if cfg.kind == "dwconv_bn_act" and cfg.kernel_size == 5:
+            k7 = dataclasses.replace(cfg, kernel_size=7)
+            if k7 not in found:
+                out.append((k7, f"K=7 variant of {cfg.name}"))
+    return out
+
+
+def _activation_elems(cfg: Any) -> int:
+    return cfg.channels * cfg.height * cfg.width
+
+
+def quick_cases(all_layers: list[tuple[Any, str]]) -> list[Case]:
+    """The CI subset: bf16; channels_last K = 3 and K = 5 and NCHW K = 3 on the stride-1 depthwise layer with the
+    largest activation of that K; the largest SE layer in both layouts."""
+    cases = []
+    for layout, k in (("NHWC", 3), ("NHWC", 5), ("NCHW", 3)):
+        cands = [(c, s) for c, s in all_layers if c.kind == "dwconv_bn_act" and c.kernel_size == k and c.stride == 1]
+        cfg, src = max(cands, key=lambda cs: _activation_elems(cs[0]))
+        cases.append(Case(cfg, src, "bf16", layout))
+    cfg, src = max(((c, s) for c, s in all_layers if c.kind != "dwconv_bn_act"), key=lambda cs: _activation_elems(
+        cs[0]))
+    cases += [Case(cfg, src, "bf16", layout) for layout in LAYOUTS]
+    return cases
+
+
+def all_cases(all_layers: list[tuple[Any, str]], dtypes: list[str], layouts: list[str], ks: list[int]) -> list[Case]:
+    return [Case(cfg, src, dtype, layout) for cfg, src in all_layers for dtype in dtypes for layout in layouts
+            if cfg.kind != "dwconv_bn_act" or cfg.kernel_size in ks]
+
+
+def shape_of(case: Case, batch: int) -> Shape:
+    from mnet_ext.reference import output_hw
+
+    cfg = case.layer
+    ho, wo = (output_hw(cfg.height, cfg.width, cfg.kernel_size, cfg.stride, cfg.dilation)
+              if cfg.kind == "dwconv_bn_act" else (cfg.height, cfg.width))
+    return Shape(batch, cfg.channels, cfg.height, cfg.width, ho, wo)
+
+
+# ------------------------------------------------------------------------------------------------- Triton launches
+def launcher_calls(case: Case, batch: int) -> tuple[str, list[tuple[str, tuple]]]:
+    """(kernel module, [(launcher, args)]) running every primitive of ``case``'s op on meta tensors (shapes and
+    strides only: no memory, no device)."""
+    import torch
+
+    cfg = case.layer
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case.dtype]
+    fmt = torch.channels_last if case.layout == "NHWC" else torch.contiguous_format
+    s = shape_of(case, batch)
+    x = torch.empty((s.n, s.c, s.h, s.w), dtype=dtype, device="meta", memory_format=fmt)
+    if cfg.kind != "dwconv_bn_act":
+        gate = torch.empty((s.n, s.c), dtype=torch.float32, device="meta")
+        return "triton_kernels.squeeze_excite", [
+            ("se_pool", (x,)), ("se_scale", (x, gate)), ("se_bwd_reduce", (x, x)), ("se_bwd_apply", (x, gate, gate))]
+    w = torch.empty((s.c, 1, cfg.kernel_size, cfg.kernel_size), dtype=dtype, device="meta")
+    gy = torch.empty((s.n, s.c, s.ho, s.wo), dtype=dtype, device="meta", memory_format=fmt)
+    v = torch.empty((s.c,), dtype=torch.float32, device="meta")
+    geo = (cfg.stride, cfg.dilation)
+    return "triton_kernels.dwconv_bn_act", [
+        ("dwconv_bn_act_fwd", (x, w, v, v, v, v, *geo, cfg.act)),
+        ("dwconv_bn_stats", (x, w, *geo)),
+        ("dwconv_bn_act_bwd_reduce", (gy, x, w, v, v, v, v, *geo, cfg.act)),
+        ("dwconv_bn_act_bwd_apply", (gy, x, w, v, v, v, v, v, v, *geo, cfg.act)),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------- records
+def per_elem(path: sass.PathSummary, trips: float | None, outputs_per_iter: float) -> dict[str, float]:
+    """Instructions (all, FMA, global memory) per element of the iteration space: see the module docstring."""
+    if trips is None or path.body is None or path.outside is None:
+        if trips is not None and trips > 1.0 and path.body is None:
+            raise ValueError(f"the plan has {trips:.1f} loop trips per thread but the SASS has no loop")
+        per_thread = (path.straight.instrs, path.straight.fma, path.straight.global_mem)
+        outputs = outputs_per_iter * (trips or 1.0)
+    else:
+        o, b = path.outside, path.body
+        per_thread = (o.instrs + trips * b.instrs, o.fma + trips * b.fma, o.global_mem + trips * b.global_mem)
+        outputs = trips * outputs_per_iter
+    sass_e, fma_e, gmem_e = (v / outputs for v in per_thread)
+    return {"sass_per_output_elem": sass_e, "fma_per_output_elem": fma_e, "gmem_per_output_elem": gmem_e,
+            "outputs_per_thread": outputs}
+
+
+def make_record(arch: int, backend: str, kernel: str, role: str, dtype: str | None, layout: str | None,
+                k: int | None, case: Case | None, batch: int, res: dict[str, Any], plan: Plan | None,
+                threads: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """One JSON record. ``res``: the build summary (resources, path); ``plan``: None for kernels without one."""
+    rec: dict[str, Any] = {
+        "arch": arch, "backend": backend, "kernel": kernel, "role": role, "primitive": ROLES[role].primitive,
+        "hot": ROLES[role].hot, "dtype": dtype, "layout": layout, "k": k,
+        "layer": case.layer.name if case else None, "layer_source": case.source if case else None,
+        "stride": case.layer.stride if case else None, "batch": batch if case else None, **extra,
+        "threads": threads, "regs": None, "spill_bytes": None, "spill_load_bytes": None, "stack_bytes": None,
+        "smem_bytes": None, "blocks_per_sm": None, "trips": plan.trips if plan else None,
+        "outputs_per_thread": None, "sass_per_output_elem": None, "fma_per_output_elem": None,
+        "gmem_per_output_elem": None, "planned_bytes_per_elem": None, "error": res.get("error"),
+    }
+    if "error" in res:
+        return rec
+    smem = res["smem_bytes"] + res.get("shared_dynamic", 0) + (plan.dynamic_smem if plan else 0)
+    rec.update(regs=res["regs"], spill_bytes=res["spill_store_bytes"], spill_load_bytes=res["spill_load_bytes"],
+               stack_bytes=res["stack_bytes"], smem_bytes=smem,
+               blocks_per_sm=sass.blocks_per_sm(res["regs"], smem, threads, sass.SM_LIMITS[arch]))
+    if plan is None or case is None:
+        return rec
+    try:
+        rec.update(per_elem(sass.PathSummary.from_dict(res["path"]), plan.trips, plan.outputs_per_iter))
+    except ValueError as exc:
+        rec["error"] = str(exc)
+        return rec
+    bytes_fn = ROLES[role].bytes_per_elem
+    if bytes_fn and dtype:
+        es = ELEM_SIZE[dtype]
+        bpe = bytes_fn(shape_of(case, batch).ratio, es) / es
+        rec["planned_bytes_per_elem"] = bpe
+        for gpu, (bw, issue) in RATES.get(arch, {}).items():
+            ratio = (rec["sass_per_output_elem"] / issue) / (bpe * es / bw)
+            rec[f"issue_over_mem_{gpu}"] = ratio
+            rec[f"bound_{gpu}"] = "issue" if ratio > 1 else "memory"
+    return rec
+
+
+def _op_of(role: str) -> str:
+    return "squeeze_excite" if role.startswith("se_") else "dwconv_bn_act"
+
+
+def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], batch: int) -> list[dict]:
+    records = []
+    for job in jobs:
+        res = results[job["key"]]
+        if "error" in res:
+            records.append(make_record(job["arch"], "cuda", job["source"], "unknown", None, None, None, None,
+                                       batch, res, None, 0, {}))
+            continue
+        for fn in res["functions"].values():
+            name, targs = parse_cuda_name(fn["name"])
+            spec = CUDA_KERNELS.get(name)
+            role = "unknown" if spec is None else spec.role(targs) if callable(spec.role) else spec.role
+            dtype, k = targs.get("T"), targs.get("K")
+            layout = None if "CL" not in targs else "NHWC" if targs["CL"] else "NCHW"
+            extra = {"template_args": targs}
+            if spec is None or spec.plan is None:
+                if any(dtype in (None, c.dtype) and layout in (None, c.layout) for c in cases):
+                    records.append(make_record(job["arch"], "cuda", name, role, dtype, layout, k, None, batch, fn,
+                                               None, CUDA_THREADS_UNPLANNED, extra))
+                continue
+            for case in cases:
+                if (case.dtype, case.layout, case.k) != (dtype, layout, k) or case.layer.kind != _op_of(role):
+                    continue
+                plan = spec.plan(shape_of(case, batch), targs)
+                records.append(make_record(job["arch"], "cuda", name, role, dtype, layout, k, case, batch, fn, plan,
+                                           plan.threads, extra))
+    return records
+
+
+def triton_records(launches: list[tuple[Case, int, kernel_builds.TritonLaunch]], results: dict[str, dict],
+                   batch: int) -> list[dict]:
+    records = []
+    for case, arch, launch in launches:
+        spec = TRITON_KERNELS.get(launch.kernel)
+        v = launch.values
+        role = "unknown" if spec is None else spec.role(v) if callable(spec.role) else spec.role
+        for job in launch.jobs:
+            threads = 32 * job["num_warps"]
+            plan = None
+            if spec is not None and spec.hot and "BLOCK_P" in v and "BLOCK_C" in v:
+                trips = spec.trips(v) if spec.trips else None
+                plan = Plan(threads, trips, v["BLOCK_P"] * v["BLOCK_C"] / threads)
+            extra = {"num_warps": job["num_warps"], "launcher": launch.primitive,
+                     "constexprs": {n: v[n] for n in ("BLOCK_P", "BLOCK_C", "VEC", "ITERS") if n in v}}
+            records.append(make_record(arch, "triton", launch.kernel, role, case.dtype, case.layout, case.k, case,
+                                       batch, results[job["key"]], plan, threads, extra))
+    return records
+
+
+# ------------------------------------------------------------------------------------------------- markdown
+_ROLE_ORDER = list(ROLES)
+# Kernels (roles) behind each mode of an op, for the planned-bytes table; "a|b": either role (backend-specific).
+MODE_ROLES = {
+    ("dwconv_bn_act", "eval"): ["fwd"],
+    ("dwconv_bn_act", "train_fwd"): ["stats", "fwd"],
+    ("dwconv_bn_act", "bwd"): ["bwd_reduce", "bwd_dz", "bwd_dx"],
+    ("squeeze_excite", "eval"): ["se_pool", "se_scale|se_apply"],
+    ("squeeze_excite", "bwd"): ["se_bwd_reduce", "se_bwd_apply|se_apply"],
+}
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _span(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return _fmt(lo, digits) if _fmt(lo, digits) == _fmt(hi, digits) else f"{_fmt(lo, digits)}–{_fmt(hi, digits)}"
+
+
+def _sort_key(r: dict[str, Any]) -> tuple:
+    return (r["arch"] != 90, r["backend"], _ROLE_ORDER.index(r["role"]), r["kernel"],
+            DTYPES.index(r["dtype"]) if r["dtype"] in DTYPES else -1, str(r["layout"]), r["k"] or 0,
+            r.get("num_warps") or 0, r["layer"] or "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def _group(records: list[dict[str, Any]], per_layer: bool) -> list[list[dict[str, Any]]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in sorted(records, key=_sort_key):
+        key = (r["arch"], r["backend"], r["role"], r["kernel"], r["dtype"], r["layout"], r["k"], r.get("num_warps"))
+        groups.setdefault(key + ((r["layer"],) if per_layer else ()), []).append(r)
+    return list(groups.values())
+
+
+def _hot_rows(records: list[dict[str, Any]], per_layer: bool) -> tuple[list[str], list[list[str]]]:
+    header = ["backend", "role", "kernel", "dtype", "layout", "k", "warps", "layer" if per_layer else "layers",
+              "regs", "spill B", "smem B", "blocks/SM", "SASS/elem", "FMA/elem", "gmem ld/st/elem", "bytes/elem",
+              "issue÷mem H100", "issue÷mem H200"]
+    rows = []
+    for g in _group(records, per_layer):
+        r0 = g[0]
+
+        def vals(field: str, grp: list[dict[str, Any]] = g) -> list[float]:
+            return [r[field] for r in grp if r.get(field) is not None]
+
+        rows.append([
+            r0["backend"], r0["role"], f"`{r0['kernel']}`", r0["dtype"] or "-", r0["layout"] or "-",
+            str(r0["k"] or "-"), str(r0.get("num_warps") or "-"), r0["layer"] if per_layer else str(len(g)),
+            str(max(vals("regs"), default="-")), str(max(vals("spill_bytes"), default="-")),
+            str(max(vals("smem_bytes"), default="-")), str(min(vals("blocks_per_sm"), default="-")),
+            _span(vals("sass_per_output_elem")), _span(vals("fma_per_output_elem")),
+            _span(vals("gmem_per_output_elem"), 2), _span(vals("planned_bytes_per_elem")),
+            _fmt(max(vals("issue_over_mem_h100"), default=None), 2),
+            _fmt(max(vals("issue_over_mem_h200"), default=None), 2),
+        ])
+    return header, rows
+
+
+def _other_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["backend", "role", "kernel", "dtype", "layout", "k", "warps", "instances", "regs", "spill B", "smem B",
+              "blocks/SM"]
+    rows = []
+    for g in _group(records, False):
+        r0 = g[0]
+        rows.append([r0["backend"], r0["role"], f"`{r0['kernel']}`", r0["dtype"] or "-", r0["layout"] or "-",
+                     str(r0["k"] or "-"), str(r0.get("num_warps") or "-"), str(len(g)),
+                     str(max(r["regs"] for r in g)), str(max(r["spill_bytes"] for r in g)),
+                     str(max(r["smem_bytes"] for r in g)), str(min(r["blocks_per_sm"] for r in g))])
+    return header, rows
+
+
+def _bytes_rows(dtypes: list[str]) -> tuple[list[str], list[list[str]]]:
+    from mnet_ext.layers import fused_bytes
+
+    rows = []
+    for (op, mode), roles in MODE_ROLES.items():
+        planned = []
+        for dtype in dtypes:
+            es = ELEM_SIZE[dtype]
+            total = 0.0
+            for alt in roles:
+                fn = ROLES[alt.split("|")[0]].bytes_per_elem
+                assert fn is not None
+                total += fn(1.0, es) / es
+            planned.append(_fmt(total))
+        names = " + ".join(r.replace("|", " or ") for r in roles)
+        rows.append([op, mode, names, *planned, _fmt(fused_bytes(op, mode, 1, 1))])
+    return ["op", "mode", "kernels (roles)", *dtypes, "fused minimum"], rows
+
+
+def markdown(records: list[dict[str, Any]], meta: dict[str, Any], per_layer: bool) -> str:
+    out = ["# Static kernel report\n",
+           f"`python -m bench.kernel_report {meta['argv']}` at commit {meta['commit']}: {meta['tools']}. "
+           f"Scope: {meta['scope']}. Method and columns: the docstring of `bench/kernel_report.py`. Values over "
+           "the layers of a row: the worst (max registers, spill-store bytes and shared memory per block, min "
+           "resident blocks per SM, max issue÷mem), ranges for the per-element columns (SASS/elem: instructions per "
+           "output element on the main path; bytes/elem: planned DRAM bytes in units of the element size; "
+           "issue÷mem > 1: issue-bound at 3e13 thread-instructions/s against 3.0 (H100) / 4.3 (H200) TB/s).\n"]
+    errors = [r for r in records if r["error"]]
+    for arch in sorted({r["arch"] for r in records}, key=lambda a: (a != 90, a)):
+        hot = [r for r in records if r["arch"] == arch and r["hot"] and not r["error"]]
+        other = [r for r in records if r["arch"] == arch and not r["hot"] and not r["error"]]
+        if hot:
+            out.append(f"## sm_{arch}: hot kernels\n")
+            out.append(_table(*_hot_rows(hot, per_layer)))
+        if other:
+            out.append(f"## sm_{arch}: other kernels (second stages, unplanned)\n")
+            out.append(_table(*_other_rows(other)))
+    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in records)] or list(DTYPES)
+    out.append("## Planned DRAM bytes per mode, stride 1 (units of A = one activation tensor)\n")
+    out.append("Both backends plan the same passes today; the fused minimum is `mnet_ext.layers.fused_bytes`.\n")
+    out.append(_table(*_bytes_rows(dtypes)))
+    if errors:
+        out.append("## Errors\n")
+        out.append(_table(["arch", "backend", "kernel", "layer", "error"], [
+            [str(r["arch"]), r["backend"], f"`{r['kernel']}`", r["layer"] or "-", r["error"].replace("\n", " ")[:300]]
+            for r in errors]))
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "triton_kernels", "setup.py"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + (" (kernel sources modified)" if dirty else "")
+
+
+def _csv(value: str, allowed: tuple, convert: Callable[[str], Any] = str) -> list:
+    items = [convert(v.strip()) for v in value.split(",") if v.strip()]
+    bad = [i for i in items if i not in allowed]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad}: expected values from {allowed}")
+    return items
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="cuda,triton", type=lambda v: _csv(v, ("cuda", "triton")))
+    p.add_argument("--arch", default="90", type=lambda v: _csv(v, (90, 80), int), help="compute capabilities")
+    p.add_argument("--dtype", default="bf16", type=lambda v: _csv(v, DTYPES))
+    p.add_argument("--layout", default="nhwc,nchw", type=lambda v: [x.upper() for x in _csv(v, ("nhwc", "nchw"))])
+    p.add_argument("--k", default="3,5,7", type=lambda v: _csv(v, (3, 5, 7), int), help="depthwise kernel sizes")
+    p.add_argument("--models", default=None, help="comma list of mnet_ext.layers.MODEL_BUILDERS (default: all)")
+    p.add_argument("--batch", type=int, default=256, help="batch size the launch plans are made for")
+    p.add_argument("--quick", action="store_true",
+                   help="CI subset: sm_90, bf16, NHWC K=3 and K=5 and NCHW K=3 on one layer each, one SE layer")
+    p.add_argument("--per-layer", action="store_true", help="markdown: one row per layer instead of aggregates")
+    p.add_argument("--json", default=None, help="write the records as a JSON list to this file")
+    p.add_argument("--out", default=None, help="write the markdown to this file instead of stdout")
+    p.add_argument("--cache-dir", default=str(kernel_builds.DEFAULT_CACHE))
+    p.add_argument("--jobs", type=int, default=2, help="parallel compile processes")
+    p.add_argument("--sass-dir", default=None, help="also write every disassembly there (recompiles everything)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.time()
+    import triton_kernels
+
+    if triton_kernels.interpreting():
+        raise SystemExit("kernel_report compiles the Triton kernels: run it without TRITON_INTERPRET=1")
+    from mnet_ext.layers import MODEL_BUILDERS
+
+    models = tuple(args.models.split(",")) if args.models else tuple(MODEL_BUILDERS)
+    found = layers(models)
+    if args.quick:
+        args.arch, args.dtype = [90], ["bf16"]
+        cases = quick_cases(found)
+    else:
+        cases = all_cases(found, args.dtype, args.layout, args.k)
+    cache = pathlib.Path(args.cache_dir)
+    build = kernel_builds.cuda_build()
+    tools = kernel_builds.find_tools(build.cuda_home)
+    cuda_jobs = kernel_builds.cuda_jobs(build, tools, args.arch) if "cuda" in args.backend else []
+    if "cuda" in args.backend and not cuda_jobs:
+        raise SystemExit("kernel_report: no CUDA toolkit (or torch without CUDA): use --backend triton")
+    launches = []
+    if "triton" in args.backend:
+        for arch in args.arch:
+            for case in cases:
+                module, calls = launcher_calls(case, args.batch)
+                launches += [(case, arch, launch) for launch in kernel_builds.triton_launches(module, calls, arch)]
+    jobs = cuda_jobs + [j for _, _, launch in launches for j in launch.jobs]
+    print(f"kernel_report: {len(cases)} layer cases, {len({j['key'] for j in jobs})} unique kernels to compile or "
+          f"read from {cache}", file=sys.stderr)
+    results = kernel_builds.run_jobs(jobs, tools, cache, args.jobs, args.sass_dir, not args.no_progress)
+    records = cuda_records(cuda_jobs, results, cases, args.batch) + triton_records(launches, results, args.batch)
+    records.sort(key=_sort_key)
+    import triton
+
+    scope = (f"sm_{'/'.join(map(str, args.arch))}, {', '.join(args.backend)}, {', '.join(args.dtype)}, "
+             f"{len({c.layer for c in cases})} layers" + (" (--quick)" if args.quick else
+                                                         f", {'/'.join(args.layout)}, K {args.k}") +
+             f", batch {args.batch}")
+    meta = {"argv": " ".join(argv if argv is not None else sys.argv[1:]), "commit": _commit(), "scope": scope,
+            "tools": f"nvcc {tools.nvcc_release}, Triton {triton.__version__}"}
+    md = markdown(records, meta, args.per_layer)
+    if args.out:
+        pathlib.Path(args.out).write_text(md)
+    else:
+        sys.stdout.write(md)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(records, indent=1, default=_json_default) + "\n")
+    errors = sum(1 for r in records if r["error"])
+    print(f"kernel_report: {len(records)} records, {errors} errors, {time.time() - start:.0f} s", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
