@@ -188,20 +188,19 @@ def test_no_weight_decay_on_bn_and_bias():
 
 @pytest.mark.parametrize("backend", ["reference", backend_param("cuda")])  # cuda on CPU tensors: the host twin
 def test_fused_matches_native_training(backend):
-    """Same seed, same data: 30 SGD steps of fused (reference backend) and native MobileNetV3-Small.
+    """Same seed, same data: 30 SGD steps of fused and native MobileNetV3-Small.
 
-    Step 0 runs identical weights on identical data, so its loss agrees to fp32 rounding (1e-5). After that the
-    curves cannot be compared step by step: fp32 training is chaotic (measured on native V1: a 1e-6 perturbation
-    grows to ~1e-2 within three SGD steps; here BN over 4 values on the 1x1 tail layers and activation kinks
-    amplify summation-order differences). What must agree is where training goes: the mean of the last 10 losses
-    within 5% (relative) of each other, and both below the first loss (the synthetic set is learnable).
-    Measured on this seed: the first 13 losses agree to 1e-4, the tail means differ by 1.9% (reference) and 2.0%
-    (host twin), while single steps near the end differ by up to 0.05-0.11 (of losses ~0.4-1.4)."""
+    Step 0 runs identical weights on identical data, so its loss agrees to fp32 rounding (1e-5), and the curves agree
+    step by step (1e-3) until fp32 chaos has grown: BN over 4 values on the 1x1 tail layers and activation kinks
+    amplify summation-order differences. After that only "both learn" holds. Measured over seeds 0-5 (30 steps):
+    native against itself with 1 vs 2 CPU threads first differs by 1e-3 at step 12-17 and its tail means (last 10
+    losses) differ by 0.6-7%; fused (reference / host twin) against native first differs at step 11-17 and the tail
+    means by 0-8% / 0.1-15%. So a tail-mean bound would test the seed, not the kernels; a wrong gradient shows at
+    step 1."""
     cfg = dict(steps=30, synthetic_size=32, batch_size=8, lr=0.1, label_smoothing=0.0, seed=3)
     native = T.train(tiny_config(**cfg, fused=False))["loss_history"]
     fused = T.train(tiny_config(**cfg, fused=True, backend=backend))["loss_history"]
     assert fused[0] == pytest.approx(native[0], rel=1e-5)
     assert fused[:10] == pytest.approx(native[:10], rel=1e-3)  # before the divergence has grown
     tail_native, tail_fused = sum(native[-10:]) / 10, sum(fused[-10:]) / 10
-    assert tail_fused == pytest.approx(tail_native, rel=0.05)
     assert tail_native < native[0] and tail_fused < fused[0]
