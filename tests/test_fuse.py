@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
+import statistics
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +17,24 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 import mnet_ext
 from tests.helpers import backend_param, scaled_error
+
+
+def _smooth(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """``builder``'s network with SiLU for ReLU/ReLU6/Hardswish and sigmoid for hardsigmoid (EfficientNet's
+    activations; the fused ops support both): without kinks, fp32 training has no kink flips (see TRAIN_FLOOR)."""
+
+    def build_smooth(**kwargs: Any) -> nn.Module:
+        model = builder(**kwargs)
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) in (nn.ReLU, nn.ReLU6, nn.Hardswish):
+                    setattr(parent, name, nn.SiLU())
+                elif type(child) is nn.Hardsigmoid:
+                    setattr(parent, name, nn.Sigmoid())
+        return model
+
+    return build_smooth
+
 
 MODELS = {
     "v1": mnet_ext.models.mobilenet_v1,
@@ -24,25 +46,83 @@ MODELS = {
     "v3_small": torchvision.models.mobilenet_v3_small,
     "v3_small_reduced_tail_w0.75": functools.partial(torchvision.models.mobilenet_v3_small, reduced_tail=True,
                                                      width_mult=0.75),
+    "v3_large_silu": _smooth(torchvision.models.mobilenet_v3_large),
+    "v3_small_reduced_tail_w0.75_silu": _smooth(functools.partial(torchvision.models.mobilenet_v3_small,
+                                                                  reduced_tail=True, width_mult=0.75)),
 }
-# fp32 noise (summation order) amplified through ~50 layers; a wrong formula errs by O(1)
-MODEL_TOL = 2e-4
-# Whole-network fp32 gradients can sit next to an activation kink that rounding flips: measured on V1 alpha 0.25,
-# 64x64, batch 2, the global relative gradient error vs the fp64 truth is 1.5e-4 or 2.5e-2 for native and for fused
-# alike, depending only on the CPU thread count (summation order). A wiring error (a gradient lost, doubled or sent
-# to the wrong parameter) errs by O(1); exactness is checked in fp64 (test_fused_model_matches_native_over_steps_fp64).
-GRAD_CHAOS = 0.05
+# Whole models, fp32 against an fp64 copy of the same model (the truth): fused is bounded by 3x native's own error
+# plus a floor. Logits: rounding noise amplified through ~50 layers; measured on build()'s models (eval: 8 models x 5
+# inputs x both backends; training: 160 runs per model, below): native errs 1e-6..2e-4 of the logits' scale and
+# fused/native reaches 3.0 on a single draw (two draws of the same noise). A wrong term errs by >= 1e-2 (eval without
+# invstd in the depthwise layers: ~1e3; a 2% SE gate error: 0.5..1.2).
+LOGITS_FLOOR = 1e-5
+# Training (batch 2, 64x64) meets kink flips: an element that fp32 rounding puts on the other side of an activation
+# kink than the truth does (|u| ~ 1e-7 in V3-L's early ReLU layers, ~1e-5 in the 2x2..4x4 tails of V1/V2), a
+# legitimate fp32 outcome that native and fused meet independently, depending on the input and the thread count; the
+# derivative jumps there, and gradients of convs feeding a BatchNorm are small residuals, so one flip moves them a
+# lot. Gradient errors are relative to the truth's, as the median tensor's and the whole gradient's; what the bound
+# needed on top of 3x native's error in 160 runs per model (20 inputs, 2 steps, 1 and 2 threads, both backends):
+# V1 alpha 0.25 0.057, V2 0.057 (flips on a third of the inputs), V3-L 0.0098, V3-S (reduced tail) 0 (no flip in 200
+# runs; V3-L's size assumed), the SiLU variants 0 (no kinks; errors <= 4.2e-5 in 80 runs). Running statistics have no
+# kinks, but V2's tail BatchNorms (8 values per channel) amplify rounding up to 1.3e-3 of a tensor's scale (others
+# <= 5e-5), a different draw in native and fused; each tensor is bounded by 3x native's worst one plus a floor
+# (needed: V1 1.1e-5, V2 4.5e-5, V3 3.4e-7). So V1/V2 are checked for wiring only here (exactness:
+# test_fused_model_matches_native_over_steps_fp64), V3 rejects a 10% error in every depthwise sum g or sum g*xhat
+# (errs 0.02..0.1: V3-L 0.035 and 0.09, V3-S 0.02 and 0.05, whole or median), the SiLU variants even a 0.1% one
+# (median 3e-4..9e-4); a 1e-4 error in the batch variance of every depthwise running update errs 4e-6 there (native's
+# worst: 3e-7).
+TRAIN_FLOOR = {  # (gradients, running statistics)
+    "v1_a0.25": (0.15, 1e-4),
+    "v2_w0.75": (0.15, 2e-4),
+    "v3_large": (2e-2, 2e-6),
+    "v3_small_reduced_tail_w0.75": (1e-2, 2e-6),
+    "v3_large_silu": (2e-4, 2e-6),
+    "v3_small_reduced_tail_w0.75_silu": (2e-4, 2e-6),
+}
 
 
 def build(name: str) -> nn.Module:
+    """Model ``name`` with 10 classes and pretrained-like BatchNorm state (``_pretrained_like``); deterministic."""
     torch.manual_seed(0)
     model = MODELS[name](num_classes=10)
-    with torch.no_grad():  # non-trivial BN statistics so eval mode exercises the fold
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.8, 1.2)
+    _pretrained_like(model)
     return model
+
+
+def _pretrained_like(model: nn.Module) -> None:
+    """Give every BatchNorm a trained network's state, so that eval outputs depend on every term of the fold.
+
+    gamma ~ U(0.5, 1.5), beta ~ U(-0.5, 0.5). The conv before each BatchNorm has its output channels rescaled so
+    that the BN's input variance is log-uniform over [0.1, 10]: BatchNorm makes training blind to these scales, so a
+    trained network's are arbitrary (real MobileNets' running_var spans decades). The running statistics are those
+    of the BN's actual input on a calibration batch, measured in eval mode layer after layer (each BN sees the
+    calibrated layers before it, so activations neither explode nor vanish over ~50 layers), then perturbed as a
+    shift between calibration and test data would: the mean by N(0, 0.25^2) std, the variance by a log-uniform
+    factor in [0.5, 2]. Measured: |running_mean| / std has a median of 0.2..0.5 per model; eval logits are 0.01..1.
+    """
+    pairs = [(a, b) for m in model.modules() for a, b in itertools.pairwise(m.children())
+             if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d)]
+    assert len(pairs) == count(model, nn.BatchNorm2d), "every BatchNorm follows its conv"
+
+    def calibrate(bn: nn.BatchNorm2d, args: tuple[torch.Tensor], conv: nn.Conv2d) -> tuple[torch.Tensor]:
+        var, mean = torch.var_mean(args[0], dim=(0, 2, 3), correction=0)
+        target = 10 ** torch.empty_like(var).uniform_(-1, 1)
+        scale = torch.where(var > 0, target / var, 1.0).sqrt()  # a channel dead on this batch stays dead
+        conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        bn.running_mean.copy_(mean * scale + 0.25 * target.sqrt() * torch.randn_like(var))
+        bn.running_var.copy_(target * 2 ** torch.empty_like(var).uniform_(-1, 1))
+        return (args[0] * scale.view(1, -1, 1, 1),)
+
+    handles = []
+    with torch.no_grad():
+        for conv, bn in pairs:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            handles.append(bn.register_forward_pre_hook(functools.partial(calibrate, conv=conv)))
+        model.eval()(torch.randn(8, 3, 64, 64))
+    for handle in handles:
+        handle.remove()
+    model.train()
 
 
 def count(model: nn.Module, kind) -> int:
@@ -76,54 +156,78 @@ def _sgd_step(model: nn.Module, x: torch.Tensor, step: int) -> torch.Tensor:
     return out.detach()
 
 
-def _grad_vector(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.double().flatten() for p in model.parameters()])
+def _grad_errors(model: nn.Module, truth: nn.Module) -> tuple[float, float]:
+    """(median tensor, whole gradient) error of ``model``'s gradients relative to ``truth``'s. Tensors whose true
+    gradient is zero (a BatchNorm shift feeding another BatchNorm in training mode; measured <= 1e-16 of the largest
+    tensor's, every other >= 3e-4) have no relative error and stay out of the median."""
+    pairs = [(p.grad.double(), t.grad) for p, t in zip(model.parameters(), truth.parameters(), strict=True)]
+    top = max(t.norm() for _, t in pairs)
+    median = statistics.median(((g - t).norm() / t.norm()).item() for g, t in pairs if t.norm() > 1e-9 * top)
+    whole = torch.cat([(g - t).flatten() for g, t in pairs]).norm() / torch.cat([t.flatten() for _, t in pairs]).norm()
+    return median, whole.item()
 
 
-def _running_stats(model: nn.Module) -> torch.Tensor:
-    return torch.cat([t.double().flatten() for k, t in model.state_dict().items() if "running" in k])
+def _running_errors(model: nn.Module, truth: nn.Module) -> dict[str, float]:
+    truth_state = truth.state_dict()
+    return {k: scaled_error(t, truth_state[k]) for k, t in model.state_dict().items() if "running" in k}
 
 
-@pytest.mark.parametrize("backend", [backend_param("reference"), "auto"])
-@pytest.mark.parametrize("name", ["v1_a0.25", "v2_w0.75", "v3_large", "v3_small_reduced_tail_w0.75"])
-def test_fused_model_trains_like_native(name, backend):
-    """Each SGD step from identical states: the same num_batches_tracked as native, and logits, gradients and
-    running statistics as close to the float64 truth as native's own. A whole network in training mode is
-    ill-conditioned in fp32 (activation kinks flip on rounding noise; BatchNorm over the few values per channel of
-    the last 1x1 layers; native itself is ~1e-2 off the fp64 truth on some gradients), so those are bounded by
-    native's error (gradients: or by GRAD_CHAOS) rather than compared with native directly; states are re-synchronised
-    before each step because fp32 training is chaotic (test_fused_model_matches_native_over_steps_fp64 checks
-    compounding steps)."""
+def _check_training_steps(name: str, backend: str, steps: int) -> None:
+    """SGD steps from identical states: the same num_batches_tracked as native, and logits, gradients and running
+    statistics as close to the float64 truth as native's own (see LOGITS_FLOOR, TRAIN_FLOOR). States are
+    re-synchronised before each step because fp32 training is chaotic (test_fused_model_matches_native_over_steps_fp64
+    checks compounding steps)."""
     native = build(name)
     fused = mnet_ext.fuse(copy.deepcopy(native), backend=backend)
     truth = copy.deepcopy(native).double()
-    for step in range(2):
+    floor_grad, floor_running = TRAIN_FLOOR[name]
+    for step in range(steps):
         fused.load_state_dict(native.state_dict())
         truth.load_state_dict(native.state_dict())
         x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
         logits_f, logits_n = _sgd_step(fused, x, step), _sgd_step(native, x, step)
         logits_t = _sgd_step(truth, x.double(), step)
         err_f, err_n = scaled_error(logits_f, logits_t), scaled_error(logits_n, logits_t)
-        assert err_f <= 3 * err_n + MODEL_TOL, f"logits error {err_f:.3g} vs native's {err_n:.3g} at step {step}"
-        g_t = _grad_vector(truth)
-        err_f = (_grad_vector(fused) - g_t).norm() / g_t.norm()
-        err_n = (_grad_vector(native) - g_t).norm() / g_t.norm()
-        assert err_f <= max(3 * err_n, GRAD_CHAOS), f"gradient error {err_f:.3g} vs native's {err_n:.3g} at {step}"
+        assert err_f <= 3 * err_n + LOGITS_FLOOR, f"logits error {err_f:.3g} vs native's {err_n:.3g} at step {step}"
+        for what, e_f, e_n in zip(("median tensor", "whole"), _grad_errors(fused, truth), _grad_errors(native, truth),
+                                  strict=True):
+            assert e_f <= 3 * e_n + floor_grad, f"gradient error ({what}) {e_f:.3g} vs native's {e_n:.3g} at {step}"
         for key, t_f in fused.state_dict().items():
             if t_f.dtype == torch.long:
                 assert torch.equal(t_f, native.state_dict()[key]), key
-        s_t = _running_stats(truth)
-        err_f = (_running_stats(fused) - s_t).norm() / s_t.norm()
-        err_n = (_running_stats(native) - s_t).norm() / s_t.norm()
-        assert err_f <= 3 * err_n + 1e-6, f"running stats error {err_f:.3g} vs native's {err_n:.3g} at step {step}"
+        worst_n = max(_running_errors(native, truth).values())
+        for key, e_f in _running_errors(fused, truth).items():
+            assert e_f <= 3 * worst_n + floor_running, f"{key}: {e_f:.3g} vs native's worst {worst_n:.3g} at {step}"
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_fused_model_eval_matches_native(name):
+@pytest.mark.parametrize("backend", [backend_param("reference"), "auto"])
+@pytest.mark.parametrize("name", list(TRAIN_FLOOR))
+def test_fused_model_trains_like_native(name, backend):
+    _check_training_steps(name, backend, steps=2)
+
+
+def _assert_eval_as_accurate_as_native(y: torch.Tensor, native: nn.Module, x: torch.Tensor) -> None:
+    """A fused model's eval output ``y`` on ``x`` errs from the fp64 truth (``native`` in fp64) by at most 3x native's
+    own error plus LOGITS_FLOOR."""
+    with torch.no_grad():
+        y_t = copy.deepcopy(native).double()(x.double())
+        err, err_n = scaled_error(y, y_t), scaled_error(native(x), y_t)
+    assert err <= 3 * err_n + LOGITS_FLOOR, f"eval error {err:.3g} vs native's {err_n:.3g}"
+
+
+def _check_eval(name: str, backend: str) -> None:
     native = build(name).eval()
-    fused = mnet_ext.fuse(copy.deepcopy(native)).eval()
+    fused = mnet_ext.fuse(copy.deepcopy(native), backend=backend).eval()
     x = torch.randn(2, 3, 64, 48).to(memory_format=torch.channels_last)
-    assert scaled_error(fused(x), native(x)) <= MODEL_TOL
+    with torch.no_grad():
+        y = fused(x)
+    _assert_eval_as_accurate_as_native(y, native, x)
+
+
+@pytest.mark.parametrize("backend", [backend_param("reference"), "auto"])
+@pytest.mark.parametrize("name", MODELS)
+def test_fused_model_eval_matches_native(name, backend):
+    _check_eval(name, backend)
 
 
 @pytest.mark.parametrize("name", ["v1_a0.25", "v3_small_reduced_tail_w0.75"])
@@ -142,12 +246,9 @@ def test_fused_model_matches_native_over_steps_fp64(name):
 @pytest.mark.triton_interp
 @pytest.mark.parametrize("backend", [backend_param("triton")])
 def test_fused_model_on_triton_interpreter(backend):
-    native = build("v3_small")
-    fused = mnet_ext.fuse(copy.deepcopy(native), backend=backend)
-    x = torch.randn(2, 3, 32, 32)
-    assert scaled_error(_sgd_step(fused, x, 0), _sgd_step(native, x, 0)) <= MODEL_TOL
-    for (key, t_f), t_n in zip(fused.state_dict().items(), native.state_dict().values(), strict=False):
-        assert scaled_error(t_f.float(), t_n.float()) <= MODEL_TOL, key
+    """Eval with the kinked activations; one training step of the SiLU variant, whose bound is tight (TRAIN_FLOOR)."""
+    _check_eval("v3_small", backend)
+    _check_training_steps("v3_small_reduced_tail_w0.75_silu", backend, steps=1)
 
 
 def test_state_dict_round_trip():
@@ -177,7 +278,7 @@ def test_unfuse_restores_native_modules_and_outputs():
     assert count(restored, mnet_ext.FusedConvBNAct) == count(restored, mnet_ext.FusedSqueezeExcitation) == 0
     assert [type(m) for m in restored.modules()] == [type(m) for m in native.modules()]
     assert list(restored.state_dict()) == list(native.state_dict())
-    assert scaled_error(restored(x), y_fused) <= MODEL_TOL
+    _assert_eval_as_accurate_as_native(y_fused, restored, x)
 
 
 def test_fuse_is_idempotent_and_reports_fused_layers():
