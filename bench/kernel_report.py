@@ -39,6 +39,9 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   conversions, 11 FFMA, the BN fold, the first activation test); the activation dispatch to ``none`` (6); the
   address of y, the STG and the loop test (25): 350 per output, what the tool counts (11 FFMA, 23 global loads and
   stores). With the 64-instruction prologue and exit and one trip per thread (batch 256), 414 per output element.
+  And on the Triton ``_fwd_kernel`` (bf16, NHWC, K = 3, 4 warps, a 128 x 32 tile: 32 outputs per thread), which
+  is straight-line: 1,760 instructions to its EXIT (320 FFMA, 36 LDG.E.128 of x, 72 scalar LDG.E.U16 of the
+  weight, 8 LDG.E.128 of the BN vectors, 4 STG.E.128), 55.0 per output element.
 
 * ``planned_bytes_per_elem``: DRAM bytes the kernel's plan moves per element of its iteration space, in units of
   the activation's element size (eval forward at stride 1 = 2): what ``ROLES`` says each kernel reads and writes,
@@ -56,7 +59,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import pathlib
 import re
 import subprocess
@@ -636,16 +638,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write(md)
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(records, indent=1, default=_json_default) + "\n")
+        lines = (json.dumps(_rounded(r), separators=(",", ":"), allow_nan=False) for r in records)
+        pathlib.Path(args.json).write_text("[\n" + ",\n".join(lines) + "\n]\n")  # one record per line: diffable
     errors = sum(1 for r in records if r["error"])
     print(f"kernel_report: {len(records)} records, {errors} errors, {time.time() - start:.0f} s", file=sys.stderr)
     return 1 if errors else 0
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+def _rounded(o: Any) -> Any:
+    """Floats to 4 decimals (the counts are estimates; the JSON stays small), recursively."""
+    if isinstance(o, float):
+        return round(o, 4)
+    if isinstance(o, dict):
+        return {k: _rounded(v) for k, v in o.items()}
+    return o
 
 
 if __name__ == "__main__":
