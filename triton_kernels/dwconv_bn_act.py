@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from mnet_ext.reference import memory_format_of, output_hw
-from triton_kernels import (
+from . import (
     autotune,
     hint_multiple,
     interpreting,
@@ -48,7 +48,7 @@ from triton_kernels import (
     tile_sizes,
     vec_width,
 )
-from triton_kernels.activations import act_bwd, act_fwd, act_id
+from .activations import act_bwd, act_fwd, act_id
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from mnet_ext.reference import memory_format_of
-from triton_kernels import (
+from . import (
     autotune,
     hint_multiple,
     on_tensor_device,
