@@ -1,6 +1,8 @@
-"""Build and install mnet_ext: the Python package plus the optional C++/CUDA extension ``mnet_ext._C``.
+"""Build the optional C++/CUDA extension ``mnet_ext._C`` and map the package folders; the package metadata
+(name, version, dependencies, extras, console scripts) lives in pyproject.toml's ``[project]`` table.
 
     pip install --no-build-isolation .        # or -e . ; torch must already be installed
+    pip install -v --no-build-isolation .     # -v shows the build's progress: one line per compiled file
 
 What gets built (decided here, never by ``torch.cuda.is_available()``, so a GPU-less build machine works):
 
@@ -10,11 +12,17 @@ What gets built (decided here, never by ``torch.cuda.is_available()``, so a GPU-
 * the extension fails to build (no compiler, ...) -> a warning, and the package installs as pure Python
   (backends ``triton`` / ``reference``).
 
+The source folder ``triton_kernels/`` is installed as ``mnet_ext.triton_kernels``: a top-level ``triton_kernels``
+would shadow Triton's own package of that name (used by vLLM/SGLang) and the ``triton-kernels`` distribution.
+
 Environment switches:
 
+    MNET_EXT_NO_EXT=1         no extension at all: a pure-Python install in seconds (torch not needed to build)
     MNET_EXT_SKIP_CUDA=1      build the CPU part only
     MNET_EXT_REQUIRE_EXT=1    a failed extension build is fatal (CI)
-    TORCH_CUDA_ARCH_LIST      default "8.0;8.6;8.9;9.0+PTX"
+    TORCH_CUDA_ARCH_LIST      default "8.0;9.0+PTX": sm_80 code also runs on sm_86/sm_89 (same major version),
+                              sm_90 is Hopper, PTX for later GPUs; half the device compiles of "8.0;8.6;8.9;9.0+PTX"
+                              (measured on 2 cores: see NOTES.md, "Build times")
     MAX_JOBS                  parallel compile jobs, default = CPU count
     CUDA_HOME / CUDA_PATH     the toolkit; otherwise resolved from the real path of ``nvcc`` or /usr/local/cuda*
 """
@@ -31,7 +39,10 @@ import time
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+# The package folders: mnet_ext and its subpackages, plus triton_kernels/ mapped into its namespace.
+PACKAGE_DIR = {"mnet_ext.triton_kernels": "triton_kernels"}
+PACKAGES = [*find_packages(include=["mnet_ext", "mnet_ext.*"]), *PACKAGE_DIR]
 
 
 def _flag(name: str) -> bool:
@@ -95,17 +106,21 @@ def _nvidia_include_dirs() -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # Decide what to build. CUDA_HOME must be set before torch.utils.cpp_extension is imported.
 # ------------------------------------------------------------------------------------------------
-try:
-    import torch
-except ImportError:
-    torch = None
-
 CMDS = {"build_ext", "build", "install", "develop", "bdist_wheel", "editable_wheel", "bdist_egg"}
 building = any(a in CMDS for a in sys.argv[1:])
-if torch is None:
+torch = None
+if _flag("MNET_EXT_NO_EXT"):
+    _log("MNET_EXT_NO_EXT set: no C++/CUDA extension, a pure-Python install (backends triton and reference)")
+else:
+    try:
+        import torch
+    except ImportError:
+        pass
+if torch is None and not _flag("MNET_EXT_NO_EXT"):
     msg = (
         "PyTorch is not importable in the build environment. mnet_ext builds against the torch you already "
-        "have: install torch (2.11-2.14) first, then run `pip install --no-build-isolation .` (or `-e .`)."
+        "have: install torch (2.11-2.14) first, then run `pip install --no-build-isolation .` (or `-e .`); or set "
+        "MNET_EXT_NO_EXT=1 for a pure-Python install without the extension."
     )
     if building:
         raise SystemExit("mnet_ext setup: " + msg)
@@ -130,6 +145,8 @@ if torch is not None:
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    # ninja's progress line per compiled file, with the elapsed time (shown by `pip install -v`)
+    os.environ.setdefault("NINJA_STATUS", "[%f/%t files, %e s] ")
 
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -205,16 +222,4 @@ if torch is not None:
         )
     }
 
-setup(
-    name="mnet_ext",
-    version="0.1.0",
-    description="Fused GPU kernels for MobileNet: depthwise conv + BatchNorm + activation, squeeze-excitation",
-    packages=find_packages(
-        include=["mnet_ext", "mnet_ext.ops", "mnet_ext.models", "mnet_ext.backends", "triton_kernels"]
-    ),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "torchvision"],
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -6,7 +6,7 @@ counts), cached by content hash under a cache directory so that a rerun compiles
 * CUDA: each ``.cu`` file of the extension, compiled device-only (``nvcc -cubin``) for one architecture with the
   flags ``setup.py`` builds it with (read from the extension object that ``setup.py`` itself constructs, plus the
   flags torch's ``BuildExtension`` adds). Key: nvcc version, flags, architecture, and every file under ``csrc/``.
-* Triton: each launch the host launchers of ``triton_kernels`` make for a layer, captured on meta tensors instead of
+* Triton: each launch the host launchers of ``triton_kernels/`` make for a layer, captured on meta tensors instead of
   running (tile sizes, warps and grid are the launchers' own choices), specialised exactly as ``JITFunction.run``
   does (the kernel's binder + ``_pack_args``) for every config of the kernel's autotuner, then compiled with
   ``triton.compile`` for the target. Key: Triton's own compile cache key.

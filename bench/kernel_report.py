@@ -298,13 +298,13 @@ def launcher_calls(case: Case, batch: int) -> tuple[str, list[tuple[str, tuple]]
     x = torch.empty((s.n, s.c, s.h, s.w), dtype=dtype, device="meta", memory_format=fmt)
     if cfg.kind != "dwconv_bn_act":
         gate = torch.empty((s.n, s.c), dtype=torch.float32, device="meta")
-        return "triton_kernels.squeeze_excite", [
+        return "mnet_ext.triton_kernels.squeeze_excite", [
             ("se_pool", (x,)), ("se_scale", (x, gate)), ("se_bwd_reduce", (x, x)), ("se_bwd_apply", (x, gate, gate))]
     w = torch.empty((s.c, 1, cfg.kernel_size, cfg.kernel_size), dtype=dtype, device="meta")
     gy = torch.empty((s.n, s.c, s.ho, s.wo), dtype=dtype, device="meta", memory_format=fmt)
     v = torch.empty((s.c,), dtype=torch.float32, device="meta")
     geo = (cfg.stride, cfg.dilation)
-    return "triton_kernels.dwconv_bn_act", [
+    return "mnet_ext.triton_kernels.dwconv_bn_act", [
         ("dwconv_bn_act_fwd", (x, w, v, v, v, v, *geo, cfg.act)),
         ("dwconv_bn_stats", (x, w, *geo)),
         ("dwconv_bn_act_bwd_reduce", (gy, x, w, v, v, v, v, *geo, cfg.act)),
@@ -593,7 +593,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.time()
-    import triton_kernels
+    from mnet_ext import triton_kernels
 
     if triton_kernels.interpreting():
         raise SystemExit("kernel_report compiles the Triton kernels: run it without TRITON_INTERPRET=1")

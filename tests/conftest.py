@@ -7,7 +7,7 @@ import os
 
 import torch
 
-# Triton reads TRITON_INTERPRET when kernels are defined: set it before anything imports triton_kernels.
+# Triton reads TRITON_INTERPRET when kernels are defined: set it before anything imports mnet_ext.triton_kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -138,7 +138,7 @@ def test_required_backend_param_fails_and_the_override_skips(monkeypatch):
 _BREAK_IMPORTS = """
 import sys
 
-BROKEN = ("mnet_ext._C", "triton_kernels")
+BROKEN = ("mnet_ext._C", "mnet_ext.triton_kernels")
 
 
 class _Broken:
@@ -155,8 +155,8 @@ sys.meta_path.insert(0, _Broken)
 
 @pytest.mark.slow
 def test_suite_fails_when_a_required_backend_does_not_import(tmp_path):
-    """End to end: with mnet_ext._C and triton_kernels unimportable, a pytest run of tests that use the backends
-    fails with the import error; with both named in MNET_EXT_TEST_ALLOW_MISSING the same run skips them."""
+    """End to end: with mnet_ext._C and mnet_ext.triton_kernels unimportable, a pytest run of tests that use the
+    backends fails with the import error; with both named in MNET_EXT_TEST_ALLOW_MISSING the same run skips them."""
     (tmp_path / "break_imports.py").write_text(textwrap.dedent(_BREAK_IMPORTS))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
@@ -169,7 +169,8 @@ def test_suite_fails_when_a_required_backend_does_not_import(tmp_path):
 
     broken = run()
     assert broken.returncode == 1, broken.stdout + broken.stderr
-    for message in ("ImportError: mnet_ext._C is broken on purpose", "ImportError: triton_kernels is broken on purpose",
+    for message in ("ImportError: mnet_ext._C is broken on purpose",
+                    "ImportError: mnet_ext.triton_kernels is broken on purpose",
                     "backend cuda is required on cpu but it failed to import"):
         assert message in broken.stdout, broken.stdout
     allowed = run(**{helpers.ALLOW_MISSING_ENV: "cuda,triton"})

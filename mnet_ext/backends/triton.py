@@ -1,5 +1,6 @@
 """The ``triton`` backend: the eight primitives of ``docs/op_contract.md`` as Triton kernels
-(``triton_kernels/``), for CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
+(``triton_kernels/``, installed as ``mnet_ext.triton_kernels``), for CUDA tensors, or CPU tensors under Triton's
+interpreter (TRITON_INTERPRET=1).
 
 Importing this module compiles nothing and touches no GPU; kernels are compiled on first call.
 """
@@ -8,13 +9,13 @@ from __future__ import annotations
 
 import os
 
-from triton_kernels.dwconv_bn_act import (
+from mnet_ext.triton_kernels.dwconv_bn_act import (
     dwconv_bn_act_bwd_apply,
     dwconv_bn_act_bwd_reduce,
     dwconv_bn_act_fwd,
     dwconv_bn_stats,
 )
-from triton_kernels.squeeze_excite import se_bwd_apply, se_bwd_reduce, se_pool, se_scale
+from mnet_ext.triton_kernels.squeeze_excite import se_bwd_apply, se_bwd_reduce, se_pool, se_scale
 
 __all__ = [
     "dwconv_bn_act_bwd_apply",
