@@ -4,7 +4,7 @@
 # Fuse MobileNetV3-Large, check it against native, print the per-layer timing table (GPU if present, else CPU).
 demo:
 	scripts/setup_env.sh
-	.venv/bin/python -m mnet_ext.profile --model mobilenet_v3_large
+	.venv/bin/python -m mnet_ext.profile --model mobilenet_v3_large --plot mnet_ext_profile.png
 
 # The test suite (CUDA-marked tests skip with a reason when there is no GPU; exhaustive sweeps are deselected).
 # The backends this machine can run are required: a C++ extension or Triton that fails to import fails the run

@@ -1,7 +1,9 @@
-"""``python -m mnet_ext.info``: versions, what the extension was built with, which backends run here."""
+"""``python -m mnet_ext.info`` (or ``mnet-ext-info``): versions, what the extension was built with (and for which
+GPU architectures), which backends run here."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import platform
 
@@ -39,12 +41,14 @@ def collect() -> dict[str, str]:
     return info
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="mnet-ext-info", description=__doc__).parse_args(argv)
     info = collect()
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
