@@ -69,6 +69,39 @@ def _check_backend(backend: str | None) -> str | None:
     return None if backend == "auto" else backend
 
 
+def _dwconv_bn_act(x: Tensor, weight: Tensor, bn: BatchNormState, training: bool, stride: int, dilation: int,
+                   act: str, backend: str | None, process_group: Any) -> Tensor:
+    """Depthwise conv + ``bn`` (its tensors and settings, in ``training`` mode or not) + ``act``, updating the running
+    statistics exactly as ``nn.BatchNorm2d`` does."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    # A forward run inside autograd's backward is a gradient-checkpointing recomputation: it must not count the
+    # batch twice (native BatchNorm does; see NOTES.md).
+    recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    update = training and bn.track_running_stats and not recomputing
+    if update and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = training or (bn.running_mean is None and bn.running_var is None)
+    track = not training or update
+    return MF.dwconv_bn_act(
+        x,
+        weight,
+        bn.running_mean if track else None,
+        bn.running_var if track else None,
+        bn.weight,
+        bn.bias,
+        use_batch_stats,
+        momentum,
+        bn.eps,
+        stride,
+        dilation,
+        act,
+        backend,
+        process_group if training else None,
+    )
+
+
 class FusedConvBNAct(nn.Module):
     """Depthwise Conv2d + BatchNorm2d + activation in one op; a drop-in for ``Conv2dNormActivation``.
 
@@ -102,34 +135,8 @@ class FusedConvBNAct(nn.Module):
         return self._modules[self._bn_name]
 
     def forward(self, x: Tensor) -> Tensor:
-        bn = self.bn
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        # A forward run inside autograd's backward is a gradient-checkpointing recomputation: it must not count the
-        # batch twice (native BatchNorm does; see NOTES.md).
-        recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
-        update = self.training and bn.track_running_stats and not recomputing
-        if update and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        use_batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
-        track = not self.training or update
-        return MF.dwconv_bn_act(
-            x,
-            self.conv.weight,
-            bn.running_mean if track else None,
-            bn.running_var if track else None,
-            bn.weight,
-            bn.bias,
-            use_batch_stats,
-            momentum,
-            bn.eps,
-            self.stride,
-            self.dilation,
-            self.act,
-            self.backend,
-            self.process_group if self.training else None,
-        )
+        return _dwconv_bn_act(x, self.conv.weight, self.bn, self.training, self.stride, self.dilation, self.act,
+                              self.backend, self.process_group)
 
     def unfused(self) -> nn.Sequential:
         """The original container, holding this module's current tensors."""
@@ -143,23 +150,31 @@ class FusedConvBNAct(nn.Module):
         return f"k={k}, stride={self.stride}, dilation={self.dilation}, act={self.act}, backend={self.backend}"
 
 
-class FusedSqueezeExcitation(nn.Module):
-    """torchvision's ``SqueezeExcitation`` in one op; keeps every child under its name, so ``state_dict`` keys do not
-    change. ``mnet_ext.fuse`` swaps it in only where torchvision's own ``forward`` would run (see ``mnet_ext.fuse``)."""
+SE_ATTRIBUTES = ("fused_fcs", "fused_act", "fused_gate", "backend")  # a child so named cannot be kept
 
-    def __init__(self, original: nn.Module, act: str, gate: str, backend: str | None = None) -> None:
+
+class FusedSqueezeExcitation(nn.Module):
+    """A squeeze-excitation module (torchvision's ``SqueezeExcitation``, timm's ``SqueezeExcite``, or any module
+    whose forward ``mnet_ext.fuse`` traced to exactly pool -> fc -> act -> fc -> gate -> multiply) in one op; keeps
+    every child under its name, so ``state_dict`` keys do not change."""
+
+    def __init__(self, original: nn.Module, act: str, gate: str, backend: str | None = None,
+                 fcs: tuple[str, str] = ("fc1", "fc2")) -> None:
         super().__init__()
         for name, child in original.named_children():
             self.add_module(name, child)
-        self.act = act
-        self.gate = gate
+        # Named apart from any child (timm's SE has a child called ``gate``): see SE_ATTRIBUTES
+        self.fused_fcs = fcs  # the two FCs' paths below this module (1x1 Conv2d or Linear, each with a bias)
+        self.fused_act = act
+        self.fused_gate = gate
         self.backend = _check_backend(backend)
         object.__setattr__(self, "_original", original)
         self.train(original.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        fc1, fc2 = self.fc1, self.fc2
-        return MF.squeeze_excite(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.act, self.gate, self.backend)
+        fc1, fc2 = (self.get_submodule(name) for name in self.fused_fcs)
+        return MF.squeeze_excite(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.fused_act, self.fused_gate,
+                                 self.backend)
 
     def unfused(self) -> nn.Module:
         original = self._original
@@ -168,4 +183,84 @@ class FusedSqueezeExcitation(nn.Module):
         return original.train(self.training)
 
     def extra_repr(self) -> str:
-        return f"act={self.act}, gate={self.gate}, backend={self.backend}"
+        return f"act={self.fused_act}, gate={self.fused_gate}, backend={self.backend}"
+
+
+class FoldedBatchNorm(BatchNormState):
+    """Stands where a BatchNorm2d (or timm's ``BatchNormAct2d``) was whose work the ``FusedDwConvBNAct`` before it
+    does: it holds the BatchNorm's tensors under the same names (``state_dict`` keys unchanged) and passes its input
+    through. Built by ``mnet_ext.fuse``; ``unfused`` returns the original module holding the current tensors."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__(bn)
+        object.__setattr__(self, "_original", bn)  # not a child: its tensors are ours
+        self.train(bn.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def unfused(self) -> nn.BatchNorm2d:
+        bn = self._original
+        for name in ("weight", "bias"):
+            setattr(bn, name, getattr(self, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            bn.register_buffer(name, getattr(self, name))
+        return bn.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"{type(self._original).__name__} folded into the fused conv before it; " + super().extra_repr()
+
+
+class FoldedActivation(nn.Module):
+    """Stands where an activation module was that the ``FusedDwConvBNAct`` before it applies; passes its input
+    through. ``unfused`` returns the original module."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_original", act)
+        self.train(act.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def unfused(self) -> nn.Module:
+        return self._original.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"{type(self._original).__name__} folded into the fused depthwise conv before it"
+
+
+class FusedDwConvBNAct(nn.Module):
+    """Depthwise Conv2d + BatchNorm + activation in one op, standing where the conv was (``mnet_ext.fuse``'s dataflow
+    path, for models whose conv and BatchNorm are not alone in a container, e.g. timm's blocks).
+
+    It registers the conv's ``weight`` under the conv's name; the BatchNorm's tensors stay with the ``FoldedBatchNorm``
+    at the BatchNorm's name (referenced here, not a child), so ``state_dict`` keys do not change. Training or eval is
+    that BatchNorm's mode, as natively (freezing a BatchNorm with ``.eval()`` works as before).
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: FoldedBatchNorm, act: str, backend: str | None = None) -> None:
+        super().__init__()
+        self.weight = conv.weight
+        self.act = act
+        self.backend = _check_backend(backend)
+        self.stride = conv.stride[0]
+        self.dilation = conv.dilation[0]
+        self.process_group = None  # set by mnet_ext.convert_sync_batchnorm: synchronised batch statistics
+        object.__setattr__(self, "_original", conv)
+        object.__setattr__(self, "bn", bn)
+        self.train(conv.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self.bn
+        return _dwconv_bn_act(x, self.weight, bn, bn.training, self.stride, self.dilation, self.act, self.backend,
+                              self.process_group)
+
+    def unfused(self) -> nn.Conv2d:
+        conv = self._original
+        conv.weight = self.weight
+        return conv.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, k={self.weight.shape[-1]}, stride={self.stride}, dilation={self.dilation}, " \
+               f"act={self.act}, backend={self.backend}"
