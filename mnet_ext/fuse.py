@@ -284,11 +284,11 @@ class _Dataflow:
                     act, act_name = found, after.target
             elif after is not None and after.op == "call" and after.target in ACTIVATION_OPS:
                 found = _call_act(after, _SUPPORTED_CALL_ACTS)
-                where = after.scope[-1] if after.scope else "the model"
+                where = f"{after.scope[-1]}.forward" if after.scope else "the model's forward"
                 if found is None:
-                    problems.append(f"activation {after.target} (applied in {where}.forward) unsupported")
+                    problems.append(f"activation {after.target} (applied in {where}) unsupported")
                 else:
-                    note = f"; {after.target} is applied by code in {where}.forward: left native"
+                    note = f"; {after.target} is applied by code in {where}: left native"
         problems += _hooked({"conv": conv, "norm": bn, **inner,
                              "activation": self.modules[act_name] if act_name else None})
         if problems:

@@ -281,14 +281,13 @@ class _Recorder(TorchFunctionMode):
 
 def recorded_graph(model: nn.Module, example: Tensor, extra_leaves: frozenset[int]) -> Graph:
     """The graph of one eval, no_grad forward of ``model`` on ``example`` (see _Recorder)."""
-    names = {id(m): q for q, m in model.named_modules()}
+    names = {id(m): q for q, m in model.named_modules() if q}  # the root's own call is no scope (as in torch.fx)
     recorder = _Recorder(names, extra_leaves)
     recorder.define(example, "input", None, (), {})
     hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.pre_hook),
              nn.modules.module.register_module_forward_hook(recorder.post_hook)]
     try:
         with _Frozen(model), recorder:
-            recorder.frames.append(("scope", None, None))  # the root's own call: not a scope
             out = model(example)
     finally:
         for h in hooks:

@@ -9,8 +9,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 # Pinned torch/torchvision: a CUDA 13.0 build of torch (with Triton) that also runs on CPU-only machines.
-REQS=(torch==2.14.1 torchvision==0.29.1 ninja pybind11 pytest pytest-benchmark matplotlib tqdm numpy setuptools wheel ruff)
-if ! .venv/bin/python -c "import torch, torchvision, ninja, pytest, matplotlib, tqdm, ruff" 2>/dev/null; then
+REQS=(torch==2.14.1 torchvision==0.29.1 ninja pybind11 pytest pytest-benchmark matplotlib tqdm numpy setuptools wheel ruff timm)
+if ! .venv/bin/python -c "import torch, torchvision, ninja, pytest, matplotlib, tqdm, ruff, timm" 2>/dev/null; then
   echo "== installing ${REQS[*]} (about a minute from the local mirror)"
   .venv/bin/pip install -q "${REQS[@]}"
 fi
