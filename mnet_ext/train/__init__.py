@@ -8,6 +8,7 @@ One module per concern, each readable and testable alone:
 * ``model``: the model, optimizer, learning-rate schedule and EMA;
 * ``checkpoint``: the training state, atomic checkpoints and exact resumption;
 * ``loop``: the step, the run loop, evaluation and ``train``;
+* ``distributed``: torchrun / DDP: the process group, per-rank devices, SyncBatchNorm, failures that end every rank;
 * ``cli``: the command line (``main``).
 
 The names below are the package's public interface (tests and other modules import them from here).
@@ -43,6 +44,7 @@ from mnet_ext.train.data import (
     resolved_workers,
     train_transform,
 )
+from mnet_ext.train.distributed import CPUSyncBatchNorm, Distributed, RankFailedError
 from mnet_ext.train.loop import Meter, autocast, build_state, evaluate, run_steps, to_device, train, train_step
 from mnet_ext.train.model import (
     MODELS,
@@ -57,11 +59,12 @@ from mnet_ext.train.model import (
 from mnet_ext.train.rng import mix_seed, rng_state, seed_everything, set_rng_state
 
 __all__ = [
-    "AMP_DTYPES", "CHECKPOINT_VERSION", "DEFAULT_LR", "DEFAULT_WD", "MODELS", "OPTIMIZERS", "LRFactor", "Meter",
-    "ResumableSampler", "SeededTransform", "SyntheticImages", "TrainConfig", "TrainState", "autocast", "build_datasets",
-    "build_ema", "build_loader", "build_model", "build_optimizer", "build_parser", "build_state", "check_resume_config",
-    "checkpoint_dict", "config_from_args", "ema_avg_fn", "eval_transform", "evaluate", "load_checkpoint",
-    "lr_factor", "main", "mix_seed", "param_groups", "resolve_device", "resolved_lr", "resolved_workers", "rng_state",
-    "run_steps", "save_atomic", "seed_everything", "set_rng_state", "summary_line", "to_device", "total_steps",
-    "train", "train_step", "train_transform", "validate_config",
+    "AMP_DTYPES", "autocast", "build_datasets", "build_ema", "build_loader", "build_model", "build_optimizer",
+    "build_parser", "build_state", "check_resume_config", "checkpoint_dict", "CHECKPOINT_VERSION", "config_from_args",
+    "CPUSyncBatchNorm", "DEFAULT_LR", "DEFAULT_WD", "Distributed", "ema_avg_fn", "eval_transform", "evaluate",
+    "load_checkpoint", "lr_factor", "LRFactor", "main", "Meter", "mix_seed", "MODELS", "OPTIMIZERS", "param_groups",
+    "RankFailedError", "resolve_device", "resolved_lr", "resolved_workers", "ResumableSampler", "rng_state",
+    "run_steps", "save_atomic", "seed_everything", "SeededTransform", "set_rng_state", "summary_line",
+    "SyntheticImages", "to_device", "total_steps", "train", "train_step", "train_transform", "TrainConfig",
+    "TrainState", "validate_config",
 ]

@@ -9,12 +9,18 @@ step counter; the data order is a pure function of (seed, epoch) and each sample
 (seed, epoch, index), so the loader position is just the step within the epoch. On the CPU, N steps + resume + N
 steps end with bit-identical parameters to 2N steps straight (tests/test_train.py).
 
+Several GPUs or nodes: run it under ``torchrun`` (DistributedDataParallel, one GPU per process; gloo on CPU).
+``--batch-size`` is per process, and the default learning rate scales with the global batch (batch-size x
+processes) / 256; an explicit ``--lr`` is taken as the rate for the global batch. Rank 0 alone prints and writes
+checkpoints; a checkpoint loads under any number of processes and continues exactly under the same number.
+
 Examples::
 
     python -m mnet_ext.train --model mobilenet_v3_small --steps 100                     # synthetic, fused
     python -m mnet_ext.train --data /imagenet --epochs 1 --amp bf16 --channels-last --compile \\
         --checkpoint ckpt.pt --checkpoint-every 1000
     python -m mnet_ext.train --data /imagenet --epochs 1 --resume ckpt.pt --checkpoint ckpt.pt
+    torchrun --nproc_per_node=8 -m mnet_ext.train --data /imagenet --epochs 1 --sync-bn --checkpoint ckpt.pt
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import sys
 from typing import Any
 
 from mnet_ext._backend import BACKENDS
+from mnet_ext.train import distributed
 from mnet_ext.train.config import DEFAULT_LR, DEFAULT_WD, OPTIMIZERS, TrainConfig, resolve_device, resolved_lr
 from mnet_ext.train.loop import train
 from mnet_ext.train.model import MODELS
@@ -42,11 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     fused.add_argument("--fused", dest="fused", action="store_true", default=True, help="mnet_ext.fuse (default)")
     fused.add_argument("--native", dest="fused", action="store_false", help="plain torchvision/PyTorch modules")
     g.add_argument("--backend", choices=("auto", *BACKENDS), default=d.backend, help="backend of the fused modules")
+    g.add_argument("--dropout", type=float, default=None, help="the classifier's dropout (default: the model's)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="ImageFolder root (train/ and optional val/); default: synthetic")
     g.add_argument("--resolution", type=int, default=d.resolution)
     g.add_argument("--synthetic-size", type=int, default=d.synthetic_size, help="images in the synthetic set")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process (under torchrun)")
     g.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes (default: min(8, CPUs) with --data, else 0)")
     g = p.add_argument_group("precision and speed")
@@ -56,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimization")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     g.add_argument("--lr", type=float, default=None,
-                   help=f"default: {DEFAULT_LR} per optimizer, times batch-size/256")
+                   help=f"default: {DEFAULT_LR} per optimizer, times the global batch / 256 (global batch: "
+                        f"batch-size x processes)")
     g.add_argument("--weight-decay", type=float, default=None,
                    help=f"default: {DEFAULT_WD}; never on BatchNorm parameters or biases")
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
@@ -71,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("several processes (torchrun)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics over every process (fused layers and native BatchNorms)")
     g = p.add_argument_group("checkpoints and output")
     g.add_argument("--checkpoint", default=None, help="checkpoint path (written atomically; also at the end)")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="save every N steps")
@@ -88,28 +100,43 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def summary_line(metrics: dict[str, Any], batch_size: int) -> str:
     losses = metrics["loss_history"]
     tail = losses[-min(10, len(losses)):] if losses else [float("nan")]
+    world = metrics.get("world_size", 1)
+    batch = f"batch {batch_size}" if world == 1 else f"global batch {batch_size * world} = {world} x {batch_size}"
     line = (f"done: {metrics['steps']}/{metrics['total_steps']} steps, loss (mean of last {len(tail)}) "
-            f"{sum(tail) / len(tail):.4f}, {metrics['images_per_sec']:.1f} images/s (batch {batch_size}, "
-            f"{metrics['device']})")
-    if metrics["peak_memory_bytes"] is not None:
-        line += f", peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB"
+            f"{sum(tail) / len(tail):.4f}, {metrics['images_per_sec']:.1f} images/s ({batch}, {metrics['device']})")
+    peaks = metrics.get("peak_memory_bytes_per_rank") or [metrics["peak_memory_bytes"]]
+    if peaks[0] is not None:
+        line += f", peak memory {', '.join(f'{p / 2**30:.2f}' for p in peaks)} GiB"
+        line += " (per rank)" if len(peaks) > 1 else ""
     for key in ("val", "ema_val"):
         if key in metrics:
-            line += f"; {key} loss {metrics[key]['loss']:.4f} top-1 {metrics[key]['acc']:.4f}"
+            line += (f"; {key} loss {metrics[key]['loss']:.4f} top-1 {metrics[key]['acc']:.4f} "
+                     f"top-5 {metrics[key]['top5']:.4f}")
     return line
 
 
 def main(argv: list[str] | None = None) -> int:
     config = config_from_args(build_parser().parse_args(argv))
+    job = distributed.environment()  # under torchrun only rank 0 prints
     device = resolve_device(config.device)
     kind = f"fused (backend {config.backend})" if config.fused else "native"
-    print(f"{config.model} x{config.width_mult} {kind}, {'data ' + config.data if config.data else 'synthetic data'}, "
-          f"{config.resolution}px, "
-          f"batch {config.batch_size}, amp {config.amp}, {config.optimizer} lr {resolved_lr(config):g}, on {device}")
+    ranks = f" x {job.world_size} processes" if job.world_size > 1 else ""
+    sync = ", SyncBatchNorm" if config.sync_bn and job.world_size > 1 else ""
+    if job.is_main:
+        print(f"{config.model} x{config.width_mult} {kind}, "
+              f"{'data ' + config.data if config.data else 'synthetic data'}, {config.resolution}px, "
+              f"batch {config.batch_size}{ranks}{sync}, amp {config.amp}, {config.optimizer} "
+              f"lr {resolved_lr(config, job.world_size):g}, on {device}", flush=True)
     try:
         metrics = train(config)
-    except FloatingPointError as exc:
-        print(f"ERROR: {exc}", file=sys.stderr)
+    except FloatingPointError as exc:  # every rank raises it at the same step (the losses are reduced)
+        if job.is_main:
+            print(f"ERROR: {exc}", file=sys.stderr)
         return 1
-    print(summary_line(metrics, config.batch_size))
+    except distributed.RankFailedError as exc:
+        if job.is_main or job.rank in exc.failed_ranks:
+            print(f"ERROR (rank {job.rank}): {exc}", file=sys.stderr)
+        return 1
+    if job.is_main:
+        print(summary_line(metrics, config.batch_size))
     return 0

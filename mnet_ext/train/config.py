@@ -9,7 +9,8 @@ import torch
 from mnet_ext._backend import BACKENDS
 
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
-# Defaults per optimizer; the learning rate is for batch 256 and scales linearly with --batch-size.
+# Defaults per optimizer; the learning rate is for a global batch of 256 and scales linearly with the global batch
+# (--batch-size per rank x the number of ranks: the "linear scaling rule", Goyal et al. 2017).
 DEFAULT_LR = {"sgd": 0.1, "rmsprop": 0.016, "adamw": 1e-3}
 DEFAULT_WD = {"sgd": 4e-5, "rmsprop": 1e-5, "adamw": 0.05}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,10 +27,12 @@ class TrainConfig:
     fused: bool = True
     backend: str = "auto"
     amp: str = "none"
+    dropout: float | None = None  # the classifier's dropout; None: the model's default
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False  # under torchrun: batch statistics over every rank (mnet_ext.convert_sync_batchnorm)
     optimizer: str = "sgd"
-    lr: float | None = None  # None: DEFAULT_LR[optimizer] * batch_size / 256
+    lr: float | None = None  # None: DEFAULT_LR[optimizer] * global batch / 256 (global: batch_size * ranks)
     weight_decay: float | None = None  # None: DEFAULT_WD[optimizer]
     label_smoothing: float = 0.1
     warmup_steps: int = 0
@@ -38,7 +41,7 @@ class TrainConfig:
     steps: int | None = None
     epochs: int | None = None  # used when steps is None (default: 1 epoch)
     stop_after: int | None = None  # stop at this global step (the schedule still spans the whole run)
-    batch_size: int = 64
+    batch_size: int = 64  # per rank
     workers: int | None = None  # None: min(8, CPUs) with --data, 0 for synthetic data
     threads: int | None = None  # torch CPU threads (torch.set_num_threads); None: leave as is
     seed: int = 0
@@ -61,10 +64,19 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError("give --steps or --epochs, not both")
     if config.checkpoint_every and not config.checkpoint:
         raise ValueError("--checkpoint-every needs --checkpoint PATH")
+    if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"--dropout: expected a number in [0, 1), got {config.dropout}")
+    if config.sync_bn and config.compile:
+        raise ValueError("--sync-bn with --compile: the fused SyncBatchNorm is eager only (torch.compile does not "
+                         "capture its collectives)")
 
 
-def resolved_lr(config: TrainConfig) -> float:
-    return config.lr if config.lr is not None else DEFAULT_LR[config.optimizer] * config.batch_size / 256
+def resolved_lr(config: TrainConfig, world_size: int = 1) -> float:
+    """``--lr`` as given (the rate of one optimizer step, whatever the number of ranks), else the optimizer's default
+    scaled by the global batch."""
+    if config.lr is not None:
+        return config.lr
+    return DEFAULT_LR[config.optimizer] * config.batch_size * world_size / 256
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -57,17 +57,28 @@ class SeededTransform(Dataset):
 
 class ResumableSampler(Sampler):
     """Yields ``(epoch, index)`` for a permutation that is a pure function of (seed, epoch), starting at batch
-    ``start_batch`` of the epoch and covering whole batches only (``steps_per_epoch * batch_size`` samples)."""
+    ``start_batch`` of the epoch and covering whole batches only (``steps_per_epoch * batch_size`` samples).
 
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
-        if size < batch_size:
-            raise ValueError(f"the training set has {size} samples, fewer than one batch of {batch_size}")
+    Sharded like ``DistributedSampler`` (``rank`` of ``world_size``; ``set_position`` is its ``set_epoch`` plus a
+    start within the epoch, which DistributedSampler cannot do): step ``s`` of an epoch takes the global batch
+    ``order[s * B * W : (s + 1) * B * W]`` and rank ``r`` its slice ``r * B : (r + 1) * B`` (``B``: ``batch_size``
+    per rank, ``W`` ranks). So the ranks together see exactly the batches of one process with batch ``B * W``, and
+    nothing is padded or repeated."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if size < batch_size * world_size:
+            per_rank = f" ({world_size} ranks x {batch_size})" if world_size > 1 else ""
+            raise ValueError(f"the training set has {size} samples, fewer than one batch of "
+                             f"{batch_size * world_size}{per_rank}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
         self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.start_batch = 0, 0
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.size // self.batch_size
+        return self.size // (self.batch_size * self.world_size)
 
     def set_position(self, epoch: int, start_batch: int) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -77,9 +88,11 @@ class ResumableSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(mix_seed(self.seed, 4, self.epoch)))
-        start, stop = self.start_batch * self.batch_size, self.steps_per_epoch * self.batch_size
-        for index in order[start:stop].tolist():
-            yield self.epoch, index
+        global_batch = self.batch_size * self.world_size
+        for step in range(self.start_batch, self.steps_per_epoch):
+            begin = step * global_batch + self.rank * self.batch_size
+            for index in order[begin:begin + self.batch_size].tolist():
+                yield self.epoch, index
 
 
 def train_transform(resolution: int) -> Callable[[Any], torch.Tensor]:
@@ -102,6 +115,8 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset | None]:
         return SyntheticImages(config.synthetic_size, config.num_classes, config.resolution, config.seed), None
     from torchvision.datasets import ImageFolder
 
+    if not os.path.isdir(config.data):
+        raise FileNotFoundError(f"--data: {config.data!r} is not a directory")
     train_dir = os.path.join(config.data, "train")
     if not os.path.isdir(train_dir):
         train_dir = config.data

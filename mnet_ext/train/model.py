@@ -26,7 +26,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     if config.model not in MODELS:
         raise ValueError(f"--model: expected one of {sorted(MODELS)}, got {config.model!r}")
-    model = MODELS[config.model](width_mult=config.width_mult, num_classes=config.num_classes)
+    dropout = {} if config.dropout is None else {"dropout": config.dropout}
+    model = MODELS[config.model](width_mult=config.width_mult, num_classes=config.num_classes, **dropout)
     if config.fused:
         mnet_ext.fuse(model, backend=None if config.backend == "auto" else config.backend)
     model = model.to(device)
@@ -42,9 +43,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: TrainConfig, world_size: int = 1) -> torch.optim.Optimizer:
     wd = config.weight_decay if config.weight_decay is not None else DEFAULT_WD[config.optimizer]
-    groups, lr = param_groups(model, wd), resolved_lr(config)
+    groups, lr = param_groups(model, wd), resolved_lr(config, world_size)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     if config.optimizer == "rmsprop":  # the MobileNet (TF) recipe
