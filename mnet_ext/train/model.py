@@ -29,7 +29,10 @@ def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     dropout = {} if config.dropout is None else {"dropout": config.dropout}
     model = MODELS[config.model](width_mult=config.width_mult, num_classes=config.num_classes, **dropout)
     if config.fused:
-        mnet_ext.fuse(model, backend=None if config.backend == "auto" else config.backend)
+        # fuse may run the model (its dataflow pass traces a forward on random inputs): keep it off the global RNG,
+        # so fused and native runs with one seed draw the same dropout masks and data.
+        with torch.random.fork_rng(devices=[]):
+            mnet_ext.fuse(model, backend=None if config.backend == "auto" else config.backend)
     model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
