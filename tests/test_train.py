@@ -111,6 +111,22 @@ def test_save_atomic_failure_leaves_old_file(tmp_path):
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
 
 
+def test_resume_reads_version_1_checkpoints(tmp_path):
+    """A checkpoint written before per-rank RNG states (version 1: one "rng" dict, no "world_size") resumes exactly."""
+    cfg = dict(steps=4, lr=0.05)
+    straight = T.train(tiny_config(**cfg))
+    ckpt = str(tmp_path / "ckpt.pt")
+    T.train(tiny_config(**cfg, stop_after=2, checkpoint=ckpt))
+    state = torch.load(ckpt, weights_only=True)
+    assert state["version"] == T.CHECKPOINT_VERSION == 2 and state["world_size"] == 1
+    state.update(version=1, rng=state["rng"][0])
+    del state["world_size"]
+    T.save_atomic(state, ckpt)
+    resumed = T.train(tiny_config(**cfg, resume=ckpt))
+    assert resumed["loss_history"] == straight["loss_history"]
+    _state_equal(straight["model"].state_dict(), resumed["model"].state_dict())
+
+
 def test_resume_rejects_incompatible_config(tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     T.train(tiny_config(steps=1, checkpoint=ckpt))
@@ -142,6 +158,7 @@ def test_image_folder(image_folder):
     metrics = T.train(tiny_config(data=image_folder, num_classes=2, steps=2, ema_decay=0.9))
     assert len(metrics["loss_history"]) == 2 and all(map(torch.isfinite, torch.tensor(metrics["loss_history"])))
     assert 0.0 <= metrics["val"]["acc"] <= 1.0 and 0.0 <= metrics["ema_val"]["acc"] <= 1.0
+    assert metrics["val"]["top5"] == 1.0  # 2 classes: top-5 is top-2
     # the augmentation of a sample depends only on (seed, epoch, index)
     train_set, _ = T.build_datasets(tiny_config(data=image_folder, num_classes=2))
     assert torch.equal(train_set[(1, 3)][0], train_set[(1, 3)][0])
@@ -175,6 +192,13 @@ def test_lr_schedule():
     factors = [T.lr_factor(s, 2, 10) for s in range(10)]
     assert factors[:3] == [0.5, 1.0, 1.0]
     assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False)) and factors[-1] > 0
+
+
+def test_learning_rate_scales_with_the_global_batch():
+    one = T.resolved_lr(tiny_config(batch_size=64))
+    assert one == T.DEFAULT_LR["sgd"] * 64 / 256
+    assert T.resolved_lr(tiny_config(batch_size=64), world_size=4) == 4 * one
+    assert T.resolved_lr(tiny_config(lr=0.3), world_size=4) == 0.3  # an explicit rate is the global batch's
 
 
 def test_no_weight_decay_on_bn_and_bias():
