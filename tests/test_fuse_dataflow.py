@@ -253,7 +253,8 @@ def test_functional_activation_model(cls, backend):
     with torch.no_grad():
         y = fused.eval()(x)
     _assert_eval_as_accurate_as_native(y, native.eval(), x)
-    _check_training_step(native, fused, (LOGITS_FLOOR, 1e-4, 2e-6), shape=(4, 3, 32, 32))
+    # gradient errors measured over 5 inputs x both backends: fused 7e-8..4.7e-7, native 3e-7..1.1e-6, no floor needed
+    _check_training_step(native, fused, (LOGITS_FLOOR, 1e-5, 2e-6), shape=(4, 3, 32, 32))
     restored = mnet_ext.unfuse(fused)
     assert [type(m) for m in restored.modules()] == [type(m) for m in native.modules()]
 
