@@ -300,12 +300,14 @@ def recorded_graph(model: nn.Module, example: Tensor, extra_leaves: frozenset[in
 
 def example_input_for(model: nn.Module) -> Tensor:
     """A small image batch for ``model``: [1, C, 64, 64] with C the first Conv2d's input channels, on the device and
-    in the dtype of the model's first parameter."""
+    in the dtype of the model's first parameter; the same every time."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     param = next(model.parameters(), None)
     if conv is None or param is None:
         raise ValueError("example_input: required for a model without a Conv2d")
-    return torch.randn(1, conv.in_channels, 64, 64, device=param.device, dtype=param.dtype)
+    # a generator of its own: fusing must not move the global random state (training runs draw from it)
+    generator = torch.Generator(param.device).manual_seed(0)
+    return torch.randn(1, conv.in_channels, 64, 64, device=param.device, dtype=param.dtype, generator=generator)
 
 
 def build_graph(model: nn.Module, extra_leaves: frozenset[int], example: Tensor | None,

@@ -93,7 +93,9 @@ def test_explain_fuse_finds_every_depthwise_and_se(name):
     model = build_timm(name)
     state = copy.deepcopy(model.state_dict())
     types = [type(m) for m in model.modules()]
+    rng = torch.get_rng_state()
     report = mnet_ext.explain_fuse(model)
+    assert torch.equal(torch.get_rng_state(), rng), "explain_fuse moved the global random state"
     dw, se = TIMM[name]
     assert not report.skipped, str(report)
     assert sum(e.kind == "dwconv_bn_act" for e in report.fused) == dw, str(report)
