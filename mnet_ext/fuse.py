@@ -1,12 +1,17 @@
-"""One generic structural walk that swaps fused modules into any model (no per-model code).
+"""Swap fused modules into any model, in place, without per-model code: two passes.
 
-A container whose children are exactly ``[depthwise Conv2d, BatchNorm2d]`` or ``[depthwise Conv2d, BatchNorm2d,
-activation]`` becomes a ``FusedConvBNAct``; torchvision's ``SqueezeExcitation`` becomes a
-``FusedSqueezeExcitation``. Settings (kernel, stride, dilation, eps, momentum, activation) are read from the
-modules. A swap replaces the modules' own code, so it happens only when that code is the native one: no class on
-the way overrides ``forward`` (a ``Sequential`` subclass adding a residual, a look-alike SE that doubles its
-output), and no module carries hooks (``weight_norm``'s pre-hook recomputes the weight). Every depthwise conv and
-SE-like module (one with ``avgpool``, ``fc1``, ``fc2``) that is left alone is reported with the reason.
+1. Containers: one whose children are exactly ``[depthwise Conv2d, BatchNorm2d(, activation)]`` becomes a
+   ``FusedConvBNAct``; torchvision's ``SqueezeExcitation`` a ``FusedSqueezeExcitation`` (when its code is native).
+2. Dataflow (``mnet_ext.fuse_graph``: torch.fx, or a recorded forward where tracing fails): every other depthwise
+   conv whose only consumer is a BatchNorm2d (or timm's ``BatchNormAct2d``), with the activation right after it,
+   becomes a ``FusedDwConvBNAct`` at the conv's name, the BatchNorm (and an activation module) an identity
+   ``FoldedBatchNorm`` (``FoldedActivation``) that keeps its tensors, so keys and the model's class do not change;
+   an activation applied by code stays native. A module whose traced forward is exactly pool -> fc -> act -> fc ->
+   gate -> multiply (1x1 convs or Linears) becomes a ``FusedSqueezeExcitation``.
+
+A swap replaces the modules' own code, so it happens only when that code is the native one (no class on the way
+overrides ``forward``, no hooks, each module called once and registered once). Every depthwise conv and SE-like
+product left alone is reported with the reason (``explain_fuse``).
 """
 
 from __future__ import annotations
