@@ -32,13 +32,15 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of 16 pixels (both layouts) and 16 channels (channels_last) or 64 / 16 = 4 channels (NCHW), and
-    second stages folding 2 rows per chunk: tiny shapes then span several blocks on every axis."""
+    """Depthwise tiles of at most 32 (channels_last: 4 groups x 8 channels) or 8 (NCHW) groups x channels, SE tiles
+    of 16 pixels, and second stages folding 2 rows per chunk: tiny shapes then span several blocks on every axis."""
     monkeypatch.setattr(triton_kernels, "_TILE_ELEMS", 64)
     monkeypatch.setattr(triton_kernels, "_NCHW_BLOCK_P", 16)
+    monkeypatch.setattr(triton_kernels, "_DW_NHWC_SLOTS", 32)
+    monkeypatch.setattr(triton_kernels, "_DW_NCHW_SLOTS", 8)
     monkeypatch.setattr(tdw, "_COMBINE_BLOCK_R", 2)
     monkeypatch.setattr(tdw, "_SUM_BLOCK_R", 2)
-    # 2 images x 4 pixel blocks over 2 channel blocks: 3 stage-1 rows of 3, 3 and 2 tiles (ITERS = 3, short tail)
+    # stage-1 reductions: a few rows of several tiles each, with a short tail
     monkeypatch.setattr(tdw, "_INTERP_STAGE1_PROGRAMS", 6)
 
 
@@ -73,27 +75,57 @@ def test_tile_sizes_orientation():
 
 
 def test_stage1_rows(small_tiles):
-    """The multi-block tests below really walk several tiles per stage-1 program, with a short tail."""
+    """The multi-block tests below really walk several tiles per stage-1 program, with a short tail; the row count
+    depends on the shape alone (not on the GPU), so the sums are the same on every GPU."""
     if DEVICE == "cpu":
-        assert tdw._stage1_rows(8, 5, 4, torch.device("cpu")) == (3, 3)  # 8 tiles: rows of 3, 3, 2
-    rows, iters = tdw._stage1_rows(256 * 98, 32, 32, torch.device(DEVICE))
+        assert tdw._stage1_rows(8, 5, 4) == (3, 3)  # 8 tiles: rows of 3, 3, 2
+    rows, iters = tdw._stage1_rows(256 * 98, 32, 32)
     assert rows * iters >= 256 * 98 and (rows - 1) * iters < 256 * 98
 
 
-# C = 5 (NCHW: blocks of 4) and 20 (channels_last: blocks of 16) leave a partial channel block; 7 x 9 output
-# pixels in blocks of 16 leave a partial pixel block.
-@pytest.mark.parametrize(
-    "k, stride, dilation, act, channels_last",
-    [
-        (3, 1, 1, "relu6", False),
-        (3, 2, 2, "silu", True),
-        (5, 2, 1, "hardswish", True),
-        (5, 2, 2, "none", False),
-    ],
-)
-def test_dwconv_multi_block(small_tiles, k, stride, dilation, act, channels_last):
-    c = 20 if channels_last else 5
-    x, weight, grad_y, v = _inputs(2, c, 7, 9, k, stride, dilation, torch.float32, channels_last)
+# The MobileNet output sizes (stride 1 and 2 layers) and channel counts.
+@pytest.mark.parametrize("hw", [112, 56, 28, 14, 7])
+@pytest.mark.parametrize("channels", [16, 72, 120, 960])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_dw_tile_keeps_lanes_busy(hw, channels, channels_last, k):
+    t = triton_kernels.dw_tile(hw, hw, channels, channels_last, k)
+    assert 1 <= t.ow <= triton_kernels._DW_OW_MAX["fwd"][k] and t.groups_per_row == -(-hw // t.ow)
+    assert t.num_gb == -(-hw * t.groups_per_row // t.block_g)
+    slots = t.block_g * t.block_c
+    assert slots <= (triton_kernels._DW_NHWC_SLOTS if channels_last else triton_kernels._DW_NCHW_SLOTS)
+    if channels_last:
+        assert t.block_c % 8 == 0  # 16-byte bf16 vectors
+    busy = hw * hw * channels / (t.num_gb * t.block_g * t.ow * -(-channels // t.block_c) * t.block_c)
+    assert busy >= 0.8, t  # no quarter of the lanes idle, 28x28 and 14x14 NCHW included
+    assert t.num_warps == max(1, min(4, slots // (8 if channels_last else 2) // 32))
+    assert triton_kernels.dw_tile(hw, hw, channels, channels_last, k) == t  # a function of the shape
+
+
+# Each case spans several group blocks per image and several channel blocks, with groups of OW > 1 outputs whose
+# windows cross the image edges (the halo); C = 20 (channels_last: VEC 4, not a multiple of the 8-channel vector)
+# and C = 5 / 6 leave a partial channel block; Wo not a multiple of OW leaves a partial last group per row.
+GEOMETRY = [
+    # k, stride, dilation, act, channels_last, C, H, W
+    (3, 1, 1, "relu6", False, 5, 5, 8),
+    (3, 2, 2, "silu", True, 20, 5, 9),
+    (5, 2, 1, "hardswish", True, 20, 5, 9),
+    (5, 2, 2, "none", False, 5, 5, 17),
+    (7, 1, 2, "relu", True, 20, 6, 5),
+    (7, 1, 1, "hardswish", False, 6, 6, 5),
+]
+
+
+def _check_geometry(k, stride, dilation, channels_last, c, h, w):
+    ho, wo = ref.output_hw(h, w, k, stride, dilation)
+    t = triton_kernels.dw_tile(ho, wo, c, channels_last, k)
+    assert t.ow > 1 and t.num_gb > 1 and -(-c // t.block_c) > 1, t  # the test exercises what it claims
+
+
+@pytest.mark.parametrize("k, stride, dilation, act, channels_last, c, h, w", GEOMETRY)
+def test_dwconv_multi_block(small_tiles, k, stride, dilation, act, channels_last, c, h, w):
+    _check_geometry(k, stride, dilation, channels_last, c, h, w)
+    x, weight, grad_y, v = _inputs(2, c, h, w, k, stride, dilation, torch.float32, channels_last)
     bn = (v["mean"], v["invstd"], v["gamma"], v["beta"])
     args = (x, weight, *bn, stride, dilation, act)
     assert_close_scaled(tdw.dwconv_bn_act_fwd(*args), ref.dwconv_bn_act_fwd(*args), torch.float32, "fwd")

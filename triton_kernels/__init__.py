@@ -17,32 +17,37 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-# Elements per [pixels x channels] tile on a GPU: 4096 fp32 values = 32 registers per thread and per live tile
-# with 4 warps, enough bytes in flight per program for a memory-bound kernel without spilling for k = 7.
+# Elements per [pixels x channels] tile of the SE kernels on a GPU: 4096 fp32 values = 32 registers per thread and
+# per live tile with 4 warps.
 _TILE_ELEMS = 4096
-# Longest pixel run of an NCHW tile (the contiguous axis there).
+# Longest pixel run of an NCHW SE tile (the contiguous axis there).
 _NCHW_BLOCK_P = 1024
+# Warps of every kernel: fixed, so that the reduction tree of each ``tl.sum`` (hence every sum the reductions
+# return) depends on the shape alone, never on a timing (no autotuning: nothing is benchmarked inside a call, and a
+# first call can be captured in a CUDA graph).
+NUM_WARPS = 4
+# Depthwise tiles (``dw_tile``): groups x channels per tile. channels_last: 8 channels (16 bytes of bf16) per
+# thread, one group per thread at 4 warps; NCHW: 2 (group, channel) slots per thread.
+_DW_NHWC_SLOTS = 1024
+_DW_NCHW_SLOTS = 256
+# Most outputs per group (consecutive output columns a thread computes from one window of input columns) by kernel
+# kind and K: a thread holds OW x 8 accumulators, K x 8 weights and the window's columns, so this bounds the live
+# registers. Measured on sm_90 (bf16 and fp32): a reduction (stats, bwd_reduce: more live per-channel vectors and
+# sums) at K = 5, OW = 8 or K = 7, OW = 4 fills the 255 registers and spills. The dz kernel holds 2 slots per
+# thread (1 at K = 7), not 8 channels: its K*K dweight sums per slot stay in registers (K = 7 at 2 slots: 28 bytes
+# of spill in fp32).
+_DW_OW_MAX = {"fwd": {3: 8, 5: 6, 7: 4}, "reduce": {3: 8, 5: 5, 7: 3}, "dz": {3: 8, 5: 4, 7: 2}}
 
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before triton was imported)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def autotune(key: list[str]):
-    """``triton.autotune`` over num_warps keyed on ``key`` on a GPU; no autotuning under the interpreter
-    (which cannot benchmark several configs). Block sizes are chosen on the host (``tile_sizes``) because the
-    partial-sum buffers are sized by them; the kernels are functional (no read-modify-write of outputs), so the
-    autotuner's repeated launches are harmless."""
-    if interpreting():
-        return lambda fn: fn
-    configs = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
-    return triton.autotune(configs=configs, key=key)
 
 
 def on_tensor_device(fn):
@@ -64,7 +69,7 @@ def next_pow2(n: int) -> int:
 
 
 def pick_block_c(channels: int) -> int:
-    """Channel block for a channels_last tile: the largest of 64/32/16 that keeps >= 85% of the lanes busy
+    """Channel block for a channels_last SE tile: the largest of 64/32/16 that keeps >= 85% of the lanes busy
     (C = 72 -> 16, not 64 with 56% busy), else the most efficient (ties to the larger). Masked lanes cost no
     bandwidth, but they cost issue slots and shrink the bytes in flight per program."""
     cands = [b for b in (64, 32, 16) if b <= next_pow2(channels)] or [next_pow2(channels)]
@@ -87,6 +92,60 @@ def tile_sizes(pixels: int, channels: int, channels_last: bool) -> tuple[int, in
         block_p = min(next_pow2(pixels), _NCHW_BLOCK_P)
         block_c = min(next_pow2(channels), max(1, _TILE_ELEMS // block_p))
     return block_p, block_c
+
+
+class DwTile(NamedTuple):
+    """Tile of the depthwise kernels: BLOCK_G groups x BLOCK_C channels, a group being OW consecutive output
+    columns of one output row (``groups_per_row`` = cdiv(Wo, OW) groups per row, ``num_gb`` group blocks per image),
+    computed by ``num_warps`` warps."""
+
+    ow: int
+    groups_per_row: int
+    block_g: int
+    block_c: int
+    num_gb: int
+    num_warps: int
+
+
+def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: str = "fwd",
+            ow_multiple: int = 1) -> DwTile:
+    """The depthwise tile for an output of ``ho`` x ``wo`` pixels and ``channels`` channels: a pure function of the
+    shape (no timing, so every reduction over it is reproducible). Among OW <= _DW_OW_MAX[kind][k] (fwd and dx,
+    reduce for stats and bwd_reduce, dz), a multiple of ``ow_multiple`` (the dx kernel at stride 2), and power-of-two
+    blocks of at most _DW_*_SLOTS groups x channels (channels_last:
+    at least 8 channels, one 16-byte bf16 vector per thread), it keeps the configurations whose lanes do useful
+    work at >= 80 % (masked groups, columns past Wo, channels past C; no quarter of the lanes idle) and takes the
+    largest min(OW, 4) x min(slots, 512) (x values reused by more outputs: OW = 1 costs 2.5x the instructions of
+    OW = 4 at K = 7; tiles of fewer slots leave warps idle), then the largest OW, then the busiest lanes; with
+    none at 80 %, the busiest."""
+    # dz: 2 slots per thread in both layouts, 1 at K = 7 (its K*K dweight sums per slot live in registers)
+    narrow = not channels_last or kind == "dz"
+    slots = _DW_NCHW_SLOTS if narrow else _DW_NHWC_SLOTS
+    per_thread = 2 if narrow else 8
+    if kind == "dz" and k == 7:
+        slots, per_thread = slots // 2, 1
+    ow_max = min(_DW_OW_MAX[kind][k], wo)
+    c_floor = 1 if narrow else min(8, next_pow2(channels))
+    block_cs = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if c_floor <= b <= max(c_floor, next_pow2(channels))]
+    # channels that no block can use (C = 5 in blocks of 8) are not the tile's fault: measure against the best
+    c_eff = max(channels / (-(-channels // b) * b) for b in block_cs)
+    best, best_key = None, None
+    for ow in range(ow_multiple, max(ow_max, ow_multiple) + 1, ow_multiple):
+        gpr = -(-wo // ow)
+        groups = ho * gpr
+        for block_c in block_cs:
+            block_g = 1
+            while block_g <= min(next_pow2(groups), max(1, slots // block_c)):
+                eff = ho * wo * channels / (-(-groups // block_g) * block_g * ow * -(-channels // block_c) * block_c)
+                good = eff >= 0.8 * c_eff
+                key = (good, min(ow, 4) * min(block_g * block_c, 512) if good else 0, ow, eff, block_g * block_c)
+                if best_key is None or key > best_key:
+                    best_key = key
+                    best = DwTile(ow, gpr, block_g, block_c, -(-groups // block_g),
+                                  max(1, min(NUM_WARPS, block_g * block_c // per_thread // 32)))
+                block_g *= 2
+    assert best is not None
+    return best
 
 
 def vec_width(channels_last: bool, channels: int, *tensors) -> int:

@@ -39,9 +39,9 @@ def _sigmoid(u):
 
 @triton.jit
 def _clamp(u, lo, hi):
-    # Written with comparisons, not tl.minimum/tl.maximum: those may return the non-NaN operand (fmin/fmax on a
-    # GPU), while torch.clamp keeps a NaN input NaN.
-    return tl.where(u < lo, lo, tl.where(u > hi, hi, u))
+    # NaN-propagating min/max (two FMNMX.NAN on a GPU), as torch.clamp keeps a NaN input NaN; the default
+    # tl.minimum/tl.maximum may return the non-NaN operand (fmin/fmax).
+    return tl.clamp(u, lo, hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def act_fwd(u, ACT: tl.constexpr):
     if ACT == 0:  # none
         return u
     elif ACT == 1:  # relu
-        return tl.where(u < 0.0, 0.0, u)
+        return tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:  # relu6 (hardtanh(0, 6))
         return _clamp(u, 0.0, 6.0)
     elif ACT == 3:  # hardswish: u * relu6(u + 3) / 6

@@ -2,50 +2,51 @@
 
 Order: ``@triton.jit`` helpers and kernels, then host launchers (same signatures as ``mnet_ext.reference``).
 
-Geometry: x [N, C, H, W] -> z [N, C, Ho, Wo] with padding (K - 1) // 2 * DIL. A tile is BLOCK_P output pixels
-(flattened ``ho * Wo + wo`` of one image n) by BLOCK_C channels. fwd and dx: one tile per program, the 1-D grid
-enumerating (n, pixel block, channel block) with channel blocks fastest (``triton_kernels.program_tile``).
-stats, bwd_reduce and dz (the kernels that produce partial sums): program (row, channel block) walks ITERS
-consecutive tiles and writes one partial row.
-z is computed in fp32 from the K*K shifted x tiles (taps unrolled at compile time; the overlapping reads of
-neighbouring taps hit L1/L2). Per-image offsets are int32, the image base ``n * stride_n`` is int64 so
-N*C*H*W may exceed 2^31 (the launchers check that one image stays below 2^31 elements).
+Geometry: x [N, C, H, W] -> z [N, C, Ho, Wo] with padding (K - 1) // 2 * DIL. A tile is BLOCK_G groups by BLOCK_C
+channels, a group being OW consecutive output columns of one output row (``triton_kernels.dw_tile``: a function of
+the shape, OW bounded per kind and K so that nothing spills). ``_conv_groups`` computes a tile's z in fp32: kernel
+row 0, then a runtime loop over rows 1 ... K - 1; per row the K weights (fp32 taps [K*K, CP], a copy the launcher
+makes: one 16-byte load per 4 channels, no conversion) and the NJ input columns of the group's window, each loaded
+and converted once and used by every output that reads it. channels_last tiles hold 8 channels (a 16-byte bf16
+vector) per thread. Per output the taps add in (kh, kw) order whatever the tile, so every kernel recomputes the
+same z bit for bit (bwd_reduce and dz see the same g). Per-image offsets are int32, the image base
+``n * stride_n`` is int64 (the launchers check that one image stays below 2^31 elements).
 
-Launches per primitive: fwd 1; stats 2 (Welford/Chan partials per program + deterministic Chan combine);
-bwd_reduce 2 (partial sums per program + deterministic column sum); bwd_apply 3 (dz + dweight partials; dx
-gather; deterministic column sum of the dweight partials into weight's dtype, the same small kernel as
-bwd_reduce's). The stage-1 reductions run ~8 programs per SM that each walk ITERS consecutive tiles, so their
-partial buffers have a few thousand rows at most and the single-program-per-column-block stage 2 stays cheap.
+Launches per primitive: fwd 1 (one tile per program); stats 2 (per program: shifted sums over ITERS tiles, then
+one (count, mean, M2) row; a deterministic Chan combine); bwd_reduce 2 (sums over ITERS tiles; deterministic column
+sum); bwd_apply 3 (dz + per-program dweight sums, the K*K sums per tile slot held in registers across ITERS and
+written once; dx gather over groups of input columns; deterministic column sum of the dweight rows into weight's
+dtype). Every warp count and tile is fixed by the shape (no autotuning, nothing benchmarked inside a call, CUDA
+graph capture safe) and the stage-1 row count does not depend on the GPU: every sum is bitwise reproducible, on
+any GPU. No atomics, no read-modify-write of memory.
 
-Bytes (A = one activation tensor of x's dtype; the partial buffers are small and ignored):
-* stats reads x (A); fwd reads x and writes y (2A). "Apply recomputes conv from x" (the contract: fwd takes x)
-  moves 3A for a training forward, and the second read of x comes from L2 when x fits in it (then 2A of HBM).
-  "Apply re-reads a stored z" would move A (stats reads x) + A (write z, or 2A for an fp32 z) + 2A (read z,
-  write y) = 4A (5A with fp32 z): recompute is cheaper by at least A; what it repeats (K*K loads that hit L1,
-  K*K FMAs) costs SM time, not HBM bytes.
-* backward: reduce reads grad_y, x (2A); apply reads grad_y, x (2A), writes dz in fp32 (2A for bf16/fp16, A for
-  fp32), then the dx kernel reads dz and writes dx: 9A (bf16) in all. The fp32 dz scratch buys accuracy; a
-  single-kernel dx (dz of a haloed tile kept on chip) would save the 4A of the scratch round trip.
+Planned DRAM bytes (A = one activation tensor of x's dtype at stride 1; per-channel vectors, weight taps and the
+partial rows are small and ignored):
+* fwd: read x, write y: 2A. stats: read x: A. Training forward = stats + fwd = 3A ("apply re-reads a stored z"
+  would be 4A, 5A with an fp32 z: recomputing z from x is cheaper; what it repeats costs SM time, not DRAM).
+* bwd_reduce: read grad_y, x: 2A.
+* bwd_apply: dz kernel reads grad_y, x (2A) and writes the fp32 dz scratch (2A in bf16/fp16, A in fp32); the dx
+  kernel reads dz (2A) and writes dx (A): 7A in bf16. Backward = 9A in bf16 (issue 13's budget: 5.5A; the fused
+  design that recomputes dz on a haloed tile on chip is not done, see NOTES).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from mnet_ext.reference import memory_format_of, output_hw
+
 from . import (
-    autotune,
+    NUM_WARPS,
+    dw_tile,
     hint_multiple,
     interpreting,
     on_tensor_device,
     program_tile,
     sum_pixels,
     tile_offsets,
-    tile_sizes,
     vec_width,
 )
 from .activations import act_bwd, act_fwd, act_id
@@ -55,140 +56,140 @@ from .activations import act_bwd, act_fwd, act_id
 # jit helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _load_x_tap(
-    x_img,  # pointer to x[n, 0, 0, 0] (int64 base already applied)
-    offs_c,  # channel offsets, broadcast-shaped (see tile_offsets)
-    ho,  # output row of each tile pixel, broadcast-shaped like offs_p
-    wo,  # output column of each tile pixel
-    mask,  # tile mask: valid (pixel, channel)
-    H,
-    W,
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    kh: tl.constexpr,
-    kw: tl.constexpr,
-    STRIDE: tl.constexpr,
-    DIL: tl.constexpr,
-    PAD: tl.constexpr,
-):
-    """fp32 x[n, c, ho*STRIDE - PAD + kh*DIL, wo*STRIDE - PAD + kw*DIL], zero in the padding."""
-    hi = ho * STRIDE - PAD + kh * DIL
-    wi = wo * STRIDE - PAD + kw * DIL
-    ok = mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-    ptrs = x_img + offs_c * stride_xc + hi * stride_xh + wi * stride_xw
-    return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _conv_tile(
-    x_img,
-    w_ptr,  # weight [C, 1, K, K]
-    offs_c,
-    ho,
-    wo,
-    mask,
-    cmask,  # valid channels, broadcast-shaped like offs_c
-    H,
-    W,
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    stride_wc,  # weight strides: channel, kernel row, kernel column
-    stride_wh,
-    stride_ww,
-    K: tl.constexpr,
-    STRIDE: tl.constexpr,
-    DIL: tl.constexpr,
-):
-    """z = depthwise conv of one tile in fp32 (zero where ``mask`` is false)."""
-    PAD: tl.constexpr = (K - 1) // 2 * DIL
-    acc = tl.zeros(mask.shape, dtype=tl.float32)
-    for kh in tl.static_range(K):
-        for kw in tl.static_range(K):
-            xv = _load_x_tap(
-                x_img, offs_c, ho, wo, mask, H, W, stride_xc, stride_xh, stride_xw, kh, kw, STRIDE, DIL, PAD
-            )
-            wv = tl.load(w_ptr + offs_c * stride_wc + kh * stride_wh + kw * stride_ww, mask=cmask, other=0.0)
-            acc += xv * wv.to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _grad_u_tile(
-    x_img,  # x of this tile's image (base pointer advanced by n * stride_xn)
-    gy_img,  # grad_y of this tile's image
-    w_ptr,  # weight [C, 1, K, K]
-    offs_c,
-    ho,
-    wo,
-    mask,
-    cmask,
-    mean,  # per-channel vectors of the tile, fp32
-    invstd,
-    gamma,
-    beta,
-    H,
-    W,
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    stride_wc,
-    stride_wh,
-    stride_ww,
-    stride_gc,  # grad_y strides: channel, row, column
-    stride_gh,
-    stride_gw,
-    K: tl.constexpr,
-    STRIDE: tl.constexpr,
-    DIL: tl.constexpr,
-    ACT: tl.constexpr,
-):
-    """(g, xhat) of one tile: z recomputed from x, xhat = (z - mean) * invstd, g = act'(gamma*xhat + beta) * grad_y
-    (zero where ``mask`` is false). Shared by both backward passes so they recompute exactly the same g."""
-    z = _conv_tile(
-        x_img, w_ptr, offs_c, ho, wo, mask, cmask, H, W, stride_xc, stride_xh, stride_xw,
-        stride_wc, stride_wh, stride_ww, K, STRIDE, DIL,
-    )  # fmt: skip
-    xhat = (z - mean) * invstd
-    u = xhat * gamma + beta
-    gy = tl.load(gy_img + offs_c * stride_gc + ho * stride_gh + wo * stride_gw, mask=mask, other=0.0)
-    return tl.where(mask, act_bwd(u, gy.to(tl.float32), ACT), 0.0), xhat
-
-
-@triton.jit
 def _load_vec(ptr, offs_c, cmask):
     """fp32 per-channel vector [C] loaded broadcast-shaped like offs_c."""
     return tl.load(ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _group_tile(offs_g, gpr, Ho, Wo, OW: tl.constexpr):
+    """(ho, wo0, gmask) of the groups ``offs_g`` (indices into the Ho * gpr groups of an image): output row, first
+    output column, and whether the group exists."""
+    return offs_g // gpr, (offs_g % gpr) * OW, offs_g < Ho * gpr
+
+
+@triton.jit
+def _tile_count(g0, BLOCK_G: tl.constexpr, gpr, Ho, Wo, OW: tl.constexpr):
+    """Number of outputs in the groups g0 ... g0 + BLOCK_G - 1 of an image (scalar): OW per group, less the
+    columns past Wo of each row's last group (g % gpr == gpr - 1; there are g1 // gpr - g0 // gpr of them)."""
+    g1 = tl.minimum(g0 + BLOCK_G, Ho * gpr)
+    return (g1 - g0) * OW - (g1 // gpr - g0 // gpr) * (gpr * OW - Wo)
+
+
+@triton.jit
+def _conv_row(
+    accs,  # tuple of OW fp32 accumulator tiles
+    kh,  # kernel row
+    x_c,  # x of the image, advanced by the channel offsets
+    wt_ptr,
+    offs_c,
+    cmask,
+    ho,
+    wi0,  # first input column of each group's window: wo0 * STRIDE - PAD
+    gmask,
+    CP,
+    H,
+    W,
+    stride_xh,
+    stride_xw,
+    K: tl.constexpr,
+    STRIDE: tl.constexpr,
+    DIL: tl.constexpr,
+    OW: tl.constexpr,
+):
+    """accs + the taps of kernel row ``kh``: the K weight vectors of the row, then each of the NJ input columns the
+    group's window spans, loaded and converted once and multiplied into every output that reads it."""
+    PAD: tl.constexpr = (K - 1) // 2 * DIL
+    NJ: tl.constexpr = (OW - 1) * STRIDE + (K - 1) * DIL + 1
+    hi = ho * STRIDE + (kh * DIL - PAD)
+    row_ok = gmask & (hi >= 0) & (hi < H) & cmask
+    x_row = x_c + hi * stride_xh
+    w_row = wt_ptr + kh * (K * CP) + offs_c
+    ws = ()
+    for kw in tl.static_range(K):
+        ws = ws + (tl.load(w_row + kw * CP),)  # padded to CP channels: no mask
+    for j in tl.static_range(NJ):
+        wi = wi0 + j
+        xj = tl.load(x_row + wi * stride_xw, mask=row_ok & (wi >= 0) & (wi < W), other=0.0).to(tl.float32)
+        # column j feeds output i through tap kw where j = i * STRIDE + kw * DIL (consumed at once: one column live)
+        new_accs = ()
+        for i in tl.static_range(OW):
+            if j >= i * STRIDE and (j - i * STRIDE) % DIL == 0 and (j - i * STRIDE) // DIL < K:
+                new_accs = new_accs + (accs[i] + ws[(j - i * STRIDE) // DIL] * xj,)
+            else:
+                new_accs = new_accs + (accs[i],)
+        accs = new_accs
+    return accs
+
+
+@triton.jit
+def _conv_groups(
+    x_img,  # pointer to x[n, 0, 0, 0] (int64 image base applied)
+    wt_ptr,  # weight taps [K*K, CP] fp32, contiguous, zero past C (the launcher's copy of weight)
+    init,  # per-channel start of the accumulators (broadcast-shaped like offs_c): -mean folds the centring in
+    offs_c,  # channel offsets (tile_offsets)
+    cmask,  # channel mask, shaped like offs_c
+    ho,  # output row of each group, shaped like offs_g
+    wo0,  # first output column of each group
+    gmask,  # the group exists
+    CP,  # channels of the weight taps (C padded to a multiple of BLOCK_C)
+    H,
+    W,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    K: tl.constexpr,
+    STRIDE: tl.constexpr,
+    DIL: tl.constexpr,
+    OW: tl.constexpr,
+):
+    """init + z at the OW outputs (ho, wo0 + i) of every group: a tuple of OW fp32 tiles in the orientation of the
+    tile. Kernel row 0, then a runtime loop over rows 1 ... K - 1, so the live set is one row's: its K weight
+    vectors and NJ = (OW - 1) * STRIDE + (K - 1) * DIL + 1 input columns, each x value loaded and converted once
+    for the OW * K / NJ outputs and taps that read it (2.4x at K = 3, OW = 8, stride 1). Row 0 adds onto ``init``
+    itself, so the accumulators need no initialising moves. Taps outside the image read 0; per output the taps
+    add in (kh, kw) order."""
+    PAD: tl.constexpr = (K - 1) // 2 * DIL
+    init_t = init + tl.zeros((gmask & cmask).shape, dtype=tl.float32)
+    wi0 = wo0 * STRIDE - PAD
+    x_c = x_img + offs_c * stride_xc
+    accs = _conv_row(
+        (init_t,) * OW, 0, x_c, wt_ptr, offs_c, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
+        K, STRIDE, DIL, OW,
+    )  # fmt: skip
+    for kh in range(1, K):
+        accs = _conv_row(
+            accs, kh, x_c, wt_ptr, offs_c, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
+            K, STRIDE, DIL, OW,
+        )  # fmt: skip
+    return accs
+
+
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
-@autotune(key=["C", "Ho", "Wo", "stride_xc", "K", "STRIDE", "DIL", "ACT"])
 @triton.jit
 def _fwd_kernel(
     x_ptr,  # x [N, C, H, W], any strides (NCHW or channels_last), fp32/fp16/bf16
-    w_ptr,  # weight [C, 1, K, K], dtype of x
+    wt_ptr,  # weight taps [K*K, CP] fp32 contiguous, zero past C
     mean_ptr,  # [C] fp32, contiguous
     invstd_ptr,  # [C] fp32
     gamma_ptr,  # [C] fp32
     beta_ptr,  # [C] fp32
     y_ptr,  # out: y [N, C, Ho, Wo], dtype of x
     C,  # channels
+    CP,  # channels of the weight taps: C padded to a multiple of BLOCK_C
     H,  # input height
     W,  # input width
     Ho,  # output height
     Wo,  # output width
-    num_pb,  # pixel blocks per image: cdiv(Ho * Wo, BLOCK_P)
+    gpr,  # groups per output row: cdiv(Wo, OW)
+    num_gb,  # group blocks per image: cdiv(Ho * gpr, BLOCK_G)
     num_cb,  # channel blocks: cdiv(C, BLOCK_C)
     stride_xn,  # x strides in elements: image, channel, row, column
     stride_xc,
     stride_xh,
     stride_xw,
-    stride_wc,  # weight strides: channel, kernel row, kernel column
-    stride_wh,
-    stride_ww,
     stride_yn,  # y strides in elements
     stride_yc,
     stride_yh,
@@ -199,113 +200,115 @@ def _fwd_kernel(
     ACT: tl.constexpr,  # activations.ACT_IDS
     CHANNELS_LAST: tl.constexpr,  # tile orientation (contiguous axis last)
     VEC: tl.constexpr,  # host-checked power of two dividing C and the n/h/w strides (1 for NCHW)
-    BLOCK_P: tl.constexpr,  # pixels per tile
+    OW: tl.constexpr,  # outputs per group
+    BLOCK_G: tl.constexpr,  # groups per tile
     BLOCK_C: tl.constexpr,  # channels per tile
 ):
-    """y = act((z - mean) * (gamma * invstd) + beta) in one pass. Subtracting the mean before scaling (one FADD
-    more than the folded ``z * scale + shift``) keeps the error relative to |z - mean| when |mean| >> std."""
+    """y = act((z - mean) * (gamma * invstd) + beta), one tile per program. The accumulators start at -mean, so the
+    centring costs nothing and the error stays relative to |z - mean| when |mean| >> std."""
     C = hint_multiple(C, VEC)
+    CP = hint_multiple(CP, BLOCK_C)
     stride_xn = hint_multiple(stride_xn, VEC)
     stride_xh = hint_multiple(stride_xh, VEC)
     stride_xw = hint_multiple(stride_xw, VEC)
     stride_yn = hint_multiple(stride_yn, VEC)
     stride_yh = hint_multiple(stride_yh, VEC)
     stride_yw = hint_multiple(stride_yw, VEC)
-    n, pb, cb, row = program_tile(num_pb, num_cb)
-    offs_p, offs_c = tile_offsets(pb, cb, BLOCK_P, BLOCK_C, CHANNELS_LAST)
+    n, gb, cb, row = program_tile(num_gb, num_cb)
+    offs_g, offs_c = tile_offsets(gb, cb, BLOCK_G, BLOCK_C, CHANNELS_LAST)
     cmask = offs_c < C
-    mask = (offs_p < Ho * Wo) & cmask
-    ho = offs_p // Wo
-    wo = offs_p % Wo
-    x_img = x_ptr + n.to(tl.int64) * stride_xn
-    z = _conv_tile(
-        x_img, w_ptr, offs_c, ho, wo, mask, cmask, H, W, stride_xc, stride_xh, stride_xw,
-        stride_wc, stride_wh, stride_ww, K, STRIDE, DIL,
-    )  # fmt: skip
+    ho, wo0, gmask = _group_tile(offs_g, gpr, Ho, Wo, OW)
     scale = _load_vec(gamma_ptr, offs_c, cmask) * _load_vec(invstd_ptr, offs_c, cmask)
-    u = (z - _load_vec(mean_ptr, offs_c, cmask)) * scale + _load_vec(beta_ptr, offs_c, cmask)
-    y = act_fwd(u, ACT)
-    y_ptrs = y_ptr + n.to(tl.int64) * stride_yn + offs_c * stride_yc + ho * stride_yh + wo * stride_yw
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    beta = _load_vec(beta_ptr, offs_c, cmask)
+    zs = _conv_groups(
+        x_ptr + n.to(tl.int64) * stride_xn, wt_ptr, -_load_vec(mean_ptr, offs_c, cmask), offs_c, cmask, ho, wo0,
+        gmask, CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW,
+    )  # fmt: skip
+    y_row = y_ptr + n.to(tl.int64) * stride_yn + offs_c * stride_yc + ho * stride_yh
+    for i in tl.static_range(OW):
+        wo = wo0 + i
+        y = act_fwd(zs[i] * scale + beta, ACT)
+        tl.store(y_row + wo * stride_yw, y.to(y_ptr.dtype.element_ty), mask=gmask & (wo < Wo) & cmask)
 
 
-@autotune(key=["C", "Ho", "Wo", "stride_xc", "K", "STRIDE", "DIL", "ITERS"])
 @triton.jit
 def _stats_partial_kernel(
     x_ptr,  # x [N, C, H, W], any strides
-    w_ptr,  # weight [C, 1, K, K]
-    mean_part_ptr,  # out: [R, C] fp32, contiguous: mean of z over the pixels of row r's tiles
-    m2_part_ptr,  # out: [R, C] fp32: sum over those pixels of (z - that mean)^2
-    count_part_ptr,  # out: [R] fp32: the number of those pixels
+    wt_ptr,  # weight taps [K*K, CP] fp32 contiguous, zero past C
+    mean_part_ptr,  # out: [R, C] fp32, contiguous: mean of z over the outputs of row r's tiles
+    m2_part_ptr,  # out: [R, C] fp32: sum over those outputs of (z - that mean)^2
+    count_part_ptr,  # out: [R] fp32: the number of those outputs
     C,  # channels
+    CP,  # channels of the weight taps: C padded to a multiple of BLOCK_C
     H,  # input height
     W,  # input width
     Ho,  # output height
     Wo,  # output width
-    num_pb,  # pixel blocks per image: cdiv(Ho * Wo, BLOCK_P)
+    gpr,  # groups per output row: cdiv(Wo, OW)
+    num_gb,  # group blocks per image: cdiv(Ho * gpr, BLOCK_G)
     num_cb,  # channel blocks: cdiv(C, BLOCK_C)
-    num_tiles,  # N * num_pb
+    num_tiles,  # N * num_gb
     ITERS,  # tiles per program: row r covers tiles r * ITERS ... r * ITERS + ITERS - 1 (below num_tiles)
     stride_xn,  # x strides in elements: image, channel, row, column
     stride_xc,
     stride_xh,
     stride_xw,
-    stride_wc,  # weight strides: channel, kernel row, kernel column
-    stride_wh,
-    stride_ww,
     K: tl.constexpr,  # kernel size 3/5/7
     STRIDE: tl.constexpr,  # 1/2
     DIL: tl.constexpr,  # dilation 1/2
     CHANNELS_LAST: tl.constexpr,  # tile orientation (contiguous axis last)
     VEC: tl.constexpr,  # host-checked power of two dividing C and the n/h/w strides (1 for NCHW)
-    BLOCK_P: tl.constexpr,  # pixels per tile
+    OW: tl.constexpr,  # outputs per group
+    BLOCK_G: tl.constexpr,  # groups per tile
     BLOCK_C: tl.constexpr,  # channels per tile
 ):
-    """Stage 1 of the statistics: program (row, channel block) walks ITERS consecutive tiles. Each tile's
-    (count, mean, M2) is centred on the tile's own mean (two passes over registers, so no large sums of squares
-    cancel) and folded into the running triple with Chan's update. ITERS bounds the number of rows R so that
-    the one-program-per-channel-block combine stays cheap."""
+    """Stage 1 of the statistics: program (row, channel block) walks ITERS consecutive tiles and sums, per tile
+    slot (each thread its own elements, no cross-thread work in the loop), z - shift and (z - shift)^2 where shift
+    is the per-channel mean of the program's first tile: shifted sums, so the variance does not cancel when |mean|
+    >> std. At the end one reduction over the pixel axis gives the row's (count, mean, M2) for the Chan combine."""
     C = hint_multiple(C, VEC)
+    CP = hint_multiple(CP, BLOCK_C)
     stride_xn = hint_multiple(stride_xn, VEC)
     stride_xh = hint_multiple(stride_xh, VEC)
     stride_xw = hint_multiple(stride_xw, VEC)
     pid = tl.program_id(0)
     cb = pid % num_cb
     row = pid // num_cb
-    offs_p0, offs_c = tile_offsets(0, cb, BLOCK_P, BLOCK_C, CHANNELS_LAST)
+    offs_g0, offs_c = tile_offsets(0, cb, BLOCK_G, BLOCK_C, CHANNELS_LAST)
     cmask = offs_c < C
-    P = Ho * Wo
-    n_a = tl.zeros(offs_c.shape, dtype=tl.float32)
-    mean_a = tl.zeros(offs_c.shape, dtype=tl.float32)
-    m2_a = tl.zeros(offs_c.shape, dtype=tl.float32)
-    for i in range(0, ITERS):
-        t = row * ITERS + i
-        n = t // num_pb
-        pb = t % num_pb
-        offs_p = pb * BLOCK_P + offs_p0
-        mask = (offs_p < P) & cmask & (t < num_tiles)
-        ho = offs_p // Wo
-        wo = offs_p % Wo
-        x_img = x_ptr + n.to(tl.int64) * stride_xn
-        z = _conv_tile(
-            x_img, w_ptr, offs_c, ho, wo, mask, cmask, H, W, stride_xc, stride_xh, stride_xw,
-            stride_wc, stride_wh, stride_ww, K, STRIDE, DIL,
+    zero_c = tl.zeros(offs_c.shape, dtype=tl.float32)
+    shift = zero_c
+    s1 = tl.zeros((offs_g0 + offs_c).shape, dtype=tl.float32)
+    s2 = tl.zeros((offs_g0 + offs_c).shape, dtype=tl.float32)
+    count = 0
+    for it in range(0, ITERS):
+        t = row * ITERS + it
+        n = t // num_gb
+        g0 = (t % num_gb) * BLOCK_G
+        ho, wo0, gmask = _group_tile(g0 + offs_g0, gpr, Ho, Wo, OW)
+        gmask = gmask & (t < num_tiles)
+        zs = _conv_groups(
+            x_ptr + n.to(tl.int64) * stride_xn, wt_ptr, zero_c, offs_c, cmask, ho, wo0, gmask,
+            CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW,
         )  # fmt: skip
-        count = tl.where(t < num_tiles, tl.minimum(P - pb * BLOCK_P, BLOCK_P), 0).to(tl.float32)
-        mean_t = sum_pixels(z, CHANNELS_LAST) / tl.maximum(count, 1.0)  # z is 0 outside the mask
-        dev = tl.where(mask, z - mean_t, 0.0)
-        m2_t = sum_pixels(dev * dev, CHANNELS_LAST)
-        n_ab = n_a + count
-        frac = count / tl.maximum(n_ab, 1.0)
-        delta = mean_t - mean_a
-        mean_a = mean_a + delta * frac
-        m2_a = m2_a + m2_t + delta * delta * (n_a * frac)
-        n_a = n_ab
+        if it == 0:  # the first tile always lies inside the image and has outputs
+            first = tl.zeros_like(s1)
+            for i in tl.static_range(OW):
+                first += tl.where(gmask & (wo0 + i < Wo) & cmask, zs[i], 0.0)
+            shift = sum_pixels(first, CHANNELS_LAST) / _tile_count(g0, BLOCK_G, gpr, Ho, Wo, OW).to(tl.float32)
+        for i in tl.static_range(OW):
+            d = tl.where(gmask & (wo0 + i < Wo) & cmask, zs[i] - shift, 0.0)
+            s1 += d
+            s2 += d * d
+        count += tl.where(t < num_tiles, _tile_count(g0, BLOCK_G, gpr, Ho, Wo, OW), 0)
+    cnt = count.to(tl.float32)
+    sum1 = sum_pixels(s1, CHANNELS_LAST)
     base = row.to(tl.int64) * C
-    tl.store(mean_part_ptr + base + offs_c, mean_a, mask=cmask)
-    tl.store(m2_part_ptr + base + offs_c, m2_a, mask=cmask)
+    tl.store(mean_part_ptr + base + offs_c, shift + sum1 / cnt, mask=cmask)
+    tl.store(m2_part_ptr + base + offs_c, tl.maximum(sum_pixels(s2, CHANNELS_LAST) - sum1 * (sum1 / cnt), 0.0),
+             mask=cmask)
     # every channel block holds the same count: the first one stores it
-    tl.store(count_part_ptr + row + offs_c * 0, n_a, mask=(offs_c == 0))
+    tl.store(count_part_ptr + row + offs_c * 0, cnt + zero_c, mask=(offs_c == 0))
 
 
 @triton.jit
@@ -350,25 +353,26 @@ def _stats_combine_kernel(
     tl.store(var_ptr + c, m2_a / n_a, mask=cmask)
 
 
-@autotune(key=["C", "Ho", "Wo", "stride_xc", "K", "STRIDE", "DIL", "ACT", "ITERS"])
 @triton.jit
 def _bwd_reduce_partial_kernel(
     gy_ptr,  # grad_y [N, C, Ho, Wo], any strides, dtype of x
     x_ptr,  # x [N, C, H, W]
-    w_ptr,  # weight [C, 1, K, K]
+    wt_ptr,  # weight taps [K*K, CP] fp32 contiguous, zero past C
     mean_ptr,  # [C] fp32
     invstd_ptr,  # [C] fp32
     gamma_ptr,  # [C] fp32
     beta_ptr,  # [C] fp32
     part_ptr,  # out: [R, 2, C] fp32 contiguous: row r holds (sum g, sum g * xhat) over its tiles
     C,  # channels
+    CP,  # channels of the weight taps: C padded to a multiple of BLOCK_C
     H,  # input height
     W,  # input width
     Ho,  # output height
     Wo,  # output width
-    num_pb,  # pixel blocks per image: cdiv(Ho * Wo, BLOCK_P)
+    gpr,  # groups per output row: cdiv(Wo, OW)
+    num_gb,  # group blocks per image: cdiv(Ho * gpr, BLOCK_G)
     num_cb,  # channel blocks: cdiv(C, BLOCK_C)
-    num_tiles,  # N * num_pb
+    num_tiles,  # N * num_gb
     ITERS,  # tiles per program (as in _stats_partial_kernel)
     stride_gn,  # grad_y strides
     stride_gc,
@@ -378,22 +382,21 @@ def _bwd_reduce_partial_kernel(
     stride_xc,
     stride_xh,
     stride_xw,
-    stride_wc,  # weight strides: channel, kernel row, kernel column
-    stride_wh,
-    stride_ww,
     K: tl.constexpr,  # kernel size 3/5/7
     STRIDE: tl.constexpr,  # 1/2
     DIL: tl.constexpr,  # dilation 1/2
     ACT: tl.constexpr,  # activations.ACT_IDS
     CHANNELS_LAST: tl.constexpr,  # tile orientation (contiguous axis last)
     VEC: tl.constexpr,  # host-checked power of two dividing C and the n/h/w strides (1 for NCHW)
-    BLOCK_P: tl.constexpr,  # pixels per tile
+    OW: tl.constexpr,  # outputs per group
+    BLOCK_G: tl.constexpr,  # groups per tile
     BLOCK_C: tl.constexpr,  # channels per tile
 ):
-    """Stage 1 of bwd_reduce: g = act'(u) * grad_y with u recomputed from x; sums of g and g * xhat over ITERS
-    consecutive tiles (xhat formed before the product, so sum g * xhat does not cancel as
-    invstd * (sum g z - mean sum g) would)."""
+    """Stage 1 of bwd_reduce: g = act'(u) * grad_y with u recomputed from x; per tile slot sums of g and g * xhat
+    over ITERS consecutive tiles (xhat formed before the product, so sum g * xhat does not cancel as
+    invstd * (sum g z - mean sum g) would), reduced over the pixel axis once at the end."""
     C = hint_multiple(C, VEC)
+    CP = hint_multiple(CP, BLOCK_C)
     stride_gn = hint_multiple(stride_gn, VEC)
     stride_gh = hint_multiple(stride_gh, VEC)
     stride_gw = hint_multiple(stride_gw, VEC)
@@ -403,32 +406,35 @@ def _bwd_reduce_partial_kernel(
     pid = tl.program_id(0)
     cb = pid % num_cb
     row = pid // num_cb
-    offs_p0, offs_c = tile_offsets(0, cb, BLOCK_P, BLOCK_C, CHANNELS_LAST)
+    offs_g0, offs_c = tile_offsets(0, cb, BLOCK_G, BLOCK_C, CHANNELS_LAST)
     cmask = offs_c < C
-    mean = _load_vec(mean_ptr, offs_c, cmask)
+    neg_mean = -_load_vec(mean_ptr, offs_c, cmask)
     invstd = _load_vec(invstd_ptr, offs_c, cmask)
     gamma = _load_vec(gamma_ptr, offs_c, cmask)
     beta = _load_vec(beta_ptr, offs_c, cmask)
-    sum_g = tl.zeros(offs_c.shape, dtype=tl.float32)
-    sum_gx = tl.zeros(offs_c.shape, dtype=tl.float32)
-    for i in range(0, ITERS):
-        t = row * ITERS + i
-        n = t // num_pb
-        offs_p = (t % num_pb) * BLOCK_P + offs_p0
-        mask = (offs_p < Ho * Wo) & cmask & (t < num_tiles)
-        ho = offs_p // Wo
-        wo = offs_p % Wo
-        x_img = x_ptr + n.to(tl.int64) * stride_xn
-        g, xhat = _grad_u_tile(
-            x_img, gy_ptr + n.to(tl.int64) * stride_gn, w_ptr, offs_c, ho, wo, mask, cmask, mean, invstd, gamma,
-            beta, H, W, stride_xc, stride_xh, stride_xw, stride_wc, stride_wh, stride_ww, stride_gc, stride_gh,
-            stride_gw, K, STRIDE, DIL, ACT,
+    sum_g = tl.zeros((offs_g0 + offs_c).shape, dtype=tl.float32)
+    sum_gx = tl.zeros((offs_g0 + offs_c).shape, dtype=tl.float32)
+    for it in range(0, ITERS):
+        t = row * ITERS + it
+        n = t // num_gb
+        ho, wo0, gmask = _group_tile((t % num_gb) * BLOCK_G + offs_g0, gpr, Ho, Wo, OW)
+        gmask = gmask & (t < num_tiles)
+        zs = _conv_groups(
+            x_ptr + n.to(tl.int64) * stride_xn, wt_ptr, neg_mean, offs_c, cmask, ho, wo0, gmask,
+            CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW,
         )  # fmt: skip
-        sum_g += sum_pixels(g, CHANNELS_LAST)
-        sum_gx += sum_pixels(g * xhat, CHANNELS_LAST)
+        gy_row = gy_ptr + n.to(tl.int64) * stride_gn + offs_c * stride_gc + ho * stride_gh
+        for i in tl.static_range(OW):
+            wo = wo0 + i
+            ok = gmask & (wo < Wo) & cmask
+            xhat = zs[i] * invstd
+            gy = tl.load(gy_row + wo * stride_gw, mask=ok, other=0.0).to(tl.float32)
+            g = tl.where(ok, act_bwd(xhat * gamma + beta, gy, ACT), 0.0)
+            sum_g += g
+            sum_gx += g * xhat
     base = row.to(tl.int64) * (2 * C)
-    tl.store(part_ptr + base + offs_c, sum_g, mask=cmask)
-    tl.store(part_ptr + base + C + offs_c, sum_gx, mask=cmask)
+    tl.store(part_ptr + base + offs_c, sum_pixels(sum_g, CHANNELS_LAST), mask=cmask)
+    tl.store(part_ptr + base + C + offs_c, sum_pixels(sum_gx, CHANNELS_LAST), mask=cmask)
 
 
 @triton.jit
@@ -457,12 +463,11 @@ def _sum_rows_kernel(
     tl.store(out2_ptr + (j - SPLIT), total.to(out2_ptr.dtype.element_ty), mask=jmask & (j >= SPLIT))
 
 
-@autotune(key=["C", "Ho", "Wo", "stride_xc", "K", "STRIDE", "DIL", "ACT", "ITERS"])
 @triton.jit
 def _bwd_dz_kernel(
     gy_ptr,  # grad_y [N, C, Ho, Wo], any strides
     x_ptr,  # x [N, C, H, W]
-    w_ptr,  # weight [C, 1, K, K]
+    wt_ptr,  # weight taps [K*K, CP] fp32 contiguous, zero past C
     mean_ptr,  # [C] fp32
     invstd_ptr,  # [C] fp32
     gamma_ptr,  # [C] fp32
@@ -470,15 +475,17 @@ def _bwd_dz_kernel(
     mean_g_ptr,  # [C] fp32: sum g / M (zeros in eval)
     mean_gx_ptr,  # [C] fp32: sum g * xhat / M (zeros in eval)
     dz_ptr,  # out: dz [N, C, Ho, Wo] fp32 scratch (memory format of x)
-    dw_part_ptr,  # out: [R, C, K*K] fp32 contiguous: row r's sum of dz * x(shifted by the tap) over its tiles
+    dw_part_ptr,  # out: [R, C, K*K] fp32 contiguous: row r's sums of dz * x(shifted by the tap) over its tiles
     C,  # channels
+    CP,  # channels of the weight taps: C padded to a multiple of BLOCK_C
     H,  # input height
     W,  # input width
     Ho,  # output height
     Wo,  # output width
-    num_pb,  # pixel blocks per image: cdiv(pixels, BLOCK_P)
+    gpr,  # groups per output row: cdiv(Wo, OW)
+    num_gb,  # group blocks per image: cdiv(Ho * gpr, BLOCK_G)
     num_cb,  # channel blocks: cdiv(C, BLOCK_C)
-    num_tiles,  # N * num_pb
+    num_tiles,  # N * num_gb
     ITERS,  # tiles per program: row r covers tiles r * ITERS ... r * ITERS + ITERS - 1 (below num_tiles)
     stride_gn,  # grad_y strides: image, channel, row, column
     stride_gc,
@@ -488,9 +495,6 @@ def _bwd_dz_kernel(
     stride_xc,
     stride_xh,
     stride_xw,
-    stride_wc,  # weight strides: channel, kernel row, kernel column
-    stride_wh,
-    stride_ww,
     stride_dn,  # dz strides
     stride_dc,
     stride_dh,
@@ -501,16 +505,19 @@ def _bwd_dz_kernel(
     ACT: tl.constexpr,  # activations.ACT_IDS
     CHANNELS_LAST: tl.constexpr,  # tile orientation (contiguous axis last)
     VEC: tl.constexpr,  # host-checked power of two dividing C and the n/h/w strides (1 for NCHW)
-    BLOCK_P: tl.constexpr,  # pixels per tile
+    OW: tl.constexpr,  # outputs per group
+    BLOCK_G: tl.constexpr,  # groups per tile
     BLOCK_C: tl.constexpr,  # channels per tile
 ):
-    """dz = gamma * invstd * (g - mean_g - xhat * mean_g_xhat) for ITERS consecutive tiles, stored for the dx
-    kernel, and dweight partials for all K*K taps at once: after dz, a second sweep over the taps re-reads the x
-    tiles the conv just loaded (L1/L2 hits), so x leaves HBM once per tile instead of K*K times. The K*K partial
-    sums accumulate in the program's own row of dw_part (read-modify-write, ordered by a barrier): registers
-    cannot hold K*K separately indexed vectors across a runtime loop, and ITERS keeps the partial buffer at
-    ~8 rows per SM instead of N * num_pb rows (as large as x itself for 7x7 layers with k = 5)."""
+    """dz = gamma * invstd * (g - mean_g - xhat * mean_g_xhat) for ITERS consecutive tiles (g exactly as
+    bwd_reduce recomputes it: ``_conv_groups`` adds every output's taps in the same order whatever the tile),
+    stored for the dx kernel, and the dweight partials of the program: per tile slot, K*K running sums of
+    dz * x(shifted by the tap) kept in registers across the ITERS tiles (a thread holds 2 channels of one group,
+    so K*K x 2 of them), reduced over the pixel axis once at the end and written once (no read-modify-write, no
+    barrier). The x columns of the dweight sums are re-read by a second pass over the kernel rows (unrolled: the
+    sums are indexed by the row), L1/L2 hits of the conv's loads."""
     C = hint_multiple(C, VEC)
+    CP = hint_multiple(CP, BLOCK_C)
     stride_gn = hint_multiple(stride_gn, VEC)
     stride_gh = hint_multiple(stride_gh, VEC)
     stride_gw = hint_multiple(stride_gw, VEC)
@@ -521,69 +528,92 @@ def _bwd_dz_kernel(
     stride_dh = hint_multiple(stride_dh, VEC)
     stride_dw = hint_multiple(stride_dw, VEC)
     PAD: tl.constexpr = (K - 1) // 2 * DIL
+    NJ: tl.constexpr = (OW - 1) * STRIDE + (K - 1) * DIL + 1
     pid = tl.program_id(0)
     cb = pid % num_cb
     row = pid // num_cb
-    offs_p0, offs_c = tile_offsets(0, cb, BLOCK_P, BLOCK_C, CHANNELS_LAST)
+    offs_g0, offs_c = tile_offsets(0, cb, BLOCK_G, BLOCK_C, CHANNELS_LAST)
     cmask = offs_c < C
-    mean = _load_vec(mean_ptr, offs_c, cmask)
+    neg_mean = -_load_vec(mean_ptr, offs_c, cmask)
     invstd = _load_vec(invstd_ptr, offs_c, cmask)
     gamma = _load_vec(gamma_ptr, offs_c, cmask)
     beta = _load_vec(beta_ptr, offs_c, cmask)
+    scale = gamma * invstd
     mean_g = _load_vec(mean_g_ptr, offs_c, cmask)
     mean_gx = _load_vec(mean_gx_ptr, offs_c, cmask)
-    dw_row = dw_part_ptr + row.to(tl.int64) * (C * K * K) + offs_c * (K * K)
-    for i in range(0, ITERS):
-        t = row * ITERS + i
-        n = t // num_pb
-        offs_p = (t % num_pb) * BLOCK_P + offs_p0
-        mask = (offs_p < Ho * Wo) & cmask & (t < num_tiles)
-        ho = offs_p // Wo
-        wo = offs_p % Wo
+    # a zero mean term (eval) contributes exactly zero, as native's eval backward that has none: an Inf/NaN xhat
+    # must not poison dz there (one per-channel test, outside the loops)
+    no_xhat_term = mean_gx == 0.0
+    zero = tl.zeros((offs_g0 + offs_c).shape, dtype=tl.float32)
+    parts = ((zero,) * K,) * K  # parts[kh][kw]
+    for it in range(0, ITERS):
+        t = row * ITERS + it
+        n = t // num_gb
+        ho, wo0, gmask = _group_tile((t % num_gb) * BLOCK_G + offs_g0, gpr, Ho, Wo, OW)
+        gmask = gmask & (t < num_tiles)
         x_img = x_ptr + n.to(tl.int64) * stride_xn
-        g, xhat = _grad_u_tile(
-            x_img, gy_ptr + n.to(tl.int64) * stride_gn, w_ptr, offs_c, ho, wo, mask, cmask, mean, invstd, gamma,
-            beta, H, W, stride_xc, stride_xh, stride_xw, stride_wc, stride_wh, stride_ww, stride_gc, stride_gh,
-            stride_gw, K, STRIDE, DIL, ACT,
+        zs = _conv_groups(
+            x_img, wt_ptr, neg_mean, offs_c, cmask, ho, wo0, gmask,
+            CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW,
         )  # fmt: skip
-        # a zero mean term (eval) contributes exactly zero, as native's eval backward that has none: an Inf/NaN
-        # xhat must not poison dz there
-        xhat_term = tl.where(mean_gx == 0.0, 0.0, xhat * mean_gx)
-        dz = tl.where(mask, (gamma * invstd) * (g - mean_g - xhat_term), 0.0)
-        dz_ptrs = dz_ptr + n.to(tl.int64) * stride_dn + offs_c * stride_dc + ho * stride_dh + wo * stride_dw
-        tl.store(dz_ptrs, dz, mask=mask)
+        gy_row = gy_ptr + n.to(tl.int64) * stride_gn + offs_c * stride_gc + ho * stride_gh
+        dz_row = dz_ptr + n.to(tl.int64) * stride_dn + offs_c * stride_dc + ho * stride_dh
+        dzs = ()
+        for i in tl.static_range(OW):
+            wo = wo0 + i
+            ok = gmask & (wo < Wo) & cmask
+            xhat = zs[i] * invstd
+            gy = tl.load(gy_row + wo * stride_gw, mask=ok, other=0.0).to(tl.float32)
+            g = act_bwd(xhat * gamma + beta, gy, ACT)
+            dz = tl.where(ok, scale * (g - mean_g - tl.where(no_xhat_term, 0.0, xhat * mean_gx)), 0.0)
+            tl.store(dz_row + wo * stride_dw, dz, mask=ok)
+            dzs = dzs + (dz,)
+        # tap (kh, kw) sums dz_i * x[ho * STRIDE - PAD + kh * DIL, wo0 * STRIDE - PAD + i * STRIDE + kw * DIL]
+        wi0 = wo0 * STRIDE - PAD
+        x_c = x_img + offs_c * stride_xc
+        new_parts = ()
         for kh in tl.static_range(K):
-            for kw in tl.static_range(K):
-                xv = _load_x_tap(
-                    x_img, offs_c, ho, wo, mask, H, W, stride_xc, stride_xh, stride_xw, kh, kw, STRIDE, DIL, PAD
-                )
-                part = sum_pixels(dz * xv, CHANNELS_LAST)
-                prev = tl.load(dw_row + (kh * K + kw), mask=cmask & (i > 0), other=0.0)
-                tl.store(dw_row + (kh * K + kw), prev + part, mask=cmask)
-        # the next iteration's loads of dw_row may run on other threads than these stores
-        tl.debug_barrier()
+            hi = ho * STRIDE + (kh * DIL - PAD)
+            row_ok = gmask & (hi >= 0) & (hi < H) & cmask
+            x_row = x_c + hi * stride_xh
+            prow = parts[kh]
+            for j in tl.static_range(NJ):
+                wi = wi0 + j
+                xj = tl.load(x_row + wi * stride_xw, mask=row_ok & (wi >= 0) & (wi < W), other=0.0).to(tl.float32)
+                new_row = ()
+                for kw in tl.static_range(K):
+                    p = prow[kw]
+                    for i in tl.static_range(OW):
+                        if i * STRIDE + kw * DIL == j:
+                            p += dzs[i] * xj
+                    new_row = new_row + (p,)
+                prow = new_row
+            new_parts = new_parts + (prow,)
+        parts = new_parts
+    dw_row = dw_part_ptr + row.to(tl.int64) * (C * K * K) + offs_c * (K * K)
+    for kh in tl.static_range(K):
+        for kw in tl.static_range(K):
+            tl.store(dw_row + (kh * K + kw), sum_pixels(parts[kh][kw], CHANNELS_LAST), mask=cmask)
 
 
-@autotune(key=["C", "H", "W", "stride_xc", "K", "STRIDE", "DIL"])
 @triton.jit
 def _bwd_dx_kernel(
     dz_ptr,  # dz [N, C, Ho, Wo] fp32 (from _bwd_dz_kernel)
-    w_ptr,  # weight [C, 1, K, K]
+    wt_ptr,  # weight taps [K*K, CP] fp32 contiguous, zero past C
     dx_ptr,  # out: dx [N, C, H, W], dtype and memory format of x
     C,  # channels
+    CP,  # channels of the weight taps: C padded to a multiple of BLOCK_C
     H,  # input height
     W,  # input width
     Ho,  # output height
     Wo,  # output width
-    num_pb,  # pixel blocks per image over the *input* pixels: cdiv(H * W, BLOCK_P)
+    gpr,  # groups per input row: cdiv(W, OW)
+    num_gb,  # group blocks per image: cdiv(H * gpr, BLOCK_G)
     num_cb,  # channel blocks: cdiv(C, BLOCK_C)
     stride_dn,  # dz strides: image, channel, row, column
     stride_dc,
     stride_dh,
     stride_dw,
-    stride_wc,  # weight strides: channel, kernel row, kernel column
-    stride_wh,
-    stride_ww,
     stride_xn,  # dx strides (same as x's layout)
     stride_xc,
     stride_xh,
@@ -593,13 +623,17 @@ def _bwd_dx_kernel(
     DIL: tl.constexpr,  # dilation 1/2
     CHANNELS_LAST: tl.constexpr,  # tile orientation (contiguous axis last)
     VEC: tl.constexpr,  # host-checked power of two dividing C and the n/h/w strides (1 for NCHW)
-    BLOCK_P: tl.constexpr,  # pixels per tile
+    OW: tl.constexpr,  # input columns per group (a multiple of STRIDE)
+    BLOCK_G: tl.constexpr,  # groups per tile
     BLOCK_C: tl.constexpr,  # channels per tile
 ):
-    """dx = conv^T(dz) as a gather (no atomics): input pixel (hi, wi) receives w[kh, kw] * dz[ho, wo] for each
-    tap with ho * STRIDE - PAD + kh * DIL == hi (same for w), i.e. ho = (hi + PAD - kh * DIL) / STRIDE when that
-    is a non-negative integer below Ho. For STRIDE 2 three taps in four fail the parity test (masked lanes)."""
+    """dx = conv^T(dz) as a gather (no atomics) over groups of OW input columns: input (hi, wi) receives
+    w[kh, kw] * dz[ho, wo] where ho * STRIDE = hi + PAD - kh * DIL and wo * STRIDE = wi + PAD - kw * DIL. A runtime
+    loop over kernel rows; per row, each dz column the group's taps reach is loaded once and multiplied into every
+    dx column it feeds. Groups start at a multiple of STRIDE, so which (column, tap) pairs meet is known at compile
+    time; a row whose hi + PAD - kh * DIL is odd at stride 2 reads nothing (masked)."""
     C = hint_multiple(C, VEC)
+    CP = hint_multiple(CP, BLOCK_C)
     stride_dn = hint_multiple(stride_dn, VEC)
     stride_dh = hint_multiple(stride_dh, VEC)
     stride_dw = hint_multiple(stride_dw, VEC)
@@ -607,35 +641,38 @@ def _bwd_dx_kernel(
     stride_xh = hint_multiple(stride_xh, VEC)
     stride_xw = hint_multiple(stride_xw, VEC)
     PAD: tl.constexpr = (K - 1) // 2 * DIL
-    n, pb, cb, row = program_tile(num_pb, num_cb)
-    offs_p, offs_c = tile_offsets(pb, cb, BLOCK_P, BLOCK_C, CHANNELS_LAST)
+    LO: tl.constexpr = (PAD - (K - 1) * DIL) // STRIDE  # lowest dz column offset (floor), relative to wi0 / STRIDE
+    NJ: tl.constexpr = (OW - 1 + PAD) // STRIDE - LO + 1
+    n, gb, cb, row = program_tile(num_gb, num_cb)
+    offs_g, offs_c = tile_offsets(gb, cb, BLOCK_G, BLOCK_C, CHANNELS_LAST)
     cmask = offs_c < C
-    mask = (offs_p < H * W) & cmask
-    hi = offs_p // W
-    wi = offs_p % W
-    dz_img = dz_ptr + n.to(tl.int64) * stride_dn
-    acc = tl.zeros(mask.shape, dtype=tl.float32)
-    for kh in tl.static_range(K):
-        th = hi + PAD - kh * DIL
-        ho = th // STRIDE
-        ok_h = (th >= 0) & (ho < Ho)
-        if STRIDE > 1:
-            ok_h = ok_h & (th % STRIDE == 0)
-        ho = tl.where(ok_h, ho, 0)
+    hi, wi0, gmask = _group_tile(offs_g, gpr, H, W, OW)
+    dz_c = dz_ptr + n.to(tl.int64) * stride_dn + offs_c * stride_dc
+    wob = wi0 // STRIDE + LO
+    accs = (tl.zeros((gmask & cmask).shape, dtype=tl.float32),) * OW
+    for kh in range(K):
+        th = hi + (PAD - kh * DIL)
+        ok_h = gmask & (th >= 0) & (th % STRIDE == 0) & (th < Ho * STRIDE) & cmask
+        dz_row = dz_c + tl.where(ok_h, th // STRIDE, 0) * stride_dh
+        w_row = wt_ptr + kh * (K * CP) + offs_c
+        ws = ()
         for kw in tl.static_range(K):
-            tw = wi + PAD - kw * DIL
-            wo = tw // STRIDE
-            ok_w = (tw >= 0) & (wo < Wo)
-            if STRIDE > 1:
-                ok_w = ok_w & (tw % STRIDE == 0)
-            wo = tl.where(ok_w, wo, 0)
-            dzv = tl.load(
-                dz_img + offs_c * stride_dc + ho * stride_dh + wo * stride_dw, mask=mask & ok_h & ok_w, other=0.0
-            )
-            wv = tl.load(w_ptr + offs_c * stride_wc + kh * stride_wh + kw * stride_ww, mask=cmask, other=0.0)
-            acc += dzv * wv.to(tl.float32)
-    dx_ptrs = dx_ptr + n.to(tl.int64) * stride_xn + offs_c * stride_xc + hi * stride_xh + wi * stride_xw
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+            ws = ws + (tl.load(w_row + kw * CP),)
+        for j in tl.static_range(NJ):
+            wo = wob + j
+            dzj = tl.load(dz_row + wo * stride_dw, mask=ok_h & (wo >= 0) & (wo < Wo), other=0.0)
+            new_accs = ()
+            for i in tl.static_range(OW):
+                acc = accs[i]
+                for kw in tl.static_range(K):
+                    if (i + PAD - kw * DIL) % STRIDE == 0 and (i + PAD - kw * DIL) // STRIDE - LO == j:
+                        acc += ws[kw] * dzj
+                new_accs = new_accs + (acc,)
+            accs = new_accs
+    dx_row = dx_ptr + n.to(tl.int64) * stride_xn + offs_c * stride_xc + hi * stride_xh
+    for i in tl.static_range(OW):
+        wi = wi0 + i
+        tl.store(dx_row + wi * stride_xw, accs[i].to(dx_ptr.dtype.element_ty), mask=gmask & (wi < W) & cmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,7 +681,7 @@ def _bwd_dx_kernel(
 _COMBINE_BLOCK_R = 64
 _COMBINE_BLOCK_C = 32
 _SUM_BLOCK_R = 64
-_STAGE1_PROGRAMS_PER_SM = 8
+_STAGE1_PROGRAMS = 1024
 _INTERP_STAGE1_PROGRAMS = 4  # interpreter: few programs (each costs ~13 ms); ITERS > 1 once there are > 4 tiles
 
 
@@ -681,30 +718,26 @@ def _new_like(x: torch.Tensor, shape, dtype=None) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
-def _grid(n: int, num_pb: int, c: int, block_c: int):
-    """1-D grid (see ``program_tile``) and the number of channel blocks."""
-    num_cb = triton.cdiv(c, block_c)
-    return (n * num_pb * num_cb,), num_cb
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _stage1_rows(tiles: int, c: int, block_c: int, device: torch.device) -> tuple[int, int]:
-    """(rows, ITERS) for a stage-1 reduction over ``tiles`` tiles: about _STAGE1_PROGRAMS_PER_SM programs per SM
-    in all (one wave, each walking ITERS consecutive tiles), so that the stage-2 kernel, one program per channel
-    block, reads only a few thousand rows instead of N * num_pb (25k for a 112x112 layer at batch 256)."""
-    if interpreting():
-        target = _INTERP_STAGE1_PROGRAMS
-    else:
-        target = _STAGE1_PROGRAMS_PER_SM * _num_sms(
-            device.index if device.index is not None else torch.cuda.current_device()
-        )
+def _stage1_rows(tiles: int, c: int, block_c: int) -> tuple[int, int]:
+    """(rows, ITERS) for a stage-1 reduction over ``tiles`` tiles: about _STAGE1_PROGRAMS programs in all (several
+    waves' worth on any GPU, each walking ITERS consecutive tiles), so that the stage-2 kernel, one program per
+    channel block, reads only a few thousand rows instead of N * num_gb. A function of the shape alone, not of the
+    GPU's SM count: the sums come out bitwise the same on every GPU."""
+    target = _INTERP_STAGE1_PROGRAMS if interpreting() else _STAGE1_PROGRAMS
     rows_wanted = max(1, target // triton.cdiv(c, block_c))
     iters = triton.cdiv(tiles, min(tiles, rows_wanted))
     return triton.cdiv(tiles, iters), iters
+
+
+def _weight_taps(weight: torch.Tensor, block_c: int) -> torch.Tensor:
+    """weight [C, 1, K, K] as fp32 taps [K*K, CP], CP = C padded with zeros to a multiple of ``block_c``: a tiny
+    copy (K*K*CP values) after which a thread loads its 8 channels of a tap as two 16-byte vectors, unmasked and
+    with no conversion."""
+    c = weight.shape[0]
+    cp = triton.cdiv(c, block_c) * block_c
+    taps = torch.zeros((weight[0].numel(), cp), dtype=torch.float32, device=weight.device)
+    taps[:, :c] = weight.reshape(c, -1).t()
+    return taps
 
 
 def _sum_rows(part: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None = None) -> None:
@@ -712,7 +745,8 @@ def _sum_rows(part: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None =
     rows, length = part.shape
     block_l = 32 if not interpreting() else min(1024, triton.next_power_of_2(length))
     _sum_rows_kernel[(triton.cdiv(length, block_l),)](
-        part, out, out if out2 is None else out2, rows, length, out.numel(), BLOCK_R=_SUM_BLOCK_R, BLOCK_L=block_l
+        part, out, out if out2 is None else out2, rows, length, out.numel(), BLOCK_R=_SUM_BLOCK_R, BLOCK_L=block_l,
+        num_warps=NUM_WARPS,
     )
 
 
@@ -731,15 +765,14 @@ def dwconv_bn_act_fwd(
     k = _check(x, weight, stride, dilation, (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)))
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
     y = _new_like(x, (n, c, ho, wo))
-    bp, bc = tile_sizes(ho * wo, c, cl)
-    num_pb = triton.cdiv(ho * wo, bp)
-    grid, num_cb = _grid(n, num_pb, c, bc)
-    _fwd_kernel[grid](
-        x, weight, mean, invstd, gamma, beta, y,
-        c, h, w, ho, wo, num_pb, num_cb,
-        *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *y.stride(),
+    t = dw_tile(ho, wo, c, cl, k)
+    taps = _weight_taps(weight, t.block_c)
+    num_cb = triton.cdiv(c, t.block_c)
+    _fwd_kernel[(n * t.num_gb * num_cb,)](
+        x, taps, mean, invstd, gamma, beta, y,
+        c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, *x.stride(), *y.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl,
-        VEC=vec_width(cl, c, x, y), BLOCK_P=bp, BLOCK_C=bc,
+        VEC=vec_width(cl, c, x, y), OW=t.ow, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
     )  # fmt: skip
     return y
 
@@ -750,25 +783,25 @@ def dwconv_bn_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     k = _check(x, weight, stride, dilation)
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
-    bp, bc = tile_sizes(ho * wo, c, cl)
-    num_pb = triton.cdiv(ho * wo, bp)
-    rows, iters = _stage1_rows(n * num_pb, c, bc, x.device)
+    t = dw_tile(ho, wo, c, cl, k, "reduce")
+    num_cb = triton.cdiv(c, t.block_c)
+    rows, iters = _stage1_rows(n * t.num_gb, c, t.block_c)
     mean_part = torch.empty((rows, c), dtype=torch.float32, device=x.device)
     m2_part = torch.empty_like(mean_part)
     count_part = torch.empty((rows,), dtype=torch.float32, device=x.device)
-    num_cb = triton.cdiv(c, bc)
+    taps = _weight_taps(weight, t.block_c)
     _stats_partial_kernel[(rows * num_cb,)](
-        x, weight, mean_part, m2_part, count_part,
-        c, h, w, ho, wo, num_pb, num_cb, n * num_pb, iters,
-        *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
+        x, taps, mean_part, m2_part, count_part,
+        c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, n * t.num_gb, iters, *x.stride(),
         K=k, STRIDE=stride, DIL=dilation, CHANNELS_LAST=cl,
-        VEC=vec_width(cl, c, x), BLOCK_P=bp, BLOCK_C=bc,
+        VEC=vec_width(cl, c, x), OW=t.ow, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
     )  # fmt: skip
     mean = torch.empty((c,), dtype=torch.float32, device=x.device)
     var = torch.empty_like(mean)
     block_c = min(_COMBINE_BLOCK_C, triton.next_power_of_2(c))
     _stats_combine_kernel[(triton.cdiv(c, block_c),)](
-        mean_part, m2_part, count_part, mean, var, rows, c, BLOCK_R=_COMBINE_BLOCK_R, BLOCK_C=block_c
+        mean_part, m2_part, count_part, mean, var, rows, c, BLOCK_R=_COMBINE_BLOCK_R, BLOCK_C=block_c,
+        num_warps=NUM_WARPS,
     )
     return mean, var
 
@@ -789,17 +822,17 @@ def dwconv_bn_act_bwd_reduce(
     k = _check(x, weight, stride, dilation, (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)))
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
     _check_grad(grad_y, x, (n, c, ho, wo))
-    bp, bc = tile_sizes(ho * wo, c, cl)
-    num_pb = triton.cdiv(ho * wo, bp)
-    rows, iters = _stage1_rows(n * num_pb, c, bc, x.device)
+    t = dw_tile(ho, wo, c, cl, k, "reduce")
+    num_cb = triton.cdiv(c, t.block_c)
+    rows, iters = _stage1_rows(n * t.num_gb, c, t.block_c)
     part = torch.empty((rows, 2 * c), dtype=torch.float32, device=x.device)
-    num_cb = triton.cdiv(c, bc)
+    taps = _weight_taps(weight, t.block_c)
     _bwd_reduce_partial_kernel[(rows * num_cb,)](
-        grad_y, x, weight, mean, invstd, gamma, beta, part,
-        c, h, w, ho, wo, num_pb, num_cb, n * num_pb, iters,
-        *grad_y.stride(), *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
+        grad_y, x, taps, mean, invstd, gamma, beta, part,
+        c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, n * t.num_gb, iters,
+        *grad_y.stride(), *x.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl,
-        VEC=vec_width(cl, c, grad_y, x), BLOCK_P=bp, BLOCK_C=bc,
+        VEC=vec_width(cl, c, grad_y, x), OW=t.ow, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
     )  # fmt: skip
     sum_g = torch.empty((c,), dtype=torch.float32, device=x.device)
     sum_g_xhat = torch.empty_like(sum_g)
@@ -834,29 +867,28 @@ def dwconv_bn_act_bwd_apply(
     k = _check(x, weight, stride, dilation, vectors)
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
     _check_grad(grad_y, x, (n, c, ho, wo))
-    bp, bc = tile_sizes(ho * wo, c, cl)
-    num_pb = triton.cdiv(ho * wo, bp)
+    t = dw_tile(ho, wo, c, cl, k, "dz")
+    taps = _weight_taps(weight, t.block_c)
+    num_cb = triton.cdiv(c, t.block_c)
     dz = _new_like(x, (n, c, ho, wo), torch.float32)
-    rows, iters = _stage1_rows(n * num_pb, c, bc, x.device)
+    rows, iters = _stage1_rows(n * t.num_gb, c, t.block_c)
     dw_part = torch.empty((rows, c * k * k), dtype=torch.float32, device=x.device)
-    num_cb = triton.cdiv(c, bc)
     _bwd_dz_kernel[(rows * num_cb,)](
-        grad_y, x, weight, mean, invstd, gamma, beta, mean_g, mean_g_xhat, dz, dw_part,
-        c, h, w, ho, wo, num_pb, num_cb, n * num_pb, iters,
-        *grad_y.stride(), *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *dz.stride(),
+        grad_y, x, taps, mean, invstd, gamma, beta, mean_g, mean_g_xhat, dz, dw_part,
+        c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, n * t.num_gb, iters,
+        *grad_y.stride(), *x.stride(), *dz.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl,
-        VEC=vec_width(cl, c, grad_y, x, dz), BLOCK_P=bp, BLOCK_C=bc,
+        VEC=vec_width(cl, c, grad_y, x, dz), OW=t.ow, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
     )  # fmt: skip
     dx = _new_like(x, (n, c, h, w))
-    bp_in, bc_in = tile_sizes(h * w, c, cl)
-    num_pb_in = triton.cdiv(h * w, bp_in)
-    grid, num_cb_in = _grid(n, num_pb_in, c, bc_in)
-    _bwd_dx_kernel[grid](
-        dz, weight, dx,
-        c, h, w, ho, wo, num_pb_in, num_cb_in,
-        *dz.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *dx.stride(),
+    ti = dw_tile(h, w, c, cl, k, ow_multiple=stride)
+    taps_in = taps if ti.block_c == t.block_c else _weight_taps(weight, ti.block_c)
+    num_cb_in = triton.cdiv(c, ti.block_c)
+    _bwd_dx_kernel[(n * ti.num_gb * num_cb_in,)](
+        dz, taps_in, dx,
+        c, taps_in.shape[1], h, w, ho, wo, ti.groups_per_row, ti.num_gb, num_cb_in, *dz.stride(), *dx.stride(),
         K=k, STRIDE=stride, DIL=dilation, CHANNELS_LAST=cl,
-        VEC=vec_width(cl, c, dz, dx), BLOCK_P=bp_in, BLOCK_C=bc_in,
+        VEC=vec_width(cl, c, dz, dx), OW=ti.ow, BLOCK_G=ti.block_g, BLOCK_C=ti.block_c, num_warps=ti.num_warps,
     )  # fmt: skip
     # dweight stage 2: deterministic column sums of the [R, C*K*K] partials, stored in weight's dtype.
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)

@@ -4,7 +4,8 @@
 Order: ``@triton.jit`` kernels, then host launchers. Tiles are BLOCK_P pixels (flattened ``h * W + w``) by
 BLOCK_C channels oriented for the memory format (see ``triton_kernels.tile_offsets``); image bases are int64.
 Reductions (pool, bwd_reduce) give one program per (n, channel block) that walks the image's pixels in a fixed
-order: deterministic, one launch, no partial buffers. Elementwise passes (scale, bwd_apply) tile
+order at a fixed warp count
+(``NUM_WARPS``): deterministic, one launch, no partial buffers. Elementwise passes (scale, bwd_apply) tile
 (n, pixels, channels) on a 1-D grid, channel blocks fastest (``triton_kernels.program_tile``).
 """
 
@@ -15,8 +16,9 @@ import triton
 import triton.language as tl
 
 from mnet_ext.reference import memory_format_of
+
 from . import (
-    autotune,
+    NUM_WARPS,
     hint_multiple,
     on_tensor_device,
     program_tile,
@@ -30,7 +32,6 @@ from . import (
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
-@autotune(key=["C", "H", "W", "stride_ac", "PRODUCT"])
 @triton.jit
 def _se_reduce_kernel(
     a_ptr,  # x (pool) or grad_y (bwd_reduce): [N, C, H, W], any strides, fp32/fp16/bf16
@@ -81,7 +82,6 @@ def _se_reduce_kernel(
     tl.store(out_ptr + n * C + offs_c, sum_pixels(acc, CHANNELS_LAST) * scale, mask=cmask)
 
 
-@autotune(key=["C", "H", "W", "stride_gc", "HAS_BIAS"])
 @triton.jit
 def _se_apply_kernel(
     g_ptr,  # x (se_scale) or grad_y (se_bwd_apply): [N, C, H, W], any strides
@@ -158,6 +158,7 @@ def _reduce(a: torch.Tensor, b: torch.Tensor | None, scale: float) -> torch.Tens
     _se_reduce_kernel[(n, triton.cdiv(c, bc))](
         a, bb, out, c, h, w, scale, *a.stride(), *bb.stride(),
         PRODUCT=b is not None, CHANNELS_LAST=cl, VEC=vec_width(cl, c, a, bb), BLOCK_P=bp, BLOCK_C=bc,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
@@ -172,6 +173,7 @@ def _apply(g: torch.Tensor, s: torch.Tensor, d: torch.Tensor | None) -> torch.Te
     _se_apply_kernel[(n * num_pb * num_cb,)](
         g, s, s if d is None else d, out, c, h, w, 1.0 / (h * w), num_pb, num_cb, *g.stride(), *out.stride(),
         HAS_BIAS=d is not None, CHANNELS_LAST=cl, VEC=vec_width(cl, c, g, out), BLOCK_P=bp, BLOCK_C=bc,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
