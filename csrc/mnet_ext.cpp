@@ -24,6 +24,8 @@ TORCH_LIBRARY(mnet_ext_cuda, m) {
       "dwconv_bn_act_bwd_apply(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor invstd, "
       "Tensor gamma, Tensor beta, Tensor mean_g, Tensor mean_g_xhat, int stride, int dilation, str act) "
       "-> (Tensor, Tensor)");
+  // Test hook: the CUDA kernels' tile plan run on the host (tile_check.cpp).
+  m.def("_dw_tile_coverage(Tensor x, Tensor weight, int stride, int dilation, int threads) -> Tensor");
   m.def("se_pool(Tensor x) -> Tensor");
   m.def("se_scale(Tensor x, Tensor s) -> Tensor");
   m.def("se_bwd_reduce(Tensor grad_y, Tensor x) -> Tensor");

@@ -176,6 +176,48 @@ def test_host_twin_deterministic_and_matches_reference(layout):
 
 
 # ------------------------------------------------------------------------------------------------
+# the CUDA kernels' tile plan (csrc/dwconv_bn_act/tile.h), run on the host: the geometry the GPU launches with
+# ------------------------------------------------------------------------------------------------
+def _tile_cases() -> list[tuple]:
+    from mnet_ext.layers import unique_layers
+
+    cases = []
+    for cfg in unique_layers():  # every MobileNet depthwise layer, at batch 2
+        if cfg.kind == "dwconv_bn_act":
+            cases.append((2, cfg.channels, cfg.height, cfg.width, cfg.kernel_size, cfg.stride, cfg.dilation))
+    # odd sizes, C not a multiple of 8 (or of the 32-vector groups), K = 7, every stride x dilation
+    for k, s, d in itertools.product((3, 5, 7), (1, 2), (1, 2)):
+        cases += [(3, 13, 9, 11, k, s, d), (1, 100, 6, 5, k, s, d), (2, 264, 7, 7, k, s, d)]
+    return cases
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tile_plan_covers_every_output_once(layout, dtype):
+    """Every output of every layer is computed by exactly one (strip, lane) of the plan, each strip's register
+    window reads the conv's own input columns (the op raises otherwise), and the reduction chunks partition the
+    strips (checked inside the op)."""
+    for n, c, h, w, k, stride, dilation in _tile_cases():
+        x = torch.empty(n, c, h, w, dtype=dtype)
+        if layout == "nhwc":
+            x = x.to(memory_format=torch.channels_last)
+        weight = torch.empty(c, 1, k, k, dtype=dtype)
+        counts = OPS._dw_tile_coverage(x, weight, stride, dilation, 256)
+        ho = (h - 1) // stride + 1
+        assert counts.shape == (n, c, ho, (w - 1) // stride + 1)
+        bad = (counts != 1).nonzero()
+        case = (n, c, h, w, k, stride, dilation)
+        assert bad.numel() == 0, f"{case}: outputs covered {counts.min()}..{counts.max()} times, first at {bad[0]}"
+
+
+def test_tile_plan_check_fails_on_a_gap():
+    """The coverage test can fail: fewer threads than a block's lanes need is refused."""
+    x = torch.empty(1, 960, 7, 7).to(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="block shape"):
+        OPS._dw_tile_coverage(x, torch.empty(960, 1, 3, 3), 1, 1, 16)
+
+
+# ------------------------------------------------------------------------------------------------
 # CUDA kernels (GPU machines only)
 # ------------------------------------------------------------------------------------------------
 CUDA_CASES = list(itertools.product((3, 5, 7), (1, 2), (1, 2), ("nchw", "nhwc")))

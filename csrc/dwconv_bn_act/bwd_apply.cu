@@ -4,8 +4,11 @@
 
 namespace mnet {
 
-int64_t dw_bwd_apply_workspace(const DwParams& p) { return p.C * dev::num_chunks(p) * p.k * p.k; }
-int64_t dw_bwd_apply_workspace2(const DwParams& p) { return p.N * p.C * p.Ho * p.Wo; }
+int64_t dw_bwd_apply_workspace(const DwParams& p) {
+  return MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
+    return band_plan(p, (int)sizeof(T)).nchunks * p.k * p.k * p.C;
+  });
+}
 
 void dw_bwd_apply_cuda(const DwParams& p, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);

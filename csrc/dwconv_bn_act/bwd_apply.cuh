@@ -1,6 +1,6 @@
-// dwconv_bn_act_bwd_apply launch for one dtype: (A) dz + per-chunk dweight partials, (B) dx gathered from dz,
-// (C) dweight combine. Included by bwd_apply_{f32,f16,bf16}.cu, one dtype per file to keep the compile of
-// each translation unit short (the K=7 dweight kernel dominates).
+// dwconv_bn_act_bwd_apply launch for one dtype: bwd_apply_kernel (dz on chip -> dx + dweight partials), then
+// dweight_final_kernel. Included by bwd_apply_{f32,f16,bf16}.cu, one dtype per file to keep the compile of each
+// translation unit short.
 #pragma once
 
 #include "common/cuda_check.cuh"
@@ -12,23 +12,26 @@ namespace mnet {
 
 template <typename T>
 void dw_bwd_apply_launch(const DwParams& p, cudaStream_t s) {
-  const int64_t nchunks = dev::num_chunks(p);
-  const unsigned red_blocks = (unsigned)dev::reduction_blocks(p, nchunks);
-  const unsigned dx_blocks = dev::elementwise_blocks(p.N * p.C * p.H * p.W);
-  const unsigned dw_blocks = (unsigned)((p.C * p.k * p.k + 127) / 128);
+  const TilePlan t = dev::launch_plan(p, (int)sizeof(T));
+  const BandPlan b = band_plan(p, (int)sizeof(T));
+  const size_t smem = (size_t)dev::bwd_apply_smem_floats(p, b) * sizeof(float);
+  if (smem > 227 * 1024)
+    throw std::runtime_error("mnet_ext: the image is too wide for the CUDA backward (a band of dz rows needs " +
+                             std::to_string(smem) + " bytes of shared memory, at most 232448)");
+  const dim3 grid((unsigned)b.nchunks, (unsigned)b.groups);
   MNET_DISPATCH_KSIZE(p.k, K, [&] {
-    MNET_DISPATCH_BOOL(p.channels_last, CL, [&] {
-      constexpr size_t smem = dev::bwd_apply_dz_smem<K, CL>();
-      if (smem > 48 * 1024)
-        MNET_CUDA_CHECK(cudaFuncSetAttribute(dev::bwd_apply_dz_kernel<T, K, CL>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-      dev::bwd_apply_dz_kernel<T, K, CL><<<red_blocks, dev::kThreads, smem, s>>>(p, nchunks);
-      MNET_CUDA_CHECK_LAUNCH();
-      dev::bwd_apply_dx_kernel<T, K, CL><<<dx_blocks, dev::kThreads, 0, s>>>(p);
-      MNET_CUDA_CHECK_LAUNCH();
+    MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
+      MNET_DISPATCH_LAYOUT(p.channels_last, dev::full_vectors<T>(p, {p.x, p.grad_y, p.y}), CL, FULL, [&] {
+        constexpr int J = J2 ? 2 : 1;
+        dev::allow_smem(dev::bwd_apply_kernel<T, K, J, CL, FULL>, smem);
+        dev::bwd_apply_kernel<T, K, J, CL, FULL><<<grid, dev::kThreads, smem, s>>>(p, t, b);
+      });
     });
   });
-  dev::bwd_apply_dw_final_kernel<T><<<dw_blocks, 128, 0, s>>>(p, nchunks);
+  MNET_CUDA_CHECK_LAUNCH();
+  const int kk = p.k * p.k;
+  dev::dweight_final_kernel<T><<<dev::final_blocks(p.C * kk), dev::kFinalLanes * dev::kFinalWalkers, 0, s>>>(
+      p.work, b.nchunks, p.C, kk, static_cast<T*>(p.dweight));
   MNET_CUDA_CHECK_LAUNCH();
 }
 

@@ -1,4 +1,4 @@
-// dwconv_bn_act_bwd_reduce: per-(channel, chunk) partial sums of g and g*xhat, then a fixed-order sum.
+// dwconv_bn_act_bwd_reduce: per-(chunk, channel) partial sums of g and g*xhat, then a fixed-order sum.
 #include "common/cuda_check.cuh"
 #include "common/dispatch.h"
 #include "dwconv_bn_act/kernels.cuh"
@@ -7,36 +7,60 @@
 namespace mnet {
 namespace dev {
 
-__global__ void bwd_reduce_final_kernel(const DwParams p, int64_t nchunks) {
-  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= p.C) return;
-  double a = 0.0, b = 0.0;
-  for (int64_t j = 0; j < nchunks; ++j) {
-    const float* q = p.work + (c * nchunks + j) * 2;
-    a += q[0];
-    b += q[1];
+// out0[c], out1[c] = the sums over the chunks of the two components (sum g, sum g*xhat), in double.
+struct SumD2 {
+  double a, b;
+};
+
+__global__ void __launch_bounds__(kFinalLanes* kFinalWalkers)
+    sum2_final_kernel(const float* __restrict__ part, int64_t nchunks, int64_t C, float* out0, float* out1) {
+  __shared__ SumD2 tree[kFinalLanes * kFinalWalkers];
+  const int lane = threadIdx.x % kFinalLanes, walker = threadIdx.x / kFinalLanes;
+  const int64_t c = (int64_t)blockIdx.x * kFinalLanes + lane, nc = nchunks * C;
+  SumD2 acc{0.0, 0.0};
+  if (c < C)
+    for (int64_t j = walker; j < nchunks; j += kFinalWalkers) {
+      acc.a += part[j * C + c];
+      acc.b += part[nc + j * C + c];
+    }
+  acc = block_tree(acc, tree, kFinalLanes, kFinalWalkers,
+                   [](const SumD2& a, const SumD2& b) { return SumD2{a.a + b.a, a.b + b.b}; });
+  if (walker == 0 && c < C) {
+    out0[c] = (float)acc.a;
+    out1[c] = (float)acc.b;
   }
-  p.out0[c] = (float)a;
-  p.out1[c] = (float)b;
 }
 
 }  // namespace dev
 
-int64_t dw_bwd_reduce_workspace(const DwParams& p) { return p.C * dev::num_chunks(p) * 2; }
+int64_t dw_bwd_reduce_workspace(const DwParams& p) {
+  return MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
+    return 2 * p.C * dev::launch_plan(p, (int)sizeof(T)).nchunks;
+  });
+}
 
 void dw_bwd_reduce_cuda(const DwParams& p, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int64_t nchunks = dev::num_chunks(p);
-  const unsigned blocks = (unsigned)dev::reduction_blocks(p, nchunks);
+  int64_t nchunks = 1;
   MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
+    const TilePlan t = dev::launch_plan(p, (int)sizeof(T));
+    nchunks = t.nchunks;
+    const dim3 grid((unsigned)t.nchunks, (unsigned)t.lg.groups);
+    const unsigned threads = (unsigned)(t.lg.lanes * t.lg.walkers);
     MNET_DISPATCH_KSIZE(p.k, K, [&] {
-      MNET_DISPATCH_BOOL(p.channels_last, CL, [&] {
-        dev::bwd_reduce_partial_kernel<T, K, CL><<<blocks, dev::kThreads, 0, s>>>(p, nchunks);
+      const size_t smem = dev::param_smem_bytes(K, 4, t.cb);
+      MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
+        MNET_DISPATCH_LAYOUT(p.channels_last, dev::full_vectors<T>(p, {p.x, p.grad_y}), CL, FULL, [&] {
+          constexpr int J = J2 ? 2 : 1;
+          dev::allow_smem(dev::bwd_reduce_partial_kernel<T, K, J, CL, FULL>, smem);
+          dev::bwd_reduce_partial_kernel<T, K, J, CL, FULL><<<grid, threads, smem, s>>>(p, t);
+        });
       });
     });
   });
   MNET_CUDA_CHECK_LAUNCH();
-  dev::bwd_reduce_final_kernel<<<(unsigned)((p.C + 127) / 128), 128, 0, s>>>(p, nchunks);
+  dev::sum2_final_kernel<<<dev::final_blocks(p.C), dev::kFinalLanes * dev::kFinalWalkers, 0, s>>>(
+      p.work, nchunks, p.C, p.out0, p.out1);
   MNET_CUDA_CHECK_LAUNCH();
 }
 

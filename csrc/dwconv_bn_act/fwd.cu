@@ -1,4 +1,4 @@
-// dwconv_bn_act_fwd: launch (instantiations of fwd_kernel for 3 dtypes x 3 kernel sizes x 2 layouts).
+// dwconv_bn_act_fwd: launch (fwd_kernel for 3 dtypes x 3 kernel sizes x 2 column patterns x 2 layouts).
 #include "common/cuda_check.cuh"
 #include "common/dispatch.h"
 #include "dwconv_bn_act/kernels.cuh"
@@ -8,10 +8,19 @@ namespace mnet {
 
 void dw_fwd_cuda(const DwParams& p, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const unsigned blocks = dev::elementwise_blocks(p.N * p.C * p.Ho * p.Wo);
   MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
+    const TilePlan t = dev::launch_plan(p, (int)sizeof(T));
+    const dim3 grid(dev::fwd_blocks(t), (unsigned)t.lg.groups);
+    const unsigned threads = (unsigned)(t.lg.lanes * t.lg.walkers);
     MNET_DISPATCH_KSIZE(p.k, K, [&] {
-      MNET_DISPATCH_BOOL(p.channels_last, CL, [&] { dev::fwd_kernel<T, K, CL><<<blocks, dev::kThreads, 0, s>>>(p); });
+      const size_t smem = dev::param_smem_bytes(K, 4, t.cb);
+      MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
+        MNET_DISPATCH_LAYOUT(p.channels_last, dev::full_vectors<T>(p, {p.x, p.y}), CL, FULL, [&] {
+          constexpr int J = J2 ? 2 : 1;
+          dev::allow_smem(dev::fwd_kernel<T, K, J, CL, FULL>, smem);
+          dev::fwd_kernel<T, K, J, CL, FULL><<<grid, threads, smem, s>>>(p, t);
+        });
+      });
     });
   });
   MNET_CUDA_CHECK_LAUNCH();

@@ -13,13 +13,15 @@ void dw_stats_cpu(const DwParams& p);
 void dw_bwd_reduce_cpu(const DwParams& p);
 void dw_bwd_apply_cpu(const DwParams& p);
 
+// The CUDA tile plan run on the host (tile_check.cpp): counts [N, C, Ho, Wo] of work items per output.
+void dw_tile_coverage(const DwParams& p, int elem_size, int threads, int32_t* counts);
+
 #ifdef WITH_CUDA
-// CUDA (fwd.cu, stats.cu, bwd_reduce.cu, bwd_apply.cu). `stream` is a cudaStream_t. Scratch buffers
-// p.work / p.work2 must hold at least the number of floats returned by the matching *_workspace().
+// CUDA (fwd.cu, stats.cu, bwd_reduce.cu, bwd_apply.cu). `stream` is a cudaStream_t. The scratch buffer p.work
+// must hold at least the number of floats returned by the matching *_workspace() (per-chunk partial sums).
 int64_t dw_stats_workspace(const DwParams& p);
 int64_t dw_bwd_reduce_workspace(const DwParams& p);
-int64_t dw_bwd_apply_workspace(const DwParams& p);   // p.work (dweight partials)
-int64_t dw_bwd_apply_workspace2(const DwParams& p);  // p.work2 (dz, fp32, N*C*Ho*Wo)
+int64_t dw_bwd_apply_workspace(const DwParams& p);  // dweight partials
 void dw_fwd_cuda(const DwParams& p, void* stream);
 void dw_stats_cuda(const DwParams& p, void* stream);
 void dw_bwd_reduce_cuda(const DwParams& p, void* stream);

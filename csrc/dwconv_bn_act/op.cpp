@@ -3,6 +3,7 @@
 // CUDA stream (CUDA). Schemas live in csrc/mnet_ext.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -51,14 +52,17 @@ void set_bn(DwParams& p, const Tensor& x, const Tensor& mean, const Tensor& invs
   p.beta = beta.data_ptr<float>();
 }
 
-void set_grad_y(DwParams& p, const Tensor& grad_y, const Tensor& x) {
-  check_activation(grad_y, "grad_y");
+// The kernels read grad_y in x's memory format (channel vectors); a grad_y in the other format is copied once.
+Tensor set_grad_y(DwParams& p, const Tensor& grad_y_in, const Tensor& x) {
+  check_activation(grad_y_in, "grad_y");
+  const Tensor grad_y = grad_y_in.contiguous(memory_format_of(x));
   check_like(grad_y, "grad_y", x, "x");
   TORCH_CHECK(grad_y.size(0) == p.N && grad_y.size(1) == p.C && grad_y.size(2) == p.Ho && grad_y.size(3) == p.Wo,
               "grad_y: expected shape [", p.N, ", ", p.C, ", ", p.Ho, ", ", p.Wo, "] (the output of the conv), got ",
               grad_y.sizes());
   p.grad_y = grad_y.data_ptr();
-  p.gs = strides4(grad_y, is_channels_last(grad_y));
+  p.gs = strides4(grad_y, p.channels_last);
+  return grad_y;
 }
 
 Tensor empty_like_layout(const DwParams& p, const Tensor& x, int64_t h, int64_t w) {
@@ -118,7 +122,7 @@ std::tuple<Tensor, Tensor> bwd_reduce(const Tensor& grad_y, const Tensor& x, con
                                       int64_t dilation, c10::string_view act) {
   DwParams p = make_params(x, weight, stride, dilation);
   set_bn(p, x, mean, invstd, gamma, beta);
-  set_grad_y(p, grad_y, x);
+  const Tensor gy = set_grad_y(p, grad_y, x);
   p.act = parse_act(std::string(act), true);
   Tensor sum_g = vec(x, p.C), sum_gx = vec(x, p.C);
   p.out0 = sum_g.data_ptr<float>();
@@ -143,7 +147,7 @@ std::tuple<Tensor, Tensor> bwd_apply(const Tensor& grad_y, const Tensor& x, cons
                                      c10::string_view act) {
   DwParams p = make_params(x, weight, stride, dilation);
   set_bn(p, x, mean, invstd, gamma, beta);
-  set_grad_y(p, grad_y, x);
+  const Tensor gy = set_grad_y(p, grad_y, x);
   check_fp32(mean_g, "mean_g", {p.C}, x);
   check_fp32(mean_g_xhat, "mean_g_xhat", {p.C}, x);
   p.mean_g = mean_g.data_ptr<float>();
@@ -158,9 +162,7 @@ std::tuple<Tensor, Tensor> bwd_apply(const Tensor& grad_y, const Tensor& x, cons
   if constexpr (CUDA) {
     const c10::cuda::CUDAGuard guard(x.device());
     Tensor work = scratch(x, dw_bwd_apply_workspace(p));
-    Tensor work2 = scratch(x, dw_bwd_apply_workspace2(p));
     p.work = work.data_ptr<float>();
-    p.work2 = work2.data_ptr<float>();
     dw_bwd_apply_cuda(p, stream_of(x));
     return {dx, dweight};
   }
@@ -169,8 +171,19 @@ std::tuple<Tensor, Tensor> bwd_apply(const Tensor& grad_y, const Tensor& x, cons
   return {dx, dweight};
 }
 
+// The CUDA kernels' tile plan for x's shape, dtype and layout, run on the host (tests): int32 [N, C, Ho, Wo].
+Tensor tile_coverage(const Tensor& x, const Tensor& weight, int64_t stride, int64_t dilation, int64_t threads) {
+  const DwParams p = make_params(x, weight, stride, dilation);
+  TORCH_CHECK(threads >= 1 && threads <= 1024, "threads: expected 1..1024, got ", threads);
+  Tensor counts = at::zeros({p.N, p.C, p.Ho, p.Wo}, x.options().dtype(at::kInt).device(at::kCPU));
+  dw_tile_coverage(p, (int)x.element_size(), (int)threads, counts.data_ptr<int32_t>());
+  return counts;
+}
+
 }  // namespace
 }  // namespace mnet
+
+TORCH_LIBRARY_IMPL(mnet_ext_cuda, CompositeExplicitAutograd, m) { m.impl("_dw_tile_coverage", &mnet::tile_coverage); }
 
 TORCH_LIBRARY_IMPL(mnet_ext_cuda, CPU, m) {
   m.impl("dwconv_bn_act_fwd", &mnet::fwd<false>);

@@ -33,9 +33,8 @@ struct DwParams {
   void* dweight = nullptr;          // bwd_apply: [C, k*k], dtype
   float* out0 = nullptr;            // stats: mean; bwd_reduce: sum_g    [C]
   float* out1 = nullptr;            // stats: var;  bwd_reduce: sum_g_xhat [C]
-  // scratch (CUDA: allocated by op.cpp from the caching allocator; sizes from *_workspace())
+  // scratch (CUDA: allocated by op.cpp from the caching allocator; size from *_workspace())
   float* work = nullptr;
-  float* work2 = nullptr;
 
   Strides4 xs{}, gs{}, ys{};        // element strides of x, grad_y, and the 4-D output (y or dx)
   int64_t N = 0, C = 0, H = 0, W = 0, Ho = 0, Wo = 0;

@@ -1,4 +1,4 @@
-// dwconv_bn_stats: per-(channel, chunk) Welford partials, then a deterministic Chan combine per channel.
+// dwconv_bn_stats: per-(chunk, channel) Welford partials, then a deterministic Chan combine per channel.
 #include "common/cuda_check.cuh"
 #include "common/dispatch.h"
 #include "dwconv_bn_act/kernels.cuh"
@@ -7,36 +7,56 @@
 namespace mnet {
 namespace dev {
 
-// One thread per channel: combine the chunk partials in chunk order (double), write mean and biased var.
-__global__ void stats_final_kernel(const DwParams p, int64_t nchunks) {
-  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= p.C) return;
+// mean and biased variance from the Welford partials.
+__global__ void __launch_bounds__(kFinalLanes* kFinalWalkers)
+    stats_final_kernel(const float* __restrict__ part, int64_t nchunks, int64_t C, float* mean, float* var) {
+  __shared__ WelfordD tree[kFinalLanes * kFinalWalkers];
+  const int lane = threadIdx.x % kFinalLanes, walker = threadIdx.x / kFinalLanes;
+  const int64_t c = (int64_t)blockIdx.x * kFinalLanes + lane, nc = nchunks * C;
   WelfordD acc{0.0, 0.0, 0.0};
-  for (int64_t j = 0; j < nchunks; ++j) {
-    const float* q = p.work + (c * nchunks + j) * 3;
-    acc = welford_combine(acc, (double)q[0], (double)q[1], (double)q[2]);
+  if (c < C)
+    for (int64_t j = walker; j < nchunks; j += kFinalWalkers) {
+      const float* q = part + j * C + c;
+      acc = welford_combine(acc, (double)q[0], (double)q[nc], (double)q[2 * nc]);
+    }
+  acc = block_tree(acc, tree, kFinalLanes, kFinalWalkers,
+                   [](const WelfordD& a, const WelfordD& b) { return welford_combine(a, b.count, b.mean, b.m2); });
+  if (walker == 0 && c < C) {
+    mean[c] = (float)acc.mean;
+    var[c] = acc.count > 0.0 ? (float)(acc.m2 / acc.count) : 0.0f;
   }
-  p.out0[c] = (float)acc.mean;
-  p.out1[c] = acc.count > 0.0 ? (float)(acc.m2 / acc.count) : 0.0f;
 }
 
 }  // namespace dev
 
-int64_t dw_stats_workspace(const DwParams& p) { return p.C * dev::num_chunks(p) * 3; }
+int64_t dw_stats_workspace(const DwParams& p) {
+  return MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
+    return 3 * p.C * dev::launch_plan(p, (int)sizeof(T)).nchunks;
+  });
+}
 
 void dw_stats_cuda(const DwParams& p, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int64_t nchunks = dev::num_chunks(p);
-  const unsigned blocks = (unsigned)dev::reduction_blocks(p, nchunks);
+  int64_t nchunks = 1;
   MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
+    const TilePlan t = dev::launch_plan(p, (int)sizeof(T));
+    nchunks = t.nchunks;
+    const dim3 grid((unsigned)t.nchunks, (unsigned)t.lg.groups);
+    const unsigned threads = (unsigned)(t.lg.lanes * t.lg.walkers);
     MNET_DISPATCH_KSIZE(p.k, K, [&] {
-      MNET_DISPATCH_BOOL(p.channels_last, CL, [&] {
-        dev::stats_partial_kernel<T, K, CL><<<blocks, dev::kThreads, 0, s>>>(p, nchunks);
+      const size_t smem = dev::param_smem_bytes(K, 0, t.cb);
+      MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
+        MNET_DISPATCH_LAYOUT(p.channels_last, dev::full_vectors<T>(p, {p.x}), CL, FULL, [&] {
+          constexpr int J = J2 ? 2 : 1;
+          dev::allow_smem(dev::stats_partial_kernel<T, K, J, CL, FULL>, smem);
+          dev::stats_partial_kernel<T, K, J, CL, FULL><<<grid, threads, smem, s>>>(p, t);
+        });
       });
     });
   });
   MNET_CUDA_CHECK_LAUNCH();
-  dev::stats_final_kernel<<<(unsigned)((p.C + 127) / 128), 128, 0, s>>>(p, nchunks);
+  dev::stats_final_kernel<<<dev::final_blocks(p.C), dev::kFinalLanes * dev::kFinalWalkers, 0, s>>>(
+      p.work, nchunks, p.C, p.out0, p.out1);
   MNET_CUDA_CHECK_LAUNCH();
 }
 

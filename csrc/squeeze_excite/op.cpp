@@ -74,10 +74,12 @@ Tensor bwd_reduce(const Tensor& grad_y, const Tensor& x) {
   check_like(x, "x", grad_y, "grad_y");
   TORCH_CHECK(x.sizes() == grad_y.sizes(), "x: expected the shape of grad_y ", grad_y.sizes(), ", got ", x.sizes());
   Tensor out = at::empty({p.N, p.C}, x.options().dtype(at::kFloat));
+  // The kernels read x in grad_y's memory format (channel vectors); an x in the other format is copied once.
+  const Tensor xx = x.contiguous(memory_format_of(grad_y));
   p.grad_y = grad_y.data_ptr();
   p.gs = strides4(grad_y, p.channels_last);
-  p.x = x.data_ptr();
-  p.xs = strides4(x, is_channels_last(x));
+  p.x = xx.data_ptr();
+  p.xs = strides4(xx, p.channels_last);
   p.out = out.data_ptr<float>();
   MNET_SE_RUN(se_bwd_reduce, grad_y)
   return out;

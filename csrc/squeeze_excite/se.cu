@@ -7,25 +7,29 @@
 namespace mnet {
 namespace {
 
+constexpr int64_t kPixelsPerWalker = 8;  // se_affine: pixels one walker handles per block
+
 template <bool PROD>
-void reduce(const SeParams& p, const void* a, const Strides4& as, const void* b, const Strides4& bs, float scale,
-            cudaStream_t s) {
-  const int64_t L = p.channels_last ? 32 : 1;
-  const unsigned blocks = (unsigned)(p.N * ((p.C + L - 1) / L));
+void reduce(const SeParams& p, const void* a, const void* b, float scale, cudaStream_t s) {
   MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
-    MNET_DISPATCH_BOOL(p.channels_last, CL, [&] {
-      dev::se_reduce_kernel<T, CL, PROD><<<blocks, dev::kThreads, 0, s>>>(
-          p, static_cast<const T*>(a), as, static_cast<const T*>(b), bs, scale);
+    const LaneGeom g = lane_geom(p.C, tile_vec((int)sizeof(T), p.channels_last), p.channels_last, dev::kThreads);
+    const unsigned blocks = (unsigned)(p.N * g.groups), threads = (unsigned)(g.lanes * g.walkers);
+    MNET_DISPATCH_LAYOUT(p.channels_last, dev::full_vectors<T>(p.channels_last, p.C, {a, b}), CL, FULL, [&] {
+      dev::se_reduce_kernel<T, CL, FULL, PROD><<<blocks, threads, 0, s>>>(p, static_cast<const T*>(a),
+                                                                           static_cast<const T*>(b), scale, g);
     });
   });
   MNET_CUDA_CHECK_LAUNCH();
 }
 
-void affine(const SeParams& p, const void* a, const Strides4& as, const float* t, float tdiv, cudaStream_t s) {
-  const unsigned blocks = dev::elementwise_blocks(p.N * p.C * p.H * p.W);
+void affine(const SeParams& p, const void* a, const float* t, float tdiv, cudaStream_t s) {
   MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
-    MNET_DISPATCH_BOOL(p.channels_last, CL, [&] {
-      dev::se_affine_kernel<T, CL><<<blocks, dev::kThreads, 0, s>>>(p, static_cast<const T*>(a), as, t, tdiv);
+    const LaneGeom g = lane_geom(p.C, tile_vec((int)sizeof(T), p.channels_last), p.channels_last, dev::kThreads);
+    const int64_t chunk = g.walkers * kPixelsPerWalker, HW = p.H * p.W;
+    const dim3 grid((unsigned)(p.N * g.groups), (unsigned)((HW + chunk - 1) / chunk));
+    const unsigned threads = (unsigned)(g.lanes * g.walkers);
+    MNET_DISPATCH_LAYOUT(p.channels_last, dev::full_vectors<T>(p.channels_last, p.C, {a, p.y}), CL, FULL, [&] {
+      dev::se_affine_kernel<T, CL, FULL><<<grid, threads, 0, s>>>(p, static_cast<const T*>(a), t, tdiv, g, chunk);
     });
   });
   MNET_CUDA_CHECK_LAUNCH();
@@ -34,19 +38,19 @@ void affine(const SeParams& p, const void* a, const Strides4& as, const float* t
 }  // namespace
 
 void se_pool_cuda(const SeParams& p, void* stream) {
-  reduce<false>(p, p.x, p.xs, p.x, p.xs, 1.0f / (float)(p.H * p.W), static_cast<cudaStream_t>(stream));
+  reduce<false>(p, p.x, p.x, 1.0f / (float)(p.H * p.W), static_cast<cudaStream_t>(stream));
 }
 
 void se_bwd_reduce_cuda(const SeParams& p, void* stream) {
-  reduce<true>(p, p.grad_y, p.gs, p.x, p.xs, 1.0f, static_cast<cudaStream_t>(stream));
+  reduce<true>(p, p.grad_y, p.x, 1.0f, static_cast<cudaStream_t>(stream));
 }
 
 void se_scale_cuda(const SeParams& p, void* stream) {
-  affine(p, p.x, p.xs, nullptr, 1.0f, static_cast<cudaStream_t>(stream));
+  affine(p, p.x, nullptr, 1.0f, static_cast<cudaStream_t>(stream));
 }
 
 void se_bwd_apply_cuda(const SeParams& p, void* stream) {
-  affine(p, p.grad_y, p.gs, p.dpooled, (float)(p.H * p.W), static_cast<cudaStream_t>(stream));
+  affine(p, p.grad_y, p.dpooled, (float)(p.H * p.W), static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace mnet

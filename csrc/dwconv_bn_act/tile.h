@@ -1,0 +1,216 @@
+// Tile plan of the dwconv_bn_act kernels: which outputs one thread computes, which input columns it reads, how
+// channels map to lanes and how positions split into reduction chunks. Host and device (no ATen), so the host
+// twin's tests run the same plan the CUDA kernels launch with (tests/test_cuda_backend.py: tile plan).
+//
+// The unit of work is a *strip*: TW outputs of one output row (n, oh) for one channel vector of V channels.
+// Output m of a strip sits at column ow0 + m * out_step and reads, at tap (kh, kw), input row
+// oh * stride - pad + kh * dilation and input column iw0 + (J * m + kw) * in_step. With J a compile-time constant
+// the input column index j = J * m + kw is known at compile time, so a thread keeps its row of inputs in
+// registers and each loaded vector feeds every output that reads it (a sliding window along W):
+//
+//   stride dilation | J in_step out_step | input columns per strip
+//      1      1     | 1    1       1     | TW + K - 1
+//      1      2     | 1    2       2     | TW + K - 1   (two interleaved phases of columns, each a plain conv)
+//      2      1     | 2    1       1     | 2 (TW - 1) + K
+//      2      2     | 1    2       1     | TW + K - 1
+#pragma once
+
+#include <stdint.h>
+
+#include "common/macros.h"
+#include "dwconv_bn_act/params.h"
+
+namespace mnet {
+
+MNET_HD int strip_j(int stride, int dilation) { return stride == 2 && dilation == 1 ? 2 : 1; }
+
+// Input columns a strip of TW outputs reads (the register window).
+MNET_HD constexpr int strip_cols(int J, int TW, int K) { return J * (TW - 1) + K; }
+
+struct StripGeom {
+  int in_step;        // input column step between window entries
+  int out_step;       // output column step between the strip's outputs
+  int64_t per_phase;  // strips per phase of a row
+  int64_t per_row;    // strips per output row (= per_phase * out_step phases)
+};
+
+MNET_HD StripGeom strip_geom(int64_t Wo, int stride, int dilation, int TW) {
+  StripGeom g;
+  g.in_step = strip_j(stride, dilation) == 2 ? 1 : dilation;
+  g.out_step = stride == 1 ? dilation : 1;
+  const int64_t phase_len = (Wo + g.out_step - 1) / g.out_step;  // outputs of phase 0 (the longer one)
+  g.per_phase = (phase_len + TW - 1) / TW;
+  g.per_row = g.per_phase * g.out_step;
+  return g;
+}
+
+// First output column of strip `s` (0 <= s < per_row) of a row; its outputs are ow0 + m * out_step while < Wo.
+MNET_HD int64_t strip_ow0(const StripGeom& g, int64_t s, int TW) {
+  const int64_t phase = s / g.per_phase, q = s - phase * g.per_phase;
+  return phase + q * TW * g.out_step;
+}
+
+// First input column of the strip's window.
+MNET_HD int64_t strip_iw0(int64_t ow0, int stride, int pad) { return ow0 * stride - pad; }
+
+// ---- channels -> lanes ----------------------------------------------------------------------------------
+// A block is `lanes` channel vectors (consecutive threads, so a warp reads consecutive 16-byte vectors of one
+// pixel) times `walkers` strips. In channels_last, lanes = the channel vectors divided as evenly as possible into
+// groups of at most 32 (C = 960 in vectors of 8: 4 groups of 30 lanes, none idle); in NCHW one channel per group
+// and all threads walk strips (consecutive strips are consecutive memory).
+struct LaneGeom {
+  int64_t vectors;  // channel vectors per pixel: ceil(C / V)
+  int64_t groups;   // channel groups (grid.y)
+  int lanes;        // channel vectors per block
+  int walkers;      // strips per block and step
+};
+
+MNET_HD LaneGeom lane_geom(int64_t C, int V, bool channels_last, int threads) {
+  LaneGeom g;
+  g.vectors = (C + V - 1) / V;
+  if (!channels_last) {
+    g.groups = C;
+    g.lanes = 1;
+  } else {
+    g.groups = (g.vectors + 31) / 32;
+    g.lanes = (int)((g.vectors + g.groups - 1) / g.groups);
+  }
+  g.walkers = threads / g.lanes;
+  return g;
+}
+
+// ---- reduction chunks -----------------------------------------------------------------------------------
+// The strips of all rows (N * Ho * per_row of them) split into `nchunks` contiguous ranges fixed by the shape
+// alone, so each partial sum, and the order the final kernel combines them in, never depends on the GPU: results
+// are bitwise reproducible. A chunk gives each walker at least `min_per_walker` strips; at most kMaxChunks
+// chunks keep the final combine (one pass over [chunk][C] partials) short.
+constexpr int64_t kMaxChunks = 512;
+
+MNET_HD int64_t reduction_chunks(int64_t strips, int walkers, int64_t groups, int64_t min_per_walker) {
+  const int64_t per = (int64_t)walkers * min_per_walker;
+  int64_t n = (strips + per - 1) / per;
+  // Enough blocks in all (chunks x groups) to fill a GPU a few times over, no more than the cap.
+  const int64_t want = (1024 + groups - 1) / groups;
+  if (n > want) n = want;
+  return n < 1 ? 1 : (n > kMaxChunks ? kMaxChunks : n);
+}
+
+MNET_HD void chunk_range(int64_t total, int64_t nchunks, int64_t chunk, int64_t& begin, int64_t& end) {
+  const int64_t per = (total + nchunks - 1) / nchunks;
+  begin = chunk * per < total ? chunk * per : total;
+  end = begin + per < total ? begin + per : total;
+}
+
+// ---- the plan of one launch ---------------------------------------------------------------------------------
+// Channel vector width V and strip width TW per layout, element size and column pattern J: 16-byte vectors of
+// channels in channels_last (a strip of 4, or 2 at stride 2, whose window is 2 (TW - 1) + K columns wide: the
+// register budget of 2 blocks per SM); in NCHW one channel and a longer strip (consecutive threads read
+// consecutive strips of a row).
+MNET_HD constexpr int tile_vec(int elem_size, bool channels_last) { return channels_last ? 16 / elem_size : 1; }
+MNET_HD constexpr int tile_width(bool channels_last, int J) { return channels_last ? (J == 2 ? 2 : 4) : 8; }
+
+struct TilePlan {
+  StripGeom sg;
+  LaneGeom lg;
+  int64_t strips = 0;   // N * Ho * per_row
+  int64_t nchunks = 1;  // reduction chunks (grid.x of the reduction kernels)
+  int V = 1, TW = 1;
+  int cb = 1;           // channels per block: lanes * V (the shared-memory parameter rows)
+};
+
+MNET_HD TilePlan tile_plan(const DwParams& p, int elem_size, int threads) {
+  TilePlan t;
+  t.V = tile_vec(elem_size, p.channels_last);
+  t.TW = tile_width(p.channels_last, strip_j(p.stride, p.dilation));
+  t.sg = strip_geom(p.Wo, p.stride, p.dilation, t.TW);
+  t.lg = lane_geom(p.C, t.V, p.channels_last, threads);
+  t.strips = p.N * p.Ho * t.sg.per_row;
+  t.nchunks = reduction_chunks(t.strips, t.lg.walkers, t.lg.groups, 4);
+  t.cb = t.lg.lanes * t.V;
+  return t;
+}
+
+// ---- backward apply: bands of rows ----------------------------------------------------------------------
+// A block of the backward apply owns output rows [ob0, ob1) of one image (it sums their dweight terms) and the
+// input rows [ib0, ib1) = [ob0 * stride, min(ob1 * stride, H)) (it writes their dx). It computes dz once, into
+// shared memory, for output rows [r0, r1): the owned rows plus the halo the dx rows read. Bands tile both the
+// output rows and (since Ho * stride >= H) the input rows exactly once.
+struct BandRows {
+  int64_t ob0, ob1, ib0, ib1, r0, r1;
+};
+
+MNET_HD BandRows band_rows(const DwParams& p, int64_t band, int rows) {
+  BandRows b;
+  b.ob0 = band * rows;
+  b.ob1 = b.ob0 + rows < p.Ho ? b.ob0 + rows : p.Ho;
+  b.ib0 = b.ob0 * p.stride;
+  b.ib1 = b.ob1 * p.stride < p.H ? b.ob1 * p.stride : p.H;
+  // oh * stride - pad + kh * dilation in [ib0, ib1) for some kh in [0, k)
+  const int64_t lo = b.ib0 + p.pad - (int64_t)(p.k - 1) * p.dilation;
+  int64_t r0 = lo <= 0 ? 0 : (lo + p.stride - 1) / p.stride;
+  int64_t r1 = (b.ib1 - 1 + p.pad) / p.stride + 1;
+  r0 = r0 < b.ob0 ? r0 : b.ob0;
+  r1 = r1 > b.ob1 ? r1 : b.ob1;
+  b.r0 = r0;
+  b.r1 = r1 < p.Ho ? r1 : p.Ho;
+  return b;
+}
+
+// Most dz rows a band needs (sizes the shared-memory tile).
+MNET_HD int band_dz_rows(int rows, int k, int stride, int dilation) {
+  return rows + ((k - 1) * dilation + stride - 1) / stride + 1;
+}
+
+struct BandPlan {
+  int rows = 1;        // owned output rows per band
+  int64_t bands = 1;   // bands per image
+  int dz_rows = 1;     // rows of the dz tile
+  int lanes = 1;       // channel vectors per block (a power of two <= 8)
+  int64_t groups = 1;  // channel groups (grid.y)
+  int64_t nchunks = 1; // blocks along (image, band) items: each walks items b, b + nchunks, ... (grid.x)
+  int V = 1, TW = 1, cb = 1;
+};
+
+// Shared memory budget of the dz tile: two blocks per SM on sm_80/sm_90.
+constexpr int64_t kBandTileBytes = 64 * 1024;
+
+MNET_HD BandPlan band_plan(const DwParams& p, int elem_size) {
+  BandPlan b;
+  b.V = tile_vec(elem_size, p.channels_last);
+  b.TW = tile_width(p.channels_last, strip_j(p.stride, p.dilation));
+  const int64_t vectors = (p.C + b.V - 1) / b.V;
+  const int halo = band_dz_rows(0, p.k, p.stride, p.dilation);
+  // Wide images: fewer lanes so that a band still holds >= 8 owned rows (less halo recomputed).
+  int lanes = 8;
+  while (lanes > 1 && (lanes > vectors || (int64_t)(8 + halo) * p.Wo * lanes * b.V * 4 > kBandTileBytes)) lanes >>= 1;
+  b.lanes = lanes;
+  b.cb = lanes * b.V;
+  b.groups = (vectors + lanes - 1) / lanes;
+  const int64_t row_bytes = p.Wo * (int64_t)b.cb * 4;
+  int64_t rows = kBandTileBytes / row_bytes - halo;
+  rows = rows < 1 ? 1 : (rows > p.Ho ? p.Ho : rows);
+  b.rows = (int)rows;
+  b.bands = (p.Ho + rows - 1) / rows;
+  b.dz_rows = band_dz_rows(b.rows, p.k, p.stride, p.dilation);
+  const int64_t items = p.N * b.bands, want = (1024 + b.groups - 1) / b.groups;
+  b.nchunks = items < want ? items : want;
+  b.nchunks = b.nchunks > kMaxChunks ? kMaxChunks : b.nchunks;
+  return b;
+}
+
+// Channels [c0, c0 + count) of lane `lane` in channel group `group` (count <= 0: an idle lane).
+MNET_HD int64_t lane_c0(const TilePlan& t, int64_t group, int lane) { return (group * t.lg.lanes + lane) * t.V; }
+
+// Strip `s` (0 <= s < strips) -> image, output row and first output column. `I` = uint32_t on the device (the
+// launcher checks strips < 2^31, and a 32-bit division is a third of a 64-bit one), int64_t on the host.
+template <typename I>
+MNET_HD void strip_origin(const TilePlan& t, I Ho, I s, I& n, I& oh, I& ow0) {
+  const I per_row = (I)t.sg.per_row, per_phase = (I)t.sg.per_phase;
+  const I r = s / per_row, q = s - r * per_row;
+  const I phase = q >= per_phase ? (I)1 : (I)0;  // at most two phases (out_step <= 2)
+  ow0 = phase + (q - phase * per_phase) * (I)t.TW * (I)t.sg.out_step;
+  n = r / Ho;
+  oh = r - n * Ho;
+}
+
+}  // namespace mnet

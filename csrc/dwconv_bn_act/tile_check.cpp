@@ -1,0 +1,78 @@
+// Runs the CUDA kernels' tile plan (tile.h) on the host: CI's check of the geometry the GPU launches with
+// (tests/test_cuda_backend.py). No ATen; op.cpp exposes it as torch.ops.mnet_ext_cuda._dw_tile_coverage.
+#include <stdexcept>
+#include <string>
+
+#include "common/math.h"
+#include "dwconv_bn_act/launch.h"
+#include "dwconv_bn_act/tile.h"
+
+namespace mnet {
+
+namespace {
+[[noreturn]] void plan_error(const std::string& what) { throw std::runtime_error("mnet_ext tile plan: " + what); }
+}  // namespace
+
+// Backward apply: the bands partition the output rows (dweight) and the input rows (dx) in order, each band's dz
+// rows hold its owned rows and every output row its dx rows read, and fit the shared-memory tile.
+void check_bands(const DwParams& p, int elem_size) {
+  const BandPlan b = band_plan(p, elem_size);
+  if (b.lanes < 1 || b.lanes > 8 || (b.lanes & (b.lanes - 1)) != 0) plan_error("lanes must be a power of two <= 8");
+  if (b.groups * b.lanes * b.V < p.C) plan_error("channel groups miss channels");
+  int64_t next_o = 0, next_i = 0;
+  for (int64_t band = 0; band < b.bands; ++band) {
+    const BandRows r = band_rows(p, band, b.rows);
+    if (r.ob0 != next_o || r.ib0 != next_i || r.ob1 <= r.ob0) plan_error("bands do not tile the rows in order");
+    next_o = r.ob1;
+    next_i = r.ib1;
+    if (r.r0 > r.ob0 || r.r1 < r.ob1 || r.r1 - r.r0 > b.dz_rows) plan_error("dz rows miss owned rows or overflow");
+    for (int64_t ih = r.ib0; ih < r.ib1; ++ih)
+      for (int kh = 0; kh < p.k; ++kh) {
+        const int64_t num = ih + p.pad - (int64_t)kh * p.dilation;
+        if (num < 0 || num % p.stride != 0 || num / p.stride >= p.Ho) continue;
+        if (num / p.stride < r.r0 || num / p.stride >= r.r1) plan_error("a dx row reads a dz row outside the band");
+      }
+  }
+  if (next_o != p.Ho || next_i != p.H) plan_error("bands do not cover every row");
+  if (b.nchunks < 1 || b.nchunks > p.N * b.bands) plan_error("bad chunk count of the backward apply");
+}
+
+// counts: [N, C, Ho, Wo] (contiguous, zeroed): how many (strip, lane) work items of the plan write each output.
+// Every strip's register window must read exactly the input columns the convolution needs (else: an error), the
+// reduction chunks must partition the strips in order, and the backward apply's bands must pass check_bands.
+void dw_tile_coverage(const DwParams& p, int elem_size, int threads, int32_t* counts) {
+  check_bands(p, elem_size);
+  const LaneGeom lg = lane_geom(p.C, tile_vec(elem_size, p.channels_last), p.channels_last, threads);
+  if (lg.walkers < 1 || lg.lanes * lg.walkers > threads) plan_error("block shape does not fit the thread count");
+  const TilePlan t = tile_plan(p, elem_size, threads);
+  const int J = strip_j(p.stride, p.dilation);
+  int64_t next = 0;
+  for (int64_t c = 0; c < t.nchunks; ++c) {
+    int64_t b, e;
+    chunk_range(t.strips, t.nchunks, c, b, e);
+    if (b != next && b < t.strips) plan_error("chunks do not partition the strips");
+    next = e > next ? e : next;
+  }
+  if (next != t.strips) plan_error("chunks do not cover every strip");
+  for (int64_t s = 0; s < t.strips; ++s) {
+    int64_t n, oh, ow0;
+    strip_origin<int64_t>(t, p.Ho, s, n, oh, ow0);
+    const int64_t iw0 = strip_iw0(ow0, p.stride, p.pad);
+    for (int m = 0; m < t.TW; ++m) {
+      const int64_t ow = ow0 + (int64_t)m * t.sg.out_step;
+      if (ow >= p.Wo) break;
+      for (int kw = 0; kw < p.k; ++kw) {
+        const int64_t iw = iw0 + (int64_t)(J * m + kw) * t.sg.in_step;
+        if (iw != in_coord(ow, kw, p.stride, p.dilation, p.pad)) plan_error("a window column differs from the conv's");
+      }
+      if (J * m + p.k - 1 >= strip_cols(J, t.TW, p.k)) plan_error("a tap falls outside the register window");
+      for (int64_t g = 0; g < t.lg.groups; ++g)
+        for (int lane = 0; lane < t.lg.lanes; ++lane) {
+          const int64_t c0 = lane_c0(t, g, lane);
+          for (int v = 0; v < t.V && c0 + v < p.C; ++v) ++counts[((n * p.C + c0 + v) * p.Ho + oh) * p.Wo + ow];
+        }
+    }
+  }
+}
+
+}  // namespace mnet
