@@ -175,6 +175,19 @@ def test_se_multi_block(small_tiles, channels_last):
     assert_close_scaled(tse.se_bwd_apply(gy, s, dp), ref.se_bwd_apply(gy, s, dp), torch.float32, "se_bwd_apply")
 
 
+def test_no_autotuning():
+    """Every kernel is a plain JIT function launched with the launcher's own config: an autotuner would benchmark
+    inside the first call (breaking CUDA-graph capture) and pick warp counts, hence reduction orders, by timing."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    kernels = {n: k for m in (tdw, tse) for n, k in vars(m).items() if n.endswith("_kernel")}
+    assert len(kernels) >= 9
+    plain = (JITFunction, InterpretedFunction)
+    assert all(isinstance(k, plain) and not isinstance(k, Autotuner) for k in kernels.values()), kernels
+
+
 def test_unavailable_reason(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "TRITON_INTERPRET=1" in backend.unavailable_reason("cpu")

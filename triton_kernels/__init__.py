@@ -2,15 +2,19 @@
 ``squeeze_excite``. Host launchers have the signatures of ``mnet_ext.reference``; ``mnet_ext.backends.triton``
 re-exports them.
 
-This module holds what both ops share: the interpreter switch, the autotune wrapper, the tile-size heuristic
-and the ``@triton.jit`` helpers that place a program in the grid and orient its [pixels x channels] tile.
+This module holds what both ops share: the interpreter switch, the fixed warp count, the tile heuristics
+(``tile_sizes`` for SE, ``dw_tile`` for the depthwise kernels) and the ``@triton.jit`` helpers that place a program
+in the grid and orient its tile.
 
-Tiles. Every kernel works on a 2-D tile of BLOCK_P pixels (flattened ``h * W + w`` of one image) by BLOCK_C
-channels. The axis that is contiguous in memory is made the *last* (fastest) axis of the tile so that a warp's
-threads walk consecutive addresses: channels for channels_last (NHWC), pixels for NCHW. The constexpr
-``CHANNELS_LAST`` picks the orientation; all arithmetic broadcasts either way and per-channel reductions go
-through ``sum_pixels``. The orientation only affects speed, never results: every address is formed from the
-tensor's own four strides.
+Tiles. Every kernel works on a 2-D tile of BLOCK_P pixels (flattened ``h * W + w`` of one image; the depthwise
+kernels: BLOCK_G groups of OW consecutive columns of one row) by BLOCK_C channels. The axis that is contiguous in
+memory is made the *last* (fastest) axis of the tile so that a warp's threads walk consecutive addresses: channels
+for channels_last (NHWC), pixels for NCHW. The constexpr ``CHANNELS_LAST`` picks the orientation; all arithmetic
+broadcasts either way and per-channel reductions go through ``sum_pixels``. The orientation only affects speed,
+never results: every address is formed from the tensor's own four strides.
+
+No autotuning: every launch's tile and warp count is a function of the shape, so nothing is benchmarked inside a
+call (a first call can be captured in a CUDA graph) and every reduction's order, hence its result, is fixed.
 """
 
 from __future__ import annotations
