@@ -19,17 +19,20 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
       (outside + trips * body) / (trips * outputs per iteration)
 
   where ``body`` is the counted path through the kernel's main loop (the loop with the most global loads and
-  stores: CUDA grid-stride and walker loops, Triton's ``for i in range(ITERS)`` and the pixel loop of the SE
-  reduction), ``outside`` the counted path from entry to exit around it (prologue, epilogue, other loops once),
-  and ``trips`` the loop's mean trip count per thread from the launch plan (CUDA: the geometry of
-  ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). A kernel without a
-  loop (Triton fwd/dx: one tile per program) counts its entry-to-exit path over the outputs one thread holds
-  (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path visits every block with a
-  load or store on its way (all K*K taps, the store) and takes the cheaper side of a branch that only computes; a
-  subroutine call counts its callee's path, so an int64 division counts its inline 32-bit fast path, not the call
-  of the 64-bit routine. A runtime activation switch (the CUDA kernels) counts its cheapest case, ``none``: relu
-  adds 3 instructions per output, relu6 4, hardswish 7, silu and sigmoid ~30. ``fma_per_output_elem`` and
-  ``gmem_per_output_elem`` (global load/store instructions) split the same count.
+  stores: the CUDA strip loops (fwd: strips per thread; stats/bwd_reduce: the strips of a chunk per walker; SE:
+  pixels per walker), the CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``),
+  ``outside`` the counted path from entry to exit around it (prologue, epilogue, other loops once), and ``trips``
+  the loop's mean trip count per thread from the launch plan (CUDA: the geometry of ``csrc/dwconv_bn_act/tile.h``
+  and ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). Inner loops of the
+  main loop count their planned trips (``Plan.inner_trips``, ``Plan.nest``): the CUDA runtime loop over the K
+  kernel rows, and the three phase loops of the backward apply (dz rows, dweight strips, dx pixels per thread and
+  item). A kernel without a loop (Triton fwd/dx: one tile per program) counts its entry-to-exit path over the
+  outputs one thread holds (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path
+  visits every block with a load or store on its way (all K*K taps, the store) and takes the cheaper side of a
+  branch that only computes; a subroutine call counts its callee's path, so an int64 division counts its inline
+  32-bit fast path, not the call of the 64-bit routine. A runtime activation switch (the CUDA kernels) counts its
+  cheapest case, ``none``: relu adds ~1 instruction per output, relu6 ~2, hardswish ~5, silu ~30.
+  ``fma_per_output_elem`` and ``gmem_per_output_elem`` (global load/store instructions) split the same count.
 
   Checked by hand on the CUDA ``fwd_kernel<__nv_bfloat16, 3, true>`` (sm_90, nvcc 13.0, addresses of
   ``cuobjdump -sass``): the grid-stride loop 0x3e0-0x21b0 is three int64 div/mod steps of ``decompose`` (each a
@@ -39,9 +42,11 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   conversions, 11 FFMA, the BN fold, the first activation test); the activation dispatch to ``none`` (6); the
   address of y, the STG and the loop test (25): 350 per output, what the tool counts (11 FFMA, 23 global loads and
   stores). With the 64-instruction prologue and exit and one trip per thread (batch 256), 414 per output element.
-  And on the Triton ``_fwd_kernel`` (bf16, NHWC, K = 3, 4 warps, a 128 x 32 tile: 32 outputs per thread), which
-  is straight-line: 1,760 instructions to its EXIT (320 FFMA, 36 LDG.E.128 of x, 72 scalar LDG.E.U16 of the
-  weight, 8 LDG.E.128 of the BN vectors, 4 STG.E.128), 55.0 per output element.
+  And on the Triton ``_fwd_kernel`` (bf16, NHWC, K = 3, dw_c144_56x56, 2 warps, 32 groups of OW = 8 columns x 16
+  channels: 64 outputs per thread): 642 instructions to the kernel-row loop (setup, then the peeled row 0: 192 FFMA,
+  10 LDG.E.128 of x, 6 of the fp32 weight taps), a 400-instruction loop body taken K - 1 = 2 times (192 FFMA, 120
+  bf16 conversions, 16 LDG.E.128), a 310-instruction epilogue (64 FFMA of the BN fold, 128 FMNMX of relu6, 32 F2FP,
+  8 STG.E.128): 1,752 / 64 = 27.4 per output element, 27.2 counted (the cheaper sides of two branches).
 
 * ``planned_bytes_per_elem``: DRAM bytes the kernel's plan moves per element of its iteration space, in units of
   the activation's element size (eval forward at stride 1 = 2): what ``ROLES`` says each kernel reads and writes,
@@ -97,6 +102,8 @@ ROLES: dict[str, Role] = {
     "sum_partials": Role("dwconv_bn_act_bwd_reduce/_apply", False),
     "bwd_dz": Role("dwconv_bn_act_bwd_apply", True, lambda r, es: es * (1 + r) + 4),  # read dy, x; write fp32 dz
     "bwd_dx": Role("dwconv_bn_act_bwd_apply", True, lambda r, es: 4 / r + es),  # read fp32 dz, write dx
+    # CUDA: dz on chip; read dy and x, write dx (the halo rows' x and the dweight pass's x re-read from L1/L2)
+    "bwd_apply": Role("dwconv_bn_act_bwd_apply", True, lambda r, es: es * (1 + 2 * r)),
     # squeeze_excite: iteration space = activation elements
     "se_pool": Role("se_pool", True, lambda r, es: es),  # read x
     "se_bwd_reduce": Role("se_bwd_reduce", True, lambda r, es: 2 * es),  # read dy, x
@@ -115,29 +122,115 @@ class Plan:
     trips: float | None  # mean main-loop iterations per thread; None: no main loop
     outputs_per_iter: float  # elements of the iteration space one thread produces per iteration (or per tile)
     dynamic_smem: int = 0
+    inner_trips: float | None = None  # iterations of the main loop's inner loop per main iteration (K rows)
+    nest: tuple | None = None  # per inner loop of the main loop, in code order: (iterations, its own nest)
 
 
 # ------------------------------------------------------------------------------------------------- CUDA plans
-# Mirrors of the launch geometry in csrc/dwconv_bn_act/kernels.cuh (kThreads, num_chunks, elementwise_blocks,
-# RedGeom, bwd_apply_dz_smem) and csrc/squeeze_excite/se.cu: keep in step with them.
+# Mirrors of the launch geometry in csrc/dwconv_bn_act/tile.h (tile_plan, reduction_chunks), kernels.cuh
+# (kThreads, fwd_blocks) and csrc/squeeze_excite/se.cu: keep in step with them.
 _KTHREADS = 256
 
 
-def _grid_stride_trips(total: int) -> float:
-    blocks = min(max(-(-total // _KTHREADS), 1), 1 << 20)  # elementwise_blocks
-    return total / (blocks * _KTHREADS)
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """tile.h's plan for one layer (dilation 1): strips of TW outputs x V channels, lanes x walkers per block."""
+
+    v: int
+    tw: int
+    lanes: int
+    walkers: int
+    groups: int
+    strips: int
+
+    @property
+    def threads(self) -> int:
+        return self.lanes * self.walkers
+
+    def fwd_trips(self) -> float:  # strips per thread (kernels.cuh: fwd_blocks)
+        blocks = -(-self.strips // (self.walkers * 4))
+        return self.strips / (blocks * self.walkers)
+
+    def chunk_trips(self) -> float:  # strips per walker of one chunk (tile.h: reduction_chunks, chunk_range)
+        per = self.walkers * 4
+        n = min(max(-(-self.strips // per), 1), -(-1024 // self.groups), 512)
+        return -(-self.strips // max(n, 1)) / self.walkers
 
 
-def _walker_trips(m: int, channels_last: bool) -> float:
-    walk = _KTHREADS // (32 if channels_last else 1)  # RedGeom<CL>::WALK
-    nchunks = min(max(-(-m // (walk * 16)), 1), 1024)  # num_chunks<CL>
-    return -(-m // nchunks) / walk
+def tile_plan(s: Shape, t: dict[str, Any]) -> TilePlan:
+    cl = t["CL"]
+    v = 16 // ELEM_SIZE[t["T"]] if cl else 1
+    tw = (2 if t.get("J") == 2 else 4) if cl else 8  # tile.h: tile_width
+    vectors = -(-s.c // v)
+    groups = -(-vectors // 32) if cl else s.c
+    lanes = -(-vectors // groups) if cl else 1
+    return TilePlan(v, tw, lanes, _KTHREADS // lanes, groups, s.n * s.ho * -(-s.wo // tw))
+
+
+def _band_rows(s: Shape, stride: int, k: int, band: int, rows: int) -> tuple[int, int, int, int, int, int]:
+    """tile.h: band_rows (dilation 1): owned output rows, input rows, dz rows of one band."""
+    pad = (k - 1) // 2
+    ob0, ob1 = band * rows, min(band * rows + rows, s.ho)
+    ib0, ib1 = ob0 * stride, min(ob1 * stride, s.h)
+    lo = ib0 + pad - (k - 1)
+    r0 = 0 if lo <= 0 else -(-lo // stride)
+    r1 = (ib1 - 1 + pad) // stride + 1
+    return ob0, ob1, ib0, ib1, min(r0, ob0), min(max(r1, ob1), s.ho)
+
+
+def _bwd_apply_plan(s: Shape, t: dict[str, Any]) -> Plan:
+    """tile.h: band_plan and kernels.cuh: bwd_apply_kernel. Per thread and (image, band) item: the dz loop over
+    (dz row, strip, lane) items / 256 (each with the K-row conv loop), the dweight loop over owned strips / walkers
+    (threads = lanes x K x walkers), the dx loop over (input pixel, lane) items / 256."""
+    k, stride, tp = t["K"], 2 if t["J"] == 2 else 1, tile_plan(s, t)
+    halo = ((k - 1) + stride - 1) // stride + 1
+    vectors = -(-s.c // tp.v)
+    lanes = 8
+    while lanes > 1 and (lanes > vectors or (8 + halo) * s.wo * lanes * tp.v * 4 > 64 * 1024):
+        lanes //= 2
+    cb, groups = lanes * tp.v, -(-vectors // lanes)
+    rows = min(max(64 * 1024 // (s.wo * cb * 4) - halo, 1), s.ho)
+    bands = -(-s.ho // rows)
+    nchunks = min(s.n * bands, -(-1024 // groups), 512)
+    per_row = -(-s.wo // tp.tw)
+    walkers3 = (_KTHREADS // lanes) // k
+    t1 = t3 = t2 = outputs = 0.0
+    for band in range(bands):
+        ob0, ob1, ib0, ib1, r0, r1 = _band_rows(s, stride, k, band, rows)
+        t1 += (r1 - r0) * per_row * lanes / _KTHREADS / bands
+        t3 += (ob1 - ob0) * per_row / walkers3 / bands
+        t2 += (ib1 - ib0) * s.w * lanes / _KTHREADS / bands
+        outputs += (ob1 - ob0) * s.wo * cb / _KTHREADS / bands
+    smem = ((rows + halo) * s.wo * cb + _KTHREADS * k * tp.v + (k * k + 6) * cb) * 4
+    # nvcc versions the NCHW dweight loop into two copies of which one runs: the second counts 0 trips.
+    dweight = ((t3, ()),) if t["CL"] else ((t3, ()), (0.0, ()))
+    return Plan(_KTHREADS, s.n * bands / nchunks, outputs, smem, None, ((t1, ((k, ()),)), *dweight, (t2, ())))
+
+
+def _se_plan(s: Shape, t: dict[str, Any], per_walker: int | None) -> Plan:
+    """csrc/squeeze_excite/kernels.cuh: lanes x walkers over the pixels of one image; se_affine blocks take
+    ``per_walker`` pixels per walker (se.cu: kPixelsPerWalker), se_reduce all of them."""
+    tp = tile_plan(s, t)
+    hw = s.h * s.w
+    chunk = hw if per_walker is None else tp.walkers * per_walker
+    chunks = -(-hw // chunk)
+    return Plan(tp.threads, hw / chunks / tp.walkers, tp.v)
+
+
+def _strip_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, Any]], Plan]:
+    def plan(s: Shape, t: dict[str, Any]) -> Plan:
+        tp = tile_plan(s, t)
+        trips = tp.chunk_trips() if reduction else tp.fwd_trips()
+        smem = (t["K"] * t["K"] + param_rows) * tp.lanes * tp.v * 4  # kernels.cuh: param_smem_bytes
+        return Plan(tp.threads, trips, tp.tw * tp.v, smem, t["K"])
+    return plan
 
 
 @dataclasses.dataclass(frozen=True)
 class CudaKernel:
     role: str | Callable[[dict[str, Any]], str]  # fixed, or from the template arguments
-    params: tuple[str, ...]  # template parameter names, in order (T: dtype, K: kernel size, CL: channels_last)
+    params: tuple[str, ...]  # template parameter names, in order (T: dtype, K: kernel size, J: column pattern
+    # (2 at stride 2), CL: channels_last)
     plan: Callable[[Shape, dict[str, Any]], Plan] | None = None  # None: no per-layer plan (not a hot kernel)
 
 
@@ -157,30 +250,23 @@ class Shape:
         return self.h * self.w / (self.ho * self.wo)
 
 
-def _dz_smem(t: dict[str, Any]) -> int:
-    return t["K"] * t["K"] * (_KTHREADS if t["CL"] else _KTHREADS // 32) * 4  # bwd_apply_dz_smem<K, CL>
+# Template parameters of the strip kernels: dtype, kernel size, column pattern (2 at stride 2), channels_last, and
+# FULL (16-byte channel vectors: channels_last with C % V == 0, as in every MobileNet layer; the FULL = false
+# channels_last variant serves other C and is reported without a layer plan).
+_STRIP_PARAMS = ("T", "K", "J", "CL", "FULL")
 
 
 CUDA_KERNELS: dict[str, CudaKernel] = {
-    "fwd_kernel": CudaKernel("fwd", ("T", "K", "CL"),
-                             lambda s, t: Plan(256, _grid_stride_trips(s.n * s.c * s.ho * s.wo), 1)),
-    "stats_partial_kernel": CudaKernel("stats", ("T", "K", "CL"),
-                                       lambda s, t: Plan(256, _walker_trips(s.n * s.ho * s.wo, t["CL"]), 1)),
-    "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", ("T", "K", "CL"),
-                                            lambda s, t: Plan(256, _walker_trips(s.n * s.ho * s.wo, t["CL"]), 1)),
-    "bwd_apply_dz_kernel": CudaKernel(
-        "bwd_dz", ("T", "K", "CL"),
-        lambda s, t: Plan(256, _walker_trips(s.n * s.ho * s.wo, t["CL"]), 1, _dz_smem(t))),
-    "bwd_apply_dx_kernel": CudaKernel("bwd_dx", ("T", "K", "CL"),
-                                      lambda s, t: Plan(256, _grid_stride_trips(s.n * s.c * s.h * s.w), 1)),
+    "fwd_kernel": CudaKernel("fwd", _STRIP_PARAMS, _strip_plan(False, 4)),
+    "stats_partial_kernel": CudaKernel("stats", _STRIP_PARAMS, _strip_plan(True, 0)),
+    "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", _STRIP_PARAMS, _strip_plan(True, 4)),
+    "bwd_apply_kernel": CudaKernel("bwd_apply", _STRIP_PARAMS, _bwd_apply_plan),
     "stats_final_kernel": CudaKernel("stats_combine", ()),
-    "bwd_reduce_final_kernel": CudaKernel("sum_partials", ()),
-    "bwd_apply_dw_final_kernel": CudaKernel("sum_partials", ("T",)),
-    "se_reduce_kernel": CudaKernel(
-        lambda t: "se_bwd_reduce" if t["PROD"] else "se_pool", ("T", "CL", "PROD"),
-        lambda s, t: Plan(256, s.h * s.w / (_KTHREADS // (32 if t["CL"] else 1)), 1)),
-    "se_affine_kernel": CudaKernel("se_apply", ("T", "CL"),
-                                   lambda s, t: Plan(256, _grid_stride_trips(s.n * s.c * s.h * s.w), 1)),
+    "sum2_final_kernel": CudaKernel("sum_partials", ()),
+    "dweight_final_kernel": CudaKernel("sum_partials", ("T",)),
+    "se_reduce_kernel": CudaKernel(lambda t: "se_bwd_reduce" if t["PROD"] else "se_pool", ("T", "CL", "FULL", "PROD"),
+                                   lambda s, t: _se_plan(s, t, None)),
+    "se_affine_kernel": CudaKernel("se_apply", ("T", "CL", "FULL"), lambda s, t: _se_plan(s, t, 8)),
 }
 CUDA_THREADS_UNPLANNED = 128  # the *_final kernels' block size (stats.cu, bwd_reduce.cu, bwd_apply.cuh)
 _CUDA_DTYPES = {"float": "fp32", "__half": "fp16", "__nv_bfloat16": "bf16"}
@@ -208,20 +294,39 @@ class TritonKernel:
     role: str | Callable[[dict[str, Any]], str]  # fixed, or from the launch's constexprs
     trips: Callable[[dict[str, Any]], float] | None = None  # main-loop trip count from the launch values
     hot: bool = True
+    # trips of the runtime loop over kernel rows: the main loop without ``trips`` (fwd, dx), else the one loop
+    # inside the main loop (the reductions: once per tile)
+    rows: Callable[[dict[str, Any]], float] | None = None
+
+
+def _conv_rows(v: dict[str, Any]) -> float:
+    return v["K"] - 1  # _conv_groups peels kernel row 0 before its loop
 
 
 TRITON_KERNELS: dict[str, TritonKernel] = {
-    "_fwd_kernel": TritonKernel("fwd"),
-    "_stats_partial_kernel": TritonKernel("stats", lambda v: v["ITERS"]),
+    "_fwd_kernel": TritonKernel("fwd", rows=_conv_rows),
+    "_stats_partial_kernel": TritonKernel("stats", lambda v: v["ITERS"], rows=_conv_rows),
     "_stats_combine_kernel": TritonKernel("stats_combine", hot=False),
-    "_bwd_reduce_partial_kernel": TritonKernel("bwd_reduce", lambda v: v["ITERS"]),
+    "_bwd_reduce_partial_kernel": TritonKernel("bwd_reduce", lambda v: v["ITERS"], rows=_conv_rows),
     "_sum_rows_kernel": TritonKernel("sum_partials", hot=False),
-    "_bwd_dz_kernel": TritonKernel("bwd_dz", lambda v: v["ITERS"]),
-    "_bwd_dx_kernel": TritonKernel("bwd_dx"),
+    "_bwd_dz_kernel": TritonKernel("bwd_dz", lambda v: v["ITERS"], rows=_conv_rows),  # dweight rows: unrolled
+    "_bwd_dx_kernel": TritonKernel("bwd_dx", rows=lambda v: v["K"]),
     "_se_reduce_kernel": TritonKernel(lambda v: "se_bwd_reduce" if v["PRODUCT"] else "se_pool",
                                       lambda v: -(-v["H"] * v["W"] // v["BLOCK_P"])),
     "_se_apply_kernel": TritonKernel(lambda v: "se_bwd_apply" if v["HAS_BIAS"] else "se_scale"),
 }
+
+
+def triton_plan(spec: TritonKernel, v: dict[str, Any], threads: int) -> Plan:
+    """Per-thread plan of a Triton launch: a tile is BLOCK_P pixels (or BLOCK_G groups of OW outputs) x BLOCK_C
+    channels. A kernel-row loop is the main loop of a one-tile kernel (fwd, dx: its trips cover the tile) and the
+    inner loop of a reduction's main loop (ITERS tiles)."""
+    outputs = v.get("BLOCK_P", v.get("BLOCK_G", 0) * v.get("OW", 1)) * v["BLOCK_C"] / threads
+    trips = spec.trips(v) if spec.trips else None
+    rows = spec.rows(v) if spec.rows else None
+    if rows is not None and trips is None:
+        return Plan(threads, rows, outputs / rows)
+    return Plan(threads, trips, outputs, nest=None if rows is None else ((rows, ()),))
 
 
 # ------------------------------------------------------------------------------------------------- scope
@@ -313,8 +418,18 @@ def launcher_calls(case: Case, batch: int) -> tuple[str, list[tuple[str, tuple]]
 
 
 # ------------------------------------------------------------------------------------------------- records
-def per_elem(path: sass.PathSummary, trips: float | None, outputs_per_iter: float) -> dict[str, float]:
+def per_elem(path: sass.PathSummary, trips: float | None, outputs_per_iter: float,
+             inner_trips: float | None = None, nest: tuple | None = None) -> dict[str, float]:
     """Instructions (all, FMA, global memory) per element of the iteration space: see the module docstring."""
+    if nest is not None:
+        if path.nest is None:
+            raise ValueError("the plan expects nested loops, the SASS has none")
+        path = dataclasses.replace(path, body=sass.nested_body(path.nest, nest))
+    elif inner_trips is not None and path.inner is not None and path.body is not None:
+        extra = inner_trips - 1.0  # ``body`` already holds one inner iteration
+        path = dataclasses.replace(path, body=sass.Cost(0, path.body.instrs + round(extra * path.inner.instrs),
+                                                        path.body.fma + round(extra * path.inner.fma),
+                                                        path.body.global_mem + round(extra * path.inner.global_mem)))
     if trips is None or path.body is None or path.outside is None:
         if trips is not None and trips > 1.0 and path.body is None:
             raise ValueError(f"the plan has {trips:.1f} loop trips per thread but the SASS has no loop")
@@ -352,7 +467,8 @@ def make_record(arch: int, backend: str, kernel: str, role: str, dtype: str | No
     if plan is None or case is None:
         return rec
     try:
-        rec.update(per_elem(sass.PathSummary.from_dict(res["path"]), plan.trips, plan.outputs_per_iter))
+        rec.update(per_elem(sass.PathSummary.from_dict(res["path"]), plan.trips, plan.outputs_per_iter,
+                            plan.inner_trips, plan.nest))
     except ValueError as exc:
         rec["error"] = str(exc)
         return rec
@@ -392,12 +508,25 @@ def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], 
                     records.append(make_record(job["arch"], "cuda", name, role, dtype, layout, k, None, batch, fn,
                                                None, CUDA_THREADS_UNPLANNED, extra))
                 continue
+            planned = 0
             for case in cases:
                 if (case.dtype, case.layout, case.k) != (dtype, layout, k) or case.layer.kind != _op_of(role):
+                    continue
+                if "J" in targs and targs["J"] != (2 if case.layer.stride == 2 else 1):
+                    continue
+                if "FULL" in targs and targs["FULL"] != (layout == "NHWC"):
                     continue
                 plan = spec.plan(shape_of(case, batch), targs)
                 records.append(make_record(job["arch"], "cuda", name, role, dtype, layout, k, case, batch, fn, plan,
                                            plan.threads, extra))
+                planned += 1
+            if not planned and targs.get("FULL") is False and layout == "NHWC":
+                # The channels_last variant for C % V != 0: no MobileNet layer runs it; its resources are listed
+                # (not hot: outside the spill gate).
+                if any(dtype == c.dtype and layout == c.layout and k == c.k for c in cases):
+                    rec = make_record(job["arch"], "cuda", name, role, dtype, layout, k, None, batch, fn, None,
+                                      _KTHREADS, {**extra, "variant": "ragged C"})
+                    records.append({**rec, "hot": False})
     return records
 
 
@@ -411,11 +540,10 @@ def triton_records(launches: list[tuple[Case, int, kernel_builds.TritonLaunch]],
         for job in launch.jobs:
             threads = 32 * job["num_warps"]
             plan = None
-            if spec is not None and spec.hot and "BLOCK_P" in v and "BLOCK_C" in v:
-                trips = spec.trips(v) if spec.trips else None
-                plan = Plan(threads, trips, v["BLOCK_P"] * v["BLOCK_C"] / threads)
+            if spec is not None and spec.hot and ("BLOCK_P" in v or "BLOCK_G" in v) and "BLOCK_C" in v:
+                plan = triton_plan(spec, v, threads)
             extra = {"num_warps": job["num_warps"], "launcher": launch.primitive,
-                     "constexprs": {n: v[n] for n in ("BLOCK_P", "BLOCK_C", "VEC", "ITERS") if n in v}}
+                     "constexprs": {n: v[n] for n in ("BLOCK_P", "BLOCK_G", "OW", "BLOCK_C", "VEC", "ITERS") if n in v}}
             records.append(make_record(arch, "triton", launch.kernel, role, case.dtype, case.layout, case.k, case,
                                        batch, results[job["key"]], plan, threads, extra))
     return records

@@ -119,11 +119,17 @@ class Block:
     exits: bool = False  # may leave the kernel (EXIT, possibly predicated)
 
 
+def _local_jump(x: Instr) -> bool:
+    """A ``CALL.REL.NOINC`` to a label of the function itself (``.L_x_n``, not a ``$__internal`` subroutine): ptxas
+    for sm_80 leaves loops that way (no return), so it is a branch."""
+    return x.base == "CALL" and bool(x.targets) and all(t.startswith(".L") for t in x.targets)
+
+
 def _blocks(fn: Function) -> list[Block]:
     ins = fn.instrs
     leaders = {0}
     for i, x in enumerate(ins):
-        if x.base in ("BRA", "BRX", "JMX", "EXIT", "RET", "BPT"):
+        if x.base in ("BRA", "BRX", "JMX", "EXIT", "RET", "BPT") or _local_jump(x):
             leaders.add(i + 1)
         if x.base in ("BRA", "BRX", "JMX", "CALL"):  # a callee's entry starts a block too
             leaders.update(fn.labels[t] for t in x.targets if t in fn.labels)
@@ -133,7 +139,7 @@ def _blocks(fn: Function) -> list[Block]:
     for b in blocks:
         last = ins[b.end - 1]
         falls = b.end < len(ins)
-        if last.base in ("BRA", "BRX", "JMX"):
+        if last.base in ("BRA", "BRX", "JMX") or _local_jump(last):
             b.succs = [index[fn.labels[t]] for t in last.targets if t in fn.labels]
             falls = falls and last.predicated
         elif last.base in ("RET", "BPT"):
@@ -270,6 +276,9 @@ class PathSummary:
 
     ``straight``: entry to exit, every loop counted once. ``outside`` + ``body`` * trips: the same with the main
     loop (the loop whose counted path has the most global loads/stores) taken ``trips`` times; None without loops.
+    The main loop is the deepest loop nest, then the one with the most global loads/stores per iteration.
+    ``inner``: one iteration of the main loop's heaviest inner loop (``body`` holds it once), so a plan can count
+    it ``inner_trips`` times per main iteration (the CUDA kernels' runtime loop over kernel rows).
     """
 
     static_instrs: int
@@ -277,11 +286,14 @@ class PathSummary:
     outside: Cost | None
     body: Cost | None
     loops: int
+    inner: Cost | None = None
+    nest: dict | None = None  # the main loop as {"body": Cost, "children": [...]}, children in code order
 
     def to_dict(self) -> dict[str, object]:
         return {"static_instrs": self.static_instrs, "straight": self.straight.to_dict(),
                 "outside": self.outside.to_dict() if self.outside else None,
-                "body": self.body.to_dict() if self.body else None, "loops": self.loops}
+                "body": self.body.to_dict() if self.body else None, "loops": self.loops,
+                "inner": self.inner.to_dict() if self.inner else None, "nest": _nest_dict(self.nest)}
 
     @staticmethod
     def from_dict(d: dict) -> PathSummary:
@@ -290,7 +302,31 @@ class PathSummary:
 
         straight = cost(d["straight"])
         assert straight is not None
-        return PathSummary(d["static_instrs"], straight, cost(d["outside"]), cost(d["body"]), d["loops"])
+        def nest(x: dict | None) -> dict | None:
+            return None if x is None else {"body": cost(x["body"]), "children": [nest(c) for c in x["children"]]}
+
+        return PathSummary(d["static_instrs"], straight, cost(d["outside"]), cost(d["body"]), d["loops"],
+                           cost(d.get("inner")), nest(d.get("nest")))
+
+
+def _nest_dict(n: dict | None) -> dict | None:
+    return None if n is None else {"body": n["body"].to_dict(), "children": [_nest_dict(c) for c in n["children"]]}
+
+
+def nested_body(nest: dict, trips: tuple) -> Cost:
+    """One iteration of a loop with each inner loop taken its planned number of times: ``trips`` holds, per child
+    in code order, (iterations per iteration of this loop, the child's own ``trips``). ``nest["body"]`` holds each
+    child once."""
+    children = nest["children"]
+    if len(children) != len(trips):
+        raise ValueError(f"the plan expects {len(trips)} inner loops, the SASS has {len(children)}")
+    total = nest["body"]
+    for child, (n, sub) in zip(children, trips, strict=True):
+        once, weighted = child["body"], nested_body(child, sub)
+        total = Cost(0, total.instrs - once.instrs + round(n * weighted.instrs),
+                     total.fma - once.fma + round(n * weighted.fma),
+                     total.global_mem - once.global_mem + round(n * weighted.global_mem))
+    return total
 
 
 class _Paths:
@@ -315,7 +351,7 @@ class _Paths:
             mem = glob + sum(c for op, c in ops.items() if op in _OTHER_MEM)
             total = Cost(1 if mem else 0, b.end - b.start, fma, glob)
             for x in ins[b.start:b.end]:
-                if x.base == "CALL":
+                if x.base == "CALL" and not _local_jump(x):
                     for t in (t for t in x.targets if t in self.fn.labels):
                         c = self.callee(t)
                         total = total + Cost(0, c.instrs, c.fma, c.global_mem)
@@ -366,11 +402,26 @@ def analyse(fn: Function) -> PathSummary:
         return Cost(0, c.instrs, c.fma, c.global_mem)
 
     straight = plain(paths.through(nodes, 0, exits, outer, None))
-    outside = body = None
+    outside = body = inner = None
     if outer:
-        main = max(outer, key=lambda lp: (paths.body(lp).global_mem, paths.body(lp).instrs))
+        def heaviest(loops: list[Loop]) -> Loop:
+            return max(loops, key=lambda lp: (paths.body(lp).global_mem, paths.body(lp).instrs))
+
+        def tree(lp: Loop) -> dict:
+            kids = sorted(lp.children, key=lambda c: paths.blocks[c.header].start)
+            return {"body": plain(paths.body(lp)), "children": [tree(c) for c in kids]}
+
+        def depth(lp: Loop) -> int:
+            return 1 + max((depth(c) for c in lp.children), default=0)
+
+        # The main loop: the deepest nest (the CUDA strip and item loops hold the kernel-row loop; a parameter
+        # staging loop may load more per iteration but runs once), then the most global loads/stores.
+        main = max(outer, key=lambda lp: (depth(lp), paths.body(lp).global_mem, paths.body(lp).instrs))
         outside, body = plain(paths.through(nodes, 0, exits, outer, main)), plain(paths.body(main))
-    return PathSummary(len(fn.instrs), straight, outside, body, sum(1 for _ in _walk(outer)))
+        if main.children:
+            inner = plain(paths.body(heaviest(main.children)))
+        return PathSummary(len(fn.instrs), straight, outside, body, sum(1 for _ in _walk(outer)), inner, tree(main))
+    return PathSummary(len(fn.instrs), straight, outside, body, sum(1 for _ in _walk(outer)), inner)
 
 
 # ------------------------------------------------------------------------------------------------- occupancy

@@ -206,36 +206,41 @@ __global__ void __launch_bounds__(kThreads, 2) stats_partial_kernel(const DwPara
   stage_params<T, K>(p, t, sh);
   int64_t begin, end;
   chunk_range(t.strips, t.nchunks, blockIdx.x, begin, end);
-  Welford acc[V];
+  // Running (count, mean, M2) per channel; the count is the same for the V channels of a lane (one register).
+  float count = 0.0f, mean[V], m2[V];
 #pragma unroll
-  for (int v = 0; v < V; ++v) acc[v] = welford_init();
+  for (int v = 0; v < V; ++v) mean[v] = m2[v] = 0.0f;
   if (l.valid > 0) {
     for (int64_t s = begin + l.walker; s < end; s += t.lg.walkers) {
       const StripPos sp = strip_pos(p, t, s);
       float z[TW][V];
       conv_strip<T, K, J, TW, V, FULL>(p, static_cast<const T*>(p.x), l, sp, sh + l.lane * V, t.cb, z);
-      // The strip's own (count, mean, M2) in two passes over registers, then one Chan combine per channel.
-      const float cnt = (float)sp.count, inv = 1.0f / cnt;
+      // The strip's own mean and M2 in two passes over registers, then one Chan combine (welford_combine's
+      // arithmetic, with the division shared by the V channels).
+      const float cnt = (float)sp.count, inv = 1.0f / cnt, total = count + cnt, fb = cnt / total;
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         float sum = 0.0f;
 #pragma unroll
         for (int m = 0; m < TW; ++m) sum += m < sp.count ? z[m][v] : 0.0f;
-        const float mean = sum * inv;
-        float m2 = 0.0f;
+        const float smean = sum * inv;
+        float sm2 = 0.0f;
 #pragma unroll
         for (int m = 0; m < TW; ++m) {
-          const float d = z[m][v] - mean;
-          m2 = m < sp.count ? fmaf(d, d, m2) : m2;
+          const float d = z[m][v] - smean;
+          sm2 = m < sp.count ? fmaf(d, d, sm2) : sm2;
         }
-        acc[v] = welford_combine(acc[v], Welford{cnt, mean, m2});
+        const float d = smean - mean[v];
+        mean[v] = count == 0.0f ? smean : mean[v] + d * fb;
+        m2[v] = count == 0.0f ? sm2 : m2[v] + sm2 + d * d * count * fb;
       }
+      count = total;
     }
   }
   const int64_t nc = t.nchunks * p.C;
-#pragma unroll 1
+#pragma unroll
   for (int v = 0; v < V; ++v) {
-    const Welford r = block_tree(acc[v], tree, t.lg.lanes, t.lg.walkers,
+    const Welford r = block_tree(Welford{count, mean[v], m2[v]}, tree, t.lg.lanes, t.lg.walkers,
                                  [](const Welford& a, const Welford& b) { return welford_combine(a, b); });
     if (l.walker == 0 && v < l.valid) {
       float* o = p.work + blockIdx.x * p.C + l.c0 + v;
@@ -294,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_reduce_partial_kernel(const D
     }
   }
   const int64_t nc = t.nchunks * p.C;
-#pragma unroll 1
+#pragma unroll
   for (int v = 0; v < V; ++v) {
     const Sum2 r = block_tree(acc[v], tree, t.lg.lanes, t.lg.walkers,
                               [](const Sum2& a, const Sum2& b) { return Sum2{a.a + b.a, a.b + b.b}; });

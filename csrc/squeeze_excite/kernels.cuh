@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) se_reduce_kernel(const SeParams p, c
       for (int v = 0; v < V; ++v) acc[v] = PROD ? fmaf(va[v], vb[v], acc[v]) : acc[v] + va[v];
     }
   }
-#pragma unroll 1
+#pragma unroll
   for (int v = 0; v < V; ++v) {
     const float r = block_tree(acc[v], tree, g.lanes, g.walkers, [](float x, float y) { return x + y; });
     if (l.walker == 0 && v < l.valid) p.out[l.n * p.C + l.c0 + v] = r * scale;
