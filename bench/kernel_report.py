@@ -34,14 +34,14 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   cheapest case, ``none``: relu adds ~1 instruction per output, relu6 ~2, hardswish ~5, silu ~30.
   ``fma_per_output_elem`` and ``gmem_per_output_elem`` (global load/store instructions) split the same count.
 
-  Checked by hand on the CUDA ``fwd_kernel<__nv_bfloat16, 3, true>`` (sm_90, nvcc 13.0, addresses of
-  ``cuobjdump -sass``): the grid-stride loop 0x3e0-0x21b0 is three int64 div/mod steps of ``decompose`` (each a
-  4-instruction test of the high words, the 22-instruction 32-bit fast path and a BSYNC: 27; the other side, 14-18
-  instructions calling the 64-bit routine, not taken) = 81; 238 straight-line instructions 0xbf0-0x1ac0
-  (coordinates and bounds of the 9 taps, 9 predicated LDG.E.U16 of x, 9 of the weight, 4 LDG of the BN vectors,
-  conversions, 11 FFMA, the BN fold, the first activation test); the activation dispatch to ``none`` (6); the
-  address of y, the STG and the loop test (25): 350 per output, what the tool counts (11 FFMA, 23 global loads and
-  stores). With the 64-instruction prologue and exit and one trip per thread (batch 256), 414 per output element.
+  Checked by hand on the CUDA ``fwd_kernel<__nv_bfloat16, 3, 1, true, true>`` (sm_90, nvcc 13.0, addresses of
+  ``nvdisasm``) for a stride-1 layer (4 strips of 4 outputs x 8 channels per thread): the kernel-row loop
+  0x1180-0x1fb0 is 228 instructions (96 FFMA, 6 LDG.E.128 of x, 6 LDS.128 of the weights, 48 bf16 unpacks (24
+  LOP3 + 24 SHF/IMAD.U32), 12 CS2R zero fills for padding, the rest addresses, predicates and the loop test); the
+  strip loop around it, with one kernel row, 463 (strip setup with two unsigned divisions, 8 LDS.128 of the BN
+  vectors and the fold, the ``none`` epilogue: 32 FFMA, 16 F2FP, 4 STG.E.128); outside, 196 (parameter staging,
+  prologue). Per thread 196 + 4 x (463 + 2 x 228) = 3,872 instructions for 128 outputs: 30.2 per output element,
+  what the tool counts. (Before the redesign: 414 for the one-thread-per-output kernel, mostly int64 division.)
   And on the Triton ``_fwd_kernel`` (bf16, NHWC, K = 3, dw_c144_56x56, 2 warps, 32 groups of OW = 8 columns x 16
   channels: 64 outputs per thread): 642 instructions to the kernel-row loop (setup, then the peeled row 0: 192 FFMA,
   10 LDG.E.128 of x, 6 of the fp32 weight taps), a 400-instruction loop body taken K - 1 = 2 times (192 FFMA, 120
