@@ -30,31 +30,6 @@ MNET_DEVICE __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <>
 MNET_DEVICE __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-MNET_DEVICE int64_t off4(const Strides4& s, int64_t n, int64_t c, int64_t h, int64_t w) {
-  return n * s.n + c * s.c + h * s.h + w * s.w;
-}
-
-// Decompose a linear index over [N, C, h, w] walked in memory order (channels_last: c fastest).
-template <bool CL>
-MNET_DEVICE void decompose(int64_t i, int64_t C, int64_t h, int64_t w, int64_t& n, int64_t& c, int64_t& y,
-                           int64_t& x) {
-  if (CL) {
-    c = i % C;
-    i /= C;
-    x = i % w;
-    i /= w;
-    y = i % h;
-    n = i / h;
-  } else {
-    x = i % w;
-    i /= w;
-    y = i % h;
-    i /= h;
-    c = i % C;
-    n = i / C;
-  }
-}
-
 // ---- channel vectors ----------------------------------------------------------------------------------
 // V consecutive elements as fp32. FULL (a template parameter, so the hot path has no branch): V * sizeof(T) == 16,
 // every vector in range and 16-byte aligned (the launcher checks C % V == 0 and the base pointers), so one 16-byte
@@ -109,12 +84,6 @@ MNET_DEVICE void store_vec(T* __restrict__ dst, int valid, const float (&in)[V])
     for (int v = 0; v < V; ++v)
       if (v < valid) dst[v] = from_f<T>(in[v]);
   }
-}
-
-// Grid of an elementwise grid-stride kernel: one thread per element, at most 2^20 blocks.
-inline unsigned elementwise_blocks(int64_t total) {
-  const int64_t b = (total + kThreads - 1) / kThreads;
-  return (unsigned)(b < 1 ? 1 : (b > (1 << 20) ? (1 << 20) : b));
 }
 
 // 16-byte channel vectors: channels_last, every channel vector full and every base aligned.
