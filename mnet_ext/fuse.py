@@ -531,6 +531,8 @@ def _dataflow_pass(model: nn.Module, backend: str | None, apply: bool, example: 
     modules = dict(model.named_modules())
 
     def needs_shapes(graph: Graph) -> bool:  # an SE-like product may reshape its vectors (Linear FCs, views)
+        if not depthwise and not any(n.op == "call" and n.target == "mul" for n in graph.nodes):
+            return False  # nothing left to decide: no forward is run (it would call the fused layers' kernels)
         return any((n.op == "call" and n.target in RESHAPE_OPS | {"expand", "expand_as"})
                    or isinstance(modules.get(n.target), nn.Linear) for n in graph.nodes)
 
