@@ -3,6 +3,8 @@
 // the includes of cpu.cpp and lives inside an anonymous namespace there.
 // NOLINTBEGIN(build/include)
 
+#include "dwconv_bn_act/cpu_nhwc_fwd.h"
+
 // Valid output range [lo, hi) for which iw = ow * s + off lies in [0, W).
 inline void valid_range(int64_t off, int s, int64_t W, int64_t Wo, int64_t& lo, int64_t& hi) {
   lo = off >= 0 ? 0 : (-off + s - 1) / s;
@@ -229,6 +231,8 @@ void fwd_impl(const DwParams& p) {
         store_row(z, y + off4(p.ys, n, c, 0, 0), HWo);
       }
     });
+  } else if constexpr (std::is_same_v<T, float>) {
+    MNET_DISPATCH_CONV_ACT(p.act, A, [&] { nhwc_fwd_f32<A>(p, wt.data(), bn.scale.data(), bn.shift.data()); });
   } else {
     const float* sc = bn.scale.data();
     const float* sh = bn.shift.data();

@@ -1,0 +1,169 @@
+// Fast eval forward of the host twin for fp32 channels_last (included by cpu_impl.h, inside its ISA namespace;
+// no include guard for the same reason). Register-blocked: P output pixels x NV vectors of 8 channels are
+// accumulated in registers over the conv taps (tap loop outside, channel vector innermost), then the BN fold and
+// the activation (common/*.h) are applied before anything is written. Rows (n, oh) are independent work items, so
+// the result does not depend on the thread count. GCC vector extensions (MNET_TWIN_VEC floats, set by cpu.cpp per
+// ISA copy): a 512-bit register per vector in the AVX-512 copy, 256-bit in the AVX2 one, two 128-bit in the baseline.
+// NOLINTBEGIN(build/include)
+
+// Lanes of the wide vector: MNET_TWIN_VEC floats (16 in the AVX-512 copy, else 8); vf8 serves an 8-channel rest.
+constexpr int kVec = MNET_TWIN_VEC;
+typedef float vfw __attribute__((vector_size(kVec * sizeof(float))));
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+
+template <typename V>
+inline V vload(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// P pixels (input pixel pitch xp floats, output pitch C floats) x NV vectors V of channels, taps kh in the rows
+// given by xr (x at (ih, iw of kw = 0, c0)) / wr (weights at (kh, kw = 0, c0)), kw in [kw0, kw1). The BN fold is
+// applied to the accumulators, the activation (the header's scalar function, vectorised over a fixed-length
+// local buffer) on the way out.
+template <Act A, int P, int NV, typename V>
+inline void nhwc_block(const float* const* xr, const float* const* wr, int nr, int kw0, int kw1, int64_t dC,
+                       int64_t xp, int64_t C, const float* sc, const float* sh, float* y) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  V acc[P][NV];
+  for (int q = 0; q < P; ++q)
+    for (int j = 0; j < NV; ++j) acc[q][j] = V{};
+  for (int r = 0; r < nr; ++r) {
+    const float* xrow = xr[r] + kw0 * dC;
+    const float* wrow = wr[r] + (int64_t)kw0 * C;
+    for (int kw = kw0; kw < kw1; ++kw, xrow += dC, wrow += C) {
+      V w[NV];
+      for (int j = 0; j < NV; ++j) w[j] = vload<V>(wrow + j * L);
+      for (int q = 0; q < P; ++q)
+        for (int j = 0; j < NV; ++j) acc[q][j] += w[j] * vload<V>(xrow + q * xp + j * L);
+    }
+  }
+  V vs[NV], vh[NV];
+  for (int j = 0; j < NV; ++j) vs[j] = vload<V>(sc + j * L), vh[j] = vload<V>(sh + j * L);
+  for (int q = 0; q < P; ++q) {
+    alignas(64) float t[NV * L];
+    for (int j = 0; j < NV; ++j) {
+      const V u = acc[q][j] * vs[j] + vh[j];
+      std::memcpy(t + j * L, &u, sizeof u);
+    }
+    for (int i = 0; i < NV * L; ++i) t[i] = act_fwd<A>(t[i]);
+    std::memcpy(y + q * C, t, sizeof t);
+  }
+}
+
+// Channels [c0, C) (fewer than 8) of one pixel, scalar.
+template <Act A>
+inline void nhwc_tail(const float* const* xr, const float* const* wr, int nr, int kw0, int kw1, int64_t dC,
+                      int64_t C, int64_t c0, const float* sc, const float* sh, float* y) {
+  for (int64_t c = c0; c < C; ++c) {
+    float acc = 0.0f;
+    for (int r = 0; r < nr; ++r)
+      for (int kw = kw0; kw < kw1; ++kw) acc += wr[r][kw * C + c] * xr[r][kw * dC + c];
+    y[c] = act_fwd<A>(acc * sc[c] + sh[c]);
+  }
+}
+
+// Pixels [0, n_px * P) from xr0 (x at the first pixel's kw = 0 tap, c = 0), sharing the tap window [kw0, kw1),
+// all channels. Pixel groups outside, channel blocks inside: x and y are walked contiguously.
+template <Act A, int P>
+inline void nhwc_pixels(const float* const* xr0, const float* const* wr0, int nr, int kw0, int kw1, int64_t dC,
+                        int64_t xp, int64_t C, const float* sc, const float* sh, float* y, int64_t n_px) {
+  const float* xr[16];
+  const float* wr[16];
+  for (int64_t q = 0; q < n_px; ++q) {
+    const int64_t px = q * P;
+    auto at_c = [&](int64_t c) {
+      for (int r = 0; r < nr; ++r) xr[r] = xr0[r] + px * xp + c, wr[r] = wr0[r] + c;
+    };
+    float* yq = y + px * C;
+    int64_t c0 = 0;
+    for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
+      at_c(c0);
+      nhwc_block<A, P, 2, vfw>(xr, wr, nr, kw0, kw1, dC, xp, C, sc + c0, sh + c0, yq + c0);
+    }
+    for (; c0 + kVec <= C; c0 += kVec) {
+      at_c(c0);
+      nhwc_block<A, P, 1, vfw>(xr, wr, nr, kw0, kw1, dC, xp, C, sc + c0, sh + c0, yq + c0);
+    }
+    if constexpr (kVec > 8) {
+      for (; c0 + 8 <= C; c0 += 8) {
+        at_c(c0);
+        nhwc_block<A, P, 1, vf8>(xr, wr, nr, kw0, kw1, dC, xp, C, sc + c0, sh + c0, yq + c0);
+      }
+    }
+    if (c0 < C) {
+      at_c(0);
+      for (int i = 0; i < P; ++i) {
+        nhwc_tail<A>(xr, wr, nr, kw0, kw1, dC, C, c0, sc, sh, yq + i * C);
+        for (int r = 0; r < nr; ++r) xr[r] += xp;
+      }
+    }
+  }
+}
+
+// Output row (n, oh): x_img = x at image n (NHWC dense), y_row = y at (n, oh, 0, 0).
+template <Act A>
+void nhwc_fwd_row(const DwParams& p, const float* x_img, const float* wt, const float* sc, const float* sh,
+                  int64_t oh, float* y_row) {
+  const int k = p.k, s = p.stride, d = p.dilation, pad = p.pad;
+  const int64_t C = p.C, W = p.W, Wo = p.Wo, dC = (int64_t)d * C, xp = (int64_t)s * C;
+  const float* xr[16];
+  const float* wr[16];
+  int nr = 0;
+  for (int kh = 0; kh < k; ++kh) {
+    const int64_t ih = in_coord(oh, kh, s, d, pad);
+    if (ih < 0 || ih >= p.H) continue;
+    xr[nr] = x_img + ih * W * C;
+    wr[nr] = wt + (int64_t)kh * k * C;
+    ++nr;
+  }
+  // interior [a, b): every kw in range; iw(ow, kw) = ow * s - pad + kw * d
+  int64_t a = (pad + s - 1) / s;
+  const int64_t top = W - 1 + pad - (int64_t)(k - 1) * d;
+  int64_t b = top < 0 ? 0 : top / s + 1;
+  a = std::min(a, Wo), b = std::min(b, Wo);
+  if (b < a) b = a;
+  auto edge = [&](int64_t ow) {
+    int kw0 = 0, kw1 = k;
+    while (kw0 < k && ow * s - pad + (int64_t)kw0 * d < 0) ++kw0;
+    while (kw1 > kw0 && ow * s - pad + (int64_t)(kw1 - 1) * d >= W) --kw1;
+    const float* xo[16];
+    const int64_t iw0 = ow * s - pad;  // may be negative: only kw >= kw0 is read
+    for (int r = 0; r < nr; ++r) xo[r] = xr[r] + iw0 * C;
+    nhwc_pixels<A, 1>(xo, wr, nr, kw0, kw1, dC, xp, C, sc, sh, y_row + ow * C, 1);
+  };
+  for (int64_t ow = 0; ow < a; ++ow) edge(ow);
+  constexpr int P = 4;
+  const int64_t nq = (b - a) / P;
+  if (nq > 0) {
+    const float* xo[16];
+    for (int r = 0; r < nr; ++r) xo[r] = xr[r] + (a * s - pad) * C;
+    nhwc_pixels<A, P>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + a * C, nq);
+  }
+  for (int64_t ow = a + nq * P; ow < b; ++ow) {
+    const float* xo[16];
+    for (int r = 0; r < nr; ++r) xo[r] = xr[r] + (ow * s - pad) * C;
+    nhwc_pixels<A, 1>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + ow * C, 1);
+  }
+  for (int64_t ow = std::max(a, b); ow < Wo; ++ow) edge(ow);
+}
+
+template <Act A>
+void nhwc_fwd_f32(const DwParams& p, const float* wt, const float* sc, const float* sh) {
+  const float* x = static_cast<const float*>(p.x);
+  float* y = static_cast<float*>(p.y);
+  const int64_t rows = p.N * p.Ho;
+  // ~64k multiply-adds per task at least: small maps do not pay a thread wake-up per row
+  const int64_t per_row = std::max<int64_t>(1, p.Wo * p.C * p.k * p.k);
+  const int64_t grain = std::max<int64_t>(1, 65536 / per_row);
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    int64_t n = b / p.Ho, oh = b % p.Ho;
+    for (int64_t r = b; r < e; ++r) {
+      nhwc_fwd_row<A>(p, x + n * p.xs.n, wt, sc, sh, oh, y + n * p.ys.n + oh * p.ys.h);
+      if (++oh == p.Ho) oh = 0, ++n;
+    }
+  });
+}
+
+// NOLINTEND(build/include)
