@@ -1,4 +1,5 @@
-"""The host twin's vectorised channels_last fp32 kernels (csrc/dwconv_bn_act/cpu_nhwc_fwd.h) on the geometries
+"""The host twin's vectorised channels_last fp32 kernels (csrc/dwconv_bn_act/cpu_nhwc_fwd.h: the eval forward,
+and the conv rows the statistics and backward passes recompute) on the geometries
 their blocking splits into separate code: channel counts that leave 16-, 8- and scalar-channel rests after the
 wide blocks (also below one vector), maps narrower than the tap window (every pixel an edge pixel), interior runs
 that are not a multiple of the 4-pixel group, stride 2 and dilation 2. Each case against mnet_ext.reference in
@@ -39,6 +40,21 @@ def test_nhwc_fwd_geometry(backend, geometry, k, stride, dilation, act):
     y = B.dwconv_bn_act_fwd(*args)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_matches_fp64_reference("dwconv_bn_act_fwd", y, args, f"{geometry} k{k} s{stride} d{dilation} {act}")
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (7, 1, 2)])
+def test_nhwc_training_primitives_geometry(backend, geometry, k, stride, dilation):
+    x, weight, mean, invstd, gamma, beta = _args(*geometry, k, seed=k + stride)
+    what = f"{geometry} k{k} s{stride} d{dilation}"
+    assert_matches_fp64_reference("dwconv_bn_stats", B.dwconv_bn_stats(x, weight, stride, dilation),
+                                  (x, weight, stride, dilation), what)
+    grad_y = torch.randn_like(B.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, "relu"))
+    args = (grad_y, x, weight, mean, invstd, gamma, beta, stride, dilation, "hardswish")
+    assert_matches_fp64_reference("dwconv_bn_act_bwd_reduce", B.dwconv_bn_act_bwd_reduce(*args), args, what)
+    mean_g, mean_g_xhat = torch.randn(2, geometry[1]).unbind()
+    args = (*args[:7], mean_g, mean_g_xhat, *args[7:])
+    assert_matches_fp64_reference("dwconv_bn_act_bwd_apply", B.dwconv_bn_act_bwd_apply(*args), args, what)
 
 
 def test_nhwc_fwd_independent_of_threads(backend):

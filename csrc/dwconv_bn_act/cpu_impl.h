@@ -92,6 +92,10 @@ struct PlaneConv {
 // z for output row `oh` of image n in NHWC -> out[ow * C + c].
 template <typename T>
 void conv_row_nhwc(const DwParams& p, const T* xi, const float* wt, int64_t oh, float* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    nhwc_fwd_row<Act::None, false>(p, xi, wt, nullptr, nullptr, oh, out);
+    return;
+  }
   const int k = p.k, s = p.stride, d = p.dilation, pad = p.pad;
   const int64_t H = p.H, W = p.W, Wo = p.Wo, C = p.C;
   std::fill(out, out + Wo * C, 0.0f);

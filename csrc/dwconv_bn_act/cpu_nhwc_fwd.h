@@ -1,4 +1,4 @@
-// Fast eval forward of the host twin for fp32 channels_last (included by cpu_impl.h, inside its ISA namespace;
+// Fast eval forward (and the conv rows of the training passes) of the host twin for fp32 channels_last (included by cpu_impl.h, inside its ISA namespace;
 // no include guard for the same reason). Register-blocked: P output pixels x NV vectors of 8 channels are
 // accumulated in registers over the conv taps (tap loop outside, channel vector innermost), then the BN fold and
 // the activation (common/*.h) are applied before anything is written. Rows (n, oh) are independent work items, so
@@ -11,6 +11,9 @@ constexpr int kVec = MNET_TWIN_VEC;
 typedef float vfw __attribute__((vector_size(kVec * sizeof(float))));
 typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
 
+// p + i, or nullptr for the absent BN vectors of the z-only (FOLD = false) instantiation.
+inline const float* at(const float* p, int64_t i) { return p ? p + i : p; }
+
 template <typename V>
 inline V vload(const float* p) {
   V v;
@@ -22,7 +25,7 @@ inline V vload(const float* p) {
 // given by xr (x at (ih, iw of kw = 0, c0)) / wr (weights at (kh, kw = 0, c0)), kw in [kw0, kw1). The BN fold is
 // applied to the accumulators, the activation (the header's scalar function, vectorised over a fixed-length
 // local buffer) on the way out.
-template <Act A, int P, int NV, typename V>
+template <Act A, bool FOLD, int P, int NV, typename V>
 inline void nhwc_block(const float* const* xr, const float* const* wr, int nr, int kw0, int kw1, int64_t dC,
                        int64_t xp, int64_t C, const float* sc, const float* sh, float* y) {
   constexpr int L = sizeof(V) / sizeof(float);
@@ -39,34 +42,42 @@ inline void nhwc_block(const float* const* xr, const float* const* wr, int nr, i
         for (int j = 0; j < NV; ++j) acc[q][j] += w[j] * vload<V>(xrow + q * xp + j * L);
     }
   }
-  V vs[NV], vh[NV];
-  for (int j = 0; j < NV; ++j) vs[j] = vload<V>(sc + j * L), vh[j] = vload<V>(sh + j * L);
-  for (int q = 0; q < P; ++q) {
-    alignas(64) float t[NV * L];
-    for (int j = 0; j < NV; ++j) {
-      const V u = acc[q][j] * vs[j] + vh[j];
-      std::memcpy(t + j * L, &u, sizeof u);
+  if constexpr (!FOLD) {  // z itself (training passes)
+    for (int q = 0; q < P; ++q) std::memcpy(y + q * C, acc[q], sizeof acc[q]);
+  } else {
+    V vs[NV], vh[NV];
+    for (int j = 0; j < NV; ++j) vs[j] = vload<V>(sc + j * L), vh[j] = vload<V>(sh + j * L);
+    for (int q = 0; q < P; ++q) {
+      alignas(64) float t[NV * L];
+      for (int j = 0; j < NV; ++j) {
+        const V u = acc[q][j] * vs[j] + vh[j];
+        std::memcpy(t + j * L, &u, sizeof u);
+      }
+      for (int i = 0; i < NV * L; ++i) t[i] = act_fwd<A>(t[i]);
+      std::memcpy(y + q * C, t, sizeof t);
     }
-    for (int i = 0; i < NV * L; ++i) t[i] = act_fwd<A>(t[i]);
-    std::memcpy(y + q * C, t, sizeof t);
   }
 }
 
 // Channels [c0, C) (fewer than 8) of one pixel, scalar.
-template <Act A>
+template <Act A, bool FOLD>
 inline void nhwc_tail(const float* const* xr, const float* const* wr, int nr, int kw0, int kw1, int64_t dC,
                       int64_t C, int64_t c0, const float* sc, const float* sh, float* y) {
   for (int64_t c = c0; c < C; ++c) {
     float acc = 0.0f;
     for (int r = 0; r < nr; ++r)
       for (int kw = kw0; kw < kw1; ++kw) acc += wr[r][kw * C + c] * xr[r][kw * dC + c];
-    y[c] = act_fwd<A>(acc * sc[c] + sh[c]);
+    if constexpr (FOLD) {
+      y[c] = act_fwd<A>(acc * sc[c] + sh[c]);
+    } else {
+      y[c] = acc;
+    }
   }
 }
 
 // Pixels [0, n_px * P) from xr0 (x at the first pixel's kw = 0 tap, c = 0), sharing the tap window [kw0, kw1),
 // all channels. Pixel groups outside, channel blocks inside: x and y are walked contiguously.
-template <Act A, int P>
+template <Act A, bool FOLD, int P>
 inline void nhwc_pixels(const float* const* xr0, const float* const* wr0, int nr, int kw0, int kw1, int64_t dC,
                         int64_t xp, int64_t C, const float* sc, const float* sh, float* y, int64_t n_px) {
   const float* xr[16];
@@ -80,30 +91,31 @@ inline void nhwc_pixels(const float* const* xr0, const float* const* wr0, int nr
     int64_t c0 = 0;
     for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
       at_c(c0);
-      nhwc_block<A, P, 2, vfw>(xr, wr, nr, kw0, kw1, dC, xp, C, sc + c0, sh + c0, yq + c0);
+      nhwc_block<A, FOLD, P, 2, vfw>(xr, wr, nr, kw0, kw1, dC, xp, C, at(sc, c0), at(sh, c0), yq + c0);
     }
     for (; c0 + kVec <= C; c0 += kVec) {
       at_c(c0);
-      nhwc_block<A, P, 1, vfw>(xr, wr, nr, kw0, kw1, dC, xp, C, sc + c0, sh + c0, yq + c0);
+      nhwc_block<A, FOLD, P, 1, vfw>(xr, wr, nr, kw0, kw1, dC, xp, C, at(sc, c0), at(sh, c0), yq + c0);
     }
     if constexpr (kVec > 8) {
       for (; c0 + 8 <= C; c0 += 8) {
         at_c(c0);
-        nhwc_block<A, P, 1, vf8>(xr, wr, nr, kw0, kw1, dC, xp, C, sc + c0, sh + c0, yq + c0);
+        nhwc_block<A, FOLD, P, 1, vf8>(xr, wr, nr, kw0, kw1, dC, xp, C, at(sc, c0), at(sh, c0), yq + c0);
       }
     }
     if (c0 < C) {
       at_c(0);
       for (int i = 0; i < P; ++i) {
-        nhwc_tail<A>(xr, wr, nr, kw0, kw1, dC, C, c0, sc, sh, yq + i * C);
+        nhwc_tail<A, FOLD>(xr, wr, nr, kw0, kw1, dC, C, c0, sc, sh, yq + i * C);
         for (int r = 0; r < nr; ++r) xr[r] += xp;
       }
     }
   }
 }
 
-// Output row (n, oh): x_img = x at image n (NHWC dense), y_row = y at (n, oh, 0, 0).
-template <Act A>
+// Output row (n, oh): x_img = x at image n (NHWC dense), y_row = y at (n, oh, 0, 0). FOLD = false writes z (the
+// conv alone; sc, sh unused and may be null) for the training passes.
+template <Act A, bool FOLD>
 void nhwc_fwd_row(const DwParams& p, const float* x_img, const float* wt, const float* sc, const float* sh,
                   int64_t oh, float* y_row) {
   const int k = p.k, s = p.stride, d = p.dilation, pad = p.pad;
@@ -131,7 +143,7 @@ void nhwc_fwd_row(const DwParams& p, const float* x_img, const float* wt, const 
     const float* xo[16];
     const int64_t iw0 = ow * s - pad;  // may be negative: only kw >= kw0 is read
     for (int r = 0; r < nr; ++r) xo[r] = xr[r] + iw0 * C;
-    nhwc_pixels<A, 1>(xo, wr, nr, kw0, kw1, dC, xp, C, sc, sh, y_row + ow * C, 1);
+    nhwc_pixels<A, FOLD, 1>(xo, wr, nr, kw0, kw1, dC, xp, C, sc, sh, y_row + ow * C, 1);
   };
   for (int64_t ow = 0; ow < a; ++ow) edge(ow);
   constexpr int P = 4;
@@ -139,12 +151,12 @@ void nhwc_fwd_row(const DwParams& p, const float* x_img, const float* wt, const 
   if (nq > 0) {
     const float* xo[16];
     for (int r = 0; r < nr; ++r) xo[r] = xr[r] + (a * s - pad) * C;
-    nhwc_pixels<A, P>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + a * C, nq);
+    nhwc_pixels<A, FOLD, P>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + a * C, nq);
   }
   for (int64_t ow = a + nq * P; ow < b; ++ow) {
     const float* xo[16];
     for (int r = 0; r < nr; ++r) xo[r] = xr[r] + (ow * s - pad) * C;
-    nhwc_pixels<A, 1>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + ow * C, 1);
+    nhwc_pixels<A, FOLD, 1>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + ow * C, 1);
   }
   for (int64_t ow = std::max(a, b); ow < Wo; ++ow) edge(ow);
 }
@@ -160,7 +172,7 @@ void nhwc_fwd_f32(const DwParams& p, const float* wt, const float* sc, const flo
   at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
     int64_t n = b / p.Ho, oh = b % p.Ho;
     for (int64_t r = b; r < e; ++r) {
-      nhwc_fwd_row<A>(p, x + n * p.xs.n, wt, sc, sh, oh, y + n * p.ys.n + oh * p.ys.h);
+      nhwc_fwd_row<A, true>(p, x + n * p.xs.n, wt, sc, sh, oh, y + n * p.ys.n + oh * p.ys.h);
       if (++oh == p.Ho) oh = 0, ++n;
     }
   });
