@@ -1,9 +1,9 @@
 """The host twin's vectorised channels_last fp32 kernels (csrc/dwconv_bn_act/cpu_nhwc_fwd.h: the eval forward,
-and the conv rows the statistics and backward passes recompute) on the geometries
-their blocking splits into separate code: channel counts that leave 16-, 8- and scalar-channel rests after the
-wide blocks (also below one vector), maps narrower than the tap window (every pixel an edge pixel), interior runs
-that are not a multiple of the 4-pixel group, stride 2 and dilation 2. Each case against mnet_ext.reference in
-fp64; the result must also not depend on the thread count (rows are independent work items)."""
+and the conv rows the statistics and backward passes recompute) on the geometries their blocking splits into
+separate code: channel counts that leave 16-, 8- and scalar-channel rests after the wide blocks (also below one
+vector), maps narrower than the tap window (every pixel an edge pixel), interior runs that are not a multiple of
+the 4-pixel group (2- and 1-pixel rests), stride 2 and dilation 2. Each case against mnet_ext.reference in fp64;
+the result must also not depend on the thread count (rows are independent work items)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ pytestmark = pytest.mark.parametrize("backend", [backend_param("cuda")])
 # C: 1, 5 (< 8 lanes), 13 = 8 + 5, 24 = 16 + 8, 61 = 3 x 16 + 8 + 5; W: 1, 2, 3 (<= every tap window), 10, 19
 GEOMETRIES = [
     (2, 1, 5, 5), (1, 5, 3, 2), (2, 13, 2, 1), (2, 24, 10, 10), (1, 61, 9, 19), (1, 40, 19, 3), (1, 16, 7, 7),
+    (1, 29, 3, 37),
 ]
 
 

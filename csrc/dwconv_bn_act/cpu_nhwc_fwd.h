@@ -130,6 +130,28 @@ void nhwc_fwd_row(const DwParams& p, const float* x_img, const float* wt, const 
     wr[nr] = wt + (int64_t)kh * k * C;
     ++nr;
   }
+  // Pixels [lo, hi) with the full tap window; pixel ow's kw = 0 column is xr[r] + (ow * s + shift) * C.
+  auto full = [&](int64_t lo, int64_t hi, int64_t shift) {
+    const float* xo[16];
+    auto at_px = [&](int64_t ow) {
+      for (int r = 0; r < nr; ++r) xo[r] = xr[r] + (ow * s + shift) * C;
+    };
+    const int64_t nq = (hi - lo) / 4;
+    if (nq > 0) {
+      at_px(lo);
+      nhwc_pixels<A, FOLD, 4>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + lo * C, nq);
+    }
+    int64_t ow = lo + nq * 4;
+    if (hi - ow >= 2) {
+      at_px(ow);
+      nhwc_pixels<A, FOLD, 2>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + ow * C, 1);
+      ow += 2;
+    }
+    if (ow < hi) {
+      at_px(ow);
+      nhwc_pixels<A, FOLD, 1>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + ow * C, 1);
+    }
+  };
   // interior [a, b): every kw in range; iw(ow, kw) = ow * s - pad + kw * d
   int64_t a = (pad + s - 1) / s;
   const int64_t top = W - 1 + pad - (int64_t)(k - 1) * d;
@@ -146,18 +168,7 @@ void nhwc_fwd_row(const DwParams& p, const float* x_img, const float* wt, const 
     nhwc_pixels<A, FOLD, 1>(xo, wr, nr, kw0, kw1, dC, xp, C, sc, sh, y_row + ow * C, 1);
   };
   for (int64_t ow = 0; ow < a; ++ow) edge(ow);
-  constexpr int P = 4;
-  const int64_t nq = (b - a) / P;
-  if (nq > 0) {
-    const float* xo[16];
-    for (int r = 0; r < nr; ++r) xo[r] = xr[r] + (a * s - pad) * C;
-    nhwc_pixels<A, FOLD, P>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + a * C, nq);
-  }
-  for (int64_t ow = a + nq * P; ow < b; ++ow) {
-    const float* xo[16];
-    for (int r = 0; r < nr; ++r) xo[r] = xr[r] + (ow * s - pad) * C;
-    nhwc_pixels<A, FOLD, 1>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + ow * C, 1);
-  }
+  full(a, b, -pad);
   for (int64_t ow = std::max(a, b); ow < Wo; ++ow) edge(ow);
 }
 
