@@ -7,6 +7,10 @@ the result must also not depend on the thread count (rows are independent work i
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -69,3 +73,15 @@ def test_nhwc_fwd_independent_of_threads(backend):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
+
+
+@pytest.mark.skipif(bool(os.environ.get("MNET_EXT_CPU_ISA")), reason="already inside a capped-ISA run")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_narrower_isa_copies(backend, isa):
+    """The host twin is compiled once per ISA and the widest the CPU has runs; MNET_EXT_CPU_ISA caps it, so the AVX2
+    and baseline copies are checked here too (on a CPU without them the cap changes nothing and this repeats)."""
+    cases = "geometry and (1x61x9x19 or 2x24x10x10 or 2x13x2x1 or 1x29x3x37)"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", cases],
+                         env={**os.environ, "MNET_EXT_CPU_ISA": isa}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]

@@ -13,6 +13,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -57,13 +58,25 @@ namespace {
 }  // namespace twin_avx512
 #pragma GCC pop_options
 
+// MNET_EXT_CPU_ISA=avx2 or baseline caps the copy picked (tests and benchmarks of the narrower copies on a
+// machine with AVX-512); unset or anything else: the widest the CPU supports.
+static int isa_cap() {
+  static const int cap = [] {
+    const char* v = std::getenv("MNET_EXT_CPU_ISA");
+    if (v && std::strcmp(v, "baseline") == 0) return 0;
+    if (v && std::strcmp(v, "avx2") == 0) return 1;
+    return 2;
+  }();
+  return cap;
+}
 static bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = isa_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
 static bool cpu_has_avx512() {
-  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  static const bool ok = isa_cap() >= 2 && cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq");
   return ok;
 }
 #endif

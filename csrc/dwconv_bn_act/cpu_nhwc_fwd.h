@@ -21,6 +21,32 @@ inline V vload(const float* p) {
   return v;
 }
 
+// y[q * C + i] = act(acc[q] * scale + shift) (FOLD), or acc itself (the training passes' z).
+template <Act A, bool FOLD, int P, int NV, typename V>
+inline void block_store(const V (&acc)[P][NV], const float* sc, const float* sh, int64_t C, float* y) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  if constexpr (!FOLD) {  // z itself (training passes)
+    for (int q = 0; q < P; ++q) std::memcpy(y + q * C, acc[q], sizeof acc[q]);
+  } else {
+    V vs[NV], vh[NV];
+    for (int j = 0; j < NV; ++j) vs[j] = vload<V>(sc + j * L), vh[j] = vload<V>(sh + j * L);
+    // The act loop runs over whole wide vectors, and `omp simd` keeps GCC from unrolling it into scalar branches
+    // first (it did for AVX2 and baseline, 4-6x slower with hardswish; the build has -fopenmp).
+    constexpr int LB = (NV * L + kVec - 1) / kVec * kVec;
+    for (int q = 0; q < P; ++q) {
+      alignas(64) float t[LB];
+      for (int i = NV * L; i < LB; ++i) t[i] = 0.0f;
+      for (int j = 0; j < NV; ++j) {
+        const V u = acc[q][j] * vs[j] + vh[j];
+        std::memcpy(t + j * L, &u, sizeof u);
+      }
+#pragma omp simd
+      for (int i = 0; i < LB; ++i) t[i] = act_fwd<A>(t[i]);
+      std::memcpy(y + q * C, t, NV * L * sizeof(float));
+    }
+  }
+}
+
 // P pixels (input pixel pitch xp floats, output pitch C floats) x NV vectors V of channels, taps kh in the rows
 // given by xr (x at (ih, iw of kw = 0, c0)) / wr (weights at (kh, kw = 0, c0)), kw in [kw0, kw1). The BN fold is
 // applied to the accumulators, the activation (the header's scalar function, vectorised over a fixed-length
@@ -42,21 +68,39 @@ inline void nhwc_block(const float* const* xr, const float* const* wr, int nr, i
         for (int j = 0; j < NV; ++j) acc[q][j] += w[j] * vload<V>(xrow + q * xp + j * L);
     }
   }
-  if constexpr (!FOLD) {  // z itself (training passes)
-    for (int q = 0; q < P; ++q) std::memcpy(y + q * C, acc[q], sizeof acc[q]);
-  } else {
-    V vs[NV], vh[NV];
-    for (int j = 0; j < NV; ++j) vs[j] = vload<V>(sc + j * L), vh[j] = vload<V>(sh + j * L);
-    for (int q = 0; q < P; ++q) {
-      alignas(64) float t[NV * L];
-      for (int j = 0; j < NV; ++j) {
-        const V u = acc[q][j] * vs[j] + vh[j];
-        std::memcpy(t + j * L, &u, sizeof u);
+  block_store<A, FOLD, P, NV, V>(acc, sc, sh, C, y);
+}
+
+// nhwc_block for 4 pixels at stride 1, dilation 1 and the full window of K taps (AVX-512 copy: 32 registers hold
+// the K x NV weights of a row and the 4 x NV accumulators): each input column is loaded once and fed to every
+// (pixel, tap) pair that reads it, instead of once per tap. Per output the taps add in the same order (row, then
+// kw increasing) as in nhwc_block.
+template <Act A, bool FOLD, int K, int NV, typename V>
+inline void nhwc_block_slide(const float* const* xr, const float* const* wr, int nr, int64_t C, const float* sc,
+                             const float* sh, float* y) {
+  constexpr int L = sizeof(V) / sizeof(float), P = 4;
+  V acc[P][NV];
+  for (int q = 0; q < P; ++q)
+    for (int j = 0; j < NV; ++j) acc[q][j] = V{};
+  for (int r = 0; r < nr; ++r) {
+    V w[K][NV];
+#pragma GCC unroll 8
+    for (int kw = 0; kw < K; ++kw)
+      for (int j = 0; j < NV; ++j) w[kw][j] = vload<V>(wr[r] + kw * C + j * L);
+    const float* xrow = xr[r];
+#pragma GCC unroll 16
+    for (int col = 0; col < P + K - 1; ++col) {
+      V xv[NV];
+      for (int j = 0; j < NV; ++j) xv[j] = vload<V>(xrow + col * C + j * L);
+#pragma GCC unroll 8
+      for (int kw = 0; kw < K; ++kw) {
+        const int q = col - kw;
+        if (q >= 0 && q < P)
+          for (int j = 0; j < NV; ++j) acc[q][j] += w[kw][j] * xv[j];
       }
-      for (int i = 0; i < NV * L; ++i) t[i] = act_fwd<A>(t[i]);
-      std::memcpy(y + q * C, t, sizeof t);
     }
   }
+  block_store<A, FOLD, P, NV, V>(acc, sc, sh, C, y);
 }
 
 // Channels [c0, C) (fewer than 8) of one pixel, scalar.
@@ -89,6 +133,20 @@ inline void nhwc_pixels(const float* const* xr0, const float* const* wr0, int nr
     };
     float* yq = y + px * C;
     int64_t c0 = 0;
+    if constexpr (P == 4 && kVec == 16) {
+      if (kw0 == 0 && xp == C && dC == C) {  // stride 1, dilation 1, full window (kw1 == k)
+        MNET_DISPATCH_KSIZE(kw1, K, [&] {
+          for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
+            at_c(c0);
+            nhwc_block_slide<A, FOLD, K, 2, vfw>(xr, wr, nr, C, at(sc, c0), at(sh, c0), yq + c0);
+          }
+          for (; c0 + kVec <= C; c0 += kVec) {
+            at_c(c0);
+            nhwc_block_slide<A, FOLD, K, 1, vfw>(xr, wr, nr, C, at(sc, c0), at(sh, c0), yq + c0);
+          }
+        });
+      }
+    }
     for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
       at_c(c0);
       nhwc_block<A, FOLD, P, 2, vfw>(xr, wr, nr, kw0, kw1, dC, xp, C, at(sc, c0), at(sh, c0), yq + c0);
