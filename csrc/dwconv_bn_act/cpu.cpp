@@ -1,6 +1,8 @@
 // Host twin of the dwconv_bn_act primitives: the CPU implementation, sharing activations/BN fold/Welford with
 // the CUDA kernels (common/*.h). Also the fast CPU path: native NCHW and NHWC loops whose innermost loop runs
-// over contiguous memory (W in NCHW, C in NHWC) so the compiler vectorises it; fp32 accumulation.
+// over contiguous memory (W in NCHW, C in NHWC) so the compiler vectorises it; fp32 accumulation. fp32
+// channels_last (the layout a fused model runs in) has register-blocked kernels (cpu_nhwc_fwd.h): the eval
+// forward, the conv rows the statistics and backward passes recompute, and the stride-1 dx.
 //
 // ISA: the body (cpu_impl.h) is compiled three times, for the baseline ISA and (x86-64 with GCC) for AVX2+FMA and
 // AVX-512, and the entry points pick the widest copy the CPU supports at runtime (like ATen's CPU_CAPABILITY).
