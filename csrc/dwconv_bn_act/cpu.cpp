@@ -1,9 +1,11 @@
 // Host twin of the dwconv_bn_act primitives: the CPU implementation, sharing activations/BN fold/Welford with
 // the CUDA kernels (common/*.h). Also the fast CPU path: native NCHW and NHWC loops whose innermost loop runs
-// over contiguous memory (W in NCHW, C in NHWC) so the compiler vectorises it; fp32 accumulation.
+// over contiguous memory (W in NCHW, C in NHWC) so the compiler vectorises it; fp32 accumulation. fp32
+// channels_last (the layout a fused model runs in) has register-blocked kernels (cpu_nhwc_fwd.h): the eval
+// forward, the conv rows the statistics and backward passes recompute, and the stride-1 dx.
 //
-// ISA: the body (cpu_impl.h) is compiled twice, for the baseline ISA and (x86-64 with GCC) for AVX2+FMA, and
-// the entry points pick the AVX2 copy at runtime when the CPU supports it (like ATen's CPU_CAPABILITY).
+// ISA: the body (cpu_impl.h) is compiled three times, for the baseline ISA and (x86-64 with GCC) for AVX2+FMA and
+// AVX-512, and the entry points pick the widest copy the CPU supports at runtime (like ATen's CPU_CAPABILITY).
 //
 // Parallelism: at::parallel_for over independent work items (NCHW: (n, c) planes; NHWC: (n, oh) rows or fixed
 // row blocks). Reductions write one partial per work item / fixed block and are combined afterwards in a
@@ -13,7 +15,9 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/activations.h"
@@ -23,6 +27,11 @@
 
 namespace mnet {
 
+// The baseline copy passes 256/512-bit GCC vectors between inlined helpers only: no ABI concern.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// The NHWC kernels' vector width in floats (cpu_nhwc_fwd.h), per ISA copy.
+#define MNET_TWIN_VEC 8
 namespace twin_base {
 namespace {
 #include "dwconv_bn_act/cpu_impl.h"
@@ -40,8 +49,36 @@ namespace {
 }  // namespace twin_avx2
 #pragma GCC pop_options
 
+#undef MNET_TWIN_VEC
+#define MNET_TWIN_VEC 16
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+namespace twin_avx512 {
+namespace {
+#include "dwconv_bn_act/cpu_impl.h"
+}  // namespace
+}  // namespace twin_avx512
+#pragma GCC pop_options
+
+// MNET_EXT_CPU_ISA=avx2 or baseline caps the copy picked (tests and benchmarks of the narrower copies on a
+// machine with AVX-512); unset or anything else: the widest the CPU supports.
+static int isa_cap() {
+  static const int cap = [] {
+    const char* v = std::getenv("MNET_EXT_CPU_ISA");
+    if (v && std::strcmp(v, "baseline") == 0) return 0;
+    if (v && std::strcmp(v, "avx2") == 0) return 1;
+    return 2;
+  }();
+  return cap;
+}
 static bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = isa_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+static bool cpu_has_avx512() {
+  static const bool ok = isa_cap() >= 2 && cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq");
   return ok;
 }
 #endif
@@ -50,6 +87,7 @@ static bool cpu_has_avx2() {
 #ifdef MNET_AVX2_TWIN
 #define MNET_TWIN_CALL(FN, p)                                                         \
   MNET_DISPATCH_DTYPE((p).dtype, c10::Half, c10::BFloat16, T, [&] {                  \
+    if (cpu_has_avx512()) return twin_avx512::FN<T>(p);                               \
     if (cpu_has_avx2()) return twin_avx2::FN<T>(p);                                   \
     return twin_base::FN<T>(p);                                                       \
   })

@@ -3,6 +3,8 @@
 // the includes of cpu.cpp and lives inside an anonymous namespace there.
 // NOLINTBEGIN(build/include)
 
+#include "dwconv_bn_act/cpu_nhwc_fwd.h"
+
 // Valid output range [lo, hi) for which iw = ow * s + off lies in [0, W).
 inline void valid_range(int64_t off, int s, int64_t W, int64_t Wo, int64_t& lo, int64_t& hi) {
   lo = off >= 0 ? 0 : (-off + s - 1) / s;
@@ -90,6 +92,10 @@ struct PlaneConv {
 // z for output row `oh` of image n in NHWC -> out[ow * C + c].
 template <typename T>
 void conv_row_nhwc(const DwParams& p, const T* xi, const float* wt, int64_t oh, float* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    nhwc_fwd_row<Act::None, false>(p, xi, wt, nullptr, nullptr, oh, out);
+    return;
+  }
   const int k = p.k, s = p.stride, d = p.dilation, pad = p.pad;
   const int64_t H = p.H, W = p.W, Wo = p.Wo, C = p.C;
   std::fill(out, out + Wo * C, 0.0f);
@@ -108,6 +114,38 @@ void conv_row_nhwc(const DwParams& p, const T* xi, const float* wt, int64_t oh, 
         for (int64_t c = 0; c < C; ++c) o[c] += wtt[c] * ld(xv, c);
       }
     }
+  }
+}
+
+// pt[c] += sum over ow in [lo, hi) of dz[ow, c] * x[ow * s + off, c] (NHWC rows xr, dzr), ow increasing for every
+// c. fp32: blocks of channels accumulated in registers (no store per pixel); the rest, and other dtypes, scalar.
+template <int NV, typename V>
+inline void corr_block(float* pt, const float* x0, const float* d0, int64_t n, int64_t xs, int64_t C) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  V a[NV];
+  for (int j = 0; j < NV; ++j) a[j] = vload<V>(pt + j * L);
+  for (int64_t i = 0; i < n; ++i, x0 += xs, d0 += C)
+    for (int j = 0; j < NV; ++j) a[j] += vload<V>(d0 + j * L) * vload<V>(x0 + j * L);
+  std::memcpy(pt, a, sizeof a);
+}
+
+template <typename T>
+inline void corr_accum(float* pt, const T* xr, const float* dzr, int64_t lo, int64_t hi, int s, int64_t off,
+                       int64_t C) {
+  int64_t c0 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const float* x0 = xr + (lo * s + off) * C;
+    const float* d0 = dzr + lo * C;
+    const int64_t n = hi - lo, xs = s * C;
+    for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) corr_block<2, vfw>(pt + c0, x0 + c0, d0 + c0, n, xs, C);
+    for (; c0 + kVec <= C; c0 += kVec) corr_block<1, vfw>(pt + c0, x0 + c0, d0 + c0, n, xs, C);
+    if constexpr (kVec > 8)
+      for (; c0 + 8 <= C; c0 += 8) corr_block<1, vf8>(pt + c0, x0 + c0, d0 + c0, n, xs, C);
+  }
+  for (int64_t ow = lo; ow < hi; ++ow) {
+    const T* xv = xr + (ow * s + off) * C;
+    const float* dv = dzr + ow * C;
+    for (int64_t c = c0; c < C; ++c) pt[c] += dv[c] * ld(xv, c);
   }
 }
 
@@ -229,6 +267,8 @@ void fwd_impl(const DwParams& p) {
         store_row(z, y + off4(p.ys, n, c, 0, 0), HWo);
       }
     });
+  } else if constexpr (std::is_same_v<T, float>) {
+    MNET_DISPATCH_CONV_ACT(p.act, A, [&] { nhwc_fwd_f32<A>(p, wt.data(), bn.scale.data(), bn.shift.data()); });
   } else {
     const float* sc = bn.scale.data();
     const float* sh = bn.shift.data();
@@ -496,12 +536,7 @@ void bwd_apply_impl(const DwParams& p) {
               const int64_t off = (int64_t)kw * d - pad;
               int64_t lo, hi;
               valid_range(off, s, p.W, p.Wo, lo, hi);
-              float* pt = pd + (int64_t)(kh * k + kw) * C;
-              for (int64_t ow = lo; ow < hi; ++ow) {
-                const T* xv = xr + (ow * s + off) * C;
-                const float* dv = dzr + ow * C;
-                for (int64_t c = 0; c < C; ++c) pt[c] += dv[c] * ld(xv, c);
-              }
+              corr_accum(pd + (int64_t)(kh * k + kw) * C, xr, dzr, lo, hi, s, off, C);
             }
           }
         }
@@ -510,8 +545,27 @@ void bwd_apply_impl(const DwParams& p) {
     for (int64_t blk = 0; blk < nb; ++blk)
       for (int64_t t = 0; t < kk; ++t)
         for (int64_t c = 0; c < C; ++c) dw[c * kk + t] += pdw[(blk * kk + t) * C + c];
-    // pass 2: dx by gathering dz (each input row owned by one task: no races, fixed order)
-    at::parallel_for(0, p.N * p.H, 1, [&](int64_t b, int64_t e) {
+    // pass 2: dx by gathering dz (each input row owned by one task: no races, fixed order). At stride 1 that is
+    // the forward conv of dz with the taps flipped (pad = (k - 1) / 2 * d on both sides): the fp32 kernel.
+    bool dx_done = false;
+    if constexpr (std::is_same_v<T, float>) {
+      if (s == 1) {
+        DwParams q = p;
+        q.H = p.Ho, q.W = p.Wo, q.Ho = p.H, q.Wo = p.W;
+        std::vector<float> wf(kk * C);
+        for (int64_t t = 0; t < kk; ++t) std::memcpy(&wf[t * C], &wt[(kk - 1 - t) * C], C * sizeof(float));
+        const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.W * C * kk));
+        at::parallel_for(0, p.N * p.H, grain, [&](int64_t b, int64_t e) {
+          for (int64_t r = b; r < e; ++r) {
+            const int64_t n = r / p.H, ih = r % p.H;
+            nhwc_fwd_row<Act::None, false>(q, dzb.data() + n * p.Ho * p.Wo * C, wf.data(), nullptr, nullptr, ih,
+                                           dx + off4(p.ys, n, 0, ih, 0));
+          }
+        });
+        dx_done = true;
+      }
+    }
+    if (!dx_done) at::parallel_for(0, p.N * p.H, 1, [&](int64_t b, int64_t e) {
       std::vector<float> acc(p.W * C);
       for (int64_t r = b; r < e; ++r) {
         const int64_t n = r / p.H, ih = r % p.H;

@@ -1,0 +1,154 @@
+"""CPU benchmark of the fused layers (host twin: backend ``cuda`` on CPU tensors) against native PyTorch.
+
+Every unique depthwise conv + BN + act and SE layer of MobileNetV1/V2/V3-Large/V3-Small (224x224 inputs), fp32,
+per batch size and thread count. Per case the providers run interleaved, round after round (native NCHW, native
+channels_last, fused channels_last), so machine load hits them alike; the statistic is each provider's minimum over
+the rounds (the stable one on a shared machine). ``speedup`` = the better native layout's time / the fused time
+(the fused module, as a fused model runs it). For the eval forward of dwconv_bn_act the op alone is timed too
+(``op_ms``: ``torch.ops.mnet_ext_cuda`` called directly with the folded BN tensors, i.e. without the Python
+wrapper ``mnet_ext.functional``), with ``speedup_op``.
+
+    python -m bench.bench_cpu [--batches 1,8] [--threads 1,0] [--modes eval,fwd_bwd] [--kinds dw,se]
+                                [--rounds 15] [--out bench/results/cpu/NAME]
+
+``--threads 0`` means all cores. With ``--out`` it writes NAME.csv and NAME.md (per-group geomean and minimum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import pathlib
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+import mnet_ext
+from bench.common import Setup, build_module, build_native, make_call, make_inputs
+from mnet_ext.backends import cuda as B
+from mnet_ext.layers import LayerConfig, unique_layers
+
+MODELS = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
+PROVIDERS = ("eager_nchw", "eager_channels_last", "mnet_ext_cuda")
+COLUMNS = ["layer", "kind", "mode", "batch", "threads", "native_nchw_ms", "native_cl_ms", "fused_ms", "speedup",
+           "op_ms", "speedup_op"]
+
+
+def time_interleaved(calls: list[Callable[[], object]], rounds: int, budget_s: float) -> list[float]:
+    """Minimum time in ms of each call, the calls alternating within every round (at least 3 rounds)."""
+    for c in calls:
+        c()
+    best = [math.inf] * len(calls)
+    start = time.perf_counter()
+    for r in range(rounds):
+        for i, c in enumerate(calls):
+            t0 = time.perf_counter()
+            c()
+            best[i] = min(best[i], time.perf_counter() - t0)
+        if r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return [b * 1e3 for b in best]
+
+
+def op_call(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """The fused module's eval forward as the bare op (BN folded to invstd once, outside the timing)."""
+    conv, bn = module.conv, module.bn
+    invstd = torch.rsqrt(bn.running_var.float() + bn.eps)
+    args = (x, conv.weight.detach(), bn.running_mean.float(), invstd, bn.weight.detach().float(),
+            bn.bias.detach().float(), module.stride, module.dilation, module.act)
+
+    def run() -> object:
+        with torch.no_grad():
+            return B.dwconv_bn_act_fwd(*args)
+    return run
+
+
+def run_case(cfg: LayerConfig, mode: str, batch: int, rounds: int, budget_s: float) -> list[float]:
+    """Times in ms: native NCHW, native channels_last, fused, and (eval dwconv only, else NaN) the bare op."""
+    calls = []
+    for provider in PROVIDERS:
+        fmt = torch.contiguous_format if provider == "eager_nchw" else torch.channels_last
+        setup = Setup(torch.device("cpu"), torch.float32, batch, fmt)
+        native = build_native(cfg, setup, fmt)
+        module = build_module(cfg, provider, native)
+        x, dy = make_inputs(cfg, setup, fmt)
+        calls.append(make_call(cfg, provider, mode, module, native, setup, x, dy, 0, {}))
+    with_op = mode == "eval" and cfg.kind == "dwconv_bn_act"
+    if with_op:
+        calls.append(op_call(module, x))
+    times = time_interleaved(calls, rounds, budget_s)
+    return times if with_op else [*times, math.nan]
+
+
+def geomean(v: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else math.nan
+
+
+def markdown(rows: list[dict[str, object]], header: str) -> str:
+    lines = [header, "", "| kind | mode | batch | threads | layers | speedup geomean | min | max "
+             "| op alone: geomean | min |", "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict[str, object]]] = {}
+    for r in rows:
+        groups.setdefault((r["kind"], r["mode"], r["batch"], r["threads"]), []).append(r)
+    for (kind, mode, batch, threads), g in groups.items():
+        v = [float(r["speedup"]) for r in g]
+        o = [float(r["speedup_op"]) for r in g if r["speedup_op"]]
+        op = f"{geomean(o):.2f}x | {min(o):.2f}x" if o else "- | -"
+        lines.append(f"| {kind} | {mode} | {batch} | {threads} | {len(v)} | {geomean(v):.2f}x | {min(v):.2f}x | "
+                     f"{max(v):.2f}x | {op} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", default="1,0", help="thread counts; 0 = all cores")
+    ap.add_argument("--modes", default="eval", help="eval and/or fwd_bwd")
+    ap.add_argument("--kinds", default="dw,se", help="dw and/or se")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--budget-s", type=float, default=2.0, help="time cap per case (after 3 rounds)")
+    ap.add_argument("--filter", default="", help="only layers whose name contains this")
+    ap.add_argument("--out", type=pathlib.Path, help="write OUT.csv and OUT.md")
+    args = ap.parse_args(argv)
+    kinds = {"dw": "dwconv_bn_act", "se": "squeeze_excite"}
+    want = {kinds[k] for k in args.kinds.split(",")}
+    layers = [c for c in unique_layers(tuple(args.models.split(","))) if c.kind in want and args.filter in c.name]
+    threads = [int(t) or os.cpu_count() or 1 for t in args.threads.split(",")]
+    where = pathlib.Path(mnet_ext.__file__).parent
+    header = (f"# CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+              f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, mnet_ext from {where}, fp32, "
+              f"min of up to {args.rounds} interleaved rounds")
+    print(header)
+    print(",".join(COLUMNS))
+    rows = []
+    for nt in threads:
+        torch.set_num_threads(nt)
+        for mode in args.modes.split(","):
+            for batch in (int(b) for b in args.batches.split(",")):
+                for cfg in layers:
+                    nchw, cl, fused, op = run_case(cfg, mode, batch, args.rounds, args.budget_s)
+                    row = dict(layer=cfg.name, kind=cfg.kind, mode=mode, batch=batch, threads=nt,
+                               native_nchw_ms=f"{nchw:.4f}", native_cl_ms=f"{cl:.4f}", fused_ms=f"{fused:.4f}",
+                               speedup=f"{min(nchw, cl) / fused:.3f}",
+                               op_ms="" if math.isnan(op) else f"{op:.4f}",
+                               speedup_op="" if math.isnan(op) else f"{min(nchw, cl) / op:.3f}")
+                    rows.append(row)
+                    print(",".join(str(row[c]) for c in COLUMNS), flush=True)
+    print(markdown(rows, header))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out.with_suffix(".csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        args.out.with_suffix(".md").write_text(markdown(rows, header))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,250 @@
+// Fast eval forward (and the conv rows of the training passes) of the host twin for fp32 channels_last (included by cpu_impl.h, inside its ISA namespace;
+// no include guard for the same reason). Register-blocked: P output pixels x NV vectors of 8 channels are
+// accumulated in registers over the conv taps (tap loop outside, channel vector innermost), then the BN fold and
+// the activation (common/*.h) are applied before anything is written. Rows (n, oh) are independent work items, so
+// the result does not depend on the thread count. GCC vector extensions (MNET_TWIN_VEC floats, set by cpu.cpp per
+// ISA copy): a 512-bit register per vector in the AVX-512 copy, 256-bit in the AVX2 one, two 128-bit in the baseline.
+// NOLINTBEGIN(build/include)
+
+// Lanes of the wide vector: MNET_TWIN_VEC floats (16 in the AVX-512 copy, else 8); vf8 serves an 8-channel rest.
+constexpr int kVec = MNET_TWIN_VEC;
+typedef float vfw __attribute__((vector_size(kVec * sizeof(float))));
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+
+// p + i, or nullptr for the absent BN vectors of the z-only (FOLD = false) instantiation.
+inline const float* at(const float* p, int64_t i) { return p ? p + i : p; }
+
+template <typename V>
+inline V vload(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// y[q * C + i] = act(acc[q] * scale + shift) (FOLD), or acc itself (the training passes' z).
+template <Act A, bool FOLD, int P, int NV, typename V>
+inline void block_store(const V (&acc)[P][NV], const float* sc, const float* sh, int64_t C, float* y) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  if constexpr (!FOLD) {  // z itself (training passes)
+    for (int q = 0; q < P; ++q) std::memcpy(y + q * C, acc[q], sizeof acc[q]);
+  } else {
+    V vs[NV], vh[NV];
+    for (int j = 0; j < NV; ++j) vs[j] = vload<V>(sc + j * L), vh[j] = vload<V>(sh + j * L);
+    // The act loop runs over whole wide vectors, and `omp simd` keeps GCC from unrolling it into scalar branches
+    // first (it did for AVX2 and baseline, 4-6x slower with hardswish; the build has -fopenmp).
+    constexpr int LB = (NV * L + kVec - 1) / kVec * kVec;
+    for (int q = 0; q < P; ++q) {
+      alignas(64) float t[LB];
+      for (int i = NV * L; i < LB; ++i) t[i] = 0.0f;
+      for (int j = 0; j < NV; ++j) {
+        const V u = acc[q][j] * vs[j] + vh[j];
+        std::memcpy(t + j * L, &u, sizeof u);
+      }
+#pragma omp simd
+      for (int i = 0; i < LB; ++i) t[i] = act_fwd<A>(t[i]);
+      std::memcpy(y + q * C, t, NV * L * sizeof(float));
+    }
+  }
+}
+
+// P pixels (input pixel pitch xp floats, output pitch C floats) x NV vectors V of channels, taps kh in the rows
+// given by xr (x at (ih, iw of kw = 0, c0)) / wr (weights at (kh, kw = 0, c0)), kw in [kw0, kw1). The BN fold is
+// applied to the accumulators, the activation (the header's scalar function, vectorised over a fixed-length
+// local buffer) on the way out.
+template <Act A, bool FOLD, int P, int NV, typename V>
+inline void nhwc_block(const float* const* xr, const float* const* wr, int nr, int kw0, int kw1, int64_t dC,
+                       int64_t xp, int64_t C, const float* sc, const float* sh, float* y) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  V acc[P][NV];
+  for (int q = 0; q < P; ++q)
+    for (int j = 0; j < NV; ++j) acc[q][j] = V{};
+  for (int r = 0; r < nr; ++r) {
+    const float* xrow = xr[r] + kw0 * dC;
+    const float* wrow = wr[r] + (int64_t)kw0 * C;
+    for (int kw = kw0; kw < kw1; ++kw, xrow += dC, wrow += C) {
+      V w[NV];
+      for (int j = 0; j < NV; ++j) w[j] = vload<V>(wrow + j * L);
+      for (int q = 0; q < P; ++q)
+        for (int j = 0; j < NV; ++j) acc[q][j] += w[j] * vload<V>(xrow + q * xp + j * L);
+    }
+  }
+  block_store<A, FOLD, P, NV, V>(acc, sc, sh, C, y);
+}
+
+// nhwc_block for 4 pixels at stride 1, dilation 1 and the full window of K taps (AVX-512 copy: 32 registers hold
+// the K x NV weights of a row and the 4 x NV accumulators): each input column is loaded once and fed to every
+// (pixel, tap) pair that reads it, instead of once per tap. Per output the taps add in the same order (row, then
+// kw increasing) as in nhwc_block.
+template <Act A, bool FOLD, int K, int NV, typename V>
+inline void nhwc_block_slide(const float* const* xr, const float* const* wr, int nr, int64_t C, const float* sc,
+                             const float* sh, float* y) {
+  constexpr int L = sizeof(V) / sizeof(float), P = 4;
+  V acc[P][NV];
+  for (int q = 0; q < P; ++q)
+    for (int j = 0; j < NV; ++j) acc[q][j] = V{};
+  for (int r = 0; r < nr; ++r) {
+    V w[K][NV];
+#pragma GCC unroll 8
+    for (int kw = 0; kw < K; ++kw)
+      for (int j = 0; j < NV; ++j) w[kw][j] = vload<V>(wr[r] + kw * C + j * L);
+    const float* xrow = xr[r];
+#pragma GCC unroll 16
+    for (int col = 0; col < P + K - 1; ++col) {
+      V xv[NV];
+      for (int j = 0; j < NV; ++j) xv[j] = vload<V>(xrow + col * C + j * L);
+#pragma GCC unroll 8
+      for (int kw = 0; kw < K; ++kw) {
+        const int q = col - kw;
+        if (q >= 0 && q < P)
+          for (int j = 0; j < NV; ++j) acc[q][j] += w[kw][j] * xv[j];
+      }
+    }
+  }
+  block_store<A, FOLD, P, NV, V>(acc, sc, sh, C, y);
+}
+
+// Channels [c0, C) (fewer than 8) of one pixel, scalar.
+template <Act A, bool FOLD>
+inline void nhwc_tail(const float* const* xr, const float* const* wr, int nr, int kw0, int kw1, int64_t dC,
+                      int64_t C, int64_t c0, const float* sc, const float* sh, float* y) {
+  for (int64_t c = c0; c < C; ++c) {
+    float acc = 0.0f;
+    for (int r = 0; r < nr; ++r)
+      for (int kw = kw0; kw < kw1; ++kw) acc += wr[r][kw * C + c] * xr[r][kw * dC + c];
+    if constexpr (FOLD) {
+      y[c] = act_fwd<A>(acc * sc[c] + sh[c]);
+    } else {
+      y[c] = acc;
+    }
+  }
+}
+
+// Pixels [0, n_px * P) from xr0 (x at the first pixel's kw = 0 tap, c = 0), sharing the tap window [kw0, kw1),
+// all channels. Pixel groups outside, channel blocks inside: x and y are walked contiguously.
+template <Act A, bool FOLD, int P>
+inline void nhwc_pixels(const float* const* xr0, const float* const* wr0, int nr, int kw0, int kw1, int64_t dC,
+                        int64_t xp, int64_t C, const float* sc, const float* sh, float* y, int64_t n_px) {
+  const float* xr[16];
+  const float* wr[16];
+  for (int64_t q = 0; q < n_px; ++q) {
+    const int64_t px = q * P;
+    auto at_c = [&](int64_t c) {
+      for (int r = 0; r < nr; ++r) xr[r] = xr0[r] + px * xp + c, wr[r] = wr0[r] + c;
+    };
+    float* yq = y + px * C;
+    int64_t c0 = 0;
+    if constexpr (P == 4 && kVec == 16) {
+      if (kw0 == 0 && xp == C && dC == C) {  // stride 1, dilation 1, full window (kw1 == k)
+        MNET_DISPATCH_KSIZE(kw1, K, [&] {
+          for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
+            at_c(c0);
+            nhwc_block_slide<A, FOLD, K, 2, vfw>(xr, wr, nr, C, at(sc, c0), at(sh, c0), yq + c0);
+          }
+          for (; c0 + kVec <= C; c0 += kVec) {
+            at_c(c0);
+            nhwc_block_slide<A, FOLD, K, 1, vfw>(xr, wr, nr, C, at(sc, c0), at(sh, c0), yq + c0);
+          }
+        });
+      }
+    }
+    for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
+      at_c(c0);
+      nhwc_block<A, FOLD, P, 2, vfw>(xr, wr, nr, kw0, kw1, dC, xp, C, at(sc, c0), at(sh, c0), yq + c0);
+    }
+    for (; c0 + kVec <= C; c0 += kVec) {
+      at_c(c0);
+      nhwc_block<A, FOLD, P, 1, vfw>(xr, wr, nr, kw0, kw1, dC, xp, C, at(sc, c0), at(sh, c0), yq + c0);
+    }
+    if constexpr (kVec > 8) {
+      for (; c0 + 8 <= C; c0 += 8) {
+        at_c(c0);
+        nhwc_block<A, FOLD, P, 1, vf8>(xr, wr, nr, kw0, kw1, dC, xp, C, at(sc, c0), at(sh, c0), yq + c0);
+      }
+    }
+    if (c0 < C) {
+      at_c(0);
+      for (int i = 0; i < P; ++i) {
+        nhwc_tail<A, FOLD>(xr, wr, nr, kw0, kw1, dC, C, c0, sc, sh, yq + i * C);
+        for (int r = 0; r < nr; ++r) xr[r] += xp;
+      }
+    }
+  }
+}
+
+// Output row (n, oh): x_img = x at image n (NHWC dense), y_row = y at (n, oh, 0, 0). FOLD = false writes z (the
+// conv alone; sc, sh unused and may be null) for the training passes.
+template <Act A, bool FOLD>
+void nhwc_fwd_row(const DwParams& p, const float* x_img, const float* wt, const float* sc, const float* sh,
+                  int64_t oh, float* y_row) {
+  const int k = p.k, s = p.stride, d = p.dilation, pad = p.pad;
+  const int64_t C = p.C, W = p.W, Wo = p.Wo, dC = (int64_t)d * C, xp = (int64_t)s * C;
+  const float* xr[16];
+  const float* wr[16];
+  int nr = 0;
+  for (int kh = 0; kh < k; ++kh) {
+    const int64_t ih = in_coord(oh, kh, s, d, pad);
+    if (ih < 0 || ih >= p.H) continue;
+    xr[nr] = x_img + ih * W * C;
+    wr[nr] = wt + (int64_t)kh * k * C;
+    ++nr;
+  }
+  // Pixels [lo, hi) with the full tap window; pixel ow's kw = 0 column is xr[r] + (ow * s + shift) * C.
+  auto full = [&](int64_t lo, int64_t hi, int64_t shift) {
+    const float* xo[16];
+    auto at_px = [&](int64_t ow) {
+      for (int r = 0; r < nr; ++r) xo[r] = xr[r] + (ow * s + shift) * C;
+    };
+    const int64_t nq = (hi - lo) / 4;
+    if (nq > 0) {
+      at_px(lo);
+      nhwc_pixels<A, FOLD, 4>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + lo * C, nq);
+    }
+    int64_t ow = lo + nq * 4;
+    if (hi - ow >= 2) {
+      at_px(ow);
+      nhwc_pixels<A, FOLD, 2>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + ow * C, 1);
+      ow += 2;
+    }
+    if (ow < hi) {
+      at_px(ow);
+      nhwc_pixels<A, FOLD, 1>(xo, wr, nr, 0, k, dC, xp, C, sc, sh, y_row + ow * C, 1);
+    }
+  };
+  // interior [a, b): every kw in range; iw(ow, kw) = ow * s - pad + kw * d
+  int64_t a = (pad + s - 1) / s;
+  const int64_t top = W - 1 + pad - (int64_t)(k - 1) * d;
+  int64_t b = top < 0 ? 0 : top / s + 1;
+  a = std::min(a, Wo), b = std::min(b, Wo);
+  if (b < a) b = a;
+  auto edge = [&](int64_t ow) {
+    int kw0 = 0, kw1 = k;
+    while (kw0 < k && ow * s - pad + (int64_t)kw0 * d < 0) ++kw0;
+    while (kw1 > kw0 && ow * s - pad + (int64_t)(kw1 - 1) * d >= W) --kw1;
+    const float* xo[16];
+    const int64_t iw0 = ow * s - pad;  // may be negative: only kw >= kw0 is read
+    for (int r = 0; r < nr; ++r) xo[r] = xr[r] + iw0 * C;
+    nhwc_pixels<A, FOLD, 1>(xo, wr, nr, kw0, kw1, dC, xp, C, sc, sh, y_row + ow * C, 1);
+  };
+  for (int64_t ow = 0; ow < a; ++ow) edge(ow);
+  full(a, b, -pad);
+  for (int64_t ow = std::max(a, b); ow < Wo; ++ow) edge(ow);
+}
+
+template <Act A>
+void nhwc_fwd_f32(const DwParams& p, const float* wt, const float* sc, const float* sh) {
+  const float* x = static_cast<const float*>(p.x);
+  float* y = static_cast<float*>(p.y);
+  const int64_t rows = p.N * p.Ho;
+  // ~64k multiply-adds per task at least: small maps do not pay a thread wake-up per row
+  const int64_t per_row = std::max<int64_t>(1, p.Wo * p.C * p.k * p.k);
+  const int64_t grain = std::max<int64_t>(1, 65536 / per_row);
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    int64_t n = b / p.Ho, oh = b % p.Ho;
+    for (int64_t r = b; r < e; ++r) {
+      nhwc_fwd_row<A, true>(p, x + n * p.xs.n, wt, sc, sh, oh, y + n * p.ys.n + oh * p.ys.h);
+      if (++oh == p.Ho) oh = 0, ++n;
+    }
+  });
+}
+
+// NOLINTEND(build/include)

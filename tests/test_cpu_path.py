@@ -1,0 +1,87 @@
+"""The host twin's vectorised channels_last fp32 kernels (csrc/dwconv_bn_act/cpu_nhwc_fwd.h: the eval forward,
+and the conv rows the statistics and backward passes recompute) on the geometries their blocking splits into
+separate code: channel counts that leave 16-, 8- and scalar-channel rests after the wide blocks (also below one
+vector), maps narrower than the tap window (every pixel an edge pixel), interior runs that are not a multiple of
+the 4-pixel group (2- and 1-pixel rests), stride 2 and dilation 2. Each case against mnet_ext.reference in fp64;
+the result must also not depend on the thread count (rows are independent work items)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mnet_ext.backends import cuda as B
+from tests.helpers import assert_matches_fp64_reference, backend_param
+
+pytestmark = pytest.mark.parametrize("backend", [backend_param("cuda")])
+
+# C: 1, 5 (< 8 lanes), 13 = 8 + 5, 24 = 16 + 8, 61 = 3 x 16 + 8 + 5; W: 1, 2, 3 (<= every tap window), 10, 19
+GEOMETRIES = [
+    (2, 1, 5, 5), (1, 5, 3, 2), (2, 13, 2, 1), (2, 24, 10, 10), (1, 61, 9, 19), (1, 40, 19, 3), (1, 16, 7, 7),
+    (1, 29, 3, 37),
+]
+
+
+def _args(n: int, c: int, h: int, w: int, k: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c, 1, k, k, generator=g)
+    mean = torch.randn(c, generator=g) * 0.1
+    invstd = torch.rand(c, generator=g) + 0.5
+    gamma = torch.randn(c, generator=g)
+    beta = torch.randn(c, generator=g)
+    return x, weight, mean, invstd, gamma, beta
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (7, 1, 2), (3, 2, 2), (5, 1, 1)])
+@pytest.mark.parametrize("act", ["none", "relu", "relu6", "hardswish", "silu"])
+def test_nhwc_fwd_geometry(backend, geometry, k, stride, dilation, act):
+    args = (*_args(*geometry, k, seed=k * 10 + stride + dilation), stride, dilation, act)
+    y = B.dwconv_bn_act_fwd(*args)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_matches_fp64_reference("dwconv_bn_act_fwd", y, args, f"{geometry} k{k} s{stride} d{dilation} {act}")
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (7, 1, 2)])
+def test_nhwc_training_primitives_geometry(backend, geometry, k, stride, dilation):
+    x, weight, mean, invstd, gamma, beta = _args(*geometry, k, seed=k + stride)
+    what = f"{geometry} k{k} s{stride} d{dilation}"
+    assert_matches_fp64_reference("dwconv_bn_stats", B.dwconv_bn_stats(x, weight, stride, dilation),
+                                  (x, weight, stride, dilation), what)
+    grad_y = torch.randn_like(B.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, "relu"))
+    args = (grad_y, x, weight, mean, invstd, gamma, beta, stride, dilation, "hardswish")
+    assert_matches_fp64_reference("dwconv_bn_act_bwd_reduce", B.dwconv_bn_act_bwd_reduce(*args), args, what)
+    mean_g, mean_g_xhat = torch.randn(2, geometry[1]).unbind()
+    args = (*args[:7], mean_g, mean_g_xhat, *args[7:])
+    assert_matches_fp64_reference("dwconv_bn_act_bwd_apply", B.dwconv_bn_act_bwd_apply(*args), args, what)
+
+
+def test_nhwc_fwd_independent_of_threads(backend):
+    args = (*_args(3, 40, 17, 13, 5, seed=1), 1, 1, "hardswish")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = B.dwconv_bn_act_fwd(*args)
+        torch.set_num_threads(max(threads, 2))
+        many = B.dwconv_bn_act_fwd(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+@pytest.mark.skipif(bool(os.environ.get("MNET_EXT_CPU_ISA")), reason="already inside a capped-ISA run")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_narrower_isa_copies(backend, isa):
+    """The host twin is compiled once per ISA and the widest the CPU has runs; MNET_EXT_CPU_ISA caps it, so the AVX2
+    and baseline copies are checked here too (on a CPU without them the cap changes nothing and this repeats)."""
+    cases = "geometry and (1x61x9x19 or 2x24x10x10 or 2x13x2x1 or 1x29x3x37)"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", cases],
+                         env={**os.environ, "MNET_EXT_CPU_ISA": isa}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]
