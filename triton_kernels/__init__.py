@@ -43,10 +43,11 @@ _DW_NCHW_SLOTS = 256
 # Most outputs per group (consecutive output columns a thread computes from one window of input columns) by kernel
 # kind and K: a thread holds OW x 8 accumulators, K x 8 weights and the window's columns, so this bounds the live
 # registers. Measured on sm_90 (bf16 and fp32): a reduction (stats, bwd_reduce: more live per-channel vectors and
-# sums) at K = 5, OW = 8 or K = 7, OW = 4 fills the 255 registers and spills. The dz kernel holds 2 slots per
+# sums; hardswish's derivative) at K = 3, OW = 7 spills up to 140 bytes, at K = 5, OW = 5 28 bytes; at K = 7 the
+# weights alone take 56 registers, so the K = 7 reductions hold 2 slots per thread. The dz kernel holds 2 slots per
 # thread (1 at K = 7), not 8 channels: its K*K dweight sums per slot stay in registers (K = 7 at 2 slots: 28 bytes
-# of spill in fp32).
-_DW_OW_MAX = {"fwd": {3: 8, 5: 6, 7: 4}, "reduce": {3: 8, 5: 5, 7: 3}, "dz": {3: 8, 5: 4, 7: 2}}
+# of spill in fp32; NCHW K = 3, stride 2, OW = 8: 12 bytes).
+_DW_OW_MAX = {"fwd": {3: 8, 5: 6, 7: 4}, "reduce": {3: 4, 5: 4, 7: 2}, "dz": {3: 4, 5: 4, 7: 2}}
 
 
 def interpreting() -> bool:
@@ -122,8 +123,9 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
     largest min(OW, 4) x min(slots, 512) (x values reused by more outputs: OW = 1 costs 2.5x the instructions of
     OW = 4 at K = 7; tiles of fewer slots leave warps idle), then the largest OW, then the busiest lanes; with
     none at 80 %, the busiest."""
-    # dz: 2 slots per thread in both layouts, 1 at K = 7 (its K*K dweight sums per slot live in registers)
-    narrow = not channels_last or kind == "dz"
+    # dz (its K*K dweight sums per slot live in registers) and the K = 7 reductions: 2 slots per thread in both
+    # layouts; dz at K = 7: 1
+    narrow = not channels_last or kind == "dz" or (kind == "reduce" and k == 7)
     slots = _DW_NCHW_SLOTS if narrow else _DW_NHWC_SLOTS
     per_thread = 2 if narrow else 8
     if kind == "dz" and k == 7:
