@@ -316,8 +316,10 @@ def _nest_dict(n: dict | None) -> dict | None:
 def nested_body(nest: dict, trips: tuple) -> Cost:
     """One iteration of a loop with each inner loop taken its planned number of times: ``trips`` holds, per child
     in code order, (iterations per iteration of this loop, the child's own ``trips``). ``nest["body"]`` holds each
-    child once."""
+    child once; a body without inner loops (the compiler unrolled them) is taken as it is."""
     children = nest["children"]
+    if not children:  # the compiler unrolled the planned inner loops: the body already holds every iteration
+        return nest["body"]
     if len(children) != len(trips):
         raise ValueError(f"the plan expects {len(trips)} inner loops, the SASS has {len(children)}")
     total = nest["body"]

@@ -139,6 +139,8 @@ def test_nested_loop_counting():
     assert sass.nested_body(nest, ((2, ((3, ()),)), (5, ()))) == c(0, 100 - 40 - 20 + 200 + 100, 10 - 9 + 54, 5 - 4 + 23)
     with pytest.raises(ValueError, match="inner loops"):
         sass.nested_body(nest, ((2, ()),))
+    unrolled = {"body": c(0, 70, 9, 3), "children": []}  # the compiler unrolled the kernel-row loop
+    assert sass.nested_body(unrolled, ((3, ()),)) == unrolled["body"]
     summary = sass.PathSummary(0, c(0, 1), c(0, 8), c(0, 100, 10, 5), 4, None, nest)
     per = kernel_report.per_elem(summary, 2, 4, None, ((1, ((1, ()),)), (1, ())))  # every loop once: body as is
     assert per["sass_per_output_elem"] == pytest.approx((8 + 2 * 100) / 8)
