@@ -317,13 +317,18 @@ TRITON_KERNELS: dict[str, TritonKernel] = {
 }
 
 
-def triton_plan(spec: TritonKernel, v: dict[str, Any], threads: int) -> Plan:
+def triton_plan(spec: TritonKernel, v: dict[str, Any], threads: int, path: dict[str, Any] | None) -> Plan:
     """Per-thread plan of a Triton launch: a tile is BLOCK_P pixels (or BLOCK_G groups of OW outputs) x BLOCK_C
     channels. A kernel-row loop is the main loop of a one-tile kernel (fwd, dx: its trips cover the tile) and the
-    inner loop of a reduction's main loop (ITERS tiles)."""
+    inner loop of a reduction's main loop (ITERS tiles), unless the compiler unrolled it (K is a constexpr): then
+    the SASS (``path``, the build summary) has that loop's rows inline and the plan counts them as they stand."""
     outputs = v.get("BLOCK_P", v.get("BLOCK_G", 0) * v.get("OW", 1)) * v["BLOCK_C"] / threads
     trips = spec.trips(v) if spec.trips else None
     rows = spec.rows(v) if spec.rows else None
+    if rows is not None and path is not None:
+        nest = path.get("nest")
+        if (path["loops"] == 0 if trips is None else nest is not None and not nest["children"]):
+            rows = None
     if rows is not None and trips is None:
         return Plan(threads, rows, outputs / rows)
     return Plan(threads, trips, outputs, nest=None if rows is None else ((rows, ()),))
@@ -541,7 +546,7 @@ def triton_records(launches: list[tuple[Case, int, kernel_builds.TritonLaunch]],
             threads = 32 * job["num_warps"]
             plan = None
             if spec is not None and spec.hot and ("BLOCK_P" in v or "BLOCK_G" in v) and "BLOCK_C" in v:
-                plan = triton_plan(spec, v, threads)
+                plan = triton_plan(spec, v, threads, results[job["key"]].get("path"))
             extra = {"num_warps": job["num_warps"], "launcher": launch.primitive,
                      "constexprs": {n: v[n] for n in ("BLOCK_P", "BLOCK_G", "OW", "BLOCK_C", "VEC", "ITERS") if n in v}}
             records.append(make_record(arch, "triton", launch.kernel, role, case.dtype, case.layout, case.k, case,
