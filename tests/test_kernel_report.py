@@ -140,7 +140,8 @@ def test_nested_loop_counting():
         {"body": c(0, 40, 9, 3), "children": [{"body": c(0, 30, 9, 3), "children": []}]},
         {"body": c(0, 20, 0, 1), "children": []}]}
     # child 0: 40 - 30 + 3 x 30 = 100 per iteration, taken 2x; child 1: 20, taken 5x
-    assert sass.nested_body(nest, ((2, ((3, ()),)), (5, ()))) == c(0, 100 - 40 - 20 + 200 + 100, 10 - 9 + 54, 5 - 4 + 23)
+    expected = c(0, 100 - 40 - 20 + 200 + 100, 10 - 9 + 54, 5 - 4 + 23)
+    assert sass.nested_body(nest, ((2, ((3, ()),)), (5, ()))) == expected
     with pytest.raises(ValueError, match="inner loops"):
         sass.nested_body(nest, ((2, ()),))
     unrolled = {"body": c(0, 70, 9, 3), "children": []}  # the compiler unrolled the kernel-row loop
