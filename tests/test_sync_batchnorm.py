@@ -4,65 +4,20 @@
 from __future__ import annotations
 
 import copy
-import datetime
-import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import SqueezeExcitation
 from torchvision.ops.misc import Conv2dNormActivation
 
 import mnet_ext
+from tests.dist_helpers import spawn
 from tests.helpers import ROUNDING_TOL, scaled_error
 
-WORLD = 2
 SPLIT = (3, 2)  # uneven per-rank batch sizes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(rank: int, port: int, fn, errors, timeout: float) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # A collective that a peer never joins raises after ``timeout`` instead of hanging.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=timeout))
-    try:
-        torch.set_num_threads(1)
-        fn(rank)
-    except BaseException as exc:  # report any failure to the parent test
-        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(fn, timeout: float = 240) -> None:
-    """Run ``fn(rank)`` on WORLD gloo ranks; fail (and end them) if any raises or still runs after ``timeout``."""
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_run, args=(r, port, fn, errors, timeout)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join()
-    messages = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
-    assert not hung, f"ranks {hung} still running after {timeout} s (a collective left waiting?); {messages}"
-    assert not messages and all(p.exitcode == 0 for p in procs), messages or [p.exitcode for p in procs]
 
 
 def _layer(dtype=torch.float32) -> nn.Module:
@@ -106,7 +61,7 @@ def _layer_check(rank: int) -> None:
 
 
 def test_fused_sync_batchnorm_matches_global_batchnorm():
-    _spawn(_layer_check)
+    spawn(_layer_check)
 
 
 def _empty_rank_check(rank: int) -> None:
@@ -138,7 +93,7 @@ def _empty_rank_check(rank: int) -> None:
 
 
 def test_fused_sync_batchnorm_rank_with_empty_batch():
-    _spawn(_empty_rank_check, timeout=120)
+    spawn(_empty_rank_check, timeout=120)
 
 
 def _tiny_mobilenet() -> nn.Module:
@@ -178,4 +133,4 @@ def _ddp_check(rank: int) -> None:
 
 @pytest.mark.slow
 def test_ddp_training_fused_sync_matches_native_global_batch():
-    _spawn(_ddp_check)
+    spawn(_ddp_check)

@@ -2,80 +2,34 @@
 process on the global batch, rank 0 alone writes the checkpoint, resumption is exact, checkpoints cross world sizes,
 a rank that fails ends every rank, and the issue's ``torchrun`` command line works.
 
-Ranks are spawned processes that join a gloo group from torchrun's environment variables (``_spawn``), so the
-package sees what torchrun gives it; one test runs torchrun itself. Starting a rank costs ~10 s of imports on a loaded
-2-core machine (torch, torch._dynamo), so one spawn (the module fixture ``ranks``) runs every scenario in turn and
-each test checks its scenario's results. Every spawn has a deadline: a hang fails the tests instead of blocking the
-suite. Tiny settings as in tests/test_train.py (MobileNetV3-Small x0.25, 32x32, 4 classes).
+Ranks are spawned processes that join a gloo group from torchrun's environment variables
+(``tests.dist_helpers.spawn``), so the package sees what torchrun gives it; one test runs torchrun itself. Starting
+a rank costs ~10 s of imports on a loaded 2-core machine (torch, torch._dynamo), so one spawn (the module fixture
+``ranks``) runs every scenario in turn and each test checks its scenario's results. Every spawn has a deadline: a
+hang fails the tests instead of blocking the suite. Tiny settings as in tests/test_train.py (MobileNetV3-Small
+x0.25, 32x32, 4 classes).
 """
 
 from __future__ import annotations
 
 import copy
-import datetime
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import mnet_ext
 from mnet_ext import train as T
+from tests.dist_helpers import WORLD, spawn
 from tests.helpers import scaled_error
 from tests.test_train import CPU_BACKEND, _one_thread, tiny_config  # noqa: F401 (_one_thread: autouse fixture)
 
-WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, fn, args: tuple, errors, timeout: float) -> None:
-    # What torchrun gives each process; the group is started here once so that one process can run train() several
-    # times (train() uses a group it finds and leaves it alone; the torchrun test covers train() starting its own).
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # see tests/test_train.py: OpenMP spinning on a loaded 2-core machine
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
-    try:
-        fn(rank, *args)
-    except BaseException as exc:  # report any failure to the parent test
-        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(fn, *args, timeout: float = 120) -> None:
-    """Run ``fn(rank, *args)`` on WORLD ranks; fail (and end them) if any raises or still runs after ``timeout``."""
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    port = _free_port()
-    # The group's own timeout is longer than the deadline, so a collective left waiting shows up as a hang here.
-    procs = [ctx.Process(target=_rank_main, args=(r, port, fn, args, errors, 2 * timeout)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join()
-    messages = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
-    assert not hung, f"ranks {hung} still running after {timeout} s (a collective left waiting?); {messages}"
-    assert not messages and all(p.exitcode == 0 for p in procs), messages or [p.exitcode for p in procs]
 
 
 def _result(tmp: Path, name: str, rank: int) -> Path:
@@ -104,7 +58,7 @@ def ranks(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("ddp")
     T.train(tiny_config(**RUN, stop_after=1, checkpoint=str(tmp / "single.pt")))  # for _resume_ranks
     try:
-        _spawn(_scenarios, tmp, timeout=240)
+        spawn(_scenarios, tmp, timeout=240)
     except AssertionError as exc:  # a rank that failed a scenario alone leaves the other waiting: say which
         done = {f.name: f.read_text() for f in sorted(tmp.glob("*.done"))}
         raise AssertionError(f"{exc}; scenarios finished: {done}") from None
