@@ -44,9 +44,20 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null
 git status --porcelain > "$OUT/git-status.txt" 2>/dev/null
 
-stamp "CUDA-marked tests (the default set: tests/test_gpu.py says what it holds; exhaustive ones are deselected)"
-step pytest_cuda 240 "$OUT/pytest_cuda.log" \
-  $PY -m pytest -m "cuda and not exhaustive" -q -rs --durations=25 --junitxml="$OUT/junit_cuda.xml"
+stamp "CUDA-marked tests in three groups, each its own pytest call and junit file (a timeout loses one group)"
+# Groups by value: every real MobileNet layer (tests/test_gpu.py, batch 256, both backends, train and eval), the
+# CUDA backend's primitives against the reference (tests/test_cuda_backend.py), then every other CUDA-marked test
+# (tests/test_gpu.py: odd shapes, SE, torch.compile, CUDA graphs, whole models, convergence). Exhaustive ones are
+# deselected.
+step pytest_cuda_layers 150 "$OUT/pytest_cuda_layers.log" \
+  $PY -m pytest -m "cuda and not exhaustive" -q -rs --durations=15 --junitxml="$OUT/junit_cuda_layers.xml" \
+  tests/test_gpu.py -k test_every_mobilenet_layer
+step pytest_cuda_backend 90 "$OUT/pytest_cuda_backend.log" \
+  $PY -m pytest -m "cuda and not exhaustive" -q -rs --durations=15 --junitxml="$OUT/junit_cuda_backend.xml" \
+  tests/test_cuda_backend.py
+step pytest_cuda_rest 150 "$OUT/pytest_cuda_rest.log" \
+  $PY -m pytest -m "cuda and not exhaustive" -q -rs --durations=15 --junitxml="$OUT/junit_cuda_rest.xml" \
+  --ignore=tests/test_cuda_backend.py -k "not test_every_mobilenet_layer"
 
 stamp "compute-sanitizer memcheck and racecheck over every CUDA kernel"
 for tool in memcheck racecheck; do

@@ -42,7 +42,9 @@ def main(out: str) -> None:
     print(f"- statuses: `{' '.join(read('status.env').split())}`\n")
     print("## Environment (python -m mnet_ext.info)\n\n```\n" + read("info.txt") + "\n```\n")
     print("## Tests\n")
-    print(f"- CUDA-marked tests: {junit_counts(d / 'junit_cuda.xml')}")
+    for group, what in (("layers", "every MobileNet layer"), ("backend", "CUDA backend primitives"),
+                        ("rest", "odd shapes, SE, compile, graphs, models")):
+        print(f"- CUDA-marked tests, {what}: {junit_counts(d / f'junit_cuda_{group}.xml')}")
     print(f"- rest of the suite (time-boxed, stops at first failure): {junit_counts(d / 'junit_rest.xml')}\n")
     print("## compute-sanitizer over every CUDA kernel (scripts/sanitize_kernels.py)\n")
     for tool in ("memcheck", "racecheck"):
