@@ -25,8 +25,9 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   the loop's mean trip count per thread from the launch plan (CUDA: the geometry of ``csrc/dwconv_bn_act/tile.h``
   and ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). Inner loops of the
   main loop count their planned trips (``Plan.inner_trips``, ``Plan.nest``): the CUDA runtime loop over the K
-  kernel rows, and the three phase loops of the backward apply (dz rows, dweight strips, dx pixels per thread and
-  item). A kernel without a loop (Triton fwd/dx: one tile per program) counts its entry-to-exit path over the
+  kernel rows, and the three phase loops of the CUDA backward apply (dz rows, dweight strips, dx pixels per thread
+  and item), the two of the Triton one (dz chunks, dx chunks, each with its kernel-row loop). A kernel without a
+  loop (Triton fwd: one tile per program) counts its entry-to-exit path over the
   outputs one thread holds (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path
   visits every block with a load or store on its way (all K*K taps, the store) and takes the cheaper side of a
   branch that only computes; a subroutine call counts its callee's path, so an int64 division counts its inline
@@ -49,10 +50,10 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   8 STG.E.128): 1,752 / 64 = 27.4 per output element, 27.2 counted (the cheaper sides of two branches).
 
 * ``planned_bytes_per_elem``: DRAM bytes the kernel's plan moves per element of its iteration space, in units of
-  the activation's element size (eval forward at stride 1 = 2): what ``ROLES`` says each kernel reads and writes,
-  with the fp32 dz scratch of today's backward counted (4 bytes written by bwd_dz, read by bwd_dx). Per-channel
-  vectors and partial-sum buffers are ignored. The planned totals per primitive are listed against the fused
-  minimum of ``mnet_ext.layers.fused_bytes``.
+  the activation's element size (eval forward at stride 1 = 2): what ``ROLES`` says each kernel reads and writes.
+  Per-channel vectors, partial-sum buffers and on-chip or L2-resident scratch (the Triton backward apply's
+  per-program dz slot, rewritten per band and read back at once) are ignored. The planned totals per primitive are
+  listed against the fused minimum of ``mnet_ext.layers.fused_bytes``.
 * ``issue_over_mem_h100`` / ``_h200``: predicted issue time / DRAM time per element: instructions at 3e13
   thread-instructions/s (132 SMs x 4 schedulers x 32 lanes x ~1.75 GHz) over bytes at 3.0 TB/s (H100) or
   4.3 TB/s (H200); above 1 the kernel is issue-bound (``bound_*``), below memory-bound. Assumes full issue rate:
@@ -94,15 +95,14 @@ class Role:
 
 
 ROLES: dict[str, Role] = {
-    # dwconv_bn_act: iteration space = output elements, except bwd_dx (input elements)
+    # dwconv_bn_act: iteration space = output elements
     "fwd": Role("dwconv_bn_act_fwd", True, lambda r, es: es * (r + 1)),  # read x, write y
     "stats": Role("dwconv_bn_stats", True, lambda r, es: es * r),  # read x
     "stats_combine": Role("dwconv_bn_stats", False),
     "bwd_reduce": Role("dwconv_bn_act_bwd_reduce", True, lambda r, es: es * (1 + r)),  # read dy, x
     "sum_partials": Role("dwconv_bn_act_bwd_reduce/_apply", False),
-    "bwd_dz": Role("dwconv_bn_act_bwd_apply", True, lambda r, es: es * (1 + r) + 4),  # read dy, x; write fp32 dz
-    "bwd_dx": Role("dwconv_bn_act_bwd_apply", True, lambda r, es: 4 / r + es),  # read fp32 dz, write dx
-    # CUDA: dz on chip; read dy and x, write dx (the halo rows' x and the dweight pass's x re-read from L1/L2)
+    # dz on chip (CUDA: shared memory; Triton: a per-program L2-resident slot); read dy and x, write dx (the halo
+    # rows' x and the dweight pass's x re-read from L1/L2)
     "bwd_apply": Role("dwconv_bn_act_bwd_apply", True, lambda r, es: es * (1 + 2 * r)),
     # squeeze_excite: iteration space = activation elements
     "se_pool": Role("se_pool", True, lambda r, es: es),  # read x
@@ -294,13 +294,32 @@ class TritonKernel:
     role: str | Callable[[dict[str, Any]], str]  # fixed, or from the launch's constexprs
     trips: Callable[[dict[str, Any]], float] | None = None  # main-loop trip count from the launch values
     hot: bool = True
-    # trips of the runtime loop over kernel rows: the main loop without ``trips`` (fwd, dx), else the one loop
+    # trips of the runtime loop over kernel rows: the main loop without ``trips`` (fwd), else the one loop
     # inside the main loop (the reductions: once per tile)
     rows: Callable[[dict[str, Any]], float] | None = None
+    # a whole plan from the launch values and threads, for a kernel whose loops the fields above do not describe
+    plan: Callable[[dict[str, Any], int], Plan] | None = None
 
 
 def _conv_rows(v: dict[str, Any]) -> float:
     return v["K"] - 1  # _conv_groups peels kernel row 0 before its loop
+
+
+def _triton_apply_plan(v: dict[str, Any], threads: int) -> Plan:
+    """``_bwd_apply_kernel``: the main loop over ITERS bands per program; per band, the dz loop over chunks of
+    BLOCK_G groups of the band's rows plus its halo (clipped to the image), each with the conv's runtime loop over
+    kernel rows 1 ... K - 1, then the dx loop over chunks of the band's input rows, each with a loop over the K kernel
+    rows. Trips and outputs (the band's own output elements per thread) are means over the bands of an image."""
+    ho, tb, bands, stride = v["Ho"], v["TB"], v["num_bands"], v["STRIDE"]
+    t_dz = t_dx = outputs = 0.0
+    for b in range(bands):
+        band0, band1 = b * tb, min(b * tb + tb, ho)
+        rows = min(band1 + v["HALO_HI"], ho) - max(band0 - v["HALO_LO"], 0)
+        t_dz += -(-rows * v["gpr"] // v["BLOCK_G"]) / bands
+        t_dx += -(-(min(band1 * stride, v["H"]) - band0 * stride) * v["gprx"] // v["BLOCK_G"]) / bands
+        outputs += (band1 - band0) * v["Wo"] * v["BLOCK_C"] / threads / bands
+    trips = v["num_tiles"] / -(-v["num_tiles"] // v["ITERS"])  # bands per program, the tail row included
+    return Plan(threads, trips, outputs, nest=((t_dz, ((v["K"] - 1, ()),)), (t_dx, ((v["K"], ()),))))
 
 
 TRITON_KERNELS: dict[str, TritonKernel] = {
@@ -309,8 +328,7 @@ TRITON_KERNELS: dict[str, TritonKernel] = {
     "_stats_combine_kernel": TritonKernel("stats_combine", hot=False),
     "_bwd_reduce_partial_kernel": TritonKernel("bwd_reduce", lambda v: v["ITERS"], rows=_conv_rows),
     "_sum_rows_kernel": TritonKernel("sum_partials", hot=False),
-    "_bwd_dz_kernel": TritonKernel("bwd_dz", lambda v: v["ITERS"], rows=_conv_rows),  # dweight rows: unrolled
-    "_bwd_dx_kernel": TritonKernel("bwd_dx", rows=lambda v: v["K"]),
+    "_bwd_apply_kernel": TritonKernel("bwd_apply", plan=_triton_apply_plan),  # dweight rows: unrolled
     "_se_reduce_kernel": TritonKernel(lambda v: "se_bwd_reduce" if v["PRODUCT"] else "se_pool",
                                       lambda v: -(-v["H"] * v["W"] // v["BLOCK_P"])),
     "_se_apply_kernel": TritonKernel(lambda v: "se_bwd_apply" if v["HAS_BIAS"] else "se_scale"),
@@ -319,9 +337,11 @@ TRITON_KERNELS: dict[str, TritonKernel] = {
 
 def triton_plan(spec: TritonKernel, v: dict[str, Any], threads: int, path: dict[str, Any] | None) -> Plan:
     """Per-thread plan of a Triton launch: a tile is BLOCK_P pixels (or BLOCK_G groups of OW outputs) x BLOCK_C
-    channels. A kernel-row loop is the main loop of a one-tile kernel (fwd, dx: its trips cover the tile) and the
+    channels. A kernel-row loop is the main loop of a one-tile kernel (fwd: its trips cover the tile) and the
     inner loop of a reduction's main loop (ITERS tiles), unless the compiler unrolled it (K is a constexpr): then
     the SASS (``path``, the build summary) has that loop's rows inline and the plan counts them as they stand."""
+    if spec.plan is not None:
+        return spec.plan(v, threads)
     outputs = v.get("BLOCK_P", v.get("BLOCK_G", 0) * v.get("OW", 1)) * v["BLOCK_C"] / threads
     trips = spec.trips(v) if spec.trips else None
     rows = spec.rows(v) if spec.rows else None
@@ -560,7 +580,7 @@ _ROLE_ORDER = list(ROLES)
 MODE_ROLES = {
     ("dwconv_bn_act", "eval"): ["fwd"],
     ("dwconv_bn_act", "train_fwd"): ["stats", "fwd"],
-    ("dwconv_bn_act", "bwd"): ["bwd_reduce", "bwd_dz", "bwd_dx"],
+    ("dwconv_bn_act", "bwd"): ["bwd_reduce", "bwd_apply"],
     ("squeeze_excite", "eval"): ["se_pool", "se_scale|se_apply"],
     ("squeeze_excite", "bwd"): ["se_bwd_reduce", "se_bwd_apply|se_apply"],
 }

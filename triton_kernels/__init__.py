@@ -44,10 +44,10 @@ _DW_NCHW_SLOTS = 256
 # kind and K: a thread holds OW x 8 accumulators, K x 8 weights and the window's columns, so this bounds the live
 # registers. Measured on sm_90 (bf16 and fp32): a reduction (stats, bwd_reduce: more live per-channel vectors and
 # sums; hardswish's derivative) at K = 3, OW = 7 spills up to 140 bytes, at K = 5, OW = 5 28 bytes; at K = 7 the
-# weights alone take 56 registers, so the K = 7 reductions hold 2 slots per thread. The dz kernel holds 2 slots per
-# thread (1 at K = 7), not 8 channels: its K*K dweight sums per slot stay in registers (K = 7 at 2 slots: 28 bytes
-# of spill in fp32; NCHW K = 3, stride 2, OW = 8: 12 bytes).
-_DW_OW_MAX = {"fwd": {3: 8, 5: 6, 7: 4}, "reduce": {3: 4, 5: 4, 7: 2}, "dz": {3: 4, 5: 4, 7: 2}}
+# weights alone take 56 registers, so the K = 7 reductions hold 2 slots per thread. The backward apply holds 2 slots
+# per thread (1 at K = 7), not 8 channels: its K*K dweight sums per slot stay in registers across its bands (K = 7
+# at 2 slots: 28 bytes of spill in fp32 in the former dz kernel; NCHW K = 3, stride 2, OW = 8: 12 bytes).
+_DW_OW_MAX = {"fwd": {3: 8, 5: 6, 7: 4}, "reduce": {3: 4, 5: 4, 7: 2}, "apply": {3: 4, 5: 4, 7: 2}}
 
 
 def interpreting() -> bool:
@@ -113,30 +113,31 @@ class DwTile(NamedTuple):
 
 
 def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: str = "fwd",
-            ow_multiple: int = 1) -> DwTile:
+            max_block_c: int = 128) -> DwTile:
     """The depthwise tile for an output of ``ho`` x ``wo`` pixels and ``channels`` channels: a pure function of the
-    shape (no timing, so every reduction over it is reproducible). Among OW <= _DW_OW_MAX[kind][k] (fwd and dx,
-    reduce for stats and bwd_reduce, dz), a multiple of ``ow_multiple`` (the dx kernel at stride 2), and power-of-two
-    blocks of at most _DW_*_SLOTS groups x channels (channels_last:
-    at least 8 channels, one 16-byte bf16 vector per thread), it keeps the configurations whose lanes do useful
-    work at >= 80 % (masked groups, columns past Wo, channels past C; no quarter of the lanes idle) and takes the
-    largest min(OW, 4) x min(slots, 512) (x values reused by more outputs: OW = 1 costs 2.5x the instructions of
-    OW = 4 at K = 7; tiles of fewer slots leave warps idle), then the largest OW, then the busiest lanes; with
-    none at 80 %, the busiest."""
-    # dz (its K*K dweight sums per slot live in registers) and the K = 7 reductions: 2 slots per thread in both
-    # layouts; dz at K = 7: 1
-    narrow = not channels_last or kind == "dz" or (kind == "reduce" and k == 7)
+    shape (no timing, so every reduction over it is reproducible). Among OW <= _DW_OW_MAX[kind][k] (fwd, reduce for
+    stats and bwd_reduce, apply for the backward apply) and power-of-two blocks of at most _DW_*_SLOTS groups x
+    channels and at most ``max_block_c`` channels (the backward apply's dz slot holds rows x Wo x BLOCK_C;
+    channels_last: at least 8 channels, one 16-byte bf16 vector per thread, except in the backward apply), it keeps
+    the configurations whose lanes do useful work at >= 80 % (masked groups, columns past Wo, channels past C; no
+    quarter of the lanes idle) and takes the largest min(OW, 4) x min(slots, 512) (x values reused by more outputs:
+    OW = 1 costs 2.5x the instructions of OW = 4 at K = 7; tiles of fewer slots leave warps idle), then the largest
+    OW, then the busiest lanes; with none at 80 %, the busiest."""
+    # the backward apply (its K*K dweight sums per slot live in registers) and the K = 7 reductions: 2 slots per
+    # thread in both layouts; the backward apply at K = 7: 1
+    narrow = not channels_last or kind == "apply" or (kind == "reduce" and k == 7)
     slots = _DW_NCHW_SLOTS if narrow else _DW_NHWC_SLOTS
     per_thread = 2 if narrow else 8
-    if kind == "dz" and k == 7:
+    if kind == "apply" and k == 7:
         slots, per_thread = slots // 2, 1
     ow_max = min(_DW_OW_MAX[kind][k], wo)
     c_floor = 1 if narrow else min(8, next_pow2(channels))
-    block_cs = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if c_floor <= b <= max(c_floor, next_pow2(channels))]
+    block_cs = [b for b in (1, 2, 4, 8, 16, 32, 64, 128)
+                if c_floor <= b <= max(c_floor, min(max_block_c, next_pow2(channels)))]
     # channels that no block can use (C = 5 in blocks of 8) are not the tile's fault: measure against the best
     c_eff = max(channels / (-(-channels // b) * b) for b in block_cs)
     best, best_key = None, None
-    for ow in range(ow_multiple, max(ow_max, ow_multiple) + 1, ow_multiple):
+    for ow in range(1, ow_max + 1):
         gpr = -(-wo // ow)
         groups = ho * gpr
         for block_c in block_cs:

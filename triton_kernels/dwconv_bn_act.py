@@ -14,20 +14,33 @@ same z bit for bit (bwd_reduce and dz see the same g). Per-image offsets are int
 
 Launches per primitive: fwd 1 (one tile per program); stats 2 (per program: shifted sums over ITERS tiles, then
 one (count, mean, M2) row; a deterministic Chan combine); bwd_reduce 2 (sums over ITERS tiles; deterministic column
-sum); bwd_apply 3 (dz + per-program dweight sums, the K*K sums per tile slot held in registers across ITERS and
-written once; dx gather over groups of input columns; deterministic column sum of the dweight rows into weight's
-dtype). Every warp count and tile is fixed by the shape (no autotuning, nothing benchmarked inside a call, CUDA
-graph capture safe) and the stage-1 row count does not depend on the GPU: every sum is bitwise reproducible, on
-any GPU. No atomics, no read-modify-write of memory.
+sum); bwd_apply 2 (``_bwd_apply_kernel``: per program ITERS bands of TB output rows, dz recomputed on the band plus
+its halo rows into a program-private fp32 slot, the dweight sums from the band's own dz, dx gathered from the slot;
+then the deterministic column sum of the dweight rows into weight's dtype). Every warp count and tile is fixed by
+the shape (no autotuning, nothing benchmarked inside a call, CUDA graph capture safe) and the stage-1 row count does
+not depend on the GPU: every sum is bitwise reproducible, on any GPU. No atomics, no read-modify-write of memory.
 
-Planned DRAM bytes (A = one activation tensor of x's dtype at stride 1; per-channel vectors, weight taps and the
-partial rows are small and ignored):
+Backward apply: why a slot. dx at an input pixel needs dz at up to K x K neighbouring outputs, and a Triton tile has
+no shifted views of itself (no explicit shared memory in the language the interpreter runs). Recomputing dz per tap
+would cost K*K convolutions per output; storing dz for the whole tensor costs 4 bytes per output twice in DRAM (the
+former design: 9A in bf16). The slot holds one band's dz (SR = TB + halo rows clipped to the image, x Wo x BLOCK_C
+fp32; ``_SLOT_FLOATS`` = 32 KB at most), written and read back by its own program between two barriers and rewritten
+per band, so the slots in use are those of the resident programs (~4 per SM: ~17 MB on an H100): it is L2 traffic
+(4 bytes written per dz, read back by the dx gather mostly from L1), not DRAM. The halo rows (HALO_LO = PAD // S
+above, HALO_HI = ceil(PAD / S) below) are recomputed by both bands that need them: at most 1.5x the dz rows
+(``_apply_block_c`` narrows the channel block until the slot holds 3 halos' worth of rows; 1.0-1.32x on the
+MobileNet layers, where images of <= 28 rows are one band). Bands span whole rows, so there are no column tile
+borders: the column halo is the image border (masked reads). Tiles of rows x column blocks would need a column halo
+recomputed as well; a rolling slot that keeps the previous band's last rows would remove the row halo recompute
+(next step).
+
+Planned DRAM bytes (A = one activation tensor of x's dtype at stride 1; per-channel vectors, weight taps, the
+partial rows and the L2-resident slots are small and ignored):
 * fwd: read x, write y: 2A. stats: read x: A. Training forward = stats + fwd = 3A ("apply re-reads a stored z"
   would be 4A, 5A with an fp32 z: recomputing z from x is cheaper; what it repeats costs SM time, not DRAM).
 * bwd_reduce: read grad_y, x: 2A.
-* bwd_apply: dz kernel reads grad_y, x (2A) and writes the fp32 dz scratch (2A in bf16/fp16, A in fp32); the dx
-  kernel reads dz (2A) and writes dx (A): 7A in bf16. Backward = 9A in bf16 (issue 13's budget: 5.5A; the fused
-  design that recomputes dz on a haloed tile on chip is not done, see NOTES).
+* bwd_apply: read grad_y, x, write dx: 3A (the halo rows' and the dweight pass's x are L1/L2 hits of the band's own
+  reads). Backward = bwd_reduce + bwd_apply = 5A in every dtype (issue 13's budget: 5.5A; was 9A in bf16).
 """
 
 from __future__ import annotations
@@ -464,7 +477,52 @@ def _sum_rows_kernel(
 
 
 @triton.jit
-def _bwd_dz_kernel(
+def _dweight_rows(
+    parts,  # parts[kh][kw]: K x K tuples of fp32 tiles, the program's running dweight sums per tile slot
+    dzs,  # tuple of OW dz tiles of the groups (zero where the output does not count)
+    x_c,  # x of the image, advanced by the channel offsets
+    ho,  # output row of each group
+    wo0,  # first output column of each group
+    mask,  # groups (and channels) whose outputs count: x is loaded only there
+    H,
+    W,
+    stride_xh,
+    stride_xw,
+    K: tl.constexpr,
+    STRIDE: tl.constexpr,
+    DIL: tl.constexpr,
+    OW: tl.constexpr,
+):
+    """parts[kh][kw] + dz_i * x[ho * STRIDE - PAD + kh * DIL, wo0 * STRIDE - PAD + i * STRIDE + kw * DIL] over the
+    OW outputs i: per kernel row the NJ window columns are loaded once (L1/L2 hits of the conv's own loads) and
+    each multiplies the dz of every output whose tap reads it. Unrolled over the rows: the sums are indexed by
+    the row, so a runtime loop would have to keep them in memory."""
+    PAD: tl.constexpr = (K - 1) // 2 * DIL
+    NJ: tl.constexpr = (OW - 1) * STRIDE + (K - 1) * DIL + 1
+    wi0 = wo0 * STRIDE - PAD
+    new_parts = ()
+    for kh in tl.static_range(K):
+        hi = ho * STRIDE + (kh * DIL - PAD)
+        row_ok = mask & (hi >= 0) & (hi < H)
+        x_row = x_c + hi * stride_xh
+        prow = parts[kh]
+        for j in tl.static_range(NJ):
+            wi = wi0 + j
+            xj = tl.load(x_row + wi * stride_xw, mask=row_ok & (wi >= 0) & (wi < W), other=0.0).to(tl.float32)
+            new_row = ()
+            for kw in tl.static_range(K):
+                p = prow[kw]
+                for i in tl.static_range(OW):
+                    if i * STRIDE + kw * DIL == j:
+                        p += dzs[i] * xj
+                new_row = new_row + (p,)
+            prow = new_row
+        new_parts = new_parts + (prow,)
+    return new_parts
+
+
+@triton.jit
+def _bwd_apply_kernel(
     gy_ptr,  # grad_y [N, C, Ho, Wo], any strides
     x_ptr,  # x [N, C, H, W]
     wt_ptr,  # weight taps [K*K, CP] fp32 contiguous, zero past C
@@ -474,19 +532,23 @@ def _bwd_dz_kernel(
     beta_ptr,  # [C] fp32
     mean_g_ptr,  # [C] fp32: sum g / M (zeros in eval)
     mean_gx_ptr,  # [C] fp32: sum g * xhat / M (zeros in eval)
-    dz_ptr,  # out: dz [N, C, Ho, Wo] fp32 scratch (memory format of x)
-    dw_part_ptr,  # out: [R, C, K*K] fp32 contiguous: row r's sums of dz * x(shifted by the tap) over its tiles
+    dx_ptr,  # out: dx [N, C, H, W], dtype and memory format of x
+    dw_part_ptr,  # out: [R, C, K*K] fp32 contiguous: row r's sums of dz * x(shifted by the tap) over its bands
+    slot_ptr,  # scratch [programs, SLOT] fp32: program p's dz of one haloed band (written, then read, by p only)
     C,  # channels
     CP,  # channels of the weight taps: C padded to a multiple of BLOCK_C
     H,  # input height
     W,  # input width
     Ho,  # output height
     Wo,  # output width
-    gpr,  # groups per output row: cdiv(Wo, OW)
-    num_gb,  # group blocks per image: cdiv(Ho * gpr, BLOCK_G)
+    gpr,  # dz groups per output row: cdiv(Wo, OW)
+    gprx,  # dx groups per input row: cdiv(W, OWX)
+    TB,  # output rows per band (a band's dx: input rows [b * TB * STRIDE, (b + 1) * TB * STRIDE) below H)
+    SR,  # rows of a slot: min(TB + HALO_LO + HALO_HI, Ho)
+    num_bands,  # bands per image: cdiv(Ho, TB)
     num_cb,  # channel blocks: cdiv(C, BLOCK_C)
-    num_tiles,  # N * num_gb
-    ITERS,  # tiles per program: row r covers tiles r * ITERS ... r * ITERS + ITERS - 1 (below num_tiles)
+    num_tiles,  # N * num_bands
+    ITERS,  # bands per program: row r covers bands r * ITERS ... r * ITERS + ITERS - 1 (below num_tiles)
     stride_gn,  # grad_y strides: image, channel, row, column
     stride_gc,
     stride_gh,
@@ -495,7 +557,7 @@ def _bwd_dz_kernel(
     stride_xc,
     stride_xh,
     stride_xw,
-    stride_dn,  # dz strides
+    stride_dn,  # dx strides (same layout as x)
     stride_dc,
     stride_dh,
     stride_dw,
@@ -505,17 +567,30 @@ def _bwd_dz_kernel(
     ACT: tl.constexpr,  # activations.ACT_IDS
     CHANNELS_LAST: tl.constexpr,  # tile orientation (contiguous axis last)
     VEC: tl.constexpr,  # host-checked power of two dividing C and the n/h/w strides (1 for NCHW)
-    OW: tl.constexpr,  # outputs per group
-    BLOCK_G: tl.constexpr,  # groups per tile
+    OW: tl.constexpr,  # outputs per dz group
+    OWX: tl.constexpr,  # input columns per dx group (a multiple of STRIDE)
+    HALO_LO: tl.constexpr,  # dz rows above a band that its dx reads: PAD // STRIDE (``_band_halo``)
+    HALO_HI: tl.constexpr,  # dz rows below: ceil(PAD / STRIDE)
+    BLOCK_G: tl.constexpr,  # groups per chunk (both phases)
     BLOCK_C: tl.constexpr,  # channels per tile
 ):
-    """dz = gamma * invstd * (g - mean_g - xhat * mean_g_xhat) for ITERS consecutive tiles (g exactly as
-    bwd_reduce recomputes it: ``_conv_groups`` adds every output's taps in the same order whatever the tile),
-    stored for the dx kernel, and the dweight partials of the program: per tile slot, K*K running sums of
-    dz * x(shifted by the tap) kept in registers across the ITERS tiles (a thread holds 2 channels of one group,
-    so K*K x 2 of them), reduced over the pixel axis once at the end and written once (no read-modify-write, no
-    barrier). The x columns of the dweight sums are re-read by a second pass over the kernel rows (unrolled: the
-    sums are indexed by the row), L1/L2 hits of the conv's loads."""
+    """The whole backward apply in one pass over ITERS bands of TB output rows (all columns) of one image x BLOCK_C
+    channels per program. Per band:
+
+    1. dz phase: dz = gamma * invstd * (g - mean_g - xhat * mean_g_xhat) on the band's rows plus HALO_LO rows above
+       and HALO_HI below (clipped to the image), in chunks of BLOCK_G groups of OW outputs; z and g exactly as
+       bwd_reduce recomputes them (``_conv_groups`` adds every output's taps in the same order whatever the tile).
+       Each chunk stores its dz (fp32) into the program's slot [SR rows][Wo][BLOCK_C] (NCHW: [BLOCK_C][SR][Wo]) and
+       adds the dz of the band's own rows into the dweight sums (``_dweight_rows``: K*K running sums per tile slot in
+       registers across all the bands, written once at the end; halo rows belong to the neighbouring band).
+    2. dx phase, after a barrier: dx = conv^T(dz) as a gather over the band's input rows in chunks of BLOCK_G groups
+       of OWX input columns: input (hi, wi) receives w[kh, kw] * dz[ho, wo] where ho * STRIDE = hi + PAD - kh * DIL
+       and wo * STRIDE = wi + PAD - kw * DIL, dz read back from the slot (rows outside the slot's image rows read 0:
+       the image border).
+
+    The slot is the program's own (no other program touches it): a barrier before the dz phase (the previous band's
+    dx reads are done) and one before the dx phase (every dz of the band is written). No atomics, no
+    read-modify-write across programs; the dweight rows are summed by ``_sum_rows_kernel`` in a fixed order."""
     C = hint_multiple(C, VEC)
     CP = hint_multiple(CP, BLOCK_C)
     stride_gn = hint_multiple(stride_gn, VEC)
@@ -528,7 +603,8 @@ def _bwd_dz_kernel(
     stride_dh = hint_multiple(stride_dh, VEC)
     stride_dw = hint_multiple(stride_dw, VEC)
     PAD: tl.constexpr = (K - 1) // 2 * DIL
-    NJ: tl.constexpr = (OW - 1) * STRIDE + (K - 1) * DIL + 1
+    LO: tl.constexpr = (PAD - (K - 1) * DIL) // STRIDE  # lowest dz column offset (floor), relative to wi0 / STRIDE
+    NJX: tl.constexpr = (OWX - 1 + PAD) // STRIDE - LO + 1  # dz columns a dx group's taps reach per kernel row
     pid = tl.program_id(0)
     cb = pid % num_cb
     row = pid // num_cb
@@ -544,135 +620,95 @@ def _bwd_dz_kernel(
     # a zero mean term (eval) contributes exactly zero, as native's eval backward that has none: an Inf/NaN xhat
     # must not poison dz there (one per-channel test, outside the loops)
     no_xhat_term = mean_gx == 0.0
+    # the slot: [SR][Wo][BLOCK_C] for channels_last (a thread's channels contiguous), [BLOCK_C][SR][Wo] for NCHW
+    if CHANNELS_LAST:
+        slot_w = BLOCK_C
+        slot_h = Wo * BLOCK_C
+        slot_c = 1
+    else:
+        slot_w = 1
+        slot_h = Wo
+        slot_c = SR * Wo
+    slot_c_ptr = slot_ptr + pid.to(tl.int64) * (SR * Wo * BLOCK_C) + (offs_c - cb * BLOCK_C) * slot_c
     zero = tl.zeros((offs_g0 + offs_c).shape, dtype=tl.float32)
     parts = ((zero,) * K,) * K  # parts[kh][kw]
     for it in range(0, ITERS):
         t = row * ITERS + it
-        n = t // num_gb
-        ho, wo0, gmask = _group_tile((t % num_gb) * BLOCK_G + offs_g0, gpr, Ho, Wo, OW)
-        gmask = gmask & (t < num_tiles)
+        n = t // num_bands
+        b = t % num_bands
+        valid = t < num_tiles
+        band0 = b * TB
+        band1 = tl.minimum(band0 + TB, Ho)
+        h_lo = tl.maximum(band0 - HALO_LO, 0)  # image rows of the slot: [h_lo, h_hi)
+        h_hi = tl.minimum(band1 + HALO_HI, Ho)
         x_img = x_ptr + n.to(tl.int64) * stride_xn
-        zs = _conv_groups(
-            x_img, wt_ptr, neg_mean, offs_c, cmask, ho, wo0, gmask,
-            CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW,
-        )  # fmt: skip
-        gy_row = gy_ptr + n.to(tl.int64) * stride_gn + offs_c * stride_gc + ho * stride_gh
-        dz_row = dz_ptr + n.to(tl.int64) * stride_dn + offs_c * stride_dc + ho * stride_dh
-        dzs = ()
-        for i in tl.static_range(OW):
-            wo = wo0 + i
-            ok = gmask & (wo < Wo) & cmask
-            xhat = zs[i] * invstd
-            gy = tl.load(gy_row + wo * stride_gw, mask=ok, other=0.0).to(tl.float32)
-            g = act_bwd(xhat * gamma + beta, gy, ACT)
-            dz = tl.where(ok, scale * (g - mean_g - tl.where(no_xhat_term, 0.0, xhat * mean_gx)), 0.0)
-            tl.store(dz_row + wo * stride_dw, dz, mask=ok)
-            dzs = dzs + (dz,)
-        # tap (kh, kw) sums dz_i * x[ho * STRIDE - PAD + kh * DIL, wo0 * STRIDE - PAD + i * STRIDE + kw * DIL]
-        wi0 = wo0 * STRIDE - PAD
         x_c = x_img + offs_c * stride_xc
-        new_parts = ()
-        for kh in tl.static_range(K):
-            hi = ho * STRIDE + (kh * DIL - PAD)
-            row_ok = gmask & (hi >= 0) & (hi < H) & cmask
-            x_row = x_c + hi * stride_xh
-            prow = parts[kh]
-            for j in tl.static_range(NJ):
-                wi = wi0 + j
-                xj = tl.load(x_row + wi * stride_xw, mask=row_ok & (wi >= 0) & (wi < W), other=0.0).to(tl.float32)
-                new_row = ()
+        gy_c = gy_ptr + n.to(tl.int64) * stride_gn + offs_c * stride_gc
+        tl.debug_barrier()  # the previous band's dx reads of the slot are done
+        for g0 in range(0, tl.where(valid, h_hi - h_lo, 0) * gpr, BLOCK_G):
+            offs_g = g0 + offs_g0
+            ho = h_lo + offs_g // gpr
+            wo0 = (offs_g % gpr) * OW
+            gmask = ho < h_hi
+            zs = _conv_groups(
+                x_img, wt_ptr, neg_mean, offs_c, cmask, ho, wo0, gmask,
+                CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW,
+            )  # fmt: skip
+            gy_row = gy_c + ho * stride_gh
+            slot_row = slot_c_ptr + (ho - h_lo) * slot_h
+            owned = gmask & (ho >= band0) & (ho < band1)
+            dzs = ()
+            for i in tl.static_range(OW):
+                wo = wo0 + i
+                ok = gmask & (wo < Wo) & cmask
+                xhat = zs[i] * invstd
+                gy = tl.load(gy_row + wo * stride_gw, mask=ok, other=0.0).to(tl.float32)
+                g = act_bwd(xhat * gamma + beta, gy, ACT)
+                dz = tl.where(ok, scale * (g - mean_g - tl.where(no_xhat_term, 0.0, xhat * mean_gx)), 0.0)
+                # every channel of the slot is written (zeros past C), so the dx phase needs no channel mask there
+                tl.store(slot_row + wo * slot_w, dz, mask=gmask & (wo < Wo))
+                dzs = dzs + (tl.where(owned, dz, 0.0),)
+            parts = _dweight_rows(parts, dzs, x_c, ho, wo0, owned & cmask, H, W, stride_xh, stride_xw,
+                                  K, STRIDE, DIL, OW)
+        tl.debug_barrier()  # every dz of the band is in the slot
+        hx0 = band0 * STRIDE
+        hx1 = tl.minimum(band1 * STRIDE, H)  # the last band reaches H: Ho * STRIDE >= H
+        for g0 in range(0, tl.where(valid, hx1 - hx0, 0) * gprx, BLOCK_G):
+            offs_g = g0 + offs_g0
+            hi = hx0 + offs_g // gprx
+            wi0 = (offs_g % gprx) * OWX
+            gmask = hi < hx1
+            wob = wi0 // STRIDE + LO
+            accs = (tl.zeros((gmask & cmask).shape, dtype=tl.float32),) * OWX
+            for kh in range(K):
+                th = hi + (PAD - kh * DIL)  # = ho * STRIDE for the dz row this kernel row reads
+                ok_h = gmask & (th >= h_lo * STRIDE) & (th < h_hi * STRIDE)
+                if STRIDE > 1:
+                    ok_h = ok_h & (th % STRIDE == 0)
+                slot_row = slot_c_ptr + (th // STRIDE - h_lo) * slot_h
+                w_row = wt_ptr + kh * (K * CP) + offs_c
+                ws = ()
                 for kw in tl.static_range(K):
-                    p = prow[kw]
-                    for i in tl.static_range(OW):
-                        if i * STRIDE + kw * DIL == j:
-                            p += dzs[i] * xj
-                    new_row = new_row + (p,)
-                prow = new_row
-            new_parts = new_parts + (prow,)
-        parts = new_parts
+                    ws = ws + (tl.load(w_row + kw * CP),)
+                for j in tl.static_range(NJX):
+                    wo = wob + j
+                    dzj = tl.load(slot_row + wo * slot_w, mask=ok_h & (wo >= 0) & (wo < Wo), other=0.0)
+                    new_accs = ()
+                    for i in tl.static_range(OWX):
+                        acc = accs[i]
+                        for kw in tl.static_range(K):
+                            if (i + PAD - kw * DIL) % STRIDE == 0 and (i + PAD - kw * DIL) // STRIDE - LO == j:
+                                acc += ws[kw] * dzj
+                        new_accs = new_accs + (acc,)
+                    accs = new_accs
+            dx_row = dx_ptr + n.to(tl.int64) * stride_dn + offs_c * stride_dc + hi * stride_dh
+            for i in tl.static_range(OWX):
+                wi = wi0 + i
+                tl.store(dx_row + wi * stride_dw, accs[i].to(dx_ptr.dtype.element_ty), mask=gmask & (wi < W) & cmask)
     dw_row = dw_part_ptr + row.to(tl.int64) * (C * K * K) + offs_c * (K * K)
     for kh in tl.static_range(K):
         for kw in tl.static_range(K):
             tl.store(dw_row + (kh * K + kw), sum_pixels(parts[kh][kw], CHANNELS_LAST), mask=cmask)
-
-
-@triton.jit
-def _bwd_dx_kernel(
-    dz_ptr,  # dz [N, C, Ho, Wo] fp32 (from _bwd_dz_kernel)
-    wt_ptr,  # weight taps [K*K, CP] fp32 contiguous, zero past C
-    dx_ptr,  # out: dx [N, C, H, W], dtype and memory format of x
-    C,  # channels
-    CP,  # channels of the weight taps: C padded to a multiple of BLOCK_C
-    H,  # input height
-    W,  # input width
-    Ho,  # output height
-    Wo,  # output width
-    gpr,  # groups per input row: cdiv(W, OW)
-    num_gb,  # group blocks per image: cdiv(H * gpr, BLOCK_G)
-    num_cb,  # channel blocks: cdiv(C, BLOCK_C)
-    stride_dn,  # dz strides: image, channel, row, column
-    stride_dc,
-    stride_dh,
-    stride_dw,
-    stride_xn,  # dx strides (same as x's layout)
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    K: tl.constexpr,  # kernel size 3/5/7
-    STRIDE: tl.constexpr,  # 1/2
-    DIL: tl.constexpr,  # dilation 1/2
-    CHANNELS_LAST: tl.constexpr,  # tile orientation (contiguous axis last)
-    VEC: tl.constexpr,  # host-checked power of two dividing C and the n/h/w strides (1 for NCHW)
-    OW: tl.constexpr,  # input columns per group (a multiple of STRIDE)
-    BLOCK_G: tl.constexpr,  # groups per tile
-    BLOCK_C: tl.constexpr,  # channels per tile
-):
-    """dx = conv^T(dz) as a gather (no atomics) over groups of OW input columns: input (hi, wi) receives
-    w[kh, kw] * dz[ho, wo] where ho * STRIDE = hi + PAD - kh * DIL and wo * STRIDE = wi + PAD - kw * DIL. A runtime
-    loop over kernel rows; per row, each dz column the group's taps reach is loaded once and multiplied into every
-    dx column it feeds. Groups start at a multiple of STRIDE, so which (column, tap) pairs meet is known at compile
-    time; a row whose hi + PAD - kh * DIL is odd at stride 2 reads nothing (masked)."""
-    C = hint_multiple(C, VEC)
-    CP = hint_multiple(CP, BLOCK_C)
-    stride_dn = hint_multiple(stride_dn, VEC)
-    stride_dh = hint_multiple(stride_dh, VEC)
-    stride_dw = hint_multiple(stride_dw, VEC)
-    stride_xn = hint_multiple(stride_xn, VEC)
-    stride_xh = hint_multiple(stride_xh, VEC)
-    stride_xw = hint_multiple(stride_xw, VEC)
-    PAD: tl.constexpr = (K - 1) // 2 * DIL
-    LO: tl.constexpr = (PAD - (K - 1) * DIL) // STRIDE  # lowest dz column offset (floor), relative to wi0 / STRIDE
-    NJ: tl.constexpr = (OW - 1 + PAD) // STRIDE - LO + 1
-    n, gb, cb, row = program_tile(num_gb, num_cb)
-    offs_g, offs_c = tile_offsets(gb, cb, BLOCK_G, BLOCK_C, CHANNELS_LAST)
-    cmask = offs_c < C
-    hi, wi0, gmask = _group_tile(offs_g, gpr, H, W, OW)
-    dz_c = dz_ptr + n.to(tl.int64) * stride_dn + offs_c * stride_dc
-    wob = wi0 // STRIDE + LO
-    accs = (tl.zeros((gmask & cmask).shape, dtype=tl.float32),) * OW
-    for kh in range(K):
-        th = hi + (PAD - kh * DIL)
-        ok_h = gmask & (th >= 0) & (th % STRIDE == 0) & (th < Ho * STRIDE) & cmask
-        dz_row = dz_c + tl.where(ok_h, th // STRIDE, 0) * stride_dh
-        w_row = wt_ptr + kh * (K * CP) + offs_c
-        ws = ()
-        for kw in tl.static_range(K):
-            ws = ws + (tl.load(w_row + kw * CP),)
-        for j in tl.static_range(NJ):
-            wo = wob + j
-            dzj = tl.load(dz_row + wo * stride_dw, mask=ok_h & (wo >= 0) & (wo < Wo), other=0.0)
-            new_accs = ()
-            for i in tl.static_range(OW):
-                acc = accs[i]
-                for kw in tl.static_range(K):
-                    if (i + PAD - kw * DIL) % STRIDE == 0 and (i + PAD - kw * DIL) // STRIDE - LO == j:
-                        acc += ws[kw] * dzj
-                new_accs = new_accs + (acc,)
-            accs = new_accs
-    dx_row = dx_ptr + n.to(tl.int64) * stride_xn + offs_c * stride_xc + hi * stride_xh
-    for i in tl.static_range(OW):
-        wi = wi0 + i
-        tl.store(dx_row + wi * stride_xw, accs[i].to(dx_ptr.dtype.element_ty), mask=gmask & (wi < W) & cmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -683,6 +719,9 @@ _COMBINE_BLOCK_C = 32
 _SUM_BLOCK_R = 64
 _STAGE1_PROGRAMS = 1024
 _INTERP_STAGE1_PROGRAMS = 4  # interpreter: few programs (each costs ~13 ms); ITERS > 1 once there are > 4 tiles
+# fp32 values of one backward-apply slot (a program's dz of one haloed band: rows x Wo x BLOCK_C): 32 KB, so the
+# slots of the resident programs (~4 per SM) stay in L2 (132 SMs x 4 x 32 KB = 17 MB of H100's 50 MB)
+_SLOT_FLOATS = 8192
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, stride: int, dilation: int, vectors=()) -> int:
@@ -738,6 +777,34 @@ def _weight_taps(weight: torch.Tensor, block_c: int) -> torch.Tensor:
     taps = torch.zeros((weight[0].numel(), cp), dtype=torch.float32, device=weight.device)
     taps[:, :c] = weight.reshape(c, -1).t()
     return taps
+
+
+def _band_halo(k: int, stride: int, dilation: int) -> tuple[int, int]:
+    """(rows above, rows below) of dz that the dx of a band's input rows reads beyond the band's own output rows:
+    input row hi reads dz rows (hi + PAD - kh * DIL) / STRIDE, so the band's input rows [b*TB*S, (b+1)*TB*S)
+    reach from b*TB - PAD // S to (b+1)*TB - 1 + ceil(PAD / S)."""
+    pad = (k - 1) // 2 * dilation
+    return pad // stride, -(-pad // stride)
+
+
+def _apply_block_c(ho: int, wo: int, halo: int) -> int:
+    """Most channels per backward-apply tile: the largest power of two whose slot holds the bands' rows with a halo
+    at most half of them (TB >= 2 * halo: <= 1.5x dz recomputed), or the whole image."""
+    rows = min(ho, 3 * halo)
+    block_c = 128
+    while block_c > 1 and rows * wo * block_c > _SLOT_FLOATS:
+        block_c //= 2
+    return block_c
+
+
+def _band_rows(ho: int, wo: int, block_c: int, halo: int) -> int:
+    """Output rows per band of the backward apply: the whole image when its dz fits a slot of _SLOT_FLOATS (no halo
+    to recompute), else as many as fit with the ``halo`` rows, balanced over the image's bands (at least 1)."""
+    row = wo * block_c
+    if ho * row <= _SLOT_FLOATS:
+        return ho
+    tb = max(1, _SLOT_FLOATS // row - halo)
+    return triton.cdiv(ho, triton.cdiv(ho, tb))
 
 
 def _sum_rows(part: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None = None) -> None:
@@ -867,28 +934,25 @@ def dwconv_bn_act_bwd_apply(
     k = _check(x, weight, stride, dilation, vectors)
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
     _check_grad(grad_y, x, (n, c, ho, wo))
-    t = dw_tile(ho, wo, c, cl, k, "dz")
+    halo_lo, halo_hi = _band_halo(k, stride, dilation)
+    t = dw_tile(ho, wo, c, cl, k, "apply", _apply_block_c(ho, wo, halo_lo + halo_hi))
+    tb = _band_rows(ho, wo, t.block_c, halo_lo + halo_hi)
+    num_bands = triton.cdiv(ho, tb)
+    sr = min(tb + halo_lo + halo_hi, ho)
     taps = _weight_taps(weight, t.block_c)
     num_cb = triton.cdiv(c, t.block_c)
-    dz = _new_like(x, (n, c, ho, wo), torch.float32)
-    rows, iters = _stage1_rows(n * t.num_gb, c, t.block_c)
+    rows, iters = _stage1_rows(n * num_bands, c, t.block_c)
     dw_part = torch.empty((rows, c * k * k), dtype=torch.float32, device=x.device)
-    _bwd_dz_kernel[(rows * num_cb,)](
-        grad_y, x, taps, mean, invstd, gamma, beta, mean_g, mean_g_xhat, dz, dw_part,
-        c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, n * t.num_gb, iters,
-        *grad_y.stride(), *x.stride(), *dz.stride(),
-        K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl,
-        VEC=vec_width(cl, c, grad_y, x, dz), OW=t.ow, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
-    )  # fmt: skip
+    slots = torch.empty((rows * num_cb, sr * wo * t.block_c), dtype=torch.float32, device=x.device)
     dx = _new_like(x, (n, c, h, w))
-    ti = dw_tile(h, w, c, cl, k, ow_multiple=stride)
-    taps_in = taps if ti.block_c == t.block_c else _weight_taps(weight, ti.block_c)
-    num_cb_in = triton.cdiv(c, ti.block_c)
-    _bwd_dx_kernel[(n * ti.num_gb * num_cb_in,)](
-        dz, taps_in, dx,
-        c, taps_in.shape[1], h, w, ho, wo, ti.groups_per_row, ti.num_gb, num_cb_in, *dz.stride(), *dx.stride(),
-        K=k, STRIDE=stride, DIL=dilation, CHANNELS_LAST=cl,
-        VEC=vec_width(cl, c, dz, dx), OW=ti.ow, BLOCK_G=ti.block_g, BLOCK_C=ti.block_c, num_warps=ti.num_warps,
+    owx = triton.cdiv(t.ow, stride) * stride
+    _bwd_apply_kernel[(rows * num_cb,)](
+        grad_y, x, taps, mean, invstd, gamma, beta, mean_g, mean_g_xhat, dx, dw_part, slots,
+        c, taps.shape[1], h, w, ho, wo, t.groups_per_row, triton.cdiv(w, owx), tb, sr, num_bands, num_cb,
+        n * num_bands, iters, *grad_y.stride(), *x.stride(), *dx.stride(),
+        K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl, VEC=vec_width(cl, c, grad_y, x, dx),
+        OW=t.ow, OWX=owx, HALO_LO=halo_lo, HALO_HI=halo_hi, BLOCK_G=t.block_g, BLOCK_C=t.block_c,
+        num_warps=t.num_warps,
     )  # fmt: skip
     # dweight stage 2: deterministic column sums of the [R, C*K*K] partials, stored in weight's dtype.
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
