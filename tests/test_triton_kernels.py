@@ -155,9 +155,9 @@ APPLY = [
     (7, 2, 1, "hardswish", True, True, 7, 7, 1, 3),
 ]
 APPLY_SWEEP = [
-    (k, s, d, act, cl, train, 9, 11, tb, ow)
+    (k, s, d, act, cl, train, 9, 9, tb, ow)
     for k in (3, 5, 7) for s in (1, 2) for d in (1, 2) for cl in (True, False) for train in (True, False)
-    for act, tb, ow in (("hardswish", 1, 2), ("relu", 3, 4))
+    for act, tb, ow in (("hardswish", 1, 2), ("relu", 2, 4))
 ]  # fmt: skip
 
 

@@ -611,6 +611,16 @@ def _bwd_apply_kernel(
     row = pid // num_cb
     offs_g0, offs_c = tile_offsets(0, cb, BLOCK_G, BLOCK_C, CHANNELS_LAST)
     cmask = offs_c < C
+    neg_mean = -_load_vec(mean_ptr, offs_c, cmask)
+    invstd = _load_vec(invstd_ptr, offs_c, cmask)
+    gamma = _load_vec(gamma_ptr, offs_c, cmask)
+    beta = _load_vec(beta_ptr, offs_c, cmask)
+    scale = gamma * invstd
+    mean_g = _load_vec(mean_g_ptr, offs_c, cmask)
+    mean_gx = _load_vec(mean_gx_ptr, offs_c, cmask)
+    # a zero mean term (eval) contributes exactly zero, as native's eval backward that has none: an Inf/NaN xhat
+    # must not poison dz there (one per-channel test, outside the loops)
+    no_xhat_term = mean_gx == 0.0
     # the slot: [SR][Wo][BLOCK_C] for channels_last (a thread's channels contiguous), [BLOCK_C][SR][Wo] for NCHW
     if CHANNELS_LAST:
         slot_w = BLOCK_C
@@ -635,18 +645,6 @@ def _bwd_apply_kernel(
         x_img = x_ptr + n.to(tl.int64) * stride_xn
         x_c = x_img + offs_c * stride_xc
         gy_c = gy_ptr + n.to(tl.int64) * stride_gn + offs_c * stride_gc
-        # the per-channel vectors, loaded per band (L1 hits): kept live across the band loop, ptxas parks some of the
-        # loop's invariants in local memory
-        neg_mean = -_load_vec(mean_ptr, offs_c, cmask)
-        invstd = _load_vec(invstd_ptr, offs_c, cmask)
-        gamma = _load_vec(gamma_ptr, offs_c, cmask)
-        beta = _load_vec(beta_ptr, offs_c, cmask)
-        scale = gamma * invstd
-        mean_g = _load_vec(mean_g_ptr, offs_c, cmask)
-        mean_gx = _load_vec(mean_gx_ptr, offs_c, cmask)
-        # a zero mean term (eval) contributes exactly zero, as native's eval backward that has none: an Inf/NaN xhat
-        # must not poison dz there (one per-channel test, outside the chunk loops)
-        no_xhat_term = mean_gx == 0.0
         tl.debug_barrier()  # the previous band's dx reads of the slot are done
         for g0 in range(0, tl.where(valid, h_hi - h_lo, 0) * gpr, BLOCK_G):
             offs_g = g0 + offs_g0
