@@ -48,9 +48,11 @@ KNOWN_SPILLS: dict[tuple[str, str, str, int | None], tuple[str, bool]] = {
     ("triton", "_bwd_reduce_partial_kernel", "NHWC", 3): ("bf16 20 B: dw_c128_56x56 stride 2", False),
     ("triton", "_bwd_reduce_partial_kernel", "NCHW", 5): ("bf16 4 B at 80 registers", False),
     ("triton", "_bwd_reduce_partial_kernel", "NCHW", 7): ("bf16 4 B at 96 registers, stride 2", False),
-    # ptxas keeps one or two loop-invariant channel offsets in local memory around the band loop (one LDL per band)
-    # even with registers to spare (maxnreg 200: 8 B)
-    ("triton", "_bwd_apply_kernel", "NCHW", 3): ("bf16 4 B at 128 registers: dw_c144_56x56", True),
+    # the one-pass backward apply (issue 13 item 3): ptxas keeps one to four loop-invariant values (channel offsets)
+    # in local memory around the band loop, one LDL per band, even with registers to spare (maxnreg 200: 8 B)
+    ("triton", "_bwd_apply_kernel", "NCHW", 3): ("bf16 4-16 B at 128 registers in 12 layers: dw_c144_56x56", True),
+    ("triton", "_bwd_apply_kernel", "NCHW", 5): ("bf16 8-16 B at 168-252 registers in 4 layers", False),
+    ("triton", "_bwd_apply_kernel", "NHWC", 3): ("bf16 4 B at 128 registers: 7x7 and 14x14, BLOCK_C 32-128", False),
 }
 
 
