@@ -148,7 +148,10 @@ class TilePlan:
         return self.lanes * self.walkers
 
     def fwd_trips(self) -> float:  # strips per thread (kernels.cuh: fwd_blocks)
-        blocks = -(-self.strips // (self.walkers * 4))
+        for per in (16, 8, 4):
+            blocks = -(-self.strips // (self.walkers * per))
+            if blocks * self.groups >= 1024:
+                break
         return self.strips / (blocks * self.walkers)
 
     def chunk_trips(self) -> float:  # strips per walker of one chunk (tile.h: reduction_chunks, chunk_range)
@@ -157,14 +160,31 @@ class TilePlan:
         return -(-self.strips // max(n, 1)) / self.walkers
 
 
-def tile_plan(s: Shape, t: dict[str, Any]) -> TilePlan:
+def reduce_tile_width(t: dict[str, Any]) -> int:
+    """tile.h: reduce_tile_width (stats, bwd_reduce, the backward apply)."""
+    return (2 if t.get("J") == 2 else 4) if t["CL"] else 8
+
+
+def tile_width(t: dict[str, Any]) -> int:
+    """tile.h: tile_width (the forward)."""
+    if not t["CL"] or t["K"] > 5:
+        return reduce_tile_width(t)
+    return (4 if t.get("J") == 2 else 7) if t["K"] <= 3 else (3 if t.get("J") == 2 else 4)
+
+
+def tile_plan(s: Shape, t: dict[str, Any], fwd: bool = False) -> TilePlan:
     cl = t["CL"]
     v = 16 // ELEM_SIZE[t["T"]] if cl else 1
-    tw = (2 if t.get("J") == 2 else 4) if cl else 8  # tile.h: tile_width
+    tw = tile_width(t) if fwd else reduce_tile_width(t)
     vectors = -(-s.c // v)
     groups = -(-vectors // 32) if cl else s.c
     lanes = -(-vectors // groups) if cl else 1
     return TilePlan(v, tw, lanes, _KTHREADS // lanes, groups, s.n * s.ho * -(-s.wo // tw))
+
+
+def _weight_lane_floats(k: int, v: int) -> int:
+    """kernels.cuh: weight_lane_floats (a lane's taps in shared memory, padded against bank conflicts)."""
+    return k * k * v + (4 if k * k * v % 8 == 0 else 0)
 
 
 def _band_rows(s: Shape, stride: int, k: int, band: int, rows: int) -> tuple[int, int, int, int, int, int]:
@@ -201,10 +221,11 @@ def _bwd_apply_plan(s: Shape, t: dict[str, Any]) -> Plan:
         t3 += (ob1 - ob0) * per_row / walkers3 / bands
         t2 += (ib1 - ib0) * s.w * lanes / _KTHREADS / bands
         outputs += (ob1 - ob0) * s.wo * cb / _KTHREADS / bands
-    smem = ((rows + halo) * s.wo * cb + _KTHREADS * k * tp.v + (k * k + 6) * cb) * 4
+    smem = ((rows + halo) * s.wo * cb + _KTHREADS * k * tp.v + lanes * _weight_lane_floats(k, tp.v) + 6 * cb) * 4
     # nvcc versions the NCHW dweight loop into two copies of which one runs: the second counts 0 trips.
     dweight = ((t3, ()),) if t["CL"] else ((t3, ()), (0.0, ()))
-    return Plan(_KTHREADS, s.n * bands / nchunks, outputs, smem, None, ((t1, ((k, ()),)), *dweight, (t2, ())))
+    # conv_strip peels kernel row 0: its row loop runs K - 1 times per dz strip.
+    return Plan(_KTHREADS, s.n * bands / nchunks, outputs, smem, None, ((t1, ((k - 1, ()),)), *dweight, (t2, ())))
 
 
 def _se_plan(s: Shape, t: dict[str, Any], per_walker: int | None) -> Plan:
@@ -219,10 +240,12 @@ def _se_plan(s: Shape, t: dict[str, Any], per_walker: int | None) -> Plan:
 
 def _strip_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, Any]], Plan]:
     def plan(s: Shape, t: dict[str, Any]) -> Plan:
-        tp = tile_plan(s, t)
+        tp = tile_plan(s, t, fwd=not reduction)
         trips = tp.chunk_trips() if reduction else tp.fwd_trips()
-        smem = (t["K"] * t["K"] + param_rows) * tp.lanes * tp.v * 4  # kernels.cuh: param_smem_bytes
-        return Plan(tp.threads, trips, tp.tw * tp.v, smem, t["K"])
+        smem = (_weight_lane_floats(t["K"], tp.v) + param_rows * tp.v) * tp.lanes * 4  # kernels.cuh: param_smem_bytes
+        # Outputs per strip: the mean over a row's strips (the last one of a row may be partial).
+        per_strip = s.wo / -(-s.wo // tp.tw) * tp.v
+        return Plan(tp.threads, trips, per_strip, smem, t["K"] - 1)  # kernels.cuh: conv_strip peels row 0
     return plan
 
 
@@ -257,7 +280,7 @@ _STRIP_PARAMS = ("T", "K", "J", "CL", "FULL")
 
 
 CUDA_KERNELS: dict[str, CudaKernel] = {
-    "fwd_kernel": CudaKernel("fwd", _STRIP_PARAMS, _strip_plan(False, 4)),
+    "fwd_kernel": CudaKernel("fwd", _STRIP_PARAMS, _strip_plan(False, 2)),  # weights, BN scale and shift
     "stats_partial_kernel": CudaKernel("stats", _STRIP_PARAMS, _strip_plan(True, 0)),
     "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", _STRIP_PARAMS, _strip_plan(True, 4)),
     "bwd_apply_kernel": CudaKernel("bwd_apply", _STRIP_PARAMS, _bwd_apply_plan),

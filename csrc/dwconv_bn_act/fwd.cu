@@ -9,11 +9,11 @@ namespace mnet {
 void dw_fwd_cuda(const DwParams& p, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
-    const TilePlan t = dev::launch_plan(p, (int)sizeof(T));
+    const TilePlan t = dev::launch_plan(p, (int)sizeof(T), true);
     const dim3 grid(dev::fwd_blocks(t), (unsigned)t.lg.groups);
     const unsigned threads = (unsigned)(t.lg.lanes * t.lg.walkers);
     MNET_DISPATCH_KSIZE(p.k, K, [&] {
-      const size_t smem = dev::param_smem_bytes(K, 4, t.cb);
+      const size_t smem = dev::param_smem_bytes(K, t.V, 2, t.lg.lanes);  // weights, scale, shift
       MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
         MNET_DISPATCH_LAYOUT(p.channels_last, dev::full_vectors<T>(p, {p.x, p.y}), CL, FULL, [&] {
           constexpr int J = J2 ? 2 : 1;
