@@ -2,11 +2,14 @@
 // struct and the tile plan (tile.h, shared with the host twin).
 //
 // fwd, stats, bwd_reduce: one thread computes a strip (TW outputs of one output row, one vector of V channels;
-// tile.h) with the K x K conv accumulated in fp32 registers: a runtime loop over the K kernel rows, and along the
-// row a register window of input vectors, each loaded once (16 bytes of channels in channels_last) and fed to
-// every output of the strip that reads it. Weights and per-channel BN values are staged once per block in shared
-// memory as fp32 [tap][channel] rows, so a thread reads its V weights of a tap as vectors.
-//   fwd: grid (ceil(strips / walkers), channel groups), one strip per thread, epilogue BN fold + activation.
+// tile.h: the forward's strips are wider than the reductions') with the K x K conv accumulated in fp32 registers:
+// kernel row 0 peeled (it initialises the sums), a runtime loop over the other K - 1, and along each row a
+// register window of input vectors, each loaded once (16 bytes of channels in channels_last) and fed to every
+// output of the strip that reads it (window_row); padding from a per-strip column mask. Weights and per-channel
+// values are staged once per block in shared memory as fp32, per lane, so a thread reads them as vectors off one
+// base address (stage_params).
+//   fwd: grid (strips / (walkers x 4..16), channel groups), each thread walks strips; epilogue: the BN fold
+//     (staged as scale and shift) + activation.
 //   stats / bwd_reduce: grid (chunks, channel groups); each block walks the strips of one fixed chunk (tile.h),
 //     each thread accumulates privately in a fixed order, walkers combine by a fixed tree, one partial per
 //     (chunk, channel) in a [component][chunk][C] layout (coalesced), and a final kernel combines the chunks in
