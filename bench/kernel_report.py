@@ -165,21 +165,28 @@ def reduce_tile_width(t: dict[str, Any]) -> int:
     return (2 if t.get("J") == 2 else 4) if t["CL"] else 8
 
 
-def tile_width(t: dict[str, Any]) -> int:
-    """tile.h: tile_width (the forward)."""
-    if not t["CL"] or t["K"] > 5:
+def fwd_wide(t: dict[str, Any]) -> bool:
+    """tile.h: fwd_wide (the forward's wide strips, in blocks of half the threads)."""
+    return bool(t["CL"]) and t["K"] <= 7
+
+
+def fwd_tile_width(t: dict[str, Any], wo: int) -> int:
+    """tile.h: fwd_tile_width."""
+    if not fwd_wide(t):
         return reduce_tile_width(t)
-    return (4 if t.get("J") == 2 else 7) if t["K"] <= 3 else (3 if t.get("J") == 2 else 4)
+    return 14 if t.get("J") == 1 and wo >= 14 else 7
 
 
 def tile_plan(s: Shape, t: dict[str, Any], fwd: bool = False) -> TilePlan:
     cl = t["CL"]
     v = 16 // ELEM_SIZE[t["T"]] if cl else 1
-    tw = tile_width(t) if fwd else reduce_tile_width(t)
+    wide = fwd and fwd_wide(t)
+    tw = fwd_tile_width(t, s.wo) if fwd else reduce_tile_width(t)
+    threads = _KTHREADS // 2 if wide else _KTHREADS  # tile.h: plan_threads
     vectors = -(-s.c // v)
     groups = -(-vectors // 32) if cl else s.c
     lanes = -(-vectors // groups) if cl else 1
-    return TilePlan(v, tw, lanes, _KTHREADS // lanes, groups, s.n * s.ho * -(-s.wo // tw))
+    return TilePlan(v, tw, lanes, threads // lanes, groups, s.n * s.ho * -(-s.wo // tw))
 
 
 def _weight_lane_floats(k: int, v: int) -> int:
@@ -280,7 +287,7 @@ _STRIP_PARAMS = ("T", "K", "J", "CL", "FULL")
 
 
 CUDA_KERNELS: dict[str, CudaKernel] = {
-    "fwd_kernel": CudaKernel("fwd", _STRIP_PARAMS, _strip_plan(False, 2)),  # weights, BN scale and shift
+    "fwd_kernel": CudaKernel("fwd", (*_STRIP_PARAMS, "TW"), _strip_plan(False, 2)),  # weights, BN scale, shift
     "stats_partial_kernel": CudaKernel("stats", _STRIP_PARAMS, _strip_plan(True, 0)),
     "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", _STRIP_PARAMS, _strip_plan(True, 4)),
     "bwd_apply_kernel": CudaKernel("bwd_apply", _STRIP_PARAMS, _bwd_apply_plan),
@@ -543,6 +550,8 @@ def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], 
                 if "J" in targs and targs["J"] != (2 if case.layer.stride == 2 else 1):
                     continue
                 if "FULL" in targs and targs["FULL"] != (layout == "NHWC"):
+                    continue
+                if "TW" in targs and targs["TW"] != fwd_tile_width(targs, shape_of(case, batch).wo):
                     continue
                 plan = spec.plan(shape_of(case, batch), targs)
                 records.append(make_record(job["arch"], "cuda", name, role, dtype, layout, k, case, batch, fn, plan,

@@ -31,12 +31,11 @@
 namespace mnet {
 namespace dev {
 
-// Compile-time tile of one (dtype, layout, column pattern, kernel size) of the forward (FWD) or the reductions:
-// see tile.h.
-template <typename T, bool CL, int J, int K, bool FWD>
+// Compile-time tile of one (dtype, layout, column pattern) of the reductions: see tile.h.
+template <typename T, bool CL, int J>
 struct Tile {
   static constexpr int V = tile_vec((int)sizeof(T), CL);
-  static constexpr int TW = FWD ? tile_width(CL, J, K) : reduce_tile_width(CL, J);
+  static constexpr int TW = reduce_tile_width(CL, J);
 };
 
 // Weights in shared memory, per lane: [K*K][V] fp32 taps, so a lane reads every tap off one base address
@@ -218,9 +217,11 @@ MNET_DEVICE void fwd_epilogue(T* __restrict__ y, int step, int count, int valid,
   }
 }
 
-template <typename T, int K, int J, bool CL, bool FULL>
-__global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const DwParams p, const TilePlan t) {
-  constexpr int V = Tile<T, CL, J, K, true>::V, TW = Tile<T, CL, J, K, true>::TW;
+// TW: the plan's strip width (tile.h: fwd_tile_width, t.TW); wide strips (fwd_wide) in blocks of half the threads.
+template <typename T, int K, int J, bool CL, bool FULL, int TW>
+__global__ void __launch_bounds__(plan_threads(kThreads, fwd_wide(CL, K)), 2)
+    fwd_kernel(const DwParams p, const TilePlan t) {
+  constexpr int V = tile_vec((int)sizeof(T), CL);
   extern __shared__ float sh[];
   const Lane l = lane_of(p, t);
   stage_params<T, K, V, true>(p, t, sh, p.mean, p.invstd, p.gamma, p.beta);
@@ -251,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const DwParams p, cons
 // =======================================================================================================
 template <typename T, int K, int J, bool CL, bool FULL>
 __global__ void __launch_bounds__(kThreads, 2) stats_partial_kernel(const DwParams p, const TilePlan t) {
-  constexpr int V = Tile<T, CL, J, K, false>::V, TW = Tile<T, CL, J, K, false>::TW;
+  constexpr int V = Tile<T, CL, J>::V, TW = Tile<T, CL, J>::TW;
   extern __shared__ float sh[];
   __shared__ Welford tree[kThreads];
   const Lane l = lane_of(p, t);
@@ -332,7 +333,7 @@ MNET_DEVICE void reduce_epilogue(const DwParams& p, const TilePlan& t, const Lan
 
 template <typename T, int K, int J, bool CL, bool FULL>
 __global__ void __launch_bounds__(kThreads, 2) bwd_reduce_partial_kernel(const DwParams p, const TilePlan t) {
-  constexpr int V = Tile<T, CL, J, K, false>::V, TW = Tile<T, CL, J, K, false>::TW;
+  constexpr int V = Tile<T, CL, J>::V, TW = Tile<T, CL, J>::TW;
   extern __shared__ float sh[];
   __shared__ Sum2 tree[kThreads];
   const Lane l = lane_of(p, t);

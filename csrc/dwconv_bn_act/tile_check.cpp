@@ -40,8 +40,10 @@ void check_bands(const DwParams& p, int elem_size) {
 
 // Adds to counts ([N, C, Ho, Wo]) the (strip, lane) work items of plan t that write each output; checks the
 // chunks, the fast divisions, each window's columns and padding mask against the convolution's.
-void cover(const DwParams& p, const TilePlan& t, int32_t* counts) {
+void cover(const DwParams& p, const TilePlan& t, int threads, int32_t* counts) {
   const int J = strip_j(p.stride, p.dilation);
+  if (t.lg.walkers < 1 || t.lg.lanes * t.lg.walkers > plan_threads(threads, t.wide))
+    plan_error("block shape does not fit the thread count");
   int64_t next = 0;
   for (int64_t c = 0; c < t.nchunks; ++c) {
     int64_t b, e;
@@ -92,10 +94,10 @@ void dw_tile_coverage(const DwParams& p, int elem_size, int threads, int32_t* co
   const LaneGeom lg = lane_geom(p.C, tile_vec(elem_size, p.channels_last), p.channels_last, threads);
   if (lg.walkers < 1 || lg.lanes * lg.walkers > threads) plan_error("block shape does not fit the thread count");
   std::vector<int32_t> reduce_counts((size_t)(p.N * p.C * p.Ho * p.Wo), 0);
-  cover(p, tile_plan(p, elem_size, threads, false), reduce_counts.data());
+  cover(p, tile_plan(p, elem_size, threads, false), threads, reduce_counts.data());
   for (const int32_t c : reduce_counts)
     if (c != 1) plan_error("the reductions' plan covers an output " + std::to_string(c) + " times");
-  cover(p, tile_plan(p, elem_size, threads, true), counts);
+  cover(p, tile_plan(p, elem_size, threads, true), threads, counts);
 }
 
 }  // namespace mnet
