@@ -160,28 +160,25 @@ class TilePlan:
         return -(-self.strips // max(n, 1)) / self.walkers
 
 
-def reduce_tile_width(t: dict[str, Any]) -> int:
-    """tile.h: reduce_tile_width (stats, bwd_reduce, the backward apply)."""
+def narrow_tile_width(t: dict[str, Any]) -> int:
+    """tile.h: narrow_tile_width (NCHW strips, the backward apply)."""
     return (2 if t.get("J") == 2 else 4) if t["CL"] else 8
 
 
-def fwd_wide(t: dict[str, Any]) -> bool:
-    """tile.h: fwd_wide (the forward's wide strips, in blocks of half the threads)."""
-    return bool(t["CL"]) and t["K"] <= 7
+def strip_tile_width(t: dict[str, Any], wo: int) -> int:
+    """tile.h: strip_tile_width (fwd, stats, bwd_reduce; wide strips in channels_last: tile.h strip_wide)."""
+    if not t["CL"]:
+        return narrow_tile_width(t)
+    return 14 if t.get("J") == 1 and t["K"] <= 5 and wo >= 14 else 7
 
 
-def fwd_tile_width(t: dict[str, Any], wo: int) -> int:
-    """tile.h: fwd_tile_width."""
-    if not fwd_wide(t):
-        return reduce_tile_width(t)
-    return 14 if t.get("J") == 1 and wo >= 14 else 7
-
-
-def tile_plan(s: Shape, t: dict[str, Any], fwd: bool = False) -> TilePlan:
+def tile_plan(s: Shape, t: dict[str, Any], strips: bool = True) -> TilePlan:
+    """``strips``: the strip kernels' plan (wide strips in half-size blocks in channels_last), else the narrow one
+    (the backward apply's strip width, the SE kernels' lanes)."""
     cl = t["CL"]
     v = 16 // ELEM_SIZE[t["T"]] if cl else 1
-    wide = fwd and fwd_wide(t)
-    tw = fwd_tile_width(t, s.wo) if fwd else reduce_tile_width(t)
+    wide = strips and bool(cl)
+    tw = strip_tile_width(t, s.wo) if strips else (narrow_tile_width(t) if "J" in t else 1)
     threads = _KTHREADS // 2 if wide else _KTHREADS  # tile.h: plan_threads
     vectors = -(-s.c // v)
     groups = -(-vectors // 32) if cl else s.c
@@ -209,7 +206,7 @@ def _bwd_apply_plan(s: Shape, t: dict[str, Any]) -> Plan:
     """tile.h: band_plan and kernels.cuh: bwd_apply_kernel. Per thread and (image, band) item: the dz loop over
     (dz row, strip, lane) items / 256 (each with the K-row conv loop), the dweight loop over owned strips / walkers
     (threads = lanes x K x walkers), the dx loop over (input pixel, lane) items / 256."""
-    k, stride, tp = t["K"], 2 if t["J"] == 2 else 1, tile_plan(s, t)
+    k, stride, tp = t["K"], 2 if t["J"] == 2 else 1, tile_plan(s, t, strips=False)
     halo = ((k - 1) + stride - 1) // stride + 1
     vectors = -(-s.c // tp.v)
     lanes = 8
@@ -238,7 +235,7 @@ def _bwd_apply_plan(s: Shape, t: dict[str, Any]) -> Plan:
 def _se_plan(s: Shape, t: dict[str, Any], per_walker: int | None) -> Plan:
     """csrc/squeeze_excite/kernels.cuh: lanes x walkers over the pixels of one image; se_affine blocks take
     ``per_walker`` pixels per walker (se.cu: kPixelsPerWalker), se_reduce all of them."""
-    tp = tile_plan(s, t)
+    tp = tile_plan(s, t, strips=False)
     hw = s.h * s.w
     chunk = hw if per_walker is None else tp.walkers * per_walker
     chunks = -(-hw // chunk)
@@ -247,7 +244,7 @@ def _se_plan(s: Shape, t: dict[str, Any], per_walker: int | None) -> Plan:
 
 def _strip_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, Any]], Plan]:
     def plan(s: Shape, t: dict[str, Any]) -> Plan:
-        tp = tile_plan(s, t, fwd=not reduction)
+        tp = tile_plan(s, t)
         trips = tp.chunk_trips() if reduction else tp.fwd_trips()
         smem = (_weight_lane_floats(t["K"], tp.v) + param_rows * tp.v) * tp.lanes * 4  # kernels.cuh: param_smem_bytes
         # Outputs per strip: the mean over a row's strips (the last one of a row may be partial).
@@ -282,14 +279,15 @@ class Shape:
 
 # Template parameters of the strip kernels: dtype, kernel size, column pattern (2 at stride 2), channels_last, and
 # FULL (16-byte channel vectors: channels_last with C % V == 0, as in every MobileNet layer; the FULL = false
-# channels_last variant serves other C and is reported without a layer plan).
+# channels_last variant serves other C and is reported without a layer plan); fwd, stats and bwd_reduce add TW, the
+# strip width (tile.h: strip_tile_width), matched to each layer.
 _STRIP_PARAMS = ("T", "K", "J", "CL", "FULL")
 
 
 CUDA_KERNELS: dict[str, CudaKernel] = {
     "fwd_kernel": CudaKernel("fwd", (*_STRIP_PARAMS, "TW"), _strip_plan(False, 2)),  # weights, BN scale, shift
-    "stats_partial_kernel": CudaKernel("stats", _STRIP_PARAMS, _strip_plan(True, 0)),
-    "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", _STRIP_PARAMS, _strip_plan(True, 4)),
+    "stats_partial_kernel": CudaKernel("stats", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 0)),
+    "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 4)),
     "bwd_apply_kernel": CudaKernel("bwd_apply", _STRIP_PARAMS, _bwd_apply_plan),
     "stats_final_kernel": CudaKernel("stats_combine", ()),
     "sum2_final_kernel": CudaKernel("sum_partials", ()),
@@ -551,7 +549,7 @@ def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], 
                     continue
                 if "FULL" in targs and targs["FULL"] != (layout == "NHWC"):
                     continue
-                if "TW" in targs and targs["TW"] != fwd_tile_width(targs, shape_of(case, batch).wo):
+                if "TW" in targs and targs["TW"] != strip_tile_width(targs, shape_of(case, batch).wo):
                     continue
                 plan = spec.plan(shape_of(case, batch), targs)
                 records.append(make_record(job["arch"], "cuda", name, role, dtype, layout, k, case, batch, fn, plan,

@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kFinalLanes* kFinalWalkers)
 
 int64_t dw_bwd_reduce_workspace(const DwParams& p) {
   return MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
-    return 2 * p.C * dev::launch_plan(p, (int)sizeof(T), false).nchunks;
+    return 2 * p.C * dev::launch_plan(p, (int)sizeof(T)).nchunks;
   });
 }
 
@@ -43,7 +43,7 @@ void dw_bwd_reduce_cuda(const DwParams& p, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   int64_t nchunks = 1;
   MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
-    const TilePlan t = dev::launch_plan(p, (int)sizeof(T), false);
+    const TilePlan t = dev::launch_plan(p, (int)sizeof(T));
     nchunks = t.nchunks;
     const dim3 grid((unsigned)t.nchunks, (unsigned)t.lg.groups);
     const unsigned threads = (unsigned)(t.lg.lanes * t.lg.walkers);
@@ -52,8 +52,11 @@ void dw_bwd_reduce_cuda(const DwParams& p, void* stream) {
       MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
         MNET_DISPATCH_LAYOUT(p.channels_last, dev::full_vectors<T>(p, {p.x, p.grad_y}), CL, FULL, [&] {
           constexpr int J = J2 ? 2 : 1;
-          dev::allow_smem(dev::bwd_reduce_partial_kernel<T, K, J, CL, FULL>, smem);
-          dev::bwd_reduce_partial_kernel<T, K, J, CL, FULL><<<grid, threads, smem, s>>>(p, t);
+          dev::launch_strips<CL, J, K>(t, [&](auto tw) {
+            constexpr int TW = decltype(tw)::value;
+            dev::allow_smem(dev::bwd_reduce_partial_kernel<T, K, J, CL, FULL, TW>, smem);
+            dev::bwd_reduce_partial_kernel<T, K, J, CL, FULL, TW><<<grid, threads, smem, s>>>(p, t);
+          });
         });
       });
     });

@@ -20,6 +20,7 @@
 
 #include <initializer_list>
 #include <stdexcept>
+#include <type_traits>
 
 #include "common/activations.h"
 #include "common/cuda_check.cuh"
@@ -31,12 +32,6 @@
 namespace mnet {
 namespace dev {
 
-// Compile-time tile of one (dtype, layout, column pattern) of the reductions: see tile.h.
-template <typename T, bool CL, int J>
-struct Tile {
-  static constexpr int V = tile_vec((int)sizeof(T), CL);
-  static constexpr int TW = reduce_tile_width(CL, J);
-};
 
 // Weights in shared memory, per lane: [K*K][V] fp32 taps, so a lane reads every tap off one base address
 // (compile-time offsets), plus 4 floats of padding where K*K*V is a multiple of 8: the 16-byte loads of 8
@@ -217,9 +212,10 @@ MNET_DEVICE void fwd_epilogue(T* __restrict__ y, int step, int count, int valid,
   }
 }
 
-// TW: the plan's strip width (tile.h: fwd_tile_width, t.TW); wide strips (fwd_wide) in blocks of half the threads.
+// The strip kernels' template parameter TW: the plan's strip width (tile.h: strip_tile_width, t.TW; launch_strips
+// picks it); wide strips (strip_wide) run in blocks of half the threads.
 template <typename T, int K, int J, bool CL, bool FULL, int TW>
-__global__ void __launch_bounds__(plan_threads(kThreads, fwd_wide(CL, K)), 2)
+__global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
     fwd_kernel(const DwParams p, const TilePlan t) {
   constexpr int V = tile_vec((int)sizeof(T), CL);
   extern __shared__ float sh[];
@@ -250,9 +246,10 @@ __global__ void __launch_bounds__(plan_threads(kThreads, fwd_wide(CL, K)), 2)
 // =======================================================================================================
 // statistics: per (chunk, channel) Welford partials -> work[(j * nchunks + chunk) * C + c], j = count, mean, m2
 // =======================================================================================================
-template <typename T, int K, int J, bool CL, bool FULL>
-__global__ void __launch_bounds__(kThreads, 2) stats_partial_kernel(const DwParams p, const TilePlan t) {
-  constexpr int V = Tile<T, CL, J>::V, TW = Tile<T, CL, J>::TW;
+template <typename T, int K, int J, bool CL, bool FULL, int TW>
+__global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
+    stats_partial_kernel(const DwParams p, const TilePlan t) {
+  constexpr int V = tile_vec((int)sizeof(T), CL);
   extern __shared__ float sh[];
   __shared__ Welford tree[kThreads];
   const Lane l = lane_of(p, t);
@@ -331,9 +328,10 @@ MNET_DEVICE void reduce_epilogue(const DwParams& p, const TilePlan& t, const Lan
   }
 }
 
-template <typename T, int K, int J, bool CL, bool FULL>
-__global__ void __launch_bounds__(kThreads, 2) bwd_reduce_partial_kernel(const DwParams p, const TilePlan t) {
-  constexpr int V = Tile<T, CL, J>::V, TW = Tile<T, CL, J>::TW;
+template <typename T, int K, int J, bool CL, bool FULL, int TW>
+__global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
+    bwd_reduce_partial_kernel(const DwParams p, const TilePlan t) {
+  constexpr int V = tile_vec((int)sizeof(T), CL);
   extern __shared__ float sh[];
   __shared__ Sum2 tree[kThreads];
   const Lane l = lane_of(p, t);
@@ -427,7 +425,7 @@ MNET_DEVICE void dz_epilogue(const DwParams& p, const StripGeom& sg, const Lane&
 
 template <typename T, int K, int J, bool CL, bool FULL>
 __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p, const BandPlan b) {
-  constexpr int V = tile_vec((int)sizeof(T), CL), TW = reduce_tile_width(CL, J), KK = K * K;
+  constexpr int V = tile_vec((int)sizeof(T), CL), TW = narrow_tile_width(CL, J), KK = K * K;
   constexpr int NCOL = strip_cols(J, TW, K);
   extern __shared__ float sh[];
   const int cb = b.cb, lanes = b.lanes, lshift = ilog2(b.lanes);
@@ -627,9 +625,8 @@ inline void check_strides(const DwParams& p, int TW) {
       throw std::runtime_error("mnet_ext: a channel stride is too large for the CUDA kernels");
 }
 
-// `fwd`: the forward's plan (tile.h: tile_plan).
-inline TilePlan launch_plan(const DwParams& p, int elem_size, bool fwd) {
-  const TilePlan t = tile_plan(p, elem_size, kThreads, fwd);
+inline TilePlan launch_plan(const DwParams& p, int elem_size) {
+  const TilePlan t = tile_plan(p, elem_size, kThreads);
   if (t.strips >= (int64_t(1) << 31))
     throw std::runtime_error("mnet_ext: the activation is too large for the CUDA kernels (N * Ho * strips per row "
                              ">= 2^31); split the batch");
@@ -637,6 +634,24 @@ inline TilePlan launch_plan(const DwParams& p, int elem_size, bool fwd) {
     throw std::runtime_error("mnet_ext: too many channels for the CUDA kernels (more than 65535 channel groups)");
   check_strides(p, t.TW);
   return t;
+}
+
+// Calls launch(std::integral_constant<int, TW>{}) with the strip width TW of plan t (tile.h: strip_tile_width),
+// instantiating only the widths this (layout, column pattern) can take.
+template <bool CL, int J, int K, typename F>
+inline void launch_strips(const TilePlan& t, F&& launch) {
+  const auto go = [&](auto tw) {
+    if (t.TW != decltype(tw)::value) throw std::logic_error("mnet_ext: strip width differs from the tile plan's");
+    launch(tw);
+  };
+  if constexpr (!strip_wide(CL)) {
+    go(std::integral_constant<int, narrow_tile_width(CL, J)>{});
+  } else if constexpr (long_strips(J, K)) {
+    if (t.TW == kLongTW) go(std::integral_constant<int, kLongTW>{});
+    else go(std::integral_constant<int, kWideTW>{});
+  } else {
+    go(std::integral_constant<int, kWideTW>{});
+  }
 }
 
 // Dynamic shared memory above the 48 KB default needs an opt-in per kernel.

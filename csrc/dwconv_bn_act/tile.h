@@ -141,22 +141,22 @@ MNET_HD void chunk_range(int64_t total, int64_t nchunks, int64_t chunk, int64_t&
 // ---- the plan of one launch ---------------------------------------------------------------------------------
 // Channel vector width V and strip width TW per layout, element size, column pattern J and kernel size: 16-byte
 // vectors of channels in channels_last; in NCHW one channel and a strip of 8 (consecutive threads read consecutive
-// strips of a row). A strip kernel holds TW x V fp32 sums plus the K x V weights of one kernel row in registers.
-// The reductions and the backward apply (reduce_tile_width) carry their running sums (or the dz and dweight sums)
-// besides, within 128 registers (2 blocks of 256 threads per SM): 4, or 2 at stride 2. The forward (fwd_tile_width)
-// holds nothing else: in channels_last up to K = 5 it takes wide strips in blocks of half the threads (up to 255
-// registers, still 2 blocks per SM): 14 outputs on rows of at least 14 (an input vector then feeds
-// (14 + K - 1) / 14 outputs of a row, against (4 + K - 1) / 4 at 4), else 7, and 7 at stride 2: MobileNet widths
-// (112, 56, 28, 14, 7) leave no partial strip. NCHW and K = 7 keep the reductions' widths.
+// strips of a row). A strip kernel (fwd, stats, bwd_reduce) holds TW x V fp32 sums plus the K x V weights of one
+// kernel row in registers. In channels_last (strip_wide) its strips are wide, in blocks of half the threads (up to
+// 255 registers, still 2 blocks per SM): 14 outputs on rows of at least 14 up to K = 5 (an input vector then feeds
+// (14 + K - 1) / 14 outputs of a row, against (4 + K - 1) / 4 at 4; at K = 7 the reductions spill), else 7, and 7
+// at stride 2: MobileNet widths (112, 56, 28, 14, 7) leave no partial strip. NCHW and the backward apply (narrow_tile_width, within 128 registers
+// in blocks of 256: its dweight pass holds the strip's dz and K x V sums besides) take 4, or 2 at stride 2 (NCHW 8).
 MNET_HD constexpr int tile_vec(int elem_size, bool channels_last) { return channels_last ? 16 / elem_size : 1; }
-MNET_HD constexpr int reduce_tile_width(bool channels_last, int J) { return channels_last ? (J == 2 ? 2 : 4) : 8; }
-constexpr int kFwdTW = 7, kFwdLongTW = 14;  // wide strips; kFwdLongTW on rows of at least that many outputs
-MNET_HD constexpr bool fwd_wide(bool channels_last, int K) { return channels_last && K <= 7; }
-MNET_HD constexpr int fwd_tile_width(bool channels_last, int J, int K, int64_t Wo) {
-  return !fwd_wide(channels_last, K) ? reduce_tile_width(channels_last, J)
-                                     : J == 1 && Wo >= kFwdLongTW ? kFwdLongTW : kFwdTW;
+MNET_HD constexpr int narrow_tile_width(bool channels_last, int J) { return channels_last ? (J == 2 ? 2 : 4) : 8; }
+constexpr int kWideTW = 7, kLongTW = 14;  // wide strips; kLongTW on rows of at least that many outputs
+MNET_HD constexpr bool strip_wide(bool channels_last) { return channels_last; }
+MNET_HD constexpr bool long_strips(int J, int K) { return J == 1 && K <= 5; }
+MNET_HD constexpr int strip_tile_width(bool channels_last, int J, int K, int64_t Wo) {
+  return !strip_wide(channels_last) ? narrow_tile_width(channels_last, J)
+                                    : long_strips(J, K) && Wo >= kLongTW ? kLongTW : kWideTW;
 }
-// Threads of a block: `threads`, half of them for the forward's wide strips.
+// Threads of a block: `threads`, half of them for wide strips.
 MNET_HD constexpr int plan_threads(int threads, bool wide) { return wide ? threads / 2 : threads; }
 
 struct TilePlan {
@@ -167,19 +167,18 @@ struct TilePlan {
   int64_t strips = 0;   // N * Ho * per_row
   int64_t nchunks = 1;  // reduction chunks (grid.x of the reduction kernels)
   int V = 1, TW = 1;
-  bool wide = false;    // the forward's wide strips (fwd_wide)
+  bool wide = false;    // wide strips (strip_wide), in blocks of half the threads
   int cb = 1;           // channels per block: lanes * V (the shared-memory parameter rows)
 };
 
-// `fwd`: the forward's strip width (fwd_tile_width; wide strips in half the threads), else the reductions'
-// (reduce_tile_width).
-MNET_HD TilePlan tile_plan(const DwParams& p, int elem_size, int threads, bool fwd) {
+// The strip kernels' plan; `threads`: the block size of narrow strips (wide ones take half).
+MNET_HD TilePlan tile_plan(const DwParams& p, int elem_size, int threads) {
   TilePlan t;
   t.V = tile_vec(elem_size, p.channels_last);
   const int J = strip_j(p.stride, p.dilation);
-  t.wide = fwd && fwd_wide(p.channels_last, p.k);
+  t.wide = strip_wide(p.channels_last);
   threads = plan_threads(threads, t.wide);
-  t.TW = fwd ? fwd_tile_width(p.channels_last, J, p.k, p.Wo) : reduce_tile_width(p.channels_last, J);
+  t.TW = strip_tile_width(p.channels_last, J, p.k, p.Wo);
   t.sg = strip_geom(p.Wo, p.stride, p.dilation, t.TW);
   t.per_row = fast_div((uint32_t)t.sg.per_row);
   t.ho = fast_div((uint32_t)p.Ho);
@@ -238,7 +237,7 @@ constexpr int64_t kBandTileBytes = 64 * 1024;
 MNET_HD BandPlan band_plan(const DwParams& p, int elem_size) {
   BandPlan b;
   b.V = tile_vec(elem_size, p.channels_last);
-  b.TW = reduce_tile_width(p.channels_last, strip_j(p.stride, p.dilation));
+  b.TW = narrow_tile_width(p.channels_last, strip_j(p.stride, p.dilation));
   b.sg = strip_geom(p.Wo, p.stride, p.dilation, b.TW);
   const int64_t vectors = (p.C + b.V - 1) / b.V;
   const int halo = band_dz_rows(0, p.k, p.stride, p.dilation);

@@ -2,7 +2,6 @@
 // (tests/test_cuda_backend.py). No ATen; op.cpp exposes it as torch.ops.mnet_ext_cuda._dw_tile_coverage.
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "common/math.h"
 #include "dwconv_bn_act/launch.h"
@@ -85,19 +84,15 @@ void cover(const DwParams& p, const TilePlan& t, int threads, int32_t* counts) {
   }
 }
 
-// counts: [N, C, Ho, Wo] (contiguous, zeroed): how many (strip, lane) work items of the forward's plan write each
-// output. The reductions' plan (another strip width) must cover every output exactly once (else: an error), every
-// strip's register window must read exactly the input columns the convolution needs, the reduction chunks must
-// partition the strips in order, and the backward apply's bands must pass check_bands.
+// counts: [N, C, Ho, Wo] (contiguous, zeroed): how many (strip, lane) work items of the strip kernels' plan write
+// each output. Every strip's register window must read exactly the input columns the convolution needs (else: an
+// error), the reduction chunks must partition the strips in order, and the backward apply's bands must pass
+// check_bands.
 void dw_tile_coverage(const DwParams& p, int elem_size, int threads, int32_t* counts) {
   check_bands(p, elem_size);
   const LaneGeom lg = lane_geom(p.C, tile_vec(elem_size, p.channels_last), p.channels_last, threads);
   if (lg.walkers < 1 || lg.lanes * lg.walkers > threads) plan_error("block shape does not fit the thread count");
-  std::vector<int32_t> reduce_counts((size_t)(p.N * p.C * p.Ho * p.Wo), 0);
-  cover(p, tile_plan(p, elem_size, threads, false), threads, reduce_counts.data());
-  for (const int32_t c : reduce_counts)
-    if (c != 1) plan_error("the reductions' plan covers an output " + std::to_string(c) + " times");
-  cover(p, tile_plan(p, elem_size, threads, true), threads, counts);
+  cover(p, tile_plan(p, elem_size, threads), threads, counts);
 }
 
 }  // namespace mnet
