@@ -18,30 +18,31 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
 
       (outside + trips * body) / (trips * outputs per iteration)
 
-  where ``body`` is the counted path through the kernel's main loop (the loop with the most global loads and
-  stores: the CUDA strip loops (fwd: strips per thread; stats/bwd_reduce: the strips of a chunk per walker; SE:
-  pixels per walker), the CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``),
-  ``outside`` the counted path from entry to exit around it (prologue, epilogue, other loops once), and ``trips``
-  the loop's mean trip count per thread from the launch plan (CUDA: the geometry of ``csrc/dwconv_bn_act/tile.h``
-  and ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). Inner loops of the
-  main loop count their planned trips (``Plan.inner_trips``, ``Plan.nest``): the CUDA runtime loop over the K
-  kernel rows, and the three phase loops of the backward apply (dz rows, dweight strips, dx pixels per thread and
-  item). A kernel without a loop (Triton fwd/dx: one tile per program) counts its entry-to-exit path over the
-  outputs one thread holds (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path
-  visits every block with a load or store on its way (all K*K taps, the store) and takes the cheaper side of a
-  branch that only computes; a subroutine call counts its callee's path, so an int64 division counts its inline
-  32-bit fast path, not the call of the 64-bit routine. A runtime activation switch (the CUDA kernels) counts its
-  cheapest case, ``none``: relu adds ~1 instruction per output, relu6 ~2, hardswish ~5, silu ~30.
-  ``fma_per_output_elem`` and ``gmem_per_output_elem`` (global load/store instructions) split the same count.
+  where ``body`` is the counted path through the kernel's main loop (the loop with the most global loads and stores:
+  the CUDA strip loops (fwd: strips per thread; stats/bwd_reduce: the strips of a chunk per walker; SE: pixels per
+  walker), the CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``), ``outside`` the
+  counted path from entry to exit around it (prologue, epilogue, other loops once), and ``trips`` the loop's mean trip
+  count per thread from the launch plan (CUDA: the geometry of ``csrc/dwconv_bn_act/tile.h`` and
+  ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). Inner loops of the main
+  loop count their planned trips (``Plan.inner_trips``, ``Plan.nest``): the CUDA runtime loop over the K - 1 kernel
+  rows after the peeled row 0, and the three phase loops of the backward apply (dz rows, dweight strips, dx pixels per
+  thread and item). A kernel without a loop (Triton fwd/dx: one tile per program) counts its entry-to-exit path over
+  the outputs one thread holds (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path
+  visits every block with a load or store on its way (all K*K taps, the store) and takes the cheaper side of a branch
+  that only computes; a subroutine call counts its callee's path, so an int64 division counts its inline 32-bit fast
+  path, not the call of the 64-bit routine. A runtime activation switch (the CUDA kernels) counts its cheapest case,
+  ``none``: relu adds ~1 instruction per output, relu6 ~2, hardswish ~5, silu ~30. ``fma_per_output_elem`` and
+  ``gmem_per_output_elem`` (global load/store instructions) split the same count.
 
-  Checked by hand on the CUDA ``fwd_kernel<__nv_bfloat16, 3, 1, true, true>`` (sm_90, nvcc 13.0, addresses of
-  ``nvdisasm``) for a stride-1 layer (4 strips of 4 outputs x 8 channels per thread): the kernel-row loop
-  0x1180-0x1fb0 is 228 instructions (96 FFMA, 6 LDG.E.128 of x, 6 LDS.128 of the weights, 48 bf16 unpacks (24
-  LOP3 + 24 SHF/IMAD.U32), 12 CS2R zero fills for padding, the rest addresses, predicates and the loop test); the
-  strip loop around it, with one kernel row, 463 (strip setup with two unsigned divisions, 8 LDS.128 of the BN
-  vectors and the fold, the ``none`` epilogue: 32 FFMA, 16 F2FP, 4 STG.E.128); outside, 196 (parameter staging,
-  prologue). Per thread 196 + 4 x (463 + 2 x 228) = 3,872 instructions for 128 outputs: 30.2 per output element,
-  what the tool counts. (Before the redesign: 414 for the one-thread-per-output kernel, mostly int64 division.)
+  Checked by hand on the CUDA ``fwd_kernel<__nv_bfloat16, 3, 1, true, true, 14>`` (sm_90, nvcc 13.0) for
+  dw_c144_56x56 at batch 256 (blocks of 18 lanes x 7 walkers, 8 strips of 14 outputs x 8 channels per thread):
+  the kernel-row loop (rows 1 and 2; row 0 is peeled) is 564 instructions (336 FFMA, 16 LDG.E.128 of x, 6 LDS.128
+  of the weights, 128 bf16 unpacks (LOP3 / SHF / IMAD.U32), 32 CS2R zero fills for padding, the rest addresses,
+  column-mask predicates and the loop test); the strip loop around it, with one pass of the row loop, 1,461
+  (strip setup with two multiply-high divisions, the peeled row 0 with FMUL for its first products, the ``none``
+  epilogue: 112 FFMA of the BN fold, 56 F2FP, 14 STG.E.128); outside, 161 (parameter staging, prologue). Per
+  thread 161 + 8 x (1,461 + 564) = 16,361 instructions for 896 outputs: 18.3 per output element, what the tool
+  counts. (Session 3's strips of 4: 30.2; before the redesign: 414 for the one-thread-per-output kernel.)
   And on the Triton ``_fwd_kernel`` (bf16, NHWC, K = 3, dw_c144_56x56, 2 warps, 32 groups of OW = 8 columns x 16
   channels: 64 outputs per thread): 642 instructions to the kernel-row loop (setup, then the peeled row 0: 192 FFMA,
   10 LDG.E.128 of x, 6 of the fp32 weight taps), a 400-instruction loop body taken K - 1 = 2 times (192 FFMA, 120
