@@ -471,18 +471,21 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
     const int64_t n = item / b.bands;
     const BandRows br = band_rows(p, item - n * b.bands, b.rows);
     // 1. dz of rows [r0, r1)
-    const int64_t items1 = ((br.r1 - br.r0) * per_row) << lshift;
-    for (int64_t it = threadIdx.x; it < items1; it += blockDim.x) {
+    // Item counts per band stay below 2^31 (a band's rows x its row's strips or pixels x 8 lanes; check_bands):
+    // 32-bit items, rows by the band plan's multiply-high divisors (tile.h; check_bands runs them on the host). The
+    // dweight loop keeps its int64 division: 32-bit there left ptxas spilling 112 B at K = 7 in fp16.
+    const uint32_t items1 = (uint32_t)(((br.r1 - br.r0) * per_row) << lshift);
+    for (uint32_t it = threadIdx.x; it < items1; it += blockDim.x) {
       Lane l;
       l.lane = (int)(it & (lanes - 1));
       l.walker = 0;
       l.c0 = ((int)blockIdx.y * lanes + l.lane) * V;
       l.valid = (int)(p.C - l.c0 < V ? p.C - l.c0 : V);
-      const int64_t q = it >> lshift, r = q / per_row;
+      const uint32_t q = it >> lshift, r = div_of(b.per_row, q);
       StripPos sp;
       sp.n = n;
       sp.oh = (int)(br.r0 + r);
-      sp.ow0 = (int)strip_ow0(sg, q - r * per_row, TW);
+      sp.ow0 = (int)strip_ow0(sg, q - r * b.per_row.d, TW);
       const int rest = (int)Wo - sp.ow0, left = sg.out_step == 2 ? (rest + 1) >> 1 : rest;
       sp.count = left < TW ? left : TW;
       float* dzrow = dzt + r * Wo * cb + l.lane * V;
@@ -541,14 +544,14 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
         for (int v = 0; v < V; ++v) myslot[kw * cb + v] += dwacc[kw][v];
     }
     // 3. dx of input rows [ib0, ib1): gather dz over the taps that read each pixel
-    const int64_t items2 = ((br.ib1 - br.ib0) * p.W) << lshift;
-    for (int64_t it = threadIdx.x; it < items2; it += blockDim.x) {
+    const uint32_t items2 = (uint32_t)(((br.ib1 - br.ib0) * p.W) << lshift);
+    for (uint32_t it = threadIdx.x; it < items2; it += blockDim.x) {
       const int lane = (int)(it & (lanes - 1));
       const int64_t c0 = ((int64_t)blockIdx.y * lanes + lane) * V;
       const int valid = (int)(p.C - c0 < V ? p.C - c0 : V);
       if (valid <= 0) continue;
-      const int64_t q = it >> lshift, rr = q / p.W;
-      const int ih = (int)(br.ib0 + rr), iw = (int)(q - rr * p.W);
+      const uint32_t q = it >> lshift, rr = div_of(b.w, q);
+      const int ih = (int)(br.ib0 + rr), iw = (int)(q - rr * b.w.d);
       float acc[V];
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[v] = 0.0f;

@@ -225,6 +225,8 @@ struct BandPlan {
   int64_t bands = 1;   // bands per image
   int dz_rows = 1;     // rows of the dz tile
   StripGeom sg;        // strips of the dz rows (width TW)
+  FastDiv per_row;     // divides by sg.per_row (dz items -> row)
+  FastDiv w;           // divides by W (dx items -> input row)
   int lanes = 1;       // channel vectors per block (a power of two <= 8)
   int64_t groups = 1;  // channel groups (grid.y)
   int64_t nchunks = 1; // blocks along (image, band) items: each walks items b, b + nchunks, ... (grid.x)
@@ -239,6 +241,8 @@ MNET_HD BandPlan band_plan(const DwParams& p, int elem_size) {
   b.V = tile_vec(elem_size, p.channels_last);
   b.TW = narrow_tile_width(p.channels_last, strip_j(p.stride, p.dilation));
   b.sg = strip_geom(p.Wo, p.stride, p.dilation, b.TW);
+  b.per_row = fast_div((uint32_t)b.sg.per_row);
+  b.w = fast_div((uint32_t)p.W);
   const int64_t vectors = (p.C + b.V - 1) / b.V;
   const int halo = band_dz_rows(0, p.k, p.stride, p.dilation);
   // Wide images: fewer lanes so that a band still holds >= 8 owned rows (less halo recomputed).

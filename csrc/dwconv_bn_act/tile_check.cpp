@@ -34,6 +34,11 @@ void check_bands(const DwParams& p, int elem_size) {
       }
   }
   if (next_o != p.Ho || next_i != p.H) plan_error("bands do not cover every row");
+  // The kernel's 32-bit item indices and multiply-high divisors (dz / dweight items by strips per row, dx items by W).
+  const int64_t most = (int64_t)b.dz_rows * (p.W > b.sg.per_row ? p.W : b.sg.per_row) * 8;
+  if (most >= (int64_t(1) << 31)) plan_error("a band's items need more than 31 bits");
+  for (uint32_t q = 0; q < (uint32_t)most; q += 1 + q / 64)
+    if (div_of(b.per_row, q) != q / b.sg.per_row || div_of(b.w, q) != q / p.W) plan_error("fast division differs");
   if (b.nchunks < 1 || b.nchunks > p.N * b.bands) plan_error("bad chunk count of the backward apply");
 }
 
