@@ -18,31 +18,32 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
 
       (outside + trips * body) / (trips * outputs per iteration)
 
-  where ``body`` is the counted path through the kernel's main loop (the loop with the most global loads and
-  stores: the CUDA strip loops (fwd: strips per thread; stats/bwd_reduce: the strips of a chunk per walker; SE:
-  pixels per walker), the CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``),
-  ``outside`` the counted path from entry to exit around it (prologue, epilogue, other loops once), and ``trips``
-  the loop's mean trip count per thread from the launch plan (CUDA: the geometry of ``csrc/dwconv_bn_act/tile.h``
-  and ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). Inner loops of the
-  main loop count their planned trips (``Plan.inner_trips``, ``Plan.nest``): the CUDA runtime loop over the K
-  kernel rows, and the three phase loops of the CUDA backward apply (dz rows, dweight strips, dx pixels per thread
-  and item), the two of the Triton one (dz chunks, dx chunks, each with its kernel-row loop). A kernel without a
-  loop (Triton fwd: one tile per program) counts its entry-to-exit path over the
-  outputs one thread holds (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path
-  visits every block with a load or store on its way (all K*K taps, the store) and takes the cheaper side of a
-  branch that only computes; a subroutine call counts its callee's path, so an int64 division counts its inline
-  32-bit fast path, not the call of the 64-bit routine. A runtime activation switch (the CUDA kernels) counts its
-  cheapest case, ``none``: relu adds ~1 instruction per output, relu6 ~2, hardswish ~5, silu ~30.
-  ``fma_per_output_elem`` and ``gmem_per_output_elem`` (global load/store instructions) split the same count.
+  where ``body`` is the counted path through the kernel's main loop (the loop with the most global loads and stores:
+  the CUDA strip loops (fwd: strips per thread; stats/bwd_reduce: the strips of a chunk per walker; SE: pixels per
+  walker), the CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``), ``outside`` the
+  counted path from entry to exit around it (prologue, epilogue, other loops once), and ``trips`` the loop's mean trip
+  count per thread from the launch plan (CUDA: the geometry of ``csrc/dwconv_bn_act/tile.h`` and
+  ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). Inner loops of the main
+  loop count their planned trips (``Plan.inner_trips``, ``Plan.nest``): the CUDA runtime loop over the K - 1 kernel
+  rows after the peeled row 0, the three phase loops of the CUDA backward apply (dz rows, dweight strips, dx pixels
+  per thread and item), the two of the Triton one (dz chunks, dx chunks, each with its kernel-row loop). A kernel
+  without a loop (Triton fwd: one tile per program) counts its entry-to-exit path over the outputs one thread holds
+  (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path visits every block with a load or
+  store on its way (all K*K taps, the store) and takes the cheaper side of a branch that only computes; a subroutine
+  call counts its callee's path, so an int64 division counts its inline 32-bit fast path, not the call of the 64-bit
+  routine. A runtime activation switch (the CUDA kernels) counts its cheapest case, ``none``: relu adds ~1
+  instruction per output, relu6 ~2, hardswish ~5, silu ~30. ``fma_per_output_elem`` and ``gmem_per_output_elem``
+  (global load/store instructions) split the same count.
 
-  Checked by hand on the CUDA ``fwd_kernel<__nv_bfloat16, 3, 1, true, true>`` (sm_90, nvcc 13.0, addresses of
-  ``nvdisasm``) for a stride-1 layer (4 strips of 4 outputs x 8 channels per thread): the kernel-row loop
-  0x1180-0x1fb0 is 228 instructions (96 FFMA, 6 LDG.E.128 of x, 6 LDS.128 of the weights, 48 bf16 unpacks (24
-  LOP3 + 24 SHF/IMAD.U32), 12 CS2R zero fills for padding, the rest addresses, predicates and the loop test); the
-  strip loop around it, with one kernel row, 463 (strip setup with two unsigned divisions, 8 LDS.128 of the BN
-  vectors and the fold, the ``none`` epilogue: 32 FFMA, 16 F2FP, 4 STG.E.128); outside, 196 (parameter staging,
-  prologue). Per thread 196 + 4 x (463 + 2 x 228) = 3,872 instructions for 128 outputs: 30.2 per output element,
-  what the tool counts. (Before the redesign: 414 for the one-thread-per-output kernel, mostly int64 division.)
+  Checked by hand on the CUDA ``fwd_kernel<__nv_bfloat16, 3, 1, true, true, 14>`` (sm_90, nvcc 13.0) for
+  dw_c144_56x56 at batch 256 (blocks of 18 lanes x 7 walkers, 8 strips of 14 outputs x 8 channels per thread):
+  the kernel-row loop (rows 1 and 2; row 0 is peeled) is 564 instructions (336 FFMA, 16 LDG.E.128 of x, 6 LDS.128
+  of the weights, 128 bf16 unpacks (LOP3 / SHF / IMAD.U32), 32 CS2R zero fills for padding, the rest addresses,
+  column-mask predicates and the loop test); the strip loop around it, with one pass of the row loop, 1,461
+  (strip setup with two multiply-high divisions, the peeled row 0 with FMUL for its first products, the ``none``
+  epilogue: 112 FFMA of the BN fold, 56 F2FP, 14 STG.E.128); outside, 161 (parameter staging, prologue). Per
+  thread 161 + 8 x (1,461 + 564) = 16,361 instructions for 896 outputs: 18.3 per output element, what the tool
+  counts. (Session 3's strips of 4: 30.2; before the redesign: 414 for the one-thread-per-output kernel.)
   And on the Triton ``_fwd_kernel`` (bf16, NHWC, K = 3, dw_c144_56x56, 2 warps, 32 groups of OW = 8 columns x 16
   channels: 64 outputs per thread): 642 instructions to the kernel-row loop (setup, then the peeled row 0: 192 FFMA,
   10 LDG.E.128 of x, 6 of the fp32 weight taps), a 400-instruction loop body taken K - 1 = 2 times (192 FFMA, 120
@@ -148,7 +149,10 @@ class TilePlan:
         return self.lanes * self.walkers
 
     def fwd_trips(self) -> float:  # strips per thread (kernels.cuh: fwd_blocks)
-        blocks = -(-self.strips // (self.walkers * 4))
+        for per in (16, 8, 4):
+            blocks = -(-self.strips // (self.walkers * per))
+            if blocks * self.groups >= 1024:
+                break
         return self.strips / (blocks * self.walkers)
 
     def chunk_trips(self) -> float:  # strips per walker of one chunk (tile.h: reduction_chunks, chunk_range)
@@ -157,14 +161,35 @@ class TilePlan:
         return -(-self.strips // max(n, 1)) / self.walkers
 
 
-def tile_plan(s: Shape, t: dict[str, Any]) -> TilePlan:
+def narrow_tile_width(t: dict[str, Any]) -> int:
+    """tile.h: narrow_tile_width (NCHW strips, the backward apply)."""
+    return (2 if t.get("J") == 2 else 4) if t["CL"] else 8
+
+
+def strip_tile_width(t: dict[str, Any], wo: int) -> int:
+    """tile.h: strip_tile_width (fwd, stats, bwd_reduce; wide strips in channels_last: tile.h strip_wide)."""
+    if not t["CL"]:
+        return narrow_tile_width(t)
+    return 14 if t.get("J") == 1 and t["K"] <= 5 and wo >= 14 else 7
+
+
+def tile_plan(s: Shape, t: dict[str, Any], strips: bool = True) -> TilePlan:
+    """``strips``: the strip kernels' plan (wide strips in half-size blocks in channels_last), else the narrow one
+    (the backward apply's strip width, the SE kernels' lanes)."""
     cl = t["CL"]
     v = 16 // ELEM_SIZE[t["T"]] if cl else 1
-    tw = (2 if t.get("J") == 2 else 4) if cl else 8  # tile.h: tile_width
+    wide = strips and bool(cl)
+    tw = strip_tile_width(t, s.wo) if strips else (narrow_tile_width(t) if "J" in t else 1)
+    threads = _KTHREADS // 2 if wide else _KTHREADS  # tile.h: plan_threads
     vectors = -(-s.c // v)
     groups = -(-vectors // 32) if cl else s.c
     lanes = -(-vectors // groups) if cl else 1
-    return TilePlan(v, tw, lanes, _KTHREADS // lanes, groups, s.n * s.ho * -(-s.wo // tw))
+    return TilePlan(v, tw, lanes, threads // lanes, groups, s.n * s.ho * -(-s.wo // tw))
+
+
+def _weight_lane_floats(k: int, v: int) -> int:
+    """kernels.cuh: weight_lane_floats (a lane's taps in shared memory, padded against bank conflicts)."""
+    return k * k * v + (4 if k * k * v % 8 == 0 else 0)
 
 
 def _band_rows(s: Shape, stride: int, k: int, band: int, rows: int) -> tuple[int, int, int, int, int, int]:
@@ -182,7 +207,7 @@ def _bwd_apply_plan(s: Shape, t: dict[str, Any]) -> Plan:
     """tile.h: band_plan and kernels.cuh: bwd_apply_kernel. Per thread and (image, band) item: the dz loop over
     (dz row, strip, lane) items / 256 (each with the K-row conv loop), the dweight loop over owned strips / walkers
     (threads = lanes x K x walkers), the dx loop over (input pixel, lane) items / 256."""
-    k, stride, tp = t["K"], 2 if t["J"] == 2 else 1, tile_plan(s, t)
+    k, stride, tp = t["K"], 2 if t["J"] == 2 else 1, tile_plan(s, t, strips=False)
     halo = ((k - 1) + stride - 1) // stride + 1
     vectors = -(-s.c // tp.v)
     lanes = 8
@@ -201,16 +226,17 @@ def _bwd_apply_plan(s: Shape, t: dict[str, Any]) -> Plan:
         t3 += (ob1 - ob0) * per_row / walkers3 / bands
         t2 += (ib1 - ib0) * s.w * lanes / _KTHREADS / bands
         outputs += (ob1 - ob0) * s.wo * cb / _KTHREADS / bands
-    smem = ((rows + halo) * s.wo * cb + _KTHREADS * k * tp.v + (k * k + 6) * cb) * 4
+    smem = ((rows + halo) * s.wo * cb + _KTHREADS * k * tp.v + lanes * _weight_lane_floats(k, tp.v) + 6 * cb) * 4
     # nvcc versions the NCHW dweight loop into two copies of which one runs: the second counts 0 trips.
     dweight = ((t3, ()),) if t["CL"] else ((t3, ()), (0.0, ()))
-    return Plan(_KTHREADS, s.n * bands / nchunks, outputs, smem, None, ((t1, ((k, ()),)), *dweight, (t2, ())))
+    # conv_strip peels kernel row 0: its row loop runs K - 1 times per dz strip.
+    return Plan(_KTHREADS, s.n * bands / nchunks, outputs, smem, None, ((t1, ((k - 1, ()),)), *dweight, (t2, ())))
 
 
 def _se_plan(s: Shape, t: dict[str, Any], per_walker: int | None) -> Plan:
     """csrc/squeeze_excite/kernels.cuh: lanes x walkers over the pixels of one image; se_affine blocks take
     ``per_walker`` pixels per walker (se.cu: kPixelsPerWalker), se_reduce all of them."""
-    tp = tile_plan(s, t)
+    tp = tile_plan(s, t, strips=False)
     hw = s.h * s.w
     chunk = hw if per_walker is None else tp.walkers * per_walker
     chunks = -(-hw // chunk)
@@ -221,8 +247,10 @@ def _strip_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, 
     def plan(s: Shape, t: dict[str, Any]) -> Plan:
         tp = tile_plan(s, t)
         trips = tp.chunk_trips() if reduction else tp.fwd_trips()
-        smem = (t["K"] * t["K"] + param_rows) * tp.lanes * tp.v * 4  # kernels.cuh: param_smem_bytes
-        return Plan(tp.threads, trips, tp.tw * tp.v, smem, t["K"])
+        smem = (_weight_lane_floats(t["K"], tp.v) + param_rows * tp.v) * tp.lanes * 4  # kernels.cuh: param_smem_bytes
+        # Outputs per strip: the mean over a row's strips (the last one of a row may be partial).
+        per_strip = s.wo / -(-s.wo // tp.tw) * tp.v
+        return Plan(tp.threads, trips, per_strip, smem, t["K"] - 1)  # kernels.cuh: conv_strip peels row 0
     return plan
 
 
@@ -252,14 +280,15 @@ class Shape:
 
 # Template parameters of the strip kernels: dtype, kernel size, column pattern (2 at stride 2), channels_last, and
 # FULL (16-byte channel vectors: channels_last with C % V == 0, as in every MobileNet layer; the FULL = false
-# channels_last variant serves other C and is reported without a layer plan).
+# channels_last variant serves other C and is reported without a layer plan); fwd, stats and bwd_reduce add TW, the
+# strip width (tile.h: strip_tile_width), matched to each layer.
 _STRIP_PARAMS = ("T", "K", "J", "CL", "FULL")
 
 
 CUDA_KERNELS: dict[str, CudaKernel] = {
-    "fwd_kernel": CudaKernel("fwd", _STRIP_PARAMS, _strip_plan(False, 4)),
-    "stats_partial_kernel": CudaKernel("stats", _STRIP_PARAMS, _strip_plan(True, 0)),
-    "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", _STRIP_PARAMS, _strip_plan(True, 4)),
+    "fwd_kernel": CudaKernel("fwd", (*_STRIP_PARAMS, "TW"), _strip_plan(False, 2)),  # weights, BN scale, shift
+    "stats_partial_kernel": CudaKernel("stats", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 0)),
+    "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 4)),
     "bwd_apply_kernel": CudaKernel("bwd_apply", _STRIP_PARAMS, _bwd_apply_plan),
     "stats_final_kernel": CudaKernel("stats_combine", ()),
     "sum2_final_kernel": CudaKernel("sum_partials", ()),
@@ -540,6 +569,8 @@ def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], 
                 if "J" in targs and targs["J"] != (2 if case.layer.stride == 2 else 1):
                     continue
                 if "FULL" in targs and targs["FULL"] != (layout == "NHWC"):
+                    continue
+                if "TW" in targs and targs["TW"] != strip_tile_width(targs, shape_of(case, batch).wo):
                     continue
                 plan = spec.plan(shape_of(case, batch), targs)
                 records.append(make_record(job["arch"], "cuda", name, role, dtype, layout, k, case, batch, fn, plan,

@@ -63,6 +63,16 @@ DW_CASES = {
     "b8_c37_odd_hw_k5_d2_relu6_bf16_nchw": ((8, 37, 57, 55), 5, 1, 2, "relu6", "bf16", "nchw"),
     "b256_v3l_k5_s2_relu_bf16_nhwc": ((256, 72, 56, 56), 5, 2, 1, "relu", "bf16", "nhwc"),
     "b1_c960_7x7_k5_hardswish_fp32_nhwc": ((1, 960, 7, 7), 5, 1, 1, "hardswish", "fp32", "nhwc"),
+    # The CUDA forward's wide strips (csrc/dwconv_bn_act/tile.h: fwd_tile_width, 14 or 7 outputs) on the
+    # 16-byte-vector path (C % V == 0, channels_last), where MobileNet widths (multiples of 7) leave no partial
+    # strip: a partial last strip with the right padding inside it at K = 3, 5, 7 (strips of 14 + 5) and at stride 2
+    # (strips of 7 + 3; fp32: vectors of 4), and dilation 2 (two column phases, strips of 14 holding 10 and 9).
+    "b4_c24_w19_k3_relu6_bf16_nhwc": ((4, 24, 17, 19), 3, 1, 1, "relu6", "bf16", "nhwc"),
+    "b4_c40_w19_k5_relu_fp16_nhwc": ((4, 40, 9, 19), 5, 1, 1, "relu", "fp16", "nhwc"),
+    "b4_c16_w19_k7_silu_bf16_nhwc": ((4, 16, 9, 19), 7, 1, 1, "silu", "bf16", "nhwc"),
+    "b4_c32_w19_k5_s2_hardswish_bf16_nhwc": ((4, 32, 17, 19), 5, 2, 1, "hardswish", "bf16", "nhwc"),
+    "b4_c16_w19_k3_s2_silu_fp32_nhwc": ((4, 16, 13, 19), 3, 2, 1, "silu", "fp32", "nhwc"),
+    "b4_c24_w19_k3_d2_none_fp16_nhwc": ((4, 24, 15, 19), 3, 1, 2, "none", "fp16", "nhwc"),
 }
 SE_CASES = {
     "b32_c72_28x28_bf16_nhwc": ((32, 72, 28, 28), "bf16", "nhwc"),

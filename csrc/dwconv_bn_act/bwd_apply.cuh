@@ -12,8 +12,10 @@ namespace mnet {
 
 template <typename T>
 void dw_bwd_apply_launch(const DwParams& p, cudaStream_t s) {
-  const TilePlan t = dev::launch_plan(p, (int)sizeof(T));
   const BandPlan b = band_plan(p, (int)sizeof(T));
+  dev::check_strides(p, b.TW);
+  if (b.groups > 65535)
+    throw std::runtime_error("mnet_ext: too many channels for the CUDA backward (more than 65535 channel groups)");
   const size_t smem = (size_t)dev::bwd_apply_smem_floats(p, b) * sizeof(float);
   if (smem > 227 * 1024)
     throw std::runtime_error("mnet_ext: the image is too wide for the CUDA backward (a band of dz rows needs " +
@@ -24,7 +26,7 @@ void dw_bwd_apply_launch(const DwParams& p, cudaStream_t s) {
       MNET_DISPATCH_LAYOUT(p.channels_last, dev::full_vectors<T>(p, {p.x, p.grad_y, p.y}), CL, FULL, [&] {
         constexpr int J = J2 ? 2 : 1;
         dev::allow_smem(dev::bwd_apply_kernel<T, K, J, CL, FULL>, smem);
-        dev::bwd_apply_kernel<T, K, J, CL, FULL><<<grid, dev::kThreads, smem, s>>>(p, t, b);
+        dev::bwd_apply_kernel<T, K, J, CL, FULL><<<grid, dev::kThreads, smem, s>>>(p, b);
       });
     });
   });

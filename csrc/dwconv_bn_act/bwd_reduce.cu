@@ -48,12 +48,15 @@ void dw_bwd_reduce_cuda(const DwParams& p, void* stream) {
     const dim3 grid((unsigned)t.nchunks, (unsigned)t.lg.groups);
     const unsigned threads = (unsigned)(t.lg.lanes * t.lg.walkers);
     MNET_DISPATCH_KSIZE(p.k, K, [&] {
-      const size_t smem = dev::param_smem_bytes(K, 4, t.cb);
+      const size_t smem = dev::param_smem_bytes(K, t.V, 4, t.lg.lanes);
       MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
         MNET_DISPATCH_LAYOUT(p.channels_last, dev::full_vectors<T>(p, {p.x, p.grad_y}), CL, FULL, [&] {
           constexpr int J = J2 ? 2 : 1;
-          dev::allow_smem(dev::bwd_reduce_partial_kernel<T, K, J, CL, FULL>, smem);
-          dev::bwd_reduce_partial_kernel<T, K, J, CL, FULL><<<grid, threads, smem, s>>>(p, t);
+          dev::launch_strips<CL, J, K>(t, [&](auto tw) {
+            constexpr int TW = decltype(tw)::value;
+            dev::allow_smem(dev::bwd_reduce_partial_kernel<T, K, J, CL, FULL, TW>, smem);
+            dev::bwd_reduce_partial_kernel<T, K, J, CL, FULL, TW><<<grid, threads, smem, s>>>(p, t);
+          });
         });
       });
     });

@@ -1,4 +1,5 @@
-// dwconv_bn_act_fwd: launch (fwd_kernel for 3 dtypes x 3 kernel sizes x 2 column patterns x 2 layouts).
+// dwconv_bn_act_fwd: launch (fwd_kernel for 3 dtypes x 3 kernel sizes x 2 column patterns x 3 layout variants,
+// and two strip widths in channels_last at column pattern 1).
 #include "common/cuda_check.cuh"
 #include "common/dispatch.h"
 #include "dwconv_bn_act/kernels.cuh"
@@ -13,12 +14,15 @@ void dw_fwd_cuda(const DwParams& p, void* stream) {
     const dim3 grid(dev::fwd_blocks(t), (unsigned)t.lg.groups);
     const unsigned threads = (unsigned)(t.lg.lanes * t.lg.walkers);
     MNET_DISPATCH_KSIZE(p.k, K, [&] {
-      const size_t smem = dev::param_smem_bytes(K, 4, t.cb);
+      const size_t smem = dev::param_smem_bytes(K, t.V, 2, t.lg.lanes);  // weights, scale, shift
       MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
         MNET_DISPATCH_LAYOUT(p.channels_last, dev::full_vectors<T>(p, {p.x, p.y}), CL, FULL, [&] {
           constexpr int J = J2 ? 2 : 1;
-          dev::allow_smem(dev::fwd_kernel<T, K, J, CL, FULL>, smem);
-          dev::fwd_kernel<T, K, J, CL, FULL><<<grid, threads, smem, s>>>(p, t);
+          dev::launch_strips<CL, J, K>(t, [&](auto tw) {
+            constexpr int TW = decltype(tw)::value;
+            dev::allow_smem(dev::fwd_kernel<T, K, J, CL, FULL, TW>, smem);
+            dev::fwd_kernel<T, K, J, CL, FULL, TW><<<grid, threads, smem, s>>>(p, t);
+          });
         });
       });
     });

@@ -2,11 +2,14 @@
 // struct and the tile plan (tile.h, shared with the host twin).
 //
 // fwd, stats, bwd_reduce: one thread computes a strip (TW outputs of one output row, one vector of V channels;
-// tile.h) with the K x K conv accumulated in fp32 registers: a runtime loop over the K kernel rows, and along the
-// row a register window of input vectors, each loaded once (16 bytes of channels in channels_last) and fed to
-// every output of the strip that reads it. Weights and per-channel BN values are staged once per block in shared
-// memory as fp32 [tap][channel] rows, so a thread reads its V weights of a tap as vectors.
-//   fwd: grid (ceil(strips / walkers), channel groups), one strip per thread, epilogue BN fold + activation.
+// tile.h: the forward's strips are wider than the reductions') with the K x K conv accumulated in fp32 registers:
+// kernel row 0 peeled (it initialises the sums), a runtime loop over the other K - 1, and along each row a
+// register window of input vectors, each loaded once (16 bytes of channels in channels_last) and fed to every
+// output of the strip that reads it (window_row); padding from a per-strip column mask. Weights and per-channel
+// values are staged once per block in shared memory as fp32, per lane, so a thread reads them as vectors off one
+// base address (stage_params).
+//   fwd: grid (strips / (walkers x 4..16), channel groups), each thread walks strips; epilogue: the BN fold
+//     (staged as scale and shift) + activation.
 //   stats / bwd_reduce: grid (chunks, channel groups); each block walks the strips of one fixed chunk (tile.h),
 //     each thread accumulates privately in a fixed order, walkers combine by a fixed tree, one partial per
 //     (chunk, channel) in a [component][chunk][C] layout (coalesced), and a final kernel combines the chunks in
@@ -17,6 +20,7 @@
 
 #include <initializer_list>
 #include <stdexcept>
+#include <type_traits>
 
 #include "common/activations.h"
 #include "common/cuda_check.cuh"
@@ -28,40 +32,51 @@
 namespace mnet {
 namespace dev {
 
-// Compile-time tile of one (dtype, layout, column pattern): see tile.h.
-template <typename T, bool CL, int J>
-struct Tile {
-  static constexpr int V = tile_vec((int)sizeof(T), CL);
-  static constexpr int TW = tile_width(CL, J);
-};
 
-// Shared-memory parameter rows of a block: fp32 weights [K*K][cb], then up to 4 per-channel vectors [4][cb] (the
-// non-null ones of v0..v3, each [C]); channels past C read 0. Staged once per block: a block walks many strips.
-template <typename T, int K>
+// Weights in shared memory, per lane: [K*K][V] fp32 taps, so a lane reads every tap off one base address
+// (compile-time offsets), plus 4 floats of padding where K*K*V is a multiple of 8: the 16-byte loads of 8
+// consecutive lanes then start 12 or 28 words apart (mod 32) and fall in distinct banks.
+MNET_HD constexpr int weight_lane_floats(int K, int V) { return K * K * V + ((K * K * V) % 8 == 0 ? 4 : 0); }
+
+// Shared-memory parameters of a block: the weights [lane][weight_lane_floats] (taps past C read 0), then the
+// per-channel vectors v0..v3 (each [C], or all null: none) as [lane][4][V], read off one base address too.
+// FOLD: v0..v3 are mean, invstd, gamma, beta and the block stages their BN fold instead, scale and shift as
+// [lane][2][V] (once per channel, not once per strip). Staged once per block: a block walks many strips.
+template <typename T, int K, int V, bool FOLD = false>
 MNET_DEVICE void stage_params(const DwParams& p, const TilePlan& t, float* sh, const float* v0 = nullptr,
                               const float* v1 = nullptr, const float* v2 = nullptr, const float* v3 = nullptr) {
+  constexpr int WL = weight_lane_floats(K, V);
   const int cb = t.cb;
+  float* vsh = sh + t.lg.lanes * WL;
   const int64_t cbase = lane_c0(t, blockIdx.y, 0);
   const T* __restrict__ w = static_cast<const T*>(p.weight);
   for (int cl = threadIdx.x; cl < cb; cl += blockDim.x) {
     const int64_t c = cbase + cl;
     const bool in = c < p.C;
+    const int lane = cl / V, v = cl - lane * V;
 #pragma unroll
-    for (int r = 0; r < K * K; ++r) sh[r * cb + cl] = in ? to_f(w[c * (K * K) + r]) : 0.0f;
-    const float* vecs[4] = {v0, v1, v2, v3};
+    for (int r = 0; r < K * K; ++r) sh[lane * WL + r * V + v] = in ? to_f(w[c * (K * K) + r]) : 0.0f;
+    if constexpr (FOLD) {
+      const BnFold f = in ? bn_fold(v0[c], v1[c], v2[c], v3[c]) : BnFold{0.0f, 0.0f};
+      vsh[(lane * 2) * V + v] = f.scale;
+      vsh[(lane * 2 + 1) * V + v] = f.shift;
+    } else if (v0) {
+      const float* vecs[4] = {v0, v1, v2, v3};
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
-      if (vecs[r]) sh[(K * K + r) * cb + cl] = in ? vecs[r][c] : 0.0f;
+      for (int r = 0; r < 4; ++r) vsh[(lane * 4 + r) * V + v] = in ? vecs[r][c] : 0.0f;
+    }
   }
   __syncthreads();
 }
 
-MNET_HD constexpr size_t param_smem_bytes(int K, int rows, int cb) { return (size_t)(K * K + rows) * cb * 4; }
+MNET_HD constexpr size_t param_smem_bytes(int K, int V, int rows, int lanes) {
+  return (size_t)(weight_lane_floats(K, V) + rows * V) * lanes * 4;
+}
 
 // One thread's place in the plan: its channel vector and, per strip, the strip's coordinates.
 struct Lane {
   int lane, walker;
-  int64_t c0;  // first channel of the vector
+  int c0;      // first channel of the vector (< 2^25: launch_plan checks the channel groups)
   int valid;   // channels of the vector inside [0, C) (<= 0: idle lane)
 };
 
@@ -69,7 +84,7 @@ MNET_DEVICE Lane lane_of(const DwParams& p, const TilePlan& t) {
   Lane l;
   l.lane = threadIdx.x % t.lg.lanes;
   l.walker = threadIdx.x / t.lg.lanes;
-  l.c0 = lane_c0(t, blockIdx.y, l.lane);
+  l.c0 = (int)lane_c0(t, blockIdx.y, l.lane);
   const int64_t left = p.C - l.c0;
   l.valid = left <= 0 || l.walker >= t.lg.walkers ? 0 : (left < t.V ? (int)left : t.V);
   return l;
@@ -83,7 +98,7 @@ struct StripPos {
 
 MNET_DEVICE StripPos strip_pos(const DwParams& p, const TilePlan& t, int64_t s) {
   uint32_t n, oh, ow0;
-  strip_origin<uint32_t>(t, (uint32_t)p.Ho, (uint32_t)s, n, oh, ow0);
+  strip_origin(t, (uint32_t)s, n, oh, ow0);
   const int rest = (int)p.Wo - (int)ow0, left = t.sg.out_step == 2 ? (rest + 1) >> 1 : rest;
   return {(int64_t)n, (int)oh, (int)ow0, left < t.TW ? left : t.TW};
 }
@@ -107,103 +122,138 @@ MNET_DEVICE void load_shared(const float* src, float (&out)[V]) {
   }
 }
 
-// z of one strip: acc[m][v] = sum over taps of w[tap][c0 + v] * x[n, c0 + v, ih, iw] (fp32, zero padding).
-// `wsh`: this lane's weights in shared memory ([K*K][cb] rows, already offset by lane * V).
-template <typename T, int K, int J, int TW, int V, bool FULL>
-MNET_DEVICE void conv_strip(const DwParams& p, const T* __restrict__ x, const Lane& l, const StripPos& sp,
-                            const float* wsh, int cb, float (&acc)[TW][V]) {
+// a * b for 32-bit a, b as one widening multiply (nvcc emits a full 64 x 64 product for int64 * int).
+MNET_DEVICE int64_t mul_wide(int a, int b) {
+  int64_t r;
+  asm("mul.wide.s32 %0, %1, %2;" : "=l"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+// One input row of a strip's register window: loads the NCOL input vectors at row + j * col (zero where bit j of
+// `cols` is clear: padding) one at a time and calls f(m, kw, xv) for every output m of the strip that reads
+// column j through kernel column kw (j = J * m + kw). m and kw are compile-time after unrolling, so the callers'
+// register arrays stay in registers. Shared by the conv (conv_strip) and the backward apply's dweight pass.
+template <typename T, int K, int J, int TW, int V, bool FULL, typename F>
+MNET_DEVICE void window_row(const T* row, int col, uint32_t cols, int valid, F&& f) {
   constexpr int NCOL = strip_cols(J, TW, K);
-  const int in_step = J == 2 ? 1 : p.dilation;
-  const int ih0 = sp.oh * p.stride - p.pad, iw0 = sp.ow0 * p.stride - p.pad;
-  const T* xn = x + sp.n * p.xs.n + l.c0 * p.xs.c;
-  const int64_t col = (int64_t)in_step * p.xs.w;
 #pragma unroll
-  for (int m = 0; m < TW; ++m)
+  for (int j = 0; j < NCOL; ++j) {
+    float xv[V];
+    load_vec<T, V, FULL>(row + j * col, (cols >> j) & 1u, valid, xv);
 #pragma unroll
-    for (int v = 0; v < V; ++v) acc[m][v] = 0.0f;
-#pragma unroll 1
-  for (int kh = 0; kh < K; ++kh) {
-    const int ih = ih0 + kh * p.dilation;
-    if ((unsigned)ih >= (unsigned)p.H) continue;
-    float w[K][V];
-#pragma unroll
-    for (int kw = 0; kw < K; ++kw) load_shared<V>(wsh + (kh * K + kw) * cb, w[kw]);
-    const T* row = xn + ih * p.xs.h + iw0 * p.xs.w;
-#pragma unroll
-    for (int j = 0; j < NCOL; ++j) {
-      const bool in = (unsigned)(iw0 + j * in_step) < (unsigned)p.W;
-      float xv[V];
-      load_vec<T, V, FULL>(row + j * col, in, l.valid, xv);
-#pragma unroll
-      for (int kw = 0; kw < K; ++kw) {
-        if (j < kw || (j - kw) % J != 0 || (j - kw) / J >= TW) continue;
-        const int m = (j - kw) / J;
-#pragma unroll
-        for (int v = 0; v < V; ++v) acc[m][v] = fmaf(w[kw][v], xv[v], acc[m][v]);
-      }
+    for (int kw = 0; kw < K; ++kw) {
+      if (j < kw || (j - kw) % J != 0 || (j - kw) / J >= TW) continue;
+      f((j - kw) / J, kw, xv);
     }
   }
 }
 
-MNET_DEVICE int64_t out_offset(const Strides4& s, const StripPos& sp, int m, int out_step, int64_t c0) {
-  return sp.n * s.n + (int64_t)sp.oh * s.h + (int64_t)(sp.ow0 + m * out_step) * s.w + c0 * s.c;
+// acc (+)= the products of one kernel row (weights wr: [K][V] of this lane). FIRST: the row initialises the sums
+// (output m's first product is its kw = 0 tap, the first the window walk reaches), so no zero fill.
+template <typename T, int K, int J, int TW, int V, bool FULL, bool FIRST>
+MNET_DEVICE void conv_row(const T* row, int col, uint32_t cols, int valid, const float* wr, float (&acc)[TW][V]) {
+  float w[K][V];
+#pragma unroll
+  for (int kw = 0; kw < K; ++kw) load_shared<V>(wr + kw * V, w[kw]);
+  window_row<T, K, J, TW, V, FULL>(row, col, cols, valid, [&](int m, int kw, const float(&xv)[V]) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[m][v] = FIRST && kw == 0 ? w[kw][v] * xv[v] : fmaf(w[kw][v], xv[v], acc[m][v]);
+  });
+}
+
+// z of one strip: acc[m][v] = sum over taps of w[tap][c0 + v] * x[n, c0 + v, ih, iw] (fp32, zero padding).
+// `xl`: x at this lane's first channel (x + c0 * xs.c); `wl`: this lane's weights in shared memory ([K*K][V]). Kernel row 0 is peeled (it initialises the sums; zeros above the image), the
+// other K - 1 rows run as a runtime loop. Addresses: a row pointer stepped by kernel rows, 32-bit row and column
+// strides (launch_plan checks them).
+template <typename T, int K, int J, int TW, int V, bool FULL>
+MNET_DEVICE void conv_strip(const DwParams& p, const T* __restrict__ xl, const Lane& l, const StripPos& sp,
+                            const float* wl, float (&acc)[TW][V]) {
+  constexpr int NCOL = strip_cols(J, TW, K);
+  const int in_step = J == 2 ? 1 : p.dilation;
+  const int ih0 = sp.oh * p.stride - p.pad, iw0 = sp.ow0 * p.stride - p.pad;
+  const uint32_t cols = column_mask(iw0, in_step, (int)p.W, NCOL);
+  const int col = in_step * (int)p.xs.w, rstep = p.dilation * (int)p.xs.h;
+  const T* row = xl + sp.n * p.xs.n + mul_wide(ih0, (int)p.xs.h) + mul_wide(iw0, (int)p.xs.w);
+  if ((unsigned)ih0 < (unsigned)p.H) {
+    conv_row<T, K, J, TW, V, FULL, true>(row, col, cols, l.valid, wl, acc);
+  } else {
+#pragma unroll
+    for (int m = 0; m < TW; ++m)
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[m][v] = 0.0f;
+  }
+#pragma unroll 1
+  for (int kh = 1, ih = ih0 + p.dilation; kh < K; ++kh, ih += p.dilation) {
+    row += rstep;
+    wl += K * V;
+    if ((unsigned)ih < (unsigned)p.H) conv_row<T, K, J, TW, V, FULL, false>(row, col, cols, l.valid, wl, acc);
+  }
+}
+
+// Element offset of output m of a strip (32-bit row and column strides: launch_plan checks them).
+MNET_DEVICE int64_t out_offset(const Strides4& s, const StripPos& sp, int m, int out_step, int c0) {
+  return sp.n * s.n + mul_wide(sp.oh, (int)s.h) + mul_wide(sp.ow0 + m * out_step, (int)s.w) + mul_wide(c0, (int)s.c);
 }
 
 // =======================================================================================================
 // forward: y = act(z * scale + shift)
 // =======================================================================================================
+// y: the strip's first output (out_offset), step: between its outputs; count: outputs inside the row.
 template <Act A, typename T, int TW, int V, bool FULL>
-MNET_DEVICE void fwd_epilogue(const DwParams& p, const TilePlan& t, const Lane& l, const StripPos& sp,
-                              const float* scale, const float* shift, const float (&acc)[TW][V]) {
-  T* __restrict__ y = static_cast<T*>(p.y);
+MNET_DEVICE void fwd_epilogue(T* __restrict__ y, int step, int count, int valid, const float* scale,
+                              const float* shift, const float (&acc)[TW][V]) {
 #pragma unroll
   for (int m = 0; m < TW; ++m) {
-    if (m >= sp.count) break;
+    if (m >= count) break;
     float out[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) out[v] = act_fwd<A>(fmaf(acc[m][v], scale[v], shift[v]));
-    store_vec<T, V, FULL>(y + out_offset(p.ys, sp, m, t.sg.out_step, l.c0), l.valid, out);
+    store_vec<T, V, FULL>(y + m * step, valid, out);
   }
 }
 
-template <typename T, int K, int J, bool CL, bool FULL>
-__global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const DwParams p, const TilePlan t) {
-  constexpr int V = Tile<T, CL, J>::V, TW = Tile<T, CL, J>::TW;
+// The strip kernels' template parameter TW: the plan's strip width (tile.h: strip_tile_width, t.TW; launch_strips
+// picks it); wide strips (strip_wide) run in blocks of half the threads.
+template <typename T, int K, int J, bool CL, bool FULL, int TW>
+__global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
+    fwd_kernel(const DwParams p, const TilePlan t) {
+  constexpr int V = tile_vec((int)sizeof(T), CL);
   extern __shared__ float sh[];
   const Lane l = lane_of(p, t);
-  stage_params<T, K>(p, t, sh, p.mean, p.invstd, p.gamma, p.beta);
+  stage_params<T, K, V, true>(p, t, sh, p.mean, p.invstd, p.gamma, p.beta);
   if (l.valid <= 0) return;
-  const float* shv = sh + K * K * t.cb + l.lane * V;
-  for (int64_t s = (int64_t)blockIdx.x * t.lg.walkers + l.walker; s < t.strips;
-       s += (int64_t)gridDim.x * t.lg.walkers) {
+  constexpr int WL = weight_lane_floats(K, V);
+  const float* shv = sh + t.lg.lanes * WL + l.lane * 2 * V;  // scale, shift
+  const T* xl = static_cast<const T*>(p.x) + mul_wide(l.c0, (int)p.xs.c);
+  const int ystep = t.sg.out_step * (int)p.ys.w;
+  // 32-bit strip index: launch_plan checks strips < 2^31, and index + step stays below 2^32.
+  const uint32_t strips = (uint32_t)t.strips, step = gridDim.x * (uint32_t)t.lg.walkers;
+  for (uint32_t s = blockIdx.x * (uint32_t)t.lg.walkers + l.walker; s < strips; s += step) {
     const StripPos sp = strip_pos(p, t, s);
+    T* y = static_cast<T*>(p.y) + out_offset(p.ys, sp, 0, t.sg.out_step, l.c0);  // before the conv: fewer live values
+    const int count = sp.count;
     float acc[TW][V];
-    conv_strip<T, K, J, TW, V, FULL>(p, static_cast<const T*>(p.x), l, sp, sh + l.lane * V, t.cb, acc);
-    float scale[V], shift[V], mean[V], invstd[V], gamma[V], beta[V];
-    load_shared<V>(shv, mean);
-    load_shared<V>(shv + t.cb, invstd);
-    load_shared<V>(shv + 2 * t.cb, gamma);
-    load_shared<V>(shv + 3 * t.cb, beta);
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const BnFold f = bn_fold(mean[v], invstd[v], gamma[v], beta[v]);
-      scale[v] = f.scale;
-      shift[v] = f.shift;
-    }
-    MNET_DISPATCH_CONV_ACT(p.act, A, [&] { fwd_epilogue<A, T, TW, V, FULL>(p, t, l, sp, scale, shift, acc); });
+    conv_strip<T, K, J, TW, V, FULL>(p, xl, l, sp, sh + l.lane * weight_lane_floats(K, V), acc);
+    float scale[V], shift[V];
+    load_shared<V>(shv, scale);
+    load_shared<V>(shv + V, shift);
+    MNET_DISPATCH_CONV_ACT(p.act, A, [&] {
+      fwd_epilogue<A, T, TW, V, FULL>(y, ystep, count, l.valid, scale, shift, acc);
+    });
   }
 }
 
 // =======================================================================================================
 // statistics: per (chunk, channel) Welford partials -> work[(j * nchunks + chunk) * C + c], j = count, mean, m2
 // =======================================================================================================
-template <typename T, int K, int J, bool CL, bool FULL>
-__global__ void __launch_bounds__(kThreads, 2) stats_partial_kernel(const DwParams p, const TilePlan t) {
-  constexpr int V = Tile<T, CL, J>::V, TW = Tile<T, CL, J>::TW;
+template <typename T, int K, int J, bool CL, bool FULL, int TW>
+__global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
+    stats_partial_kernel(const DwParams p, const TilePlan t) {
+  constexpr int V = tile_vec((int)sizeof(T), CL);
   extern __shared__ float sh[];
   __shared__ Welford tree[kThreads];
   const Lane l = lane_of(p, t);
-  stage_params<T, K>(p, t, sh);
+  stage_params<T, K, V>(p, t, sh);
   int64_t begin, end;
   chunk_range(t.strips, t.nchunks, blockIdx.x, begin, end);
   // Running (count, mean, M2) per channel; the count is the same for the V channels of a lane (one register).
@@ -211,10 +261,11 @@ __global__ void __launch_bounds__(kThreads, 2) stats_partial_kernel(const DwPara
 #pragma unroll
   for (int v = 0; v < V; ++v) mean[v] = m2[v] = 0.0f;
   if (l.valid > 0) {
-    for (int64_t s = begin + l.walker; s < end; s += t.lg.walkers) {
+    const T* xl = static_cast<const T*>(p.x) + mul_wide(l.c0, (int)p.xs.c);
+    for (uint32_t s = (uint32_t)begin + l.walker; s < (uint32_t)end; s += t.lg.walkers) {  // < 2^31: launch_plan
       const StripPos sp = strip_pos(p, t, s);
       float z[TW][V];
-      conv_strip<T, K, J, TW, V, FULL>(p, static_cast<const T*>(p.x), l, sp, sh + l.lane * V, t.cb, z);
+      conv_strip<T, K, J, TW, V, FULL>(p, xl, l, sp, sh + l.lane * weight_lane_floats(K, V), z);
       // The strip's own mean and M2 in two passes over registers, then one Chan combine (welford_combine's
       // arithmetic, with the division shared by the V channels).
       const float cnt = (float)sp.count, inv = 1.0f / cnt, total = count + cnt, fb = cnt / total;
@@ -260,7 +311,7 @@ struct Sum2 {
 
 template <Act A, typename T, int TW, int V, bool FULL>
 MNET_DEVICE void reduce_epilogue(const DwParams& p, const TilePlan& t, const Lane& l, const StripPos& sp,
-                                 const float* shv, int cb, const float (&z)[TW][V], Sum2 (&acc)[V]) {
+                                 const float* shv, const float (&z)[TW][V], Sum2 (&acc)[V]) {
   const T* __restrict__ gy = static_cast<const T*>(p.grad_y);
 #pragma unroll
   for (int m = 0; m < TW; ++m) {
@@ -269,33 +320,35 @@ MNET_DEVICE void reduce_epilogue(const DwParams& p, const TilePlan& t, const Lan
     load_vec<T, V, FULL>(gy + out_offset(p.gs, sp, m, t.sg.out_step, l.c0), true, l.valid, g);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
-      const float xhat = (z[m][v] - shv[v]) * shv[cb + v];
-      const float gv = act_bwd<A>(fmaf(xhat, shv[2 * cb + v], shv[3 * cb + v]), g[v]);
+      const float xhat = (z[m][v] - shv[v]) * shv[V + v];  // shv: mean, invstd, gamma, beta of this lane
+      const float gv = act_bwd<A>(fmaf(xhat, shv[2 * V + v], shv[3 * V + v]), g[v]);
       acc[v].a += gv;
       acc[v].b = fmaf(gv, xhat, acc[v].b);
     }
   }
 }
 
-template <typename T, int K, int J, bool CL, bool FULL>
-__global__ void __launch_bounds__(kThreads, 2) bwd_reduce_partial_kernel(const DwParams p, const TilePlan t) {
-  constexpr int V = Tile<T, CL, J>::V, TW = Tile<T, CL, J>::TW;
+template <typename T, int K, int J, bool CL, bool FULL, int TW>
+__global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
+    bwd_reduce_partial_kernel(const DwParams p, const TilePlan t) {
+  constexpr int V = tile_vec((int)sizeof(T), CL);
   extern __shared__ float sh[];
   __shared__ Sum2 tree[kThreads];
   const Lane l = lane_of(p, t);
-  stage_params<T, K>(p, t, sh, p.mean, p.invstd, p.gamma, p.beta);
+  stage_params<T, K, V>(p, t, sh, p.mean, p.invstd, p.gamma, p.beta);
   int64_t begin, end;
   chunk_range(t.strips, t.nchunks, blockIdx.x, begin, end);
   Sum2 acc[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) acc[v] = Sum2{0.0f, 0.0f};
   if (l.valid > 0) {
-    const float* shv = sh + K * K * t.cb + l.lane * V;
-    for (int64_t s = begin + l.walker; s < end; s += t.lg.walkers) {
+    const float* shv = sh + t.lg.lanes * weight_lane_floats(K, V) + l.lane * 4 * V;
+    const T* xl = static_cast<const T*>(p.x) + mul_wide(l.c0, (int)p.xs.c);
+    for (uint32_t s = (uint32_t)begin + l.walker; s < (uint32_t)end; s += t.lg.walkers) {  // < 2^31: launch_plan
       const StripPos sp = strip_pos(p, t, s);
       float z[TW][V];
-      conv_strip<T, K, J, TW, V, FULL>(p, static_cast<const T*>(p.x), l, sp, sh + l.lane * V, t.cb, z);
-      MNET_DISPATCH_CONV_ACT(p.act, A, [&] { reduce_epilogue<A, T, TW, V, FULL>(p, t, l, sp, shv, t.cb, z, acc); });
+      conv_strip<T, K, J, TW, V, FULL>(p, xl, l, sp, sh + l.lane * weight_lane_floats(K, V), z);
+      MNET_DISPATCH_CONV_ACT(p.act, A, [&] { reduce_epilogue<A, T, TW, V, FULL>(p, t, l, sp, shv, z, acc); });
     }
   }
   const int64_t nc = t.nchunks * p.C;
@@ -338,7 +391,8 @@ MNET_HD constexpr int ilog2(int v) { return v <= 1 ? 0 : 1 + ilog2(v >> 1); }
 // Shared memory of bwd_apply_kernel in floats: the dz tile, each thread's dweight sums, the parameters.
 MNET_HD int64_t bwd_apply_tile_floats(const DwParams& p, const BandPlan& b) { return (int64_t)b.dz_rows * p.Wo * b.cb; }
 MNET_HD int64_t bwd_apply_smem_floats(const DwParams& p, const BandPlan& b) {
-  return bwd_apply_tile_floats(p, b) + (int64_t)kThreads * p.k * b.V + (int64_t)(p.k * p.k + 6) * b.cb;
+  return bwd_apply_tile_floats(p, b) + (int64_t)kThreads * p.k * b.V + (int64_t)b.lanes * weight_lane_floats(p.k, b.V) +
+         6 * (int64_t)b.cb;
 }
 
 template <Act A, typename T, int TW, int V, bool FULL>
@@ -370,14 +424,16 @@ MNET_DEVICE void dz_epilogue(const DwParams& p, const StripGeom& sg, const Lane&
 }
 
 template <typename T, int K, int J, bool CL, bool FULL>
-__global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p, const TilePlan t, const BandPlan b) {
-  constexpr int V = Tile<T, CL, J>::V, TW = Tile<T, CL, J>::TW, KK = K * K, NCOL = strip_cols(J, TW, K);
+__global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p, const BandPlan b) {
+  constexpr int V = tile_vec((int)sizeof(T), CL), TW = narrow_tile_width(CL, J), KK = K * K;
+  constexpr int NCOL = strip_cols(J, TW, K);
   extern __shared__ float sh[];
   const int cb = b.cb, lanes = b.lanes, lshift = ilog2(b.lanes);
   float* dzt = sh;                               // [dz_rows][Wo][cb]
   float* dws = sh + bwd_apply_tile_floats(p, b);  // [walker][kh][kw][cb] dweight sums, one slot per thread
-  float* wsh = dws + kThreads * K * V;            // [KK][cb] weights, then [6][cb]
-  const float* shv0 = wsh + KK * cb;
+  constexpr int WL = weight_lane_floats(K, V);
+  float* wsh = dws + kThreads * K * V;            // [lane][WL] weights (stage_params' layout), then [6][cb]
+  float* shv0 = wsh + lanes * WL;
   {
     const int64_t cbase = (int64_t)blockIdx.y * cb;
     const T* __restrict__ w = static_cast<const T*>(p.weight);
@@ -385,10 +441,11 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
     for (int cl = threadIdx.x; cl < cb; cl += blockDim.x) {
       const int64_t c = cbase + cl;
       const bool in = c < p.C;
+      const int lane = cl / V, v = cl - lane * V;
 #pragma unroll
-      for (int r = 0; r < KK; ++r) wsh[r * cb + cl] = in ? to_f(w[c * KK + r]) : 0.0f;
+      for (int r = 0; r < KK; ++r) wsh[lane * WL + r * V + v] = in ? to_f(w[c * KK + r]) : 0.0f;
 #pragma unroll
-      for (int r = 0; r < 6; ++r) wsh[(KK + r) * cb + cl] = in ? vecs[r][c] : 0.0f;
+      for (int r = 0; r < 6; ++r) shv0[r * cb + cl] = in ? vecs[r][c] : 0.0f;
     }
   }
   // Phase-2 role of this thread (dweight): lane, kernel row, walker.
@@ -397,7 +454,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
   Lane l3;
   l3.lane = lane3;
   l3.walker = w3;
-  l3.c0 = ((int64_t)blockIdx.y * lanes + lane3) * V;
+  l3.c0 = ((int)blockIdx.y * lanes + lane3) * V;
   l3.valid = (int)(p.C - l3.c0 < V ? p.C - l3.c0 : V);
   float* myslot = dws + (int64_t)(w3 * K + kh3) * K * cb + lane3 * V;  // [kw][cb] of this thread
   if (w3 < walkers3)
@@ -406,33 +463,37 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
 #pragma unroll
       for (int v = 0; v < V; ++v) myslot[kw * cb + v] = 0.0f;
   const T* __restrict__ x = static_cast<const T*>(p.x);
-  const int64_t Wo = p.Wo, per_row = t.sg.per_row;
+  const StripGeom& sg = b.sg;
+  const int64_t Wo = p.Wo, per_row = sg.per_row;
   __syncthreads();
 
   for (int64_t item = blockIdx.x; item < p.N * b.bands; item += gridDim.x) {
     const int64_t n = item / b.bands;
     const BandRows br = band_rows(p, item - n * b.bands, b.rows);
     // 1. dz of rows [r0, r1)
-    const int64_t items1 = ((br.r1 - br.r0) * per_row) << lshift;
-    for (int64_t it = threadIdx.x; it < items1; it += blockDim.x) {
+    // Item counts per band stay below 2^31 (a band's rows x its row's strips or pixels x 8 lanes; check_bands):
+    // 32-bit items, rows by the band plan's multiply-high divisors (tile.h; check_bands runs them on the host). The
+    // dweight loop keeps its int64 division: 32-bit there left ptxas spilling 112 B at K = 7 in fp16.
+    const uint32_t items1 = (uint32_t)(((br.r1 - br.r0) * per_row) << lshift);
+    for (uint32_t it = threadIdx.x; it < items1; it += blockDim.x) {
       Lane l;
       l.lane = (int)(it & (lanes - 1));
       l.walker = 0;
-      l.c0 = ((int64_t)blockIdx.y * lanes + l.lane) * V;
+      l.c0 = ((int)blockIdx.y * lanes + l.lane) * V;
       l.valid = (int)(p.C - l.c0 < V ? p.C - l.c0 : V);
-      const int64_t q = it >> lshift, r = q / per_row;
+      const uint32_t q = it >> lshift, r = div_of(b.per_row, q);
       StripPos sp;
       sp.n = n;
       sp.oh = (int)(br.r0 + r);
-      sp.ow0 = (int)strip_ow0(t.sg, q - r * per_row, TW);
-      const int rest = (int)Wo - sp.ow0, left = t.sg.out_step == 2 ? (rest + 1) >> 1 : rest;
+      sp.ow0 = (int)strip_ow0(sg, q - r * b.per_row.d, TW);
+      const int rest = (int)Wo - sp.ow0, left = sg.out_step == 2 ? (rest + 1) >> 1 : rest;
       sp.count = left < TW ? left : TW;
       float* dzrow = dzt + r * Wo * cb + l.lane * V;
       if (l.valid <= 0 || sp.count <= 0) continue;
       float z[TW][V];
-      conv_strip<T, K, J, TW, V, FULL>(p, x, l, sp, wsh + l.lane * V, cb, z);
+      conv_strip<T, K, J, TW, V, FULL>(p, x + mul_wide(l.c0, (int)p.xs.c), l, sp, wsh + l.lane * WL, z);
       MNET_DISPATCH_CONV_ACT(p.act, A, [&] {
-        dz_epilogue<A, T, TW, V, FULL>(p, t.sg, l, sp, shv0 + l.lane * V, cb, z, dzrow);
+        dz_epilogue<A, T, TW, V, FULL>(p, sg, l, sp, shv0 + l.lane * V, cb, z, dzrow);
       });
     }
     __syncthreads();
@@ -449,14 +510,14 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
         const int oh = (int)(br.ob0 + r);
         const int ih = oh * p.stride - p.pad + kh3 * p.dilation;
         if ((unsigned)ih >= (unsigned)p.H) continue;
-        const int ow0 = (int)strip_ow0(t.sg, st - r * per_row, TW);
-        const int rest = (int)Wo - ow0, left = t.sg.out_step == 2 ? (rest + 1) >> 1 : rest;
+        const int ow0 = (int)strip_ow0(sg, st - r * per_row, TW);
+        const int rest = (int)Wo - ow0, left = sg.out_step == 2 ? (rest + 1) >> 1 : rest;
         const int count = left < TW ? left : TW;
         const float* dzr = dzt + (oh - br.r0) * Wo * cb + lane3 * V;
         float dz[TW][V];
 #pragma unroll
         for (int m = 0; m < TW; ++m) {
-          load_shared<V>(dzr + (int64_t)(ow0 + m * t.sg.out_step) * cb, dz[m]);
+          load_shared<V>(dzr + (int64_t)(ow0 + m * sg.out_step) * cb, dz[m]);
 #pragma unroll
           for (int v = 0; v < V; ++v) dz[m][v] = m < count ? dz[m][v] : 0.0f;  // past Wo: another row's dz
         }
@@ -483,14 +544,14 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
         for (int v = 0; v < V; ++v) myslot[kw * cb + v] += dwacc[kw][v];
     }
     // 3. dx of input rows [ib0, ib1): gather dz over the taps that read each pixel
-    const int64_t items2 = ((br.ib1 - br.ib0) * p.W) << lshift;
-    for (int64_t it = threadIdx.x; it < items2; it += blockDim.x) {
+    const uint32_t items2 = (uint32_t)(((br.ib1 - br.ib0) * p.W) << lshift);
+    for (uint32_t it = threadIdx.x; it < items2; it += blockDim.x) {
       const int lane = (int)(it & (lanes - 1));
       const int64_t c0 = ((int64_t)blockIdx.y * lanes + lane) * V;
       const int valid = (int)(p.C - c0 < V ? p.C - c0 : V);
       if (valid <= 0) continue;
-      const int64_t q = it >> lshift, rr = q / p.W;
-      const int ih = (int)(br.ib0 + rr), iw = (int)(q - rr * p.W);
+      const uint32_t q = it >> lshift, rr = div_of(b.w, q);
+      const int ih = (int)(br.ib0 + rr), iw = (int)(q - rr * b.w.d);
       float acc[V];
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[v] = 0.0f;
@@ -509,7 +570,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
           if (ow >= Wo) continue;
           float d[V], w[V];
           load_shared<V>(dzr + (int64_t)ow * cb, d);
-          load_shared<V>(wsh + (kh * K + kw) * cb + lane * V, w);
+          load_shared<V>(wsh + lane * WL + (kh * K + kw) * V, w);
 #pragma unroll
           for (int v = 0; v < V; ++v) acc[v] = fmaf(w[v], d[v], acc[v]);
         }
@@ -555,6 +616,18 @@ inline bool full_vectors(const DwParams& p, std::initializer_list<const void*> p
   return full_vectors<T>(p.channels_last, p.C, ptrs);
 }
 
+// conv_strip and out_offset step rows, columns and channels by 32-bit element strides (a window's span included).
+// Channel indices are ints (c0 * channel stride too).
+inline void check_strides(const DwParams& p, int TW) {
+  const int64_t span = (int64_t)strip_cols(2, TW, p.k) * 2 + 2 * (int64_t)p.k;
+  for (const int64_t st : {p.xs.h, p.xs.w, p.gs.h, p.gs.w, p.ys.h, p.ys.w})
+    if ((st < 0 ? -st : st) * span >= (int64_t(1) << 31))
+      throw std::runtime_error("mnet_ext: a row or column stride is too large for the CUDA kernels");
+  for (const int64_t st : {p.xs.c, p.gs.c, p.ys.c})
+    if ((st < 0 ? -st : st) * (p.C + 16) >= (int64_t(1) << 31))
+      throw std::runtime_error("mnet_ext: a channel stride is too large for the CUDA kernels");
+}
+
 inline TilePlan launch_plan(const DwParams& p, int elem_size) {
   const TilePlan t = tile_plan(p, elem_size, kThreads);
   if (t.strips >= (int64_t(1) << 31))
@@ -562,7 +635,26 @@ inline TilePlan launch_plan(const DwParams& p, int elem_size) {
                              ">= 2^31); split the batch");
   if (t.lg.groups > 65535)
     throw std::runtime_error("mnet_ext: too many channels for the CUDA kernels (more than 65535 channel groups)");
+  check_strides(p, t.TW);
   return t;
+}
+
+// Calls launch(std::integral_constant<int, TW>{}) with the strip width TW of plan t (tile.h: strip_tile_width),
+// instantiating only the widths this (layout, column pattern) can take.
+template <bool CL, int J, int K, typename F>
+inline void launch_strips(const TilePlan& t, F&& launch) {
+  const auto go = [&](auto tw) {
+    if (t.TW != decltype(tw)::value) throw std::logic_error("mnet_ext: strip width differs from the tile plan's");
+    launch(tw);
+  };
+  if constexpr (!strip_wide(CL)) {
+    go(std::integral_constant<int, narrow_tile_width(CL, J)>{});
+  } else if constexpr (long_strips(J, K)) {
+    if (t.TW == kLongTW) go(std::integral_constant<int, kLongTW>{});
+    else go(std::integral_constant<int, kWideTW>{});
+  } else {
+    go(std::integral_constant<int, kWideTW>{});
+  }
 }
 
 // Dynamic shared memory above the 48 KB default needs an opt-in per kernel.
@@ -572,11 +664,16 @@ inline void allow_smem(F kernel, size_t bytes) {
                                                               (int)bytes));
 }
 
-// fwd: blocks along the strips so that each thread walks about 4 strips (amortises the parameter staging).
-constexpr int64_t kStripsPerThread = 4;
+// fwd: blocks along the strips so that each thread walks 16, 8 or 4 strips: the most that leaves at least
+// kFwdMinBlocks blocks (a few waves of 2 blocks per SM), else 4 (amortises the parameter staging and prologue).
+constexpr int64_t kFwdMinBlocks = 1024;
 inline unsigned fwd_blocks(const TilePlan& t) {
-  const int64_t per_block = t.lg.walkers * kStripsPerThread;
-  return (unsigned)((t.strips + per_block - 1) / per_block);
+  int64_t blocks = 0;
+  for (int64_t per = 16; per >= 4; per >>= 1) {
+    blocks = (t.strips + t.lg.walkers * per - 1) / (t.lg.walkers * per);
+    if (blocks * t.lg.groups >= kFwdMinBlocks) break;
+  }
+  return (unsigned)blocks;
 }
 
 inline unsigned final_blocks(int64_t C) { return (unsigned)((C + kFinalLanes - 1) / kFinalLanes); }

@@ -22,6 +22,32 @@
 
 namespace mnet {
 
+// Unsigned division by a launch constant d >= 1 as a multiply-high, an add and a shift (the device's 32-bit
+// division is ~20 instructions): for n < 2^31, n / d = (umulhi(n, mul) + n) >> shift with shift = ceil(log2 d) and
+// mul = floor(2^32 (2^shift - d) / d) + 1 (the round-up method; umulhi(n, mul) <= n keeps the sum below 2^32).
+// The host twin's tile-plan check runs the same arithmetic on every strip it checks.
+struct FastDiv {
+  uint32_t d = 1, mul = 1, shift = 0;
+};
+
+MNET_HD FastDiv fast_div(uint32_t d) {
+  FastDiv f;
+  f.d = d;
+  f.shift = 0;
+  while (f.shift < 31 && (uint32_t(1) << f.shift) < d) ++f.shift;
+  f.mul = (uint32_t)((((uint64_t)1 << 32) * (((uint64_t)1 << f.shift) - d)) / d + 1);
+  return f;
+}
+
+MNET_HD uint32_t div_of(const FastDiv& f, uint32_t n) {
+#ifdef __CUDA_ARCH__
+  const uint32_t hi = __umulhi(n, f.mul);
+#else
+  const uint32_t hi = (uint32_t)(((uint64_t)n * f.mul) >> 32);
+#endif
+  return (hi + n) >> f.shift;
+}
+
 MNET_HD int strip_j(int stride, int dilation) { return stride == 2 && dilation == 1 ? 2 : 1; }
 
 // Input columns a strip of TW outputs reads (the register window).
@@ -48,6 +74,17 @@ MNET_HD StripGeom strip_geom(int64_t Wo, int stride, int dilation, int TW) {
 MNET_HD int64_t strip_ow0(const StripGeom& g, int64_t s, int TW) {
   const int64_t phase = s / g.per_phase, q = s - phase * g.per_phase;
   return phase + q * TW * g.out_step;
+}
+
+// Window columns inside [0, W) of a strip whose window starts at input column iw0: bit j for column
+// iw0 + j * in_step, in_step 1 or 2, ncol <= 31 columns. The same for every kernel row, so a row tests one bit per
+// column (zero padding where clear).
+MNET_HD uint32_t column_mask(int iw0, int in_step, int W, int ncol) {
+  const int sh = in_step == 2 ? 1 : 0;
+  const int lo = iw0 >= 0 ? 0 : (-iw0 + in_step - 1) >> sh;          // first j with iw0 + j * in_step >= 0
+  const int hi = W - iw0 <= 0 ? 0 : (W - iw0 + in_step - 1) >> sh;  // first j with iw0 + j * in_step >= W
+  const uint32_t below_hi = hi >= ncol ? (1u << ncol) - 1u : (1u << hi) - 1u;
+  return lo >= ncol ? 0u : below_hi & ~((1u << lo) - 1u);
 }
 
 // First input column of the strip's window.
@@ -102,27 +139,49 @@ MNET_HD void chunk_range(int64_t total, int64_t nchunks, int64_t chunk, int64_t&
 }
 
 // ---- the plan of one launch ---------------------------------------------------------------------------------
-// Channel vector width V and strip width TW per layout, element size and column pattern J: 16-byte vectors of
-// channels in channels_last (a strip of 4, or 2 at stride 2, whose window is 2 (TW - 1) + K columns wide: the
-// register budget of 2 blocks per SM); in NCHW one channel and a longer strip (consecutive threads read
-// consecutive strips of a row).
+// Channel vector width V and strip width TW per layout, element size, column pattern J and kernel size: 16-byte
+// vectors of channels in channels_last; in NCHW one channel and a strip of 8 (consecutive threads read consecutive
+// strips of a row). A strip kernel (fwd, stats, bwd_reduce) holds TW x V fp32 sums plus the K x V weights of one
+// kernel row in registers. In channels_last (strip_wide) its strips are wide, in blocks of half the threads (up to
+// 255 registers, still 2 blocks per SM): 14 outputs on rows of at least 14 up to K = 5 (an input vector then feeds
+// (14 + K - 1) / 14 outputs of a row, against (4 + K - 1) / 4 at 4; at K = 7 the reductions spill), else 7, and 7
+// at stride 2: MobileNet widths (112, 56, 28, 14, 7) leave no partial strip. NCHW and the backward apply (narrow_tile_width, within 128 registers
+// in blocks of 256: its dweight pass holds the strip's dz and K x V sums besides) take 4, or 2 at stride 2 (NCHW 8).
 MNET_HD constexpr int tile_vec(int elem_size, bool channels_last) { return channels_last ? 16 / elem_size : 1; }
-MNET_HD constexpr int tile_width(bool channels_last, int J) { return channels_last ? (J == 2 ? 2 : 4) : 8; }
+MNET_HD constexpr int narrow_tile_width(bool channels_last, int J) { return channels_last ? (J == 2 ? 2 : 4) : 8; }
+constexpr int kWideTW = 7, kLongTW = 14;  // wide strips; kLongTW on rows of at least that many outputs
+MNET_HD constexpr bool strip_wide(bool channels_last) { return channels_last; }
+MNET_HD constexpr bool long_strips(int J, int K) { return J == 1 && K <= 5; }
+MNET_HD constexpr int strip_tile_width(bool channels_last, int J, int K, int64_t Wo) {
+  return !strip_wide(channels_last) ? narrow_tile_width(channels_last, J)
+                                    : long_strips(J, K) && Wo >= kLongTW ? kLongTW : kWideTW;
+}
+// Threads of a block: `threads`, half of them for wide strips.
+MNET_HD constexpr int plan_threads(int threads, bool wide) { return wide ? threads / 2 : threads; }
 
 struct TilePlan {
   StripGeom sg;
   LaneGeom lg;
+  FastDiv per_row;      // divides by sg.per_row (strip -> (image, row))
+  FastDiv ho;           // divides by Ho
   int64_t strips = 0;   // N * Ho * per_row
   int64_t nchunks = 1;  // reduction chunks (grid.x of the reduction kernels)
   int V = 1, TW = 1;
+  bool wide = false;    // wide strips (strip_wide), in blocks of half the threads
   int cb = 1;           // channels per block: lanes * V (the shared-memory parameter rows)
 };
 
+// The strip kernels' plan; `threads`: the block size of narrow strips (wide ones take half).
 MNET_HD TilePlan tile_plan(const DwParams& p, int elem_size, int threads) {
   TilePlan t;
   t.V = tile_vec(elem_size, p.channels_last);
-  t.TW = tile_width(p.channels_last, strip_j(p.stride, p.dilation));
+  const int J = strip_j(p.stride, p.dilation);
+  t.wide = strip_wide(p.channels_last);
+  threads = plan_threads(threads, t.wide);
+  t.TW = strip_tile_width(p.channels_last, J, p.k, p.Wo);
   t.sg = strip_geom(p.Wo, p.stride, p.dilation, t.TW);
+  t.per_row = fast_div((uint32_t)t.sg.per_row);
+  t.ho = fast_div((uint32_t)p.Ho);
   t.lg = lane_geom(p.C, t.V, p.channels_last, threads);
   t.strips = p.N * p.Ho * t.sg.per_row;
   t.nchunks = reduction_chunks(t.strips, t.lg.walkers, t.lg.groups, 4);
@@ -165,6 +224,9 @@ struct BandPlan {
   int rows = 1;        // owned output rows per band
   int64_t bands = 1;   // bands per image
   int dz_rows = 1;     // rows of the dz tile
+  StripGeom sg;        // strips of the dz rows (width TW)
+  FastDiv per_row;     // divides by sg.per_row (dz items -> row)
+  FastDiv w;           // divides by W (dx items -> input row)
   int lanes = 1;       // channel vectors per block (a power of two <= 8)
   int64_t groups = 1;  // channel groups (grid.y)
   int64_t nchunks = 1; // blocks along (image, band) items: each walks items b, b + nchunks, ... (grid.x)
@@ -177,7 +239,10 @@ constexpr int64_t kBandTileBytes = 64 * 1024;
 MNET_HD BandPlan band_plan(const DwParams& p, int elem_size) {
   BandPlan b;
   b.V = tile_vec(elem_size, p.channels_last);
-  b.TW = tile_width(p.channels_last, strip_j(p.stride, p.dilation));
+  b.TW = narrow_tile_width(p.channels_last, strip_j(p.stride, p.dilation));
+  b.sg = strip_geom(p.Wo, p.stride, p.dilation, b.TW);
+  b.per_row = fast_div((uint32_t)b.sg.per_row);
+  b.w = fast_div((uint32_t)p.W);
   const int64_t vectors = (p.C + b.V - 1) / b.V;
   const int halo = band_dz_rows(0, p.k, p.stride, p.dilation);
   // Wide images: fewer lanes so that a band still holds >= 8 owned rows (less halo recomputed).
@@ -201,16 +266,15 @@ MNET_HD BandPlan band_plan(const DwParams& p, int elem_size) {
 // Channels [c0, c0 + count) of lane `lane` in channel group `group` (count <= 0: an idle lane).
 MNET_HD int64_t lane_c0(const TilePlan& t, int64_t group, int lane) { return (group * t.lg.lanes + lane) * t.V; }
 
-// Strip `s` (0 <= s < strips) -> image, output row and first output column. `I` = uint32_t on the device (the
-// launcher checks strips < 2^31, and a 32-bit division is a third of a 64-bit one), int64_t on the host.
-template <typename I>
-MNET_HD void strip_origin(const TilePlan& t, I Ho, I s, I& n, I& oh, I& ow0) {
-  const I per_row = (I)t.sg.per_row, per_phase = (I)t.sg.per_phase;
-  const I r = s / per_row, q = s - r * per_row;
-  const I phase = q >= per_phase ? (I)1 : (I)0;  // at most two phases (out_step <= 2)
-  ow0 = phase + (q - phase * per_phase) * (I)t.TW * (I)t.sg.out_step;
-  n = r / Ho;
-  oh = r - n * Ho;
+// Strip `s` (0 <= s < strips < 2^31: the launcher checks) -> image, output row and first output column, in 32-bit
+// unsigned arithmetic with the plan's precomputed divisors (the same code on the host twin's check and the device).
+MNET_HD void strip_origin(const TilePlan& t, uint32_t s, uint32_t& n, uint32_t& oh, uint32_t& ow0) {
+  const uint32_t per_phase = (uint32_t)t.sg.per_phase;
+  const uint32_t r = div_of(t.per_row, s), q = s - r * t.per_row.d;
+  const uint32_t phase = q >= per_phase ? 1u : 0u;  // at most two phases (out_step <= 2)
+  ow0 = phase + (q - phase * per_phase) * (uint32_t)t.TW * (uint32_t)t.sg.out_step;
+  n = div_of(t.ho, r);
+  oh = r - n * t.ho.d;
 }
 
 }  // namespace mnet

@@ -34,18 +34,20 @@ void check_bands(const DwParams& p, int elem_size) {
       }
   }
   if (next_o != p.Ho || next_i != p.H) plan_error("bands do not cover every row");
+  // The kernel's 32-bit item indices and multiply-high divisors (dz / dweight items by strips per row, dx items by W).
+  const int64_t most = (int64_t)b.dz_rows * (p.W > b.sg.per_row ? p.W : b.sg.per_row) * 8;
+  if (most >= (int64_t(1) << 31)) plan_error("a band's items need more than 31 bits");
+  for (uint32_t q = 0; q < (uint32_t)most; q += 1 + q / 64)
+    if (div_of(b.per_row, q) != q / b.sg.per_row || div_of(b.w, q) != q / p.W) plan_error("fast division differs");
   if (b.nchunks < 1 || b.nchunks > p.N * b.bands) plan_error("bad chunk count of the backward apply");
 }
 
-// counts: [N, C, Ho, Wo] (contiguous, zeroed): how many (strip, lane) work items of the plan write each output.
-// Every strip's register window must read exactly the input columns the convolution needs (else: an error), the
-// reduction chunks must partition the strips in order, and the backward apply's bands must pass check_bands.
-void dw_tile_coverage(const DwParams& p, int elem_size, int threads, int32_t* counts) {
-  check_bands(p, elem_size);
-  const LaneGeom lg = lane_geom(p.C, tile_vec(elem_size, p.channels_last), p.channels_last, threads);
-  if (lg.walkers < 1 || lg.lanes * lg.walkers > threads) plan_error("block shape does not fit the thread count");
-  const TilePlan t = tile_plan(p, elem_size, threads);
+// Adds to counts ([N, C, Ho, Wo]) the (strip, lane) work items of plan t that write each output; checks the
+// chunks, the fast divisions, each window's columns and padding mask against the convolution's.
+void cover(const DwParams& p, const TilePlan& t, int threads, int32_t* counts) {
   const int J = strip_j(p.stride, p.dilation);
+  if (t.lg.walkers < 1 || t.lg.lanes * t.lg.walkers > plan_threads(threads, t.wide))
+    plan_error("block shape does not fit the thread count");
   int64_t next = 0;
   for (int64_t c = 0; c < t.nchunks; ++c) {
     int64_t b, e;
@@ -54,10 +56,22 @@ void dw_tile_coverage(const DwParams& p, int elem_size, int threads, int32_t* co
     next = e > next ? e : next;
   }
   if (next != t.strips) plan_error("chunks do not cover every strip");
+  if (t.strips >= (int64_t(1) << 31)) plan_error("the strips need more than 31 bits");
+  const int ncol = strip_cols(J, t.TW, p.k);
+  if (ncol > 31) plan_error("the window is wider than the column mask");
   for (int64_t s = 0; s < t.strips; ++s) {
-    int64_t n, oh, ow0;
-    strip_origin<int64_t>(t, p.Ho, s, n, oh, ow0);
+    uint32_t n32, oh32, ow032;
+    strip_origin(t, (uint32_t)s, n32, oh32, ow032);
+    const int64_t n = n32, oh = oh32, ow0 = ow032;
+    // The precomputed divisors against plain division (the kernels rely on them for every strip).
+    const int64_t r = s / t.sg.per_row, q = s - r * t.sg.per_row;
+    if (n != r / p.Ho || oh != r % p.Ho || ow0 != strip_ow0(t.sg, q, t.TW)) plan_error("fast division differs");
     const int64_t iw0 = strip_iw0(ow0, p.stride, p.pad);
+    const uint32_t mask = column_mask((int)iw0, t.sg.in_step, (int)p.W, ncol);
+    for (int j = 0; j < ncol; ++j) {
+      const int64_t iw = iw0 + (int64_t)j * t.sg.in_step;
+      if (((mask >> j) & 1u) != (iw >= 0 && iw < p.W ? 1u : 0u)) plan_error("the column mask differs from the padding");
+    }
     for (int m = 0; m < t.TW; ++m) {
       const int64_t ow = ow0 + (int64_t)m * t.sg.out_step;
       if (ow >= p.Wo) break;
@@ -65,7 +79,7 @@ void dw_tile_coverage(const DwParams& p, int elem_size, int threads, int32_t* co
         const int64_t iw = iw0 + (int64_t)(J * m + kw) * t.sg.in_step;
         if (iw != in_coord(ow, kw, p.stride, p.dilation, p.pad)) plan_error("a window column differs from the conv's");
       }
-      if (J * m + p.k - 1 >= strip_cols(J, t.TW, p.k)) plan_error("a tap falls outside the register window");
+      if (J * m + p.k - 1 >= ncol) plan_error("a tap falls outside the register window");
       for (int64_t g = 0; g < t.lg.groups; ++g)
         for (int lane = 0; lane < t.lg.lanes; ++lane) {
           const int64_t c0 = lane_c0(t, g, lane);
@@ -73,6 +87,17 @@ void dw_tile_coverage(const DwParams& p, int elem_size, int threads, int32_t* co
         }
     }
   }
+}
+
+// counts: [N, C, Ho, Wo] (contiguous, zeroed): how many (strip, lane) work items of the strip kernels' plan write
+// each output. Every strip's register window must read exactly the input columns the convolution needs (else: an
+// error), the reduction chunks must partition the strips in order, and the backward apply's bands must pass
+// check_bands.
+void dw_tile_coverage(const DwParams& p, int elem_size, int threads, int32_t* counts) {
+  check_bands(p, elem_size);
+  const LaneGeom lg = lane_geom(p.C, tile_vec(elem_size, p.channels_last), p.channels_last, threads);
+  if (lg.walkers < 1 || lg.lanes * lg.walkers > threads) plan_error("block shape does not fit the thread count");
+  cover(p, tile_plan(p, elem_size, threads), threads, counts);
 }
 
 }  // namespace mnet
