@@ -47,9 +47,18 @@ def dwconv_bn_act(
     act: str,
     backend: str,
 ) -> Tensor:
+    return eval_forward(x, weight, mean, invstd, gamma, beta, stride, dilation, act, backend)
+
+
+def eval_forward(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, stride: int,
+                 dilation: int, act: str, backend: str) -> Tensor:
+    """The body of ``mnet_ext::dwconv_bn_act``; ``mnet_ext.functional`` calls it directly when autograd has nothing
+    to record (the op's dispatch costs more than a small layer's convolution on a CPU)."""
     if x.numel() == 0:
         return _like_output(x, weight, stride, dilation)
     impl, weight = load(backend), weight.contiguous()
+    if not torch.is_autocast_enabled(x.device.type):
+        return impl.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
     with torch.autocast(x.device.type, enabled=False):
         return impl.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
 

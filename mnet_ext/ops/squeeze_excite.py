@@ -21,14 +21,19 @@ from mnet_ext.ops._common import dense_like, new_output
 from mnet_ext.reference import acc_dtype, act_bwd, act_fwd
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call when it would return ``t`` itself (one call per SE layer and step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _excite(pooled: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: str, gate: str):
     """The two FCs on the pooled means, in their dtype (fp32; fp64 for fp64 inputs).
 
     Returns every intermediate the backward needs."""
     dt = pooled.dtype
-    a1 = torch.addmm(b1.to(dt), pooled, w1.to(dt).t())
+    a1 = torch.addmm(_as(b1, dt), pooled, _as(w1, dt).t())
     h = act_fwd(a1, act)
-    a2 = torch.addmm(b2.to(dt), h, w2.to(dt).t())
+    a2 = torch.addmm(_as(b2, dt), h, _as(w2, dt).t())
     return a1, h, a2, act_fwd(a2, gate)
 
 
@@ -43,14 +48,23 @@ def squeeze_excite(
     gate: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    return forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, backend)
+
+
+def forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor, act: str,
+            gate: str, backend: str) -> tuple[Tensor, Tensor]:
+    """The body of ``mnet_ext::squeeze_excite``; ``mnet_ext.functional`` calls it directly when autograd has nothing
+    to record (the op's dispatch costs more than a small SE layer on a CPU)."""
     if x.numel() == 0:
         pooled = x.to(acc_dtype(x.dtype)).mean(dim=(2, 3))
         return new_output(x, x.shape), pooled
     impl = load(backend)
+    if not torch.is_autocast_enabled(x.device.type):
+        pooled = impl.se_pool(x)
+        return impl.se_scale(x, _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)[-1]), pooled
     with torch.autocast(x.device.type, enabled=False):
         pooled = impl.se_pool(x)
-        s = _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)[-1]
-        return impl.se_scale(x, s), pooled
+        return impl.se_scale(x, _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)[-1]), pooled
 
 
 @torch.library.custom_op("mnet_ext::squeeze_excite_backward", mutates_args=())
