@@ -85,3 +85,20 @@ def test_narrower_isa_copies(backend, isa):
                          env={**os.environ, "MNET_EXT_CPU_ISA": isa}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]
+
+
+# SE (csrc/squeeze_excite/cpu.cpp): C across the 256-channel NHWC block (300 = 256 + 44), planes across the
+# 1024-element NCHW chunk with a rest below the 16 lanes (37 x 29 = 1073 = 67 x 16 + 1), a single pixel, batch 1.
+@pytest.mark.parametrize("shape", [(1, 300, 5, 3), (2, 7, 37, 29), (1, 3, 1, 1), (3, 20, 6, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_se_primitives_geometry(backend, shape, layout):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(sum(shape))
+    x, grad_y = (torch.randn(*shape, generator=g).contiguous(memory_format=fmt) + 1.0 for _ in range(2))
+    s, dpooled = torch.randn(2, *shape[:2], generator=g).unbind()
+    what = f"{shape} {layout}"
+    assert_matches_fp64_reference("se_pool", B.se_pool(x), (x,), what)
+    assert_matches_fp64_reference("se_scale", B.se_scale(x, s), (x, s), what)
+    assert_matches_fp64_reference("se_bwd_reduce", B.se_bwd_reduce(grad_y, x), (grad_y, x), what)
+    assert_matches_fp64_reference("se_bwd_apply", B.se_bwd_apply(grad_y, s, dpooled), (grad_y, s, dpooled), what)

@@ -1,9 +1,12 @@
-// Host twin of the squeeze_excite primitives. NCHW: one (n, c) plane per work item; NHWC: one image per work
-// item with the channel loop innermost. Per-(n, c) sums are formed in a fixed order (deterministic).
+// Host twin of the squeeze_excite primitives: two streaming passes (a per-(n, c) reduction; a per-(n, c) affine
+// map). The loops run over the contiguous axis (channels in NHWC, the flattened plane in NCHW) with no
+// dependence between iterations, so the compiler vectorises them; sums are formed in a fixed order that does not
+// depend on the thread count (deterministic).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common/dispatch.h"
@@ -16,82 +19,101 @@ inline int64_t off4(const Strides4& st, int64_t n, int64_t c, int64_t h, int64_t
   return n * st.n + c * st.c + h * st.h + w * st.w;
 }
 
-// out[n, c] = scale * sum_hw a * (b or 1). `a`'s layout picks the loop order; b is read through its strides.
+// NHWC channel block of one work item: its fp32 row sums stay in L1.
+constexpr int64_t kChanBlock = 256;
+// NCHW: lanes of independent fp32 partial sums over a flattened plane, flushed to double every kChunk elements.
+constexpr int kLanes = 16;
+constexpr int64_t kChunk = 1024;
+
+// out[n, c] = scale * sum_hw a * (b or 1). `a` and `b` are dense in the same layout (op.cpp makes them so).
+// NHWC: per (image, channel block), a fp32 sum per image row (pixels in order) added into double per channel.
+// NCHW: per plane, kLanes fp32 partial sums (element i into lane i % kLanes) per chunk, added into double.
 template <typename T, bool PROD>
 void reduce_impl(const SeParams& p, const T* a, const Strides4& as, const T* b, const Strides4& bs, float scale) {
-  const int64_t C = p.C, HW = p.H * p.W;
+  const int64_t C = p.C, H = p.H, W = p.W, HW = H * W;
   if (!p.channels_last) {
     at::parallel_for(0, p.N * C, 1, [&](int64_t beg, int64_t end) {
       for (int64_t nc = beg; nc < end; ++nc) {
         const int64_t n = nc / C, c = nc % C;
-        const T* ap = a + off4(as, n, c, 0, 0);
+        const T* __restrict ap = a + off4(as, n, c, 0, 0);
+        const T* __restrict bp = b + off4(bs, n, c, 0, 0);
         double acc = 0.0;
-        for (int64_t h = 0; h < p.H; ++h) {
-          float r = 0.0f;
-          for (int64_t w = 0; w < p.W; ++w) {
-            const float v = static_cast<float>(ap[h * p.W + w]);
-            r += PROD ? v * static_cast<float>(b[off4(bs, n, c, h, w)]) : v;
+        for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
+          const int64_t len = std::min(kChunk, HW - i0), full = len / kLanes * kLanes;
+          float lane[kLanes] = {};
+          for (int64_t i = i0; i < i0 + full; i += kLanes)
+            for (int j = 0; j < kLanes; ++j) {
+              const float v = static_cast<float>(ap[i + j]);
+              lane[j] += PROD ? v * static_cast<float>(bp[i + j]) : v;
+            }
+          for (int64_t i = i0 + full; i < i0 + len; ++i) {
+            const float v = static_cast<float>(ap[i]);
+            lane[i % kLanes] += PROD ? v * static_cast<float>(bp[i]) : v;
           }
-          acc += r;
+          for (int j = 0; j < kLanes; ++j) acc += lane[j];
         }
         p.out[nc] = (float)(acc * scale);
       }
     });
   } else {
-    at::parallel_for(0, p.N, 1, [&](int64_t beg, int64_t end) {
-      std::vector<float> r(C);
-      std::vector<double> acc(C);
-      for (int64_t n = beg; n < end; ++n) {
-        std::fill(acc.begin(), acc.end(), 0.0);
-        for (int64_t h = 0; h < p.H; ++h) {
-          std::fill(r.begin(), r.end(), 0.0f);
-          for (int64_t w = 0; w < p.W; ++w) {
-            const T* av = a + off4(as, n, 0, h, w);
-            if (PROD) {
-              const T* bv = b + off4(bs, n, 0, h, w);
-              for (int64_t c = 0; c < C; ++c) r[c] += static_cast<float>(av[c]) * static_cast<float>(bv[c * bs.c]);
-            } else {
-              for (int64_t c = 0; c < C; ++c) r[c] += static_cast<float>(av[c]);
+    const int64_t nb = (C + kChanBlock - 1) / kChanBlock;
+    at::parallel_for(0, p.N * nb, 1, [&](int64_t beg, int64_t end) {
+      float r[kChanBlock];
+      double acc[kChanBlock];
+      for (int64_t item = beg; item < end; ++item) {
+        const int64_t n = item / nb, c0 = item % nb * kChanBlock, cn = std::min(kChanBlock, C - c0);
+        std::fill(acc, acc + cn, 0.0);
+        for (int64_t h = 0; h < H; ++h) {
+          std::fill(r, r + cn, 0.0f);
+          const T* __restrict av = a + off4(as, n, c0, h, 0);
+          const T* __restrict bv = b + off4(bs, n, c0, h, 0);
+          for (int64_t w = 0; w < W; ++w, av += C, bv += C)
+            for (int64_t c = 0; c < cn; ++c) {
+              const float v = static_cast<float>(av[c]);
+              r[c] += PROD ? v * static_cast<float>(bv[c]) : v;
             }
-          }
-          for (int64_t c = 0; c < C; ++c) acc[c] += r[c];
+          for (int64_t c = 0; c < cn; ++c) acc[c] += r[c];
         }
-        for (int64_t c = 0; c < C; ++c) p.out[n * C + c] = (float)(acc[c] * scale);
+        for (int64_t c = 0; c < cn; ++c) p.out[n * C + c0 + c] = (float)(acc[c] * scale);
       }
     });
   }
-  (void)HW;
 }
 
-// y[n, c, h, w] = a * s[n, c] + t[n, c] (t optional), y in `ys` layout; a read through `as`.
+// y[n, c, h, w] = a * s[n, c] + t[n, c] / tdiv (t optional); a dense in y's layout.
 template <typename T>
 void affine_impl(const SeParams& p, const T* a, const Strides4& as, const float* s, const float* t, float tdiv) {
   T* y = static_cast<T*>(p.y);
-  const int64_t C = p.C;
+  const int64_t C = p.C, HW = p.H * p.W;
   if (!p.channels_last) {
-    at::parallel_for(0, p.N * C, 1, [&](int64_t beg, int64_t end) {
+    // ~16k elements per task at least: small planes do not pay a thread wake-up each
+    const int64_t grain = std::max<int64_t>(1, 16384 / HW);
+    at::parallel_for(0, p.N * C, grain, [&](int64_t beg, int64_t end) {
       for (int64_t nc = beg; nc < end; ++nc) {
         const int64_t n = nc / C, c = nc % C;
         const float sv = s[nc], tv = t ? t[nc] / tdiv : 0.0f;
-        const T* ap = a + off4(as, n, c, 0, 0);
-        T* yp = y + off4(p.ys, n, c, 0, 0);
-        const int64_t HW = p.H * p.W;
+        const T* __restrict ap = a + off4(as, n, c, 0, 0);
+        T* __restrict yp = y + off4(p.ys, n, c, 0, 0);
         for (int64_t i = 0; i < HW; ++i) yp[i] = T(static_cast<float>(ap[i]) * sv + tv);
       }
     });
   } else {
-    at::parallel_for(0, p.N * p.H, 1, [&](int64_t beg, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / (p.W * C));
+    at::parallel_for(0, p.N * p.H, grain, [&](int64_t beg, int64_t end) {
       std::vector<float> tv(C, 0.0f);
+      int64_t n_tv = -1;  // the image whose t / tdiv tv holds
       for (int64_t r = beg; r < end; ++r) {
         const int64_t n = r / p.H, h = r % p.H;
-        const float* sv = s + n * C;
-        if (t)
+        const float* __restrict sv = s + n * C;
+        if (t && n != n_tv) {
           for (int64_t c = 0; c < C; ++c) tv[c] = t[n * C + c] / tdiv;
-        for (int64_t w = 0; w < p.W; ++w) {
-          const T* av = a + off4(as, n, 0, h, w);
-          T* yv = y + off4(p.ys, n, 0, h, w);
-          for (int64_t c = 0; c < C; ++c) yv[c] = T(static_cast<float>(av[c]) * sv[c] + tv[c]);
+          n_tv = n;
         }
+        const float* __restrict tp = tv.data();
+        const T* __restrict av = a + off4(as, n, 0, h, 0);
+        T* __restrict yv = y + off4(p.ys, n, 0, h, 0);
+        for (int64_t w = 0; w < p.W; ++w, av += C, yv += C)
+          for (int64_t c = 0; c < C; ++c) yv[c] = T(static_cast<float>(av[c]) * sv[c] + tp[c]);
       }
     });
   }
