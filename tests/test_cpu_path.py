@@ -62,6 +62,21 @@ def test_nhwc_training_primitives_geometry(backend, geometry, k, stride, dilatio
     assert_matches_fp64_reference("dwconv_bn_act_bwd_apply", B.dwconv_bn_act_bwd_apply(*args), args, what)
 
 
+# The backward apply splits each image into bands of dx rows (~512 KB of dz each, so several bands only on wide
+# rows) and recomputes the dz rows of each band's halo: 200 channels x 100 columns make bands of 6 rows at stride 1
+# and 13 (an odd boundary) at stride 2 over 14 rows, 2 images; 72 x 30 x 64 two bands of 28 and 2 rows. SiLU: a
+# smooth derivative (on half a million values some u falls within fp32 rounding of a hardswish kink, where dx jumps).
+@pytest.mark.parametrize("geometry", [(2, 200, 14, 100), (1, 72, 30, 64)], ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (7, 1, 2), (3, 2, 2)])
+def test_nhwc_bwd_apply_bands(backend, geometry, k, stride, dilation):
+    x, weight, mean, invstd, gamma, beta = _args(*geometry, k, seed=k + stride)
+    grad_y = torch.randn_like(B.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, "relu"))
+    mean_g, mean_g_xhat = torch.randn(2, geometry[1]).unbind()
+    args = (grad_y, x, weight, mean, invstd, gamma, beta, mean_g, mean_g_xhat, stride, dilation, "silu")
+    assert_matches_fp64_reference("dwconv_bn_act_bwd_apply", B.dwconv_bn_act_bwd_apply(*args), args,
+                                  f"{geometry} k{k} s{stride} d{dilation}")
+
+
 def test_nhwc_fwd_independent_of_threads(backend):
     args = (*_args(3, 40, 17, 13, 5, seed=1), 1, 1, "hardswish")
     threads = torch.get_num_threads()
