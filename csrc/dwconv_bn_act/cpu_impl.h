@@ -117,16 +117,23 @@ void conv_row_nhwc(const DwParams& p, const T* xi, const float* wt, int64_t oh, 
   }
 }
 
-// pt[c] += sum over ow in [lo, hi) of dz[ow, c] * x[ow * s + off, c] (NHWC rows xr, dzr), ow increasing for every
-// c. fp32: blocks of channels accumulated in registers (no store per pixel); the rest, and other dtypes, scalar.
+// pt[c] += sum over ow in [lo, hi) of dz[ow, c] * x[ow * s + off, c] (NHWC rows xr, dzr), for every c in a fixed
+// order: U interleaved partial sums (pixel i into sum i % U, so U independent FMA chains hide the latency; the rest
+// into sum 0), added pairwise. fp32: blocks of channels accumulated in registers; the rest, and other dtypes, scalar.
 template <int NV, typename V>
 inline void corr_block(float* pt, const float* x0, const float* d0, int64_t n, int64_t xs, int64_t C) {
-  constexpr int L = sizeof(V) / sizeof(float);
-  V a[NV];
-  for (int j = 0; j < NV; ++j) a[j] = vload<V>(pt + j * L);
-  for (int64_t i = 0; i < n; ++i, x0 += xs, d0 += C)
-    for (int j = 0; j < NV; ++j) a[j] += vload<V>(d0 + j * L) * vload<V>(x0 + j * L);
-  std::memcpy(pt, a, sizeof a);
+  constexpr int L = sizeof(V) / sizeof(float), U = 4;
+  V a[U][NV] = {};
+  int64_t i = 0;
+  for (; i + U <= n; i += U, x0 += U * xs, d0 += U * C)
+    for (int u = 0; u < U; ++u)
+      for (int j = 0; j < NV; ++j) a[u][j] += vload<V>(d0 + u * C + j * L) * vload<V>(x0 + u * xs + j * L);
+  for (; i < n; ++i, x0 += xs, d0 += C)
+    for (int j = 0; j < NV; ++j) a[0][j] += vload<V>(d0 + j * L) * vload<V>(x0 + j * L);
+  for (int j = 0; j < NV; ++j) {
+    const V sum = vload<V>(pt + j * L) + ((a[0][j] + a[1][j]) + (a[2][j] + a[3][j]));
+    std::memcpy(pt + j * L, &sum, sizeof sum);
+  }
 }
 
 template <typename T>
@@ -146,6 +153,68 @@ inline void corr_accum(float* pt, const T* xr, const float* dzr, int64_t lo, int
     const T* xv = xr + (ow * s + off) * C;
     const float* dv = dzr + ow * C;
     for (int64_t c = c0; c < C; ++c) pt[c] += dv[c] * ld(xv, c);
+  }
+}
+
+// out[i] = sum over the n taps t of src[t][i] * wts[t][i] for the NV * L channels of one vector block, accumulated
+// in registers (even and odd taps apart, each in order, then added).
+template <int NV, typename V>
+inline void gather_block(const float* const* src, const float* const* wts, int n, int64_t c0, float* out) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  V a[2][NV] = {};  // even and odd taps: two independent FMA chains
+  int t = 0;
+  for (; t + 2 <= n; t += 2)
+    for (int u = 0; u < 2; ++u)
+      for (int j = 0; j < NV; ++j) a[u][j] += vload<V>(src[t + u] + c0 + j * L) * vload<V>(wts[t + u] + c0 + j * L);
+  if (t < n)
+    for (int j = 0; j < NV; ++j) a[0][j] += vload<V>(src[t] + c0 + j * L) * vload<V>(wts[t] + c0 + j * L);
+  for (int j = 0; j < NV; ++j) {
+    const V sum = a[0][j] + a[1][j];
+    std::memcpy(out + c0 + j * L, &sum, sizeof sum);
+  }
+}
+
+// dx row ih of one NHWC image in gather form (any stride): input pixel iw sums dz[oh, ow] * w[kh, kw] over the taps
+// with ih = oh * s - pad + kh * d and iw = ow * s - pad + kw * d, (kh, kw) increasing. dz_img: dz row oh at
+// dz_img + oh * Wo * C (only the rows this ih reads are touched); ow_of[iw * k + kw]: ow, or -1 when no output
+// reaches iw through kw (the caller's table, so no division here); out: fp32 [W * C].
+inline void dx_row_gather(const DwParams& p, const float* dz_img, const float* wt, const int64_t* ow_of, int64_t ih,
+                          float* out) {
+  const int k = p.k;
+  const int64_t C = p.C;
+  const float* dzr[7];
+  const float* wr[7];
+  int nr = 0;
+  for (int kh = 0; kh < k; ++kh) {
+    const int64_t oh = out_coord(ih, kh, p.stride, p.dilation, p.pad, p.Ho);
+    if (oh < 0) continue;
+    dzr[nr] = dz_img + oh * p.Wo * C;
+    wr[nr] = wt + (int64_t)kh * k * C;
+    ++nr;
+  }
+  const float* src[49];
+  const float* wts[49];
+  for (int64_t iw = 0; iw < p.W; ++iw) {
+    int n = 0;
+    for (int r = 0; r < nr; ++r)
+      for (int kw = 0; kw < k; ++kw) {
+        const int64_t ow = ow_of[iw * k + kw];
+        if (ow < 0) continue;
+        src[n] = dzr[r] + ow * C;
+        wts[n] = wr[r] + (int64_t)kw * C;
+        ++n;
+      }
+    float* o = out + iw * C;
+    int64_t c0 = 0;
+    for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) gather_block<2, vfw>(src, wts, n, c0, o);
+    for (; c0 + kVec <= C; c0 += kVec) gather_block<1, vfw>(src, wts, n, c0, o);
+    if constexpr (kVec > 8)
+      for (; c0 + 8 <= C; c0 += 8) gather_block<1, vf8>(src, wts, n, c0, o);
+    for (int64_t c = c0; c < C; ++c) {
+      float a = 0.0f;
+      for (int t = 0; t < n; ++t) a += src[t][c] * wts[t][c];
+      o[c] = a;
+    }
   }
 }
 
@@ -335,12 +404,16 @@ void stats_impl(const DwParams& p) {
     for (int64_t n = 0; n < p.N; ++n)
       for (int64_t c = 0; c < C; ++c) acc[c] = welford_combine(acc[c], cnt, pm[n * C + c], pm2[n * C + c]);
   } else {
+    // Per block, each row's exact (mean, M2) merged into the block's as welford_combine (common/math.h) does; every
+    // channel has the same counts, so the factors are computed once per row (no division in the channel loop).
     const int64_t rows = p.N * p.Ho, nb = num_row_blocks(rows), per = (rows + nb - 1) / nb;
-    std::vector<WelfordD> part(nb * C, WelfordD{0.0, 0.0, 0.0});
+    std::vector<double> pmean(nb * C, 0.0), pm2(nb * C, 0.0), pcount(nb, 0.0);
     at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
       std::vector<float> row(p.Wo * C), rm(C), rm2(C);
       for (int64_t blk = b; blk < e; ++blk) {
-        WelfordD* pa = part.data() + blk * C;
+        double* __restrict bm = pmean.data() + blk * C;
+        double* __restrict bm2 = pm2.data() + blk * C;
+        double count = 0.0;
         for (int64_t r = blk * per; r < std::min(rows, (blk + 1) * per); ++r) {
           const int64_t n = r / p.Ho, oh = r % p.Ho;
           conv_row_nhwc(p, x + off4(p.xs, n, 0, 0, 0), wt.data(), oh, row.data());
@@ -359,15 +432,20 @@ void stats_impl(const DwParams& p) {
               rm2[c] += dv * dv;
             }
           }
-          for (int64_t c = 0; c < C; ++c) pa[c] = welford_combine(pa[c], (double)p.Wo, rm[c], rm2[c]);
+          const double n_ab = count + (double)p.Wo, fb = (double)p.Wo / n_ab, fab = count * fb;
+          for (int64_t c = 0; c < C; ++c) {
+            const double dm = (double)rm[c] - bm[c];
+            bm[c] += dm * fb;
+            bm2[c] += (double)rm2[c] + dm * dm * fab;
+          }
+          count = n_ab;
         }
+        pcount[blk] = count;
       }
     });
     for (int64_t blk = 0; blk < nb; ++blk)
-      for (int64_t c = 0; c < C; ++c) {
-        const WelfordD& q = part[blk * C + c];
-        acc[c] = welford_combine(acc[c], q.count, q.mean, q.m2);
-      }
+      for (int64_t c = 0; c < C; ++c)
+        acc[c] = welford_combine(acc[c], pcount[blk], pmean[blk * C + c], pm2[blk * C + c]);
   }
   for (int64_t c = 0; c < C; ++c) {
     p.out0[c] = (float)acc[c].mean;
@@ -519,6 +597,9 @@ void bwd_apply_impl(const DwParams& p) {
       wf.resize(kk * C);
       for (int64_t t = 0; t < kk; ++t) std::memcpy(&wf[t * C], &wt[(kk - 1 - t) * C], C * sizeof(float));
     }
+    std::vector<int64_t> ow_of(p.W * k);  // gather form: the output column iw reads through tap kw, or -1
+    for (int64_t iw = 0; iw < p.W; ++iw)
+      for (int kw = 0; kw < k; ++kw) ow_of[iw * k + kw] = out_coord(iw, kw, s, d, pad, p.Wo);
     auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
     at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
       std::vector<float> dzb, acc(p.W * C);
@@ -557,29 +638,14 @@ void bwd_apply_impl(const DwParams& p) {
         for (int64_t ih = i0; ih < i1; ++ih) {
           T* dxr = dx + off4(p.ys, n, 0, ih, 0);
           if constexpr (std::is_same_v<T, float>) {
-            if (s == 1) {
+            if (s == 1)  // the register-blocked forward kernel, taps flipped
               nhwc_fwd_row<Act::None, false>(q, dz_img, wf.data(), nullptr, nullptr, ih, dxr);
-              continue;
-            }
+            else
+              dx_row_gather(p, dz_img, wt.data(), ow_of.data(), ih, dxr);
+          } else {
+            dx_row_gather(p, dz_img, wt.data(), ow_of.data(), ih, acc.data());
+            store_row(acc.data(), dxr, p.W * C);
           }
-          std::fill(acc.begin(), acc.end(), 0.0f);
-          for (int kh = 0; kh < k; ++kh) {
-            const int64_t oh = out_coord(ih, kh, s, d, pad, p.Ho);
-            if (oh < 0) continue;
-            const float* dzr = dz_img + oh * row;
-            for (int kw = 0; kw < k; ++kw) {
-              const int64_t off = (int64_t)kw * d - pad;
-              int64_t wlo, whi;
-              valid_range(off, s, p.W, p.Wo, wlo, whi);
-              const float* wtt = wt.data() + (int64_t)(kh * k + kw) * C;
-              for (int64_t ow = wlo; ow < whi; ++ow) {
-                float* a = acc.data() + (ow * s + off) * C;
-                const float* dv = dzr + ow * C;
-                for (int64_t c = 0; c < C; ++c) a[c] += dv[c] * wtt[c];
-              }
-            }
-          }
-          store_row(acc.data(), dxr, p.W * C);
         }
       }
     });
