@@ -156,11 +156,12 @@ def dwconv_bn_act(
         mean, var = (running_mean.detach(), running_var.detach()) if grad else (running_mean, running_var)
         invstd = torch.rsqrt(_as(var, acc) + eps)
         mean = _as(mean, acc)
-        if (name == "cuda" and not autocasting and not torch.compiler.is_compiling()
-                and not (grad and (x.requires_grad or weight.requires_grad or gamma.requires_grad
-                                   or beta.requires_grad))):
-            # Nothing for autograd to record: the C++ primitive directly, as the op's body would call it (the
-            # custom op's dispatch and autograd layers cost more than a small layer's convolution on a CPU).
+        if name == "cuda" and not autocasting and not torch.compiler.is_compiling():
+            # The op's body without the custom op's dispatch and autograd layers (they cost more than a small
+            # layer's convolution on a CPU): directly when autograd has nothing to record, else with its autograd
+            # as an autograd.Function
+            if grad and (x.requires_grad or weight.requires_grad or gamma.requires_grad or beta.requires_grad):
+                return dw_ops.EvalFunction.apply(x, weight, mean, invstd, gamma, beta, stride, dilation, act, name)
             return dw_ops.eval_forward(x, weight, mean, invstd, gamma, beta, stride, dilation, act, name)
         return torch.ops.mnet_ext.dwconv_bn_act(x, weight, mean, invstd, gamma, beta, stride, dilation, act, name)
     if needs_sync(process_group):
@@ -171,8 +172,12 @@ def dwconv_bn_act(
         count = n * ho * wo
         # As native: an empty batch is fine (an empty result, running statistics left alone), one value is not.
         _check(count != 1, f"x: expected more than 1 value per channel when training, got input size {list(x.shape)}")
-        y, mean, var = torch.ops.mnet_ext.dwconv_bn_act_train(x, weight, gamma, beta, eps, stride, dilation, act,
-                                                              name)
+        if name == "cuda" and not autocasting and not torch.compiler.is_compiling():
+            # The op bodies and their autograd without the custom op's layers (see TrainFunction)
+            y, mean, var = dw_ops.TrainFunction.apply(x, weight, gamma, beta, eps, stride, dilation, act, name)
+        else:
+            y, mean, var = torch.ops.mnet_ext.dwconv_bn_act_train(x, weight, gamma, beta, eps, stride, dilation,
+                                                                  act, name)
     if running_mean is not None and running_var is not None:
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
@@ -236,8 +241,10 @@ def squeeze_excite(
         # (x's dtype for float32 or the autocast dtype itself; float32 for float16 x under bfloat16 and vice versa).
         x = x.to(torch.promote_types(x.dtype, dtype))
     name = _backend_for(backend, x)
-    if (name == "cuda" and not autocasting and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, fc1_bias, w2, fc2_bias)))):
-        # Nothing for autograd to record: the op's body directly (see dwconv_bn_act)
+    if name == "cuda" and not autocasting and not torch.compiler.is_compiling():
+        # The op's body without the custom op's layers (see dwconv_bn_act): directly when autograd has nothing to
+        # record, else with its autograd as an autograd.Function
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, fc1_bias, w2, fc2_bias)):
+            return se_ops.SEFunction.apply(x, w1, fc1_bias, w2, fc2_bias, act, gate, name)[0]
         return se_ops.forward(x, w1, fc1_bias, w2, fc2_bias, act, gate, name)[0]
     return torch.ops.mnet_ext.squeeze_excite(x, w1, fc1_bias, w2, fc2_bias, act, gate, name)[0]

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from mnet_ext import functional as MF
 from mnet_ext.backends import cuda as B
 from tests.helpers import assert_matches_fp64_reference, backend_param
 
@@ -117,3 +118,49 @@ def test_se_primitives_geometry(backend, shape, layout):
     assert_matches_fp64_reference("se_scale", B.se_scale(x, s), (x, s), what)
     assert_matches_fp64_reference("se_bwd_reduce", B.se_bwd_reduce(grad_y, x), (grad_y, x), what)
     assert_matches_fp64_reference("se_bwd_apply", B.se_bwd_apply(grad_y, s, dpooled), (grad_y, s, dpooled), what)
+
+
+# mnet_ext.functional runs the op bodies without the custom ops' dispatch and autograd layers in eager mode
+# (eval_forward / EvalFunction / TrainFunction / SEFunction): the results and every gradient must be bitwise those
+# of the custom ops (which torch.compile traces).
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(out, inputs, torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_functional_fast_path_matches_custom_op(backend, training, layout):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x, weight, mean, invstd, gamma, beta = _args(2, 24, 9, 7, 3, seed=5)
+    x = x.contiguous(memory_format=fmt)
+    var = invstd.pow(-2) - 1e-5
+    inputs = [t.clone().requires_grad_() for t in (x, weight, gamma, beta)]
+    y = MF.dwconv_bn_act(inputs[0], inputs[1], mean.clone(), var.clone(), inputs[2], inputs[3], training,
+                         stride=2, act="hardswish", backend="cuda")
+    if training:
+        y_op = torch.ops.mnet_ext.dwconv_bn_act_train(*inputs, 1e-5, 2, 1, "hardswish", "cuda")[0]
+    else:
+        inv = torch.rsqrt(var + 1e-5)
+        y_op = torch.ops.mnet_ext.dwconv_bn_act(inputs[0], inputs[1], mean, inv, inputs[2], inputs[3], 2, 1,
+                                                "hardswish", "cuda")
+        with torch.no_grad():  # the path without autograd
+            assert torch.equal(MF.dwconv_bn_act(x, weight, mean, var, gamma, beta, stride=2, act="hardswish",
+                                                backend="cuda"), y_op)
+    assert torch.equal(y, y_op)
+    for g, g_op in zip(_grads(y, inputs), _grads(y_op, inputs), strict=True):
+        assert torch.equal(g, g_op)
+
+
+def test_functional_se_fast_path_matches_custom_op(backend):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 12, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    params = [torch.randn(4, 12, generator=g), torch.randn(4, generator=g), torch.randn(12, 4, generator=g),
+              torch.randn(12, generator=g)]
+    inputs = [t.clone().requires_grad_() for t in (x, *params)]
+    y = MF.squeeze_excite(*inputs, backend="cuda")
+    y_op = torch.ops.mnet_ext.squeeze_excite(*inputs, "relu", "hardsigmoid", "cuda")[0]
+    assert torch.equal(y, y_op)
+    for gr, gr_op in zip(_grads(y, inputs), _grads(y_op, inputs), strict=True):
+        assert torch.equal(gr, gr_op)
+    with torch.no_grad():
+        assert torch.equal(MF.squeeze_excite(x, *params, backend="cuda"), y_op)

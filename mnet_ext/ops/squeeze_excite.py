@@ -80,6 +80,12 @@ def squeeze_excite_backward(
     gate: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return backward(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, backend)
+
+
+def backward(grad_y: Tensor, x: Tensor, pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
+             fc2_bias: Tensor, act: str, gate: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The body of ``mnet_ext::squeeze_excite_backward`` (also run by ``SEFunction``)."""
     impl, empty = load(backend), x.numel() == 0
     with torch.autocast(x.device.type, enabled=False):
         a1, h, a2, s = _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
@@ -127,3 +133,27 @@ def _backward(ctx, grad_y, _grad_pooled):
 
 
 squeeze_excite.register_autograd(_backward, setup_context=_setup)
+
+
+class SEFunction(torch.autograd.Function):
+    """``mnet_ext::squeeze_excite`` and its registered autograd as a plain ``autograd.Function`` (the same op bodies
+    without the custom op's dispatch and autograd layers; see ``dwconv_bn_act.TrainFunction``). Eager mode only."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: str, gate: str,
+                backend: str) -> tuple[Tensor, Tensor]:
+        y, pooled = forward(x, w1, b1, w2, b2, act, gate, backend)
+        ctx.mark_non_differentiable(pooled)
+        ctx.set_materialize_grads(False)  # pooled never gets a gradient: no zeros for it
+        ctx.save_for_backward(x, pooled, w1, b1, w2, b2)
+        ctx.args = (act, gate, backend)
+        return y, pooled
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor | None, _grad_pooled: None) -> tuple[Tensor | None, ...]:
+        if grad_y is None:  # y did not reach the loss
+            return (None,) * 8
+        x, pooled, w1, b1, w2, b2 = ctx.saved_tensors
+        act, gate, backend = ctx.args
+        grads = backward(dense_like(grad_y, x), x, pooled, w1, b1, w2, b2, act, gate, backend)
+        return *grads, None, None, None
