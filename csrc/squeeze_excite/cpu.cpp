@@ -1,7 +1,8 @@
 // Host twin of the squeeze_excite primitives: two streaming passes (a per-(n, c) reduction; a per-(n, c) affine
-// map). The loops run over the contiguous axis (channels in NHWC, the flattened plane in NCHW) with no
+// map). The loops (cpu_impl.h) run over the contiguous axis (channels in NHWC, the flattened plane in NCHW) with no
 // dependence between iterations, so the compiler vectorises them; sums are formed in a fixed order that does not
-// depend on the thread count (deterministic).
+// depend on the thread count (deterministic). Compiled for the baseline ISA and (x86-64, GCC) for AVX2+FMA and
+// AVX-512, the copy chosen at runtime as for dwconv_bn_act (host_isa(), dwconv_bn_act/cpu.cpp).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -10,113 +11,61 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "dwconv_bn_act/launch.h"
 #include "squeeze_excite/launch.h"
 
 namespace mnet {
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace se_base {
+namespace {
+#include "squeeze_excite/cpu_impl.h"
+}  // namespace
+}  // namespace se_base
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MNET_SE_ISA_COPIES 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace se_avx2 {
+namespace {
+#include "squeeze_excite/cpu_impl.h"
+}  // namespace
+}  // namespace se_avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+namespace se_avx512 {
+namespace {
+#include "squeeze_excite/cpu_impl.h"
+}  // namespace
+}  // namespace se_avx512
+#pragma GCC pop_options
+#endif
+
 namespace {
 
-inline int64_t off4(const Strides4& st, int64_t n, int64_t c, int64_t h, int64_t w) {
-  return n * st.n + c * st.c + h * st.h + w * st.w;
-}
-
-// NHWC channel block of one work item: its fp32 row sums stay in L1.
-constexpr int64_t kChanBlock = 256;
-// NCHW: lanes of independent fp32 partial sums over a flattened plane, flushed to double every kChunk elements.
-constexpr int kLanes = 16;
-constexpr int64_t kChunk = 1024;
-
-// out[n, c] = scale * sum_hw a * (b or 1). `a` and `b` are dense in the same layout (op.cpp makes them so).
-// NHWC: per (image, channel block), a fp32 sum per image row (pixels in order) added into double per channel.
-// NCHW: per plane, kLanes fp32 partial sums (element i into lane i % kLanes) per chunk, added into double.
+// The passes from the widest ISA copy host_isa() allows.
 template <typename T, bool PROD>
-void reduce_impl(const SeParams& p, const T* a, const Strides4& as, const T* b, const Strides4& bs, float scale) {
-  const int64_t C = p.C, H = p.H, W = p.W, HW = H * W;
-  if (!p.channels_last) {
-    at::parallel_for(0, p.N * C, 1, [&](int64_t beg, int64_t end) {
-      for (int64_t nc = beg; nc < end; ++nc) {
-        const int64_t n = nc / C, c = nc % C;
-        const T* __restrict ap = a + off4(as, n, c, 0, 0);
-        const T* __restrict bp = b + off4(bs, n, c, 0, 0);
-        double acc = 0.0;
-        for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
-          const int64_t len = std::min(kChunk, HW - i0), full = len / kLanes * kLanes;
-          float lane[kLanes] = {};
-          for (int64_t i = i0; i < i0 + full; i += kLanes)
-            for (int j = 0; j < kLanes; ++j) {
-              const float v = static_cast<float>(ap[i + j]);
-              lane[j] += PROD ? v * static_cast<float>(bp[i + j]) : v;
-            }
-          for (int64_t i = i0 + full; i < i0 + len; ++i) {
-            const float v = static_cast<float>(ap[i]);
-            lane[i % kLanes] += PROD ? v * static_cast<float>(bp[i]) : v;
-          }
-          for (int j = 0; j < kLanes; ++j) acc += lane[j];
-        }
-        p.out[nc] = (float)(acc * scale);
-      }
-    });
-  } else {
-    const int64_t nb = (C + kChanBlock - 1) / kChanBlock;
-    at::parallel_for(0, p.N * nb, 1, [&](int64_t beg, int64_t end) {
-      float r[kChanBlock];
-      double acc[kChanBlock];
-      for (int64_t item = beg; item < end; ++item) {
-        const int64_t n = item / nb, c0 = item % nb * kChanBlock, cn = std::min(kChanBlock, C - c0);
-        std::fill(acc, acc + cn, 0.0);
-        for (int64_t h = 0; h < H; ++h) {
-          std::fill(r, r + cn, 0.0f);
-          const T* __restrict av = a + off4(as, n, c0, h, 0);
-          const T* __restrict bv = b + off4(bs, n, c0, h, 0);
-          for (int64_t w = 0; w < W; ++w, av += C, bv += C)
-            for (int64_t c = 0; c < cn; ++c) {
-              const float v = static_cast<float>(av[c]);
-              r[c] += PROD ? v * static_cast<float>(bv[c]) : v;
-            }
-          for (int64_t c = 0; c < cn; ++c) acc[c] += r[c];
-        }
-        for (int64_t c = 0; c < cn; ++c) p.out[n * C + c0 + c] = (float)(acc[c] * scale);
-      }
-    });
-  }
+void reduce(const SeParams& p, const T* a, const Strides4& as, const T* b, const Strides4& bs, float scale) {
+#ifdef MNET_SE_ISA_COPIES
+  const int isa = host_isa();
+  if (isa == 2) return se_avx512::reduce_impl<T, PROD>(p, a, as, b, bs, scale);
+  if (isa == 1) return se_avx2::reduce_impl<T, PROD>(p, a, as, b, bs, scale);
+#endif
+  se_base::reduce_impl<T, PROD>(p, a, as, b, bs, scale);
 }
 
-// y[n, c, h, w] = a * s[n, c] + t[n, c] / tdiv (t optional); a dense in y's layout.
 template <typename T>
-void affine_impl(const SeParams& p, const T* a, const Strides4& as, const float* s, const float* t, float tdiv) {
-  T* y = static_cast<T*>(p.y);
-  const int64_t C = p.C, HW = p.H * p.W;
-  if (!p.channels_last) {
-    // ~16k elements per task at least: small planes do not pay a thread wake-up each
-    const int64_t grain = std::max<int64_t>(1, 16384 / HW);
-    at::parallel_for(0, p.N * C, grain, [&](int64_t beg, int64_t end) {
-      for (int64_t nc = beg; nc < end; ++nc) {
-        const int64_t n = nc / C, c = nc % C;
-        const float sv = s[nc], tv = t ? t[nc] / tdiv : 0.0f;
-        const T* __restrict ap = a + off4(as, n, c, 0, 0);
-        T* __restrict yp = y + off4(p.ys, n, c, 0, 0);
-        for (int64_t i = 0; i < HW; ++i) yp[i] = T(static_cast<float>(ap[i]) * sv + tv);
-      }
-    });
-  } else {
-    const int64_t grain = std::max<int64_t>(1, 16384 / (p.W * C));
-    at::parallel_for(0, p.N * p.H, grain, [&](int64_t beg, int64_t end) {
-      std::vector<float> tv(C, 0.0f);
-      int64_t n_tv = -1;  // the image whose t / tdiv tv holds
-      for (int64_t r = beg; r < end; ++r) {
-        const int64_t n = r / p.H, h = r % p.H;
-        const float* __restrict sv = s + n * C;
-        if (t && n != n_tv) {
-          for (int64_t c = 0; c < C; ++c) tv[c] = t[n * C + c] / tdiv;
-          n_tv = n;
-        }
-        const float* __restrict tp = tv.data();
-        const T* __restrict av = a + off4(as, n, 0, h, 0);
-        T* __restrict yv = y + off4(p.ys, n, 0, h, 0);
-        for (int64_t w = 0; w < p.W; ++w, av += C, yv += C)
-          for (int64_t c = 0; c < C; ++c) yv[c] = T(static_cast<float>(av[c]) * sv[c] + tp[c]);
-      }
-    });
-  }
+void affine(const SeParams& p, const T* a, const Strides4& as, const float* s, const float* t, float tdiv) {
+#ifdef MNET_SE_ISA_COPIES
+  const int isa = host_isa();
+  if (isa == 2) return se_avx512::affine_impl<T>(p, a, as, s, t, tdiv);
+  if (isa == 1) return se_avx2::affine_impl<T>(p, a, as, s, t, tdiv);
+#endif
+  se_base::affine_impl<T>(p, a, as, s, t, tdiv);
 }
 
 }  // namespace
@@ -124,25 +73,25 @@ void affine_impl(const SeParams& p, const T* a, const Strides4& as, const float*
 void se_pool_cpu(const SeParams& p) {
   MNET_DISPATCH_DTYPE(p.dtype, c10::Half, c10::BFloat16, T, [&] {
     const T* x = static_cast<const T*>(p.x);
-    reduce_impl<T, false>(p, x, p.xs, x, p.xs, 1.0f / (float)(p.H * p.W));
+    reduce<T, false>(p, x, p.xs, x, p.xs, 1.0f / (float)(p.H * p.W));
   });
 }
 
 void se_bwd_reduce_cpu(const SeParams& p) {
   // channels_last here is grad_y's layout (op.cpp): grad_y drives the loop, x is read through its strides
   MNET_DISPATCH_DTYPE(p.dtype, c10::Half, c10::BFloat16, T, [&] {
-    reduce_impl<T, true>(p, static_cast<const T*>(p.grad_y), p.gs, static_cast<const T*>(p.x), p.xs, 1.0f);
+    reduce<T, true>(p, static_cast<const T*>(p.grad_y), p.gs, static_cast<const T*>(p.x), p.xs, 1.0f);
   });
 }
 
 void se_scale_cpu(const SeParams& p) {
   MNET_DISPATCH_DTYPE(p.dtype, c10::Half, c10::BFloat16, T,
-                      [&] { affine_impl<T>(p, static_cast<const T*>(p.x), p.xs, p.s, nullptr, 1.0f); });
+                      [&] { affine<T>(p, static_cast<const T*>(p.x), p.xs, p.s, nullptr, 1.0f); });
 }
 
 void se_bwd_apply_cpu(const SeParams& p) {
   MNET_DISPATCH_DTYPE(p.dtype, c10::Half, c10::BFloat16, T, [&] {
-    affine_impl<T>(p, static_cast<const T*>(p.grad_y), p.gs, p.s, p.dpooled, (float)(p.H * p.W));
+    affine<T>(p, static_cast<const T*>(p.grad_y), p.gs, p.s, p.dpooled, (float)(p.H * p.W));
   });
 }
 
