@@ -6,9 +6,10 @@ channels_last, fused channels_last), so machine load hits them alike; the statis
 the rounds (the stable one on a shared machine). ``speedup`` = the better native layout's time / the fused time
 (the fused module, as a fused model runs it). For the eval forward of dwconv_bn_act the op alone is timed too
 (``op_ms``: ``torch.ops.mnet_ext_cuda`` called directly with the folded BN tensors, i.e. without the Python
-wrapper ``mnet_ext.functional``), with ``speedup_op``.
+wrapper ``mnet_ext.functional``), with ``speedup_op``. ``--kinds model`` times whole models (eval only, 224x224):
+native NCHW, native channels_last and ``mnet_ext.fuse`` of the channels_last model, interleaved the same way.
 
-    python -m bench.bench_cpu [--batches 1,8] [--threads 1,0] [--modes eval,fwd_bwd] [--kinds dw,se]
+    python -m bench.bench_cpu [--batches 1,8] [--threads 1,0] [--modes eval,fwd_bwd] [--kinds dw,se,model]
                                 [--rounds 15] [--out bench/results/cpu/NAME]
 
 ``--threads 0`` means all cores. With ``--out`` it writes NAME.csv and NAME.md (per-group geomean and minimum).
@@ -30,7 +31,7 @@ import torch
 import mnet_ext
 from bench.common import Setup, build_module, build_native, make_call, make_inputs
 from mnet_ext.backends import cuda as B
-from mnet_ext.layers import LayerConfig, unique_layers
+from mnet_ext.layers import MODEL_BUILDERS, LayerConfig, unique_layers
 
 MODELS = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
 PROVIDERS = ("eager_nchw", "eager_channels_last", "mnet_ext_cuda")
@@ -84,6 +85,24 @@ def run_case(cfg: LayerConfig, mode: str, batch: int, rounds: int, budget_s: flo
     return times if with_op else [*times, math.nan]
 
 
+def run_model(name: str, batch: int, rounds: int, budget_s: float) -> list[float]:
+    """Whole-model eval times in ms: native NCHW, native channels_last, fused channels_last (and NaN: no op)."""
+    calls = []
+    for provider in PROVIDERS:
+        fmt = torch.contiguous_format if provider == "eager_nchw" else torch.channels_last
+        torch.manual_seed(0)
+        model = MODEL_BUILDERS[name]().eval().to(memory_format=fmt)
+        if provider == "mnet_ext_cuda":
+            model = mnet_ext.fuse(model, backend="cuda")
+        x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt)
+
+        def run(model: torch.nn.Module = model, x: torch.Tensor = x) -> object:
+            with torch.no_grad():
+                return model(x)
+        calls.append(run)
+    return [*time_interleaved(calls, rounds, budget_s), math.nan]
+
+
 def geomean(v: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in v) / len(v)) if v else math.nan
 
@@ -100,6 +119,15 @@ def markdown(rows: list[dict[str, object]], header: str) -> str:
         op = f"{geomean(o):.2f}x | {min(o):.2f}x" if o else "- | -"
         lines.append(f"| {kind} | {mode} | {batch} | {threads} | {len(v)} | {geomean(v):.2f}x | {min(v):.2f}x | "
                      f"{max(v):.2f}x | {op} |")
+    models = [r for r in rows if r["kind"] == "model"]
+    if models:
+        lines += ["", "| model | batch | threads | native NCHW ms | native channels_last ms | fused ms "
+                  "| vs channels_last | vs better |", "|---|---|---|---|---|---|---|---|"]
+        for r in models:
+            vs_cl = float(r["native_cl_ms"]) / float(r["fused_ms"])
+            lines.append(f"| {r['layer']} | {r['batch']} | {r['threads']} | {float(r['native_nchw_ms']):.2f} | "
+                         f"{float(r['native_cl_ms']):.2f} | {float(r['fused_ms']):.2f} | {vs_cl:.2f}x | "
+                         f"{float(r['speedup']):.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -108,15 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", default="1,0", help="thread counts; 0 = all cores")
     ap.add_argument("--modes", default="eval", help="eval and/or fwd_bwd")
-    ap.add_argument("--kinds", default="dw,se", help="dw and/or se")
+    ap.add_argument("--kinds", default="dw,se", help="dw, se and/or model (whole models, eval)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--budget-s", type=float, default=2.0, help="time cap per case (after 3 rounds)")
+    ap.add_argument("--model-budget-s", type=float, default=30.0, help="time cap per whole-model case")
     ap.add_argument("--filter", default="", help="only layers whose name contains this")
     ap.add_argument("--out", type=pathlib.Path, help="write OUT.csv and OUT.md")
     args = ap.parse_args(argv)
     kinds = {"dw": "dwconv_bn_act", "se": "squeeze_excite"}
-    want = {kinds[k] for k in args.kinds.split(",")}
+    want = {kinds[k] for k in args.kinds.split(",") if k != "model"}
+    models = args.models.split(",") if "model" in args.kinds.split(",") else []
     layers = [c for c in unique_layers(tuple(args.models.split(","))) if c.kind in want and args.filter in c.name]
     threads = [int(t) or os.cpu_count() or 1 for t in args.threads.split(",")]
     where = pathlib.Path(mnet_ext.__file__).parent
@@ -130,9 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(nt)
         for mode in args.modes.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
-                for cfg in layers:
-                    nchw, cl, fused, op = run_case(cfg, mode, batch, args.rounds, args.budget_s)
-                    row = dict(layer=cfg.name, kind=cfg.kind, mode=mode, batch=batch, threads=nt,
+                cases = [(cfg.name, cfg.kind, cfg) for cfg in layers]
+                cases += [(name, "model", None) for name in models] if mode == "eval" else []
+                for name, kind, cfg in cases:
+                    if cfg is None:
+                        nchw, cl, fused, op = run_model(name, batch, args.rounds, args.model_budget_s)
+                    else:
+                        nchw, cl, fused, op = run_case(cfg, mode, batch, args.rounds, args.budget_s)
+                    row = dict(layer=name, kind=kind, mode=mode, batch=batch, threads=nt,
                                native_nchw_ms=f"{nchw:.4f}", native_cl_ms=f"{cl:.4f}", fused_ms=f"{fused:.4f}",
                                speedup=f"{min(nchw, cl) / fused:.3f}",
                                op_ms="" if math.isnan(op) else f"{op:.4f}",

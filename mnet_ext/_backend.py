@@ -26,6 +26,7 @@ _MODULES = {
 }
 _override: list[str] = []
 _warned: set[tuple[str, str]] = set()
+_loaded: dict[str, types.ModuleType] = {}
 
 
 def _check_name(name: str, what: str) -> str:
@@ -41,7 +42,10 @@ def _env_backend() -> str | None:
 
 def load(name: str) -> types.ModuleType:
     """The module implementing backend ``name``'s primitives (the functions of ``mnet_ext.reference``)."""
-    return importlib.import_module(_MODULES[_check_name(name, "backend")])
+    module = _loaded.get(name)  # every fused layer's call asks: the import machinery costs microseconds
+    if module is None:
+        module = _loaded[name] = importlib.import_module(_MODULES[_check_name(name, "backend")])
+    return module
 
 
 def unavailable_reason(name: str, device_type: str) -> str | None:

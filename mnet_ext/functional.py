@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import mnet_ext.ops  # noqa: F401  (registers the torch.ops.mnet_ext ops)
 from mnet_ext._backend import resolve
+from mnet_ext.ops import dwconv_bn_act as dw_ops  # importing registers the torch.ops.mnet_ext ops
+from mnet_ext.ops import squeeze_excite as se_ops
 from mnet_ext.reference import (
     CONV_ACTS,
     DILATIONS,
@@ -35,21 +36,29 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+# The checks below run on every call of a fused layer (a few microseconds of a small layer's time): each formats
+# its message only once it has failed.
 def _check_input(x: Tensor) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    _check(x.dim() == 4, f"x: expected a 4-D [N, C, H, W] tensor, got shape {tuple(x.shape)}")
-    _check(x.dtype in _DTYPES, f"x: expected dtype float32, float16, bfloat16 (or float64), got {x.dtype}")
-    _check(x.shape[1] > 0, f"x: expected at least one channel, got shape {tuple(x.shape)}")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D [N, C, H, W] tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x: expected dtype float32, float16, bfloat16 (or float64), got {x.dtype}")
+    if x.shape[1] <= 0:
+        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
     return x.contiguous()  # neither supported layout: one explicit copy
 
 
 def _check_vector(name: str, v: Tensor, c: int, x: Tensor) -> None:
-    _check(v.shape == (c,), f"{name}: expected shape ({c},) (one value per channel of x), got {tuple(v.shape)}")
-    _check(v.device == x.device, f"{name}: expected device {x.device} (that of x), got {v.device}")
-    _check(v.is_floating_point(), f"{name}: expected a floating-point tensor, got {v.dtype}")
+    if v.shape != (c,):
+        raise ValueError(f"{name}: expected shape ({c},) (one value per channel of x), got {tuple(v.shape)}")
+    if v.device != x.device:
+        raise ValueError(f"{name}: expected device {x.device} (that of x), got {v.device}")
+    if not v.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got {v.dtype}")
 
 
 def _backend_for(backend: str | None, x: Tensor) -> str:
@@ -70,6 +79,11 @@ def _autocast_dtype(t: Tensor) -> torch.dtype | None:
     if torch.is_autocast_enabled(device_type) and t.is_floating_point() and t.dtype != torch.float64:
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call when it would return ``t`` itself."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -106,35 +120,50 @@ def dwconv_bn_act(
     x = _check_input(x)
     n, c, h, w = x.shape
     # Native convolutions refuse an empty image (an empty batch is fine: the result is empty).
-    _check(h > 0 and w > 0, f"x: expected a non-zero height and width, got shape {tuple(x.shape)}")
-    _check(isinstance(weight, Tensor) and weight.dim() == 4, "weight: expected a 4-D [C, 1, k, k] tensor")
+    if h <= 0 or w <= 0:
+        raise ValueError(f"x: expected a non-zero height and width, got shape {tuple(x.shape)}")
+    if not (isinstance(weight, Tensor) and weight.dim() == 4):
+        raise ValueError("weight: expected a 4-D [C, 1, k, k] tensor")
     k = weight.shape[-1]
-    _check(
-        tuple(weight.shape) == (c, 1, k, k) and k in KERNEL_SIZES,
-        f"weight: expected a depthwise filter of shape ({c}, 1, k, k) with k in {KERNEL_SIZES} "
-        f"(groups = channels = {c}), got {tuple(weight.shape)}",
-    )
-    _check(weight.device == x.device, f"weight: expected device {x.device} (that of x), got {weight.device}")
-    _check(stride in STRIDES, f"stride: expected one of {STRIDES}, got {stride!r}")
-    _check(dilation in DILATIONS, f"dilation: expected one of {DILATIONS}, got {dilation!r}")
-    _check(act in CONV_ACTS, f"act: expected one of {CONV_ACTS}, got {act!r}")
-    x, weight = _autocast(x, weight)
-    _check(weight.dtype == x.dtype, f"weight: expected dtype {x.dtype} (that of x), got {weight.dtype}")
+    if weight.shape != (c, 1, k, k) or k not in KERNEL_SIZES:
+        raise ValueError(f"weight: expected a depthwise filter of shape ({c}, 1, k, k) with k in {KERNEL_SIZES} "
+                         f"(groups = channels = {c}), got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight: expected device {x.device} (that of x), got {weight.device}")
+    if stride not in STRIDES:
+        raise ValueError(f"stride: expected one of {STRIDES}, got {stride!r}")
+    if dilation not in DILATIONS:
+        raise ValueError(f"dilation: expected one of {DILATIONS}, got {dilation!r}")
+    if act not in CONV_ACTS:
+        raise ValueError(f"act: expected one of {CONV_ACTS}, got {act!r}")
+    autocasting = torch.is_autocast_enabled(x.device.type)
+    if autocasting:
+        x, weight = _autocast(x, weight)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight: expected dtype {x.dtype} (that of x), got {weight.dtype}")
     for name, v in (("running_mean", running_mean), ("running_var", running_var),
                     ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
         if v is not None:
             _check_vector(name, v, c, x)
     acc = acc_dtype(x.dtype)
-    gamma = x.new_ones(c, dtype=acc) if bn_weight is None else bn_weight.to(acc)
-    beta = x.new_zeros(c, dtype=acc) if bn_bias is None else bn_bias.to(acc)
+    gamma = x.new_ones(c, dtype=acc) if bn_weight is None else _as(bn_weight, acc)
+    beta = x.new_zeros(c, dtype=acc) if bn_bias is None else _as(bn_bias, acc)
     name = _backend_for(backend, x)
     if not training:
-        _check(running_mean is not None and running_var is not None,
-               "running_mean/running_var: required when training=False")
-        invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
-        return torch.ops.mnet_ext.dwconv_bn_act(
-            x, weight, running_mean.detach().to(acc), invstd, gamma, beta, stride, dilation, act, name
-        )
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean/running_var: required when training=False")
+        grad = torch.is_grad_enabled()
+        mean, var = (running_mean.detach(), running_var.detach()) if grad else (running_mean, running_var)
+        invstd = torch.rsqrt(_as(var, acc) + eps)
+        mean = _as(mean, acc)
+        if name == "cuda" and not autocasting and not torch.compiler.is_compiling():
+            # The op's body without the custom op's dispatch and autograd layers (they cost more than a small
+            # layer's convolution on a CPU): directly when autograd has nothing to record, else with its autograd
+            # as an autograd.Function
+            if grad and (x.requires_grad or weight.requires_grad or gamma.requires_grad or beta.requires_grad):
+                return dw_ops.EvalFunction.apply(x, weight, mean, invstd, gamma, beta, stride, dilation, act, name)
+            return dw_ops.eval_forward(x, weight, mean, invstd, gamma, beta, stride, dilation, act, name)
+        return torch.ops.mnet_ext.dwconv_bn_act(x, weight, mean, invstd, gamma, beta, stride, dilation, act, name)
     if needs_sync(process_group):
         y, mean, var, count = sync_dwconv_bn_act_train(x, weight, gamma, beta, eps, stride, dilation, act, name,
                                                        process_group)
@@ -143,12 +172,15 @@ def dwconv_bn_act(
         count = n * ho * wo
         # As native: an empty batch is fine (an empty result, running statistics left alone), one value is not.
         _check(count != 1, f"x: expected more than 1 value per channel when training, got input size {list(x.shape)}")
-        y, mean, var = torch.ops.mnet_ext.dwconv_bn_act_train(x, weight, gamma, beta, eps, stride, dilation, act,
-                                                              name)
+        if name == "cuda" and not autocasting and not torch.compiler.is_compiling():
+            # The op bodies and their autograd without the custom op's layers (see TrainFunction)
+            y, mean, var = dw_ops.TrainFunction.apply(x, weight, gamma, beta, eps, stride, dilation, act, name)
+        else:
+            y, mean, var = torch.ops.mnet_ext.dwconv_bn_act_train(x, weight, gamma, beta, eps, stride, dilation,
+                                                                  act, name)
     if running_mean is not None and running_var is not None:
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
-
 
 def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                           count: int | Tensor, momentum: float) -> None:
@@ -183,23 +215,36 @@ def squeeze_excite(
     c = x.shape[1]
     w1 = fc1_weight.reshape(fc1_weight.shape[0], -1) if isinstance(fc1_weight, Tensor) else fc1_weight
     w2 = fc2_weight.reshape(fc2_weight.shape[0], -1) if isinstance(fc2_weight, Tensor) else fc2_weight
-    _check(isinstance(w1, Tensor) and w1.dim() == 2 and w1.shape[1] == c,
-           f"fc1_weight: expected shape [S, {c}] or [S, {c}, 1, 1], got "
-           f"{tuple(fc1_weight.shape) if isinstance(fc1_weight, Tensor) else type(fc1_weight).__name__}")
+    if not (isinstance(w1, Tensor) and w1.dim() == 2 and w1.shape[1] == c):
+        raise ValueError(f"fc1_weight: expected shape [S, {c}] or [S, {c}, 1, 1], got "
+                         f"{tuple(fc1_weight.shape) if isinstance(fc1_weight, Tensor) else type(fc1_weight).__name__}")
     s = w1.shape[0]
-    _check(isinstance(w2, Tensor) and tuple(w2.shape) == (c, s),
-           f"fc2_weight: expected shape [{c}, {s}] or [{c}, {s}, 1, 1], got "
-           f"{tuple(fc2_weight.shape) if isinstance(fc2_weight, Tensor) else type(fc2_weight).__name__}")
-    _check(isinstance(fc1_bias, Tensor) and tuple(fc1_bias.shape) == (s,), f"fc1_bias: expected shape [{s}]")
-    _check(isinstance(fc2_bias, Tensor) and tuple(fc2_bias.shape) == (c,), f"fc2_bias: expected shape [{c}]")
+    if not (isinstance(w2, Tensor) and w2.shape == (c, s)):
+        raise ValueError(f"fc2_weight: expected shape [{c}, {s}] or [{c}, {s}, 1, 1], got "
+                         f"{tuple(fc2_weight.shape) if isinstance(fc2_weight, Tensor) else type(fc2_weight).__name__}")
+    if not (isinstance(fc1_bias, Tensor) and fc1_bias.shape == (s,)):
+        raise ValueError(f"fc1_bias: expected shape [{s}]")
+    if not (isinstance(fc2_bias, Tensor) and fc2_bias.shape == (c,)):
+        raise ValueError(f"fc2_bias: expected shape [{c}]")
     for name, t in (("fc1_weight", w1), ("fc1_bias", fc1_bias), ("fc2_weight", w2), ("fc2_bias", fc2_bias)):
-        _check(t.device == x.device, f"{name}: expected device {x.device} (that of x), got {t.device}")
-        _check(t.dtype in _DTYPES, f"{name}: expected a float32/float16/bfloat16 tensor, got {t.dtype}")
-    _check(act in SE_ACTS, f"act: expected one of {SE_ACTS}, got {act!r}")
-    _check(gate in SE_GATES, f"gate: expected one of {SE_GATES}, got {gate!r}")
-    if (dtype := _autocast_dtype(x)) is not None:
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (that of x), got {t.device}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name}: expected a float32/float16/bfloat16 tensor, got {t.dtype}")
+    if act not in SE_ACTS:
+        raise ValueError(f"act: expected one of {SE_ACTS}, got {act!r}")
+    if gate not in SE_GATES:
+        raise ValueError(f"gate: expected one of {SE_GATES}, got {gate!r}")
+    autocasting = (dtype := _autocast_dtype(x)) is not None
+    if autocasting:
         # Native SE computes its gate in the autocast dtype and multiplies x by it: type promotion gives the result
         # (x's dtype for float32 or the autocast dtype itself; float32 for float16 x under bfloat16 and vice versa).
         x = x.to(torch.promote_types(x.dtype, dtype))
     name = _backend_for(backend, x)
+    if name == "cuda" and not autocasting and not torch.compiler.is_compiling():
+        # The op's body without the custom op's layers (see dwconv_bn_act): directly when autograd has nothing to
+        # record, else with its autograd as an autograd.Function
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, fc1_bias, w2, fc2_bias)):
+            return se_ops.SEFunction.apply(x, w1, fc1_bias, w2, fc2_bias, act, gate, name)[0]
+        return se_ops.forward(x, w1, fc1_bias, w2, fc2_bias, act, gate, name)[0]
     return torch.ops.mnet_ext.squeeze_excite(x, w1, fc1_bias, w2, fc2_bias, act, gate, name)[0]

@@ -69,15 +69,18 @@ def _check_backend(backend: str | None) -> str | None:
     return None if backend == "auto" else backend
 
 
+def _recomputing() -> bool:
+    """A forward run inside autograd's backward is a gradient-checkpointing recomputation: it must not count the
+    batch twice (native BatchNorm does; see NOTES.md)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _dwconv_bn_act(x: Tensor, weight: Tensor, bn: BatchNormState, training: bool, stride: int, dilation: int,
                    act: str, backend: str | None, process_group: Any) -> Tensor:
     """Depthwise conv + ``bn`` (its tensors and settings, in ``training`` mode or not) + ``act``, updating the running
     statistics exactly as ``nn.BatchNorm2d`` does."""
     momentum = 0.0 if bn.momentum is None else bn.momentum
-    # A forward run inside autograd's backward is a gradient-checkpointing recomputation: it must not count the
-    # batch twice (native BatchNorm does; see NOTES.md).
-    recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
-    update = training and bn.track_running_stats and not recomputing
+    update = training and bn.track_running_stats and not _recomputing()
     if update and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from mnet_ext import functional as MF
 from mnet_ext.backends import cuda as B
 from tests.helpers import assert_matches_fp64_reference, backend_param
 
@@ -62,6 +63,21 @@ def test_nhwc_training_primitives_geometry(backend, geometry, k, stride, dilatio
     assert_matches_fp64_reference("dwconv_bn_act_bwd_apply", B.dwconv_bn_act_bwd_apply(*args), args, what)
 
 
+# The backward apply splits each image into bands of dx rows (~512 KB of dz each, so several bands only on wide
+# rows) and recomputes the dz rows of each band's halo: 200 channels x 100 columns make bands of 6 rows at stride 1
+# and 13 (an odd boundary) at stride 2 over 14 rows, 2 images; 72 x 30 x 64 two bands of 28 and 2 rows. SiLU: a
+# smooth derivative (on half a million values some u falls within fp32 rounding of a hardswish kink, where dx jumps).
+@pytest.mark.parametrize("geometry", [(2, 200, 14, 100), (1, 72, 30, 64)], ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (7, 1, 2), (3, 2, 2)])
+def test_nhwc_bwd_apply_bands(backend, geometry, k, stride, dilation):
+    x, weight, mean, invstd, gamma, beta = _args(*geometry, k, seed=k + stride)
+    grad_y = torch.randn_like(B.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, "relu"))
+    mean_g, mean_g_xhat = torch.randn(2, geometry[1]).unbind()
+    args = (grad_y, x, weight, mean, invstd, gamma, beta, mean_g, mean_g_xhat, stride, dilation, "silu")
+    assert_matches_fp64_reference("dwconv_bn_act_bwd_apply", B.dwconv_bn_act_bwd_apply(*args), args,
+                                  f"{geometry} k{k} s{stride} d{dilation}")
+
+
 def test_nhwc_fwd_independent_of_threads(backend):
     args = (*_args(3, 40, 17, 13, 5, seed=1), 1, 1, "hardswish")
     threads = torch.get_num_threads()
@@ -80,8 +96,71 @@ def test_nhwc_fwd_independent_of_threads(backend):
 def test_narrower_isa_copies(backend, isa):
     """The host twin is compiled once per ISA and the widest the CPU has runs; MNET_EXT_CPU_ISA caps it, so the AVX2
     and baseline copies are checked here too (on a CPU without them the cap changes nothing and this repeats)."""
-    cases = "geometry and (1x61x9x19 or 2x24x10x10 or 2x13x2x1 or 1x29x3x37)"
+    cases = "geometry and (1x61x9x19 or 2x24x10x10 or 2x13x2x1 or 1x29x3x37 or 1x300x5x3 or 2x7x37x29)"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", cases],
                          env={**os.environ, "MNET_EXT_CPU_ISA": isa}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]
+
+
+# SE (csrc/squeeze_excite/cpu.cpp): C across the 256-channel NHWC block (300 = 256 + 44), planes across the
+# 1024-element NCHW chunk with a rest below the 16 lanes (37 x 29 = 1073 = 67 x 16 + 1), a single pixel, batch 1.
+@pytest.mark.parametrize("shape", [(1, 300, 5, 3), (2, 7, 37, 29), (1, 3, 1, 1), (3, 20, 6, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_se_primitives_geometry(backend, shape, layout):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(sum(shape))
+    x, grad_y = (torch.randn(*shape, generator=g).contiguous(memory_format=fmt) + 1.0 for _ in range(2))
+    s, dpooled = torch.randn(2, *shape[:2], generator=g).unbind()
+    what = f"{shape} {layout}"
+    assert_matches_fp64_reference("se_pool", B.se_pool(x), (x,), what)
+    assert_matches_fp64_reference("se_scale", B.se_scale(x, s), (x, s), what)
+    assert_matches_fp64_reference("se_bwd_reduce", B.se_bwd_reduce(grad_y, x), (grad_y, x), what)
+    assert_matches_fp64_reference("se_bwd_apply", B.se_bwd_apply(grad_y, s, dpooled), (grad_y, s, dpooled), what)
+
+
+# mnet_ext.functional runs the op bodies without the custom ops' dispatch and autograd layers in eager mode
+# (eval_forward / EvalFunction / TrainFunction / SEFunction): the results and every gradient must be bitwise those
+# of the custom ops (which torch.compile traces).
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(out, inputs, torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_functional_fast_path_matches_custom_op(backend, training, layout):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x, weight, mean, invstd, gamma, beta = _args(2, 24, 9, 7, 3, seed=5)
+    x = x.contiguous(memory_format=fmt)
+    var = invstd.pow(-2) - 1e-5
+    inputs = [t.clone().requires_grad_() for t in (x, weight, gamma, beta)]
+    y = MF.dwconv_bn_act(inputs[0], inputs[1], mean.clone(), var.clone(), inputs[2], inputs[3], training,
+                         stride=2, act="hardswish", backend="cuda")
+    if training:
+        y_op = torch.ops.mnet_ext.dwconv_bn_act_train(*inputs, 1e-5, 2, 1, "hardswish", "cuda")[0]
+    else:
+        inv = torch.rsqrt(var + 1e-5)
+        y_op = torch.ops.mnet_ext.dwconv_bn_act(inputs[0], inputs[1], mean, inv, inputs[2], inputs[3], 2, 1,
+                                                "hardswish", "cuda")
+        with torch.no_grad():  # the path without autograd
+            assert torch.equal(MF.dwconv_bn_act(x, weight, mean, var, gamma, beta, stride=2, act="hardswish",
+                                                backend="cuda"), y_op)
+    assert torch.equal(y, y_op)
+    for g, g_op in zip(_grads(y, inputs), _grads(y_op, inputs), strict=True):
+        assert torch.equal(g, g_op)
+
+
+def test_functional_se_fast_path_matches_custom_op(backend):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 12, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    params = [torch.randn(4, 12, generator=g), torch.randn(4, generator=g), torch.randn(12, 4, generator=g),
+              torch.randn(12, generator=g)]
+    inputs = [t.clone().requires_grad_() for t in (x, *params)]
+    y = MF.squeeze_excite(*inputs, backend="cuda")
+    y_op = torch.ops.mnet_ext.squeeze_excite(*inputs, "relu", "hardsigmoid", "cuda")[0]
+    assert torch.equal(y, y_op)
+    for gr, gr_op in zip(_grads(y, inputs), _grads(y_op, inputs), strict=True):
+        assert torch.equal(gr, gr_op)
+    with torch.no_grad():
+        assert torch.equal(MF.squeeze_excite(x, *params, backend="cuda"), y_op)

@@ -96,6 +96,12 @@ static bool cpu_has_avx512() {
   MNET_DISPATCH_DTYPE((p).dtype, c10::Half, c10::BFloat16, T, [&] { return twin_base::FN<T>(p); })
 #endif
 
+#ifdef MNET_AVX2_TWIN
+int host_isa() { return cpu_has_avx512() ? 2 : cpu_has_avx2() ? 1 : 0; }
+#else
+int host_isa() { return 0; }
+#endif
+
 void dw_fwd_cpu(const DwParams& p) { MNET_TWIN_CALL(fwd_impl, p); }
 void dw_stats_cpu(const DwParams& p) { MNET_TWIN_CALL(stats_impl, p); }
 void dw_bwd_reduce_cpu(const DwParams& p) { MNET_TWIN_CALL(bwd_reduce_impl, p); }

@@ -117,16 +117,23 @@ void conv_row_nhwc(const DwParams& p, const T* xi, const float* wt, int64_t oh, 
   }
 }
 
-// pt[c] += sum over ow in [lo, hi) of dz[ow, c] * x[ow * s + off, c] (NHWC rows xr, dzr), ow increasing for every
-// c. fp32: blocks of channels accumulated in registers (no store per pixel); the rest, and other dtypes, scalar.
+// pt[c] += sum over ow in [lo, hi) of dz[ow, c] * x[ow * s + off, c] (NHWC rows xr, dzr), for every c in a fixed
+// order: U interleaved partial sums (pixel i into sum i % U, so U independent FMA chains hide the latency; the rest
+// into sum 0), added pairwise. fp32: blocks of channels accumulated in registers; the rest, and other dtypes, scalar.
 template <int NV, typename V>
 inline void corr_block(float* pt, const float* x0, const float* d0, int64_t n, int64_t xs, int64_t C) {
-  constexpr int L = sizeof(V) / sizeof(float);
-  V a[NV];
-  for (int j = 0; j < NV; ++j) a[j] = vload<V>(pt + j * L);
-  for (int64_t i = 0; i < n; ++i, x0 += xs, d0 += C)
-    for (int j = 0; j < NV; ++j) a[j] += vload<V>(d0 + j * L) * vload<V>(x0 + j * L);
-  std::memcpy(pt, a, sizeof a);
+  constexpr int L = sizeof(V) / sizeof(float), U = 4;
+  V a[U][NV] = {};
+  int64_t i = 0;
+  for (; i + U <= n; i += U, x0 += U * xs, d0 += U * C)
+    for (int u = 0; u < U; ++u)
+      for (int j = 0; j < NV; ++j) a[u][j] += vload<V>(d0 + u * C + j * L) * vload<V>(x0 + u * xs + j * L);
+  for (; i < n; ++i, x0 += xs, d0 += C)
+    for (int j = 0; j < NV; ++j) a[0][j] += vload<V>(d0 + j * L) * vload<V>(x0 + j * L);
+  for (int j = 0; j < NV; ++j) {
+    const V sum = vload<V>(pt + j * L) + ((a[0][j] + a[1][j]) + (a[2][j] + a[3][j]));
+    std::memcpy(pt + j * L, &sum, sizeof sum);
+  }
 }
 
 template <typename T>
@@ -146,6 +153,68 @@ inline void corr_accum(float* pt, const T* xr, const float* dzr, int64_t lo, int
     const T* xv = xr + (ow * s + off) * C;
     const float* dv = dzr + ow * C;
     for (int64_t c = c0; c < C; ++c) pt[c] += dv[c] * ld(xv, c);
+  }
+}
+
+// out[i] = sum over the n taps t of src[t][i] * wts[t][i] for the NV * L channels of one vector block, accumulated
+// in registers (even and odd taps apart, each in order, then added).
+template <int NV, typename V>
+inline void gather_block(const float* const* src, const float* const* wts, int n, int64_t c0, float* out) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  V a[2][NV] = {};  // even and odd taps: two independent FMA chains
+  int t = 0;
+  for (; t + 2 <= n; t += 2)
+    for (int u = 0; u < 2; ++u)
+      for (int j = 0; j < NV; ++j) a[u][j] += vload<V>(src[t + u] + c0 + j * L) * vload<V>(wts[t + u] + c0 + j * L);
+  if (t < n)
+    for (int j = 0; j < NV; ++j) a[0][j] += vload<V>(src[t] + c0 + j * L) * vload<V>(wts[t] + c0 + j * L);
+  for (int j = 0; j < NV; ++j) {
+    const V sum = a[0][j] + a[1][j];
+    std::memcpy(out + c0 + j * L, &sum, sizeof sum);
+  }
+}
+
+// dx row ih of one NHWC image in gather form (any stride): input pixel iw sums dz[oh, ow] * w[kh, kw] over the taps
+// with ih = oh * s - pad + kh * d and iw = ow * s - pad + kw * d, (kh, kw) increasing. dz_img: dz row oh at
+// dz_img + oh * Wo * C (only the rows this ih reads are touched); ow_of[iw * k + kw]: ow, or -1 when no output
+// reaches iw through kw (the caller's table, so no division here); out: fp32 [W * C].
+inline void dx_row_gather(const DwParams& p, const float* dz_img, const float* wt, const int64_t* ow_of, int64_t ih,
+                          float* out) {
+  const int k = p.k;
+  const int64_t C = p.C;
+  const float* dzr[7];
+  const float* wr[7];
+  int nr = 0;
+  for (int kh = 0; kh < k; ++kh) {
+    const int64_t oh = out_coord(ih, kh, p.stride, p.dilation, p.pad, p.Ho);
+    if (oh < 0) continue;
+    dzr[nr] = dz_img + oh * p.Wo * C;
+    wr[nr] = wt + (int64_t)kh * k * C;
+    ++nr;
+  }
+  const float* src[49];
+  const float* wts[49];
+  for (int64_t iw = 0; iw < p.W; ++iw) {
+    int n = 0;
+    for (int r = 0; r < nr; ++r)
+      for (int kw = 0; kw < k; ++kw) {
+        const int64_t ow = ow_of[iw * k + kw];
+        if (ow < 0) continue;
+        src[n] = dzr[r] + ow * C;
+        wts[n] = wr[r] + (int64_t)kw * C;
+        ++n;
+      }
+    float* o = out + iw * C;
+    int64_t c0 = 0;
+    for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) gather_block<2, vfw>(src, wts, n, c0, o);
+    for (; c0 + kVec <= C; c0 += kVec) gather_block<1, vfw>(src, wts, n, c0, o);
+    if constexpr (kVec > 8)
+      for (; c0 + 8 <= C; c0 += 8) gather_block<1, vf8>(src, wts, n, c0, o);
+    for (int64_t c = c0; c < C; ++c) {
+      float a = 0.0f;
+      for (int t = 0; t < n; ++t) a += src[t][c] * wts[t][c];
+      o[c] = a;
+    }
   }
 }
 
@@ -183,25 +252,11 @@ void store_row(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i]);
 }
 
-// grad_y row (n, :, oh, :) as fp32, in x's layout order (NCHW: [Wo] for channel c; NHWC: [Wo * C]).
+// grad_y row (n, c, oh, :) of an NCHW grad_y as fp32 [Wo].
 template <typename T>
 void load_grad_row(const DwParams& p, const T* gy, int64_t n, int64_t c, int64_t oh, float* g) {
-  if (!p.channels_last) {
-    const T* src = gy + off4(p.gs, n, c, oh, 0);
-    if (p.gs.w == 1) {
-      for (int64_t ow = 0; ow < p.Wo; ++ow) g[ow] = static_cast<float>(src[ow]);
-    } else {
-      for (int64_t ow = 0; ow < p.Wo; ++ow) g[ow] = static_cast<float>(src[ow * p.gs.w]);
-    }
-  } else {
-    if (p.gs.c == 1) {
-      const T* src = gy + off4(p.gs, n, 0, oh, 0);
-      for (int64_t i = 0; i < p.Wo * p.C; ++i) g[i] = static_cast<float>(src[i]);
-    } else {
-      for (int64_t ow = 0; ow < p.Wo; ++ow)
-        for (int64_t cc = 0; cc < p.C; ++cc) g[ow * p.C + cc] = static_cast<float>(gy[off4(p.gs, n, cc, oh, ow)]);
-    }
-  }
+  const T* src = gy + off4(p.gs, n, c, oh, 0);
+  for (int64_t ow = 0; ow < p.Wo; ++ow) g[ow] = static_cast<float>(src[ow * p.gs.w]);
 }
 
 // Per-channel BN parameters as fp32 arrays (NHWC rows use them as vectors).
@@ -217,27 +272,42 @@ struct BnVecs {
   }
 };
 
-// For a row of z (overwritten with xhat), the incoming grad (overwritten with g = act'(u) * grad).
-// NCHW: one channel c over n = Wo elements; NHWC: Wo pixels x C channels.
+// For an NCHW row of channel c: z (overwritten with xhat) and the incoming grad (overwritten with
+// g = act'(u) * grad); u is scratch.
 inline void grad_u_row(const DwParams& p, const BnVecs& bn, ActBwdFn actb, int64_t c, float* z, float* g, float* u) {
-  if (!p.channels_last) {
-    const float mean = bn.mean[c], invstd = bn.invstd[c], gamma = bn.gamma[c], beta = bn.beta[c];
-    for (int64_t ow = 0; ow < p.Wo; ++ow) {
-      z[ow] = (z[ow] - mean) * invstd;
-      u[ow] = z[ow] * gamma + beta;
-    }
-    actb(u, g, p.Wo);
-  } else {
-    const int64_t C = p.C;
-    for (int64_t ow = 0; ow < p.Wo; ++ow) {
-      float* zr = z + ow * C;
-      float* ur = u + ow * C;
-      for (int64_t cc = 0; cc < C; ++cc) {
-        zr[cc] = (zr[cc] - bn.mean[cc]) * bn.invstd[cc];
-        ur[cc] = zr[cc] * bn.gamma[cc] + bn.beta[cc];
+  const float mean = bn.mean[c], invstd = bn.invstd[c], gamma = bn.gamma[c], beta = bn.beta[c];
+  for (int64_t ow = 0; ow < p.Wo; ++ow) {
+    z[ow] = (z[ow] - mean) * invstd;
+    u[ow] = z[ow] * gamma + beta;
+  }
+  actb(u, g, p.Wo);
+}
+
+// One NHWC row of Wo pixels x C channels in a single pass: from z (the conv output, fp32) and grad_y (dense, the
+// row's first element at gy) form xhat = (z - mean) * invstd and g = act'(xhat * gamma + beta) * grad_y; then
+// SUMS: r0[c] += g and r1[c] += g * xhat (backward reduce), else z <- dz = bn_bwd_dz(...) (backward apply).
+// The per-element math is that of common/*.h; the channel loop is vectorised (omp simd, as in block_store).
+template <Act A, bool SUMS, typename T>
+void grad_row_nhwc(const BnVecs& bn, const float* gis, const float* mg, const float* mgx, const T* gy, int64_t Wo,
+                   int64_t C, float* z, float* r0, float* r1) {
+  const float* __restrict mean = bn.mean.data();
+  const float* __restrict invstd = bn.invstd.data();
+  const float* __restrict gamma = bn.gamma.data();
+  const float* __restrict beta = bn.beta.data();
+  for (int64_t ow = 0; ow < Wo; ++ow, z += C, gy += C) {
+    float* __restrict zr = z;
+    const T* __restrict gr = gy;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float xh = (zr[c] - mean[c]) * invstd[c];
+      const float g = act_bwd<A>(xh * gamma[c] + beta[c], static_cast<float>(gr[c]));
+      if constexpr (SUMS) {
+        r0[c] += g;
+        r1[c] += g * xh;
+      } else {
+        zr[c] = bn_bwd_dz(gis[c], g, mg[c], xh, mgx[c]);
       }
     }
-    actb(u, g, p.Wo * C);
   }
 }
 
@@ -334,12 +404,16 @@ void stats_impl(const DwParams& p) {
     for (int64_t n = 0; n < p.N; ++n)
       for (int64_t c = 0; c < C; ++c) acc[c] = welford_combine(acc[c], cnt, pm[n * C + c], pm2[n * C + c]);
   } else {
+    // Per block, each row's exact (mean, M2) merged into the block's as welford_combine (common/math.h) does; every
+    // channel has the same counts, so the factors are computed once per row (no division in the channel loop).
     const int64_t rows = p.N * p.Ho, nb = num_row_blocks(rows), per = (rows + nb - 1) / nb;
-    std::vector<WelfordD> part(nb * C, WelfordD{0.0, 0.0, 0.0});
+    std::vector<double> pmean(nb * C, 0.0), pm2(nb * C, 0.0), pcount(nb, 0.0);
     at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
       std::vector<float> row(p.Wo * C), rm(C), rm2(C);
       for (int64_t blk = b; blk < e; ++blk) {
-        WelfordD* pa = part.data() + blk * C;
+        double* __restrict bm = pmean.data() + blk * C;
+        double* __restrict bm2 = pm2.data() + blk * C;
+        double count = 0.0;
         for (int64_t r = blk * per; r < std::min(rows, (blk + 1) * per); ++r) {
           const int64_t n = r / p.Ho, oh = r % p.Ho;
           conv_row_nhwc(p, x + off4(p.xs, n, 0, 0, 0), wt.data(), oh, row.data());
@@ -358,15 +432,20 @@ void stats_impl(const DwParams& p) {
               rm2[c] += dv * dv;
             }
           }
-          for (int64_t c = 0; c < C; ++c) pa[c] = welford_combine(pa[c], (double)p.Wo, rm[c], rm2[c]);
+          const double n_ab = count + (double)p.Wo, fb = (double)p.Wo / n_ab, fab = count * fb;
+          for (int64_t c = 0; c < C; ++c) {
+            const double dm = (double)rm[c] - bm[c];
+            bm[c] += dm * fb;
+            bm2[c] += (double)rm2[c] + dm * dm * fab;
+          }
+          count = n_ab;
         }
+        pcount[blk] = count;
       }
     });
     for (int64_t blk = 0; blk < nb; ++blk)
-      for (int64_t c = 0; c < C; ++c) {
-        const WelfordD& q = part[blk * C + c];
-        acc[c] = welford_combine(acc[c], q.count, q.mean, q.m2);
-      }
+      for (int64_t c = 0; c < C; ++c)
+        acc[c] = welford_combine(acc[c], pcount[blk], pmean[blk * C + c], pm2[blk * C + c]);
   }
   for (int64_t c = 0; c < C; ++c) {
     p.out0[c] = (float)acc[c].mean;
@@ -384,7 +463,7 @@ void bwd_reduce_impl(const DwParams& p) {
   const BnVecs bn(p);
   const ActBwdFn actb = act_bwd_fn(p.act);
   const T* x = static_cast<const T*>(p.x);
-  const T* gy = static_cast<const T*>(p.grad_y);
+  const T* gy = static_cast<const T*>(p.grad_y);  // dense in x's layout (op.cpp)
   const int64_t C = p.C;
   std::vector<double> s0(C, 0.0), s1(C, 0.0);
   if (!p.channels_last) {
@@ -416,23 +495,17 @@ void bwd_reduce_impl(const DwParams& p) {
     const int64_t rows = p.N * p.Ho, nb = num_row_blocks(rows), per = (rows + nb - 1) / nb;
     std::vector<double> p0(nb * C, 0.0), p1(nb * C, 0.0);
     at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> z(p.Wo * C), g(p.Wo * C), u(p.Wo * C), r0(C), r1(C);
+      std::vector<float> z(p.Wo * C), r0(C), r1(C);
       for (int64_t blk = b; blk < e; ++blk) {
         for (int64_t r = blk * per; r < std::min(rows, (blk + 1) * per); ++r) {
           const int64_t n = r / p.Ho, oh = r % p.Ho;
           conv_row_nhwc(p, x + off4(p.xs, n, 0, 0, 0), wt.data(), oh, z.data());
-          load_grad_row(p, gy, n, 0, oh, g.data());
-          grad_u_row(p, bn, actb, 0, z.data(), g.data(), u.data());
           std::fill(r0.begin(), r0.end(), 0.0f);
           std::fill(r1.begin(), r1.end(), 0.0f);
-          for (int64_t ow = 0; ow < p.Wo; ++ow) {
-            const float* gr = g.data() + ow * C;
-            const float* xr = z.data() + ow * C;
-            for (int64_t c = 0; c < C; ++c) {
-              r0[c] += gr[c];
-              r1[c] += gr[c] * xr[c];
-            }
-          }
+          MNET_DISPATCH_CONV_ACT(p.act, A, [&] {
+            grad_row_nhwc<A, true>(bn, nullptr, nullptr, nullptr, gy + off4(p.gs, n, 0, oh, 0), p.Wo, C, z.data(),
+                                   r0.data(), r1.data());
+          });
           for (int64_t c = 0; c < C; ++c) p0[blk * C + c] += r0[c], p1[blk * C + c] += r1[c];
         }
       }
@@ -508,87 +581,77 @@ void bwd_apply_impl(const DwParams& p) {
     for (int64_t n = 0; n < p.N; ++n)
       for (int64_t i = 0; i < C * kk; ++i) dw[i] += pdw[n * C * kk + i];
   } else {
-    // pass 1: dz for every output position (fp32, NHWC) and per-block dweight partials [blk][t][c]
-    const int64_t rows = p.N * p.Ho, nb = num_row_blocks(rows), per = (rows + nb - 1) / nb;
-    std::vector<float> dzb(rows * p.Wo * C);
-    std::vector<float> pdw(nb * kk * C, 0.0f);
-    at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> g(p.Wo * C), u(p.Wo * C);
-      for (int64_t blk = b; blk < e; ++blk) {
-        float* pd = pdw.data() + blk * kk * C;
-        for (int64_t r = blk * per; r < std::min(rows, (blk + 1) * per); ++r) {
-          const int64_t n = r / p.Ho, oh = r % p.Ho;
-          const T* xi = x + off4(p.xs, n, 0, 0, 0);
-          float* dzr = dzb.data() + r * p.Wo * C;
+    // Work items: (image, band of dx rows [i0, i1)), a fixed partition (the result does not depend on the thread
+    // count). An item computes dz for the rows [lo, hi) its dx rows read (fp32, kept in the item's buffer), adds
+    // the dweight terms of the dz rows it owns (each dz row owned by exactly one band of its image:
+    // [ceil(i0 / s), ceil(i1 / s)), the last band up to Ho) into its partial, then gathers its dx rows. Bands
+    // overlap by the halo of k - 1 dilated taps, whose dz rows are computed twice; ~512 KB of dz per band.
+    const int64_t row = p.Wo * C;
+    const int64_t band = std::min<int64_t>(p.H, std::max<int64_t>(4, 131072 / std::max<int64_t>(1, row)));
+    const int64_t nbands = (p.H + band - 1) / band, items = p.N * nbands;
+    std::vector<float> pdw(items * kk * C, 0.0f);
+    std::vector<float> wf;  // stride 1: the taps flipped, dx = forward conv of dz (pad = (k - 1) / 2 * d both sides)
+    DwParams q = p;
+    q.H = p.Ho, q.W = p.Wo, q.Ho = p.H, q.Wo = p.W;
+    if (std::is_same_v<T, float> && s == 1) {
+      wf.resize(kk * C);
+      for (int64_t t = 0; t < kk; ++t) std::memcpy(&wf[t * C], &wt[(kk - 1 - t) * C], C * sizeof(float));
+    }
+    std::vector<int64_t> ow_of(p.W * k);  // gather form: the output column iw reads through tap kw, or -1
+    for (int64_t iw = 0; iw < p.W; ++iw)
+      for (int kw = 0; kw < k; ++kw) ow_of[iw * k + kw] = out_coord(iw, kw, s, d, pad, p.Wo);
+    auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> dzb, acc(p.W * C);
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t n = item / nbands, bi = item % nbands, i0 = bi * band, i1 = std::min(p.H, i0 + band);
+        const int64_t own_lo = std::min(p.Ho, ceil_div(i0, s));
+        const int64_t own_hi = bi == nbands - 1 ? p.Ho : std::min(p.Ho, ceil_div(i1, s));
+        const int64_t need_lo = ceil_div(std::max<int64_t>(0, i0 + pad - (int64_t)(k - 1) * d), s);
+        const int64_t need_hi = std::min(p.Ho, (i1 - 1 + pad) / s + 1);
+        const int64_t lo = std::min(own_lo, need_lo), hi = std::max(own_hi, need_hi);
+        const T* xi = x + off4(p.xs, n, 0, 0, 0);
+        float* pd = pdw.data() + item * kk * C;
+        dzb.resize((hi - lo) * row);
+        for (int64_t oh = lo; oh < hi; ++oh) {
+          float* dzr = dzb.data() + (oh - lo) * row;
           conv_row_nhwc(p, xi, wt.data(), oh, dzr);
-          load_grad_row(p, gy, n, 0, oh, g.data());
-          grad_u_row(p, bn, actb, 0, dzr, g.data(), u.data());
-          for (int64_t ow = 0; ow < p.Wo; ++ow) {
-            float* z = dzr + ow * C;
-            const float* gr = g.data() + ow * C;
-            for (int64_t c = 0; c < C; ++c) z[c] = bn_bwd_dz(gis[c], gr[c], mg[c], z[c], mgx[c]);
-          }
+          MNET_DISPATCH_CONV_ACT(p.act, A, [&] {
+            grad_row_nhwc<A, false>(bn, gis.data(), mg.data(), mgx.data(), gy + off4(p.gs, n, 0, oh, 0), p.Wo, C,
+                                    dzr, nullptr, nullptr);
+          });
+          if (oh < own_lo || oh >= own_hi) continue;
           for (int kh = 0; kh < k; ++kh) {
             const int64_t ih = in_coord(oh, kh, s, d, pad);
             if (ih < 0 || ih >= p.H) continue;
             const T* xr = xi + ih * p.W * C;
             for (int kw = 0; kw < k; ++kw) {
               const int64_t off = (int64_t)kw * d - pad;
-              int64_t lo, hi;
-              valid_range(off, s, p.W, p.Wo, lo, hi);
-              corr_accum(pd + (int64_t)(kh * k + kw) * C, xr, dzr, lo, hi, s, off, C);
+              int64_t wlo, whi;
+              valid_range(off, s, p.W, p.Wo, wlo, whi);
+              corr_accum(pd + (int64_t)(kh * k + kw) * C, xr, dzr, wlo, whi, s, off, C);
             }
+          }
+        }
+        // dz row oh of this image is dzb[(oh - lo) * row]: only rows in [lo, hi) are read
+        const float* dz_img = dzb.data() - lo * row;
+        for (int64_t ih = i0; ih < i1; ++ih) {
+          T* dxr = dx + off4(p.ys, n, 0, ih, 0);
+          if constexpr (std::is_same_v<T, float>) {
+            if (s == 1)  // the register-blocked forward kernel, taps flipped
+              nhwc_fwd_row<Act::None, false>(q, dz_img, wf.data(), nullptr, nullptr, ih, dxr);
+            else
+              dx_row_gather(p, dz_img, wt.data(), ow_of.data(), ih, dxr);
+          } else {
+            dx_row_gather(p, dz_img, wt.data(), ow_of.data(), ih, acc.data());
+            store_row(acc.data(), dxr, p.W * C);
           }
         }
       }
     });
-    for (int64_t blk = 0; blk < nb; ++blk)
+    for (int64_t item = 0; item < items; ++item)
       for (int64_t t = 0; t < kk; ++t)
-        for (int64_t c = 0; c < C; ++c) dw[c * kk + t] += pdw[(blk * kk + t) * C + c];
-    // pass 2: dx by gathering dz (each input row owned by one task: no races, fixed order). At stride 1 that is
-    // the forward conv of dz with the taps flipped (pad = (k - 1) / 2 * d on both sides): the fp32 kernel.
-    bool dx_done = false;
-    if constexpr (std::is_same_v<T, float>) {
-      if (s == 1) {
-        DwParams q = p;
-        q.H = p.Ho, q.W = p.Wo, q.Ho = p.H, q.Wo = p.W;
-        std::vector<float> wf(kk * C);
-        for (int64_t t = 0; t < kk; ++t) std::memcpy(&wf[t * C], &wt[(kk - 1 - t) * C], C * sizeof(float));
-        const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.W * C * kk));
-        at::parallel_for(0, p.N * p.H, grain, [&](int64_t b, int64_t e) {
-          for (int64_t r = b; r < e; ++r) {
-            const int64_t n = r / p.H, ih = r % p.H;
-            nhwc_fwd_row<Act::None, false>(q, dzb.data() + n * p.Ho * p.Wo * C, wf.data(), nullptr, nullptr, ih,
-                                           dx + off4(p.ys, n, 0, ih, 0));
-          }
-        });
-        dx_done = true;
-      }
-    }
-    if (!dx_done) at::parallel_for(0, p.N * p.H, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> acc(p.W * C);
-      for (int64_t r = b; r < e; ++r) {
-        const int64_t n = r / p.H, ih = r % p.H;
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int kh = 0; kh < k; ++kh) {
-          const int64_t oh = out_coord(ih, kh, s, d, pad, p.Ho);
-          if (oh < 0) continue;
-          const float* dzr = dzb.data() + (n * p.Ho + oh) * p.Wo * C;
-          for (int kw = 0; kw < k; ++kw) {
-            const int64_t off = (int64_t)kw * d - pad;
-            int64_t lo, hi;
-            valid_range(off, s, p.W, p.Wo, lo, hi);
-            const float* wtt = wt.data() + (int64_t)(kh * k + kw) * C;
-            for (int64_t ow = lo; ow < hi; ++ow) {
-              float* a = acc.data() + (ow * s + off) * C;
-              const float* dv = dzr + ow * C;
-              for (int64_t c = 0; c < C; ++c) a[c] += dv[c] * wtt[c];
-            }
-          }
-        }
-        store_row(acc.data(), dx + off4(p.ys, n, 0, ih, 0), p.W * C);
-      }
-    });
+        for (int64_t c = 0; c < C; ++c) dw[c * kk + t] += pdw[(item * kk + t) * C + c];
   }
   T* dwo = static_cast<T*>(p.dweight);
   for (int64_t i = 0; i < C * kk; ++i) dwo[i] = T((float)dw[i]);

@@ -12,6 +12,9 @@ void dw_fwd_cpu(const DwParams& p);
 void dw_stats_cpu(const DwParams& p);
 void dw_bwd_reduce_cpu(const DwParams& p);
 void dw_bwd_apply_cpu(const DwParams& p);
+// The widest ISA copy of the host twins (this file's and squeeze_excite's) this CPU runs, capped by
+// MNET_EXT_CPU_ISA: 0 baseline, 1 AVX2+FMA, 2 AVX-512 (cpu.cpp).
+int host_isa();
 
 // The CUDA tile plan run on the host (tile_check.cpp): counts [N, C, Ho, Wo] of work items per output.
 void dw_tile_coverage(const DwParams& p, int elem_size, int threads, int32_t* counts);

@@ -47,9 +47,18 @@ def dwconv_bn_act(
     act: str,
     backend: str,
 ) -> Tensor:
+    return eval_forward(x, weight, mean, invstd, gamma, beta, stride, dilation, act, backend)
+
+
+def eval_forward(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, stride: int,
+                 dilation: int, act: str, backend: str) -> Tensor:
+    """The body of ``mnet_ext::dwconv_bn_act``; ``mnet_ext.functional`` calls it directly when autograd has nothing
+    to record (the op's dispatch costs more than a small layer's convolution on a CPU)."""
     if x.numel() == 0:
         return _like_output(x, weight, stride, dilation)
     impl, weight = load(backend), weight.contiguous()
+    if not torch.is_autocast_enabled(x.device.type):
+        return impl.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
     with torch.autocast(x.device.type, enabled=False):
         return impl.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
 
@@ -66,6 +75,12 @@ def dwconv_bn_act_train(
     act: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return train_forward(x, weight, gamma, beta, eps, stride, dilation, act, backend)
+
+
+def train_forward(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float, stride: int, dilation: int,
+                  act: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The body of ``mnet_ext::dwconv_bn_act_train`` (also run by ``TrainFunction``)."""
     if x.numel() == 0:  # zero statistics with a count of 0, as an empty rank reports them under SyncBatchNorm
         return _like_output(x, weight, stride, dilation), _vector(x).zero_(), _vector(x).zero_()
     impl, weight = load(backend), weight.contiguous()
@@ -91,6 +106,13 @@ def dwconv_bn_act_backward(
     training: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return backward(grad_y, x, weight, mean, invstd, gamma, beta, stride, dilation, act, training, backend)
+
+
+def backward(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor,
+             stride: int, dilation: int, act: str, training: bool,
+             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The body of ``mnet_ext::dwconv_bn_act_backward`` (also run by ``TrainFunction``)."""
     if x.numel() == 0:
         dweight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         return new_output(x, x.shape), dweight, _vector(x).zero_(), _vector(x).zero_()
@@ -162,3 +184,53 @@ def _backward_train(ctx, grad_y, _grad_mean, _grad_var):
 
 dwconv_bn_act.register_autograd(_backward_eval, setup_context=_setup_eval)
 dwconv_bn_act_train.register_autograd(_backward_train, setup_context=_setup_train)
+
+
+class TrainFunction(torch.autograd.Function):
+    """``mnet_ext::dwconv_bn_act_train`` and its registered autograd as a plain ``autograd.Function``: the same op
+    bodies, without the custom op's dispatch and autograd layers (~0.2-0.3 ms per layer and training step on a CPU,
+    as much as a small layer's kernels). ``mnet_ext.functional`` uses it in eager mode; ``torch.compile`` traces
+    the custom op."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float, stride: int, dilation: int,
+                act: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+        y, mean, var = train_forward(x, weight, gamma, beta, eps, stride, dilation, act, backend)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # mean and var never get gradients: no zeros for them
+        ctx.save_for_backward(x, weight, gamma, beta, mean, var)
+        ctx.args = (eps, stride, dilation, act, backend)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor | None, _grad_mean: None, _grad_var: None) -> tuple[Tensor | None, ...]:
+        if grad_y is None:  # y did not reach the loss
+            return (None,) * 9
+        x, weight, gamma, beta, mean, var = ctx.saved_tensors
+        eps, stride, dilation, act, backend = ctx.args
+        invstd = torch.rsqrt(var + eps)
+        dx, dweight, dgamma, dbeta = backward(
+            dense_like(grad_y, x), x, weight, mean, invstd, gamma, beta, stride, dilation, act, True, backend
+        )
+        return dx, dweight, dgamma, dbeta, None, None, None, None, None
+
+
+class EvalFunction(torch.autograd.Function):
+    """``mnet_ext::dwconv_bn_act`` and its registered autograd as a plain ``autograd.Function`` (see
+    ``TrainFunction``): statistics given, gradients for x, the weight and the affine parameters."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor,
+                stride: int, dilation: int, act: str, backend: str) -> Tensor:
+        ctx.save_for_backward(x, weight, mean, invstd, gamma, beta)
+        ctx.args = (stride, dilation, act, backend)
+        return eval_forward(x, weight, mean, invstd, gamma, beta, stride, dilation, act, backend)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd, gamma, beta = ctx.saved_tensors
+        stride, dilation, act, backend = ctx.args
+        dx, dweight, dgamma, dbeta = backward(
+            dense_like(grad_y, x), x, weight, mean, invstd, gamma, beta, stride, dilation, act, False, backend
+        )
+        return dx, dweight, None, None, dgamma, dbeta, None, None, None, None

@@ -21,14 +21,19 @@ from mnet_ext.ops._common import dense_like, new_output
 from mnet_ext.reference import acc_dtype, act_bwd, act_fwd
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call when it would return ``t`` itself (one call per SE layer and step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _excite(pooled: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: str, gate: str):
     """The two FCs on the pooled means, in their dtype (fp32; fp64 for fp64 inputs).
 
     Returns every intermediate the backward needs."""
     dt = pooled.dtype
-    a1 = torch.addmm(b1.to(dt), pooled, w1.to(dt).t())
+    a1 = torch.addmm(_as(b1, dt), pooled, _as(w1, dt).t())
     h = act_fwd(a1, act)
-    a2 = torch.addmm(b2.to(dt), h, w2.to(dt).t())
+    a2 = torch.addmm(_as(b2, dt), h, _as(w2, dt).t())
     return a1, h, a2, act_fwd(a2, gate)
 
 
@@ -43,14 +48,23 @@ def squeeze_excite(
     gate: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    return forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, backend)
+
+
+def forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor, act: str,
+            gate: str, backend: str) -> tuple[Tensor, Tensor]:
+    """The body of ``mnet_ext::squeeze_excite``; ``mnet_ext.functional`` calls it directly when autograd has nothing
+    to record (the op's dispatch costs more than a small SE layer on a CPU)."""
     if x.numel() == 0:
         pooled = x.to(acc_dtype(x.dtype)).mean(dim=(2, 3))
         return new_output(x, x.shape), pooled
     impl = load(backend)
+    if not torch.is_autocast_enabled(x.device.type):
+        pooled = impl.se_pool(x)
+        return impl.se_scale(x, _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)[-1]), pooled
     with torch.autocast(x.device.type, enabled=False):
         pooled = impl.se_pool(x)
-        s = _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)[-1]
-        return impl.se_scale(x, s), pooled
+        return impl.se_scale(x, _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)[-1]), pooled
 
 
 @torch.library.custom_op("mnet_ext::squeeze_excite_backward", mutates_args=())
@@ -66,6 +80,12 @@ def squeeze_excite_backward(
     gate: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return backward(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, backend)
+
+
+def backward(grad_y: Tensor, x: Tensor, pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
+             fc2_bias: Tensor, act: str, gate: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The body of ``mnet_ext::squeeze_excite_backward`` (also run by ``SEFunction``)."""
     impl, empty = load(backend), x.numel() == 0
     with torch.autocast(x.device.type, enabled=False):
         a1, h, a2, s = _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
@@ -113,3 +133,27 @@ def _backward(ctx, grad_y, _grad_pooled):
 
 
 squeeze_excite.register_autograd(_backward, setup_context=_setup)
+
+
+class SEFunction(torch.autograd.Function):
+    """``mnet_ext::squeeze_excite`` and its registered autograd as a plain ``autograd.Function`` (the same op bodies
+    without the custom op's dispatch and autograd layers; see ``dwconv_bn_act.TrainFunction``). Eager mode only."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: str, gate: str,
+                backend: str) -> tuple[Tensor, Tensor]:
+        y, pooled = forward(x, w1, b1, w2, b2, act, gate, backend)
+        ctx.mark_non_differentiable(pooled)
+        ctx.set_materialize_grads(False)  # pooled never gets a gradient: no zeros for it
+        ctx.save_for_backward(x, pooled, w1, b1, w2, b2)
+        ctx.args = (act, gate, backend)
+        return y, pooled
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor | None, _grad_pooled: None) -> tuple[Tensor | None, ...]:
+        if grad_y is None:  # y did not reach the loss
+            return (None,) * 8
+        x, pooled, w1, b1, w2, b2 = ctx.saved_tensors
+        act, gate, backend = ctx.args
+        grads = backward(dense_like(grad_y, x), x, pooled, w1, b1, w2, b2, act, gate, backend)
+        return *grads, None, None, None
