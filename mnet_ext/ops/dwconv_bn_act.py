@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mnet_ext._backend import load
-from mnet_ext.ops._common import dense_like, new_output
+from mnet_ext.ops._common import autocast_off, dense_like, new_output
 from mnet_ext.reference import acc_dtype, output_hw
 
 
@@ -57,9 +57,7 @@ def eval_forward(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, gamma:
     if x.numel() == 0:
         return _like_output(x, weight, stride, dilation)
     impl, weight = load(backend), weight.contiguous()
-    if not torch.is_autocast_enabled(x.device.type):
-        return impl.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x):
         return impl.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
 
 
@@ -84,7 +82,7 @@ def train_forward(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: f
     if x.numel() == 0:  # zero statistics with a count of 0, as an empty rank reports them under SyncBatchNorm
         return _like_output(x, weight, stride, dilation), _vector(x).zero_(), _vector(x).zero_()
     impl, weight = load(backend), weight.contiguous()
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x):
         mean, var = impl.dwconv_bn_stats(x, weight, stride, dilation)
         invstd = torch.rsqrt(var + eps)
         y = impl.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
@@ -117,7 +115,7 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Te
         dweight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         return new_output(x, x.shape), dweight, _vector(x).zero_(), _vector(x).zero_()
     impl, weight = load(backend), weight.contiguous()
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x):
         sum_g, sum_g_xhat = impl.dwconv_bn_act_bwd_reduce(
             grad_y, x, weight, mean, invstd, gamma, beta, stride, dilation, act
         )
@@ -149,34 +147,44 @@ def _(grad_y, x, weight, mean, invstd, gamma, beta, stride, dilation, act, train
 
 
 # ---------------------------------------------------------------------------------------------- autograd
-def _setup_eval(ctx, inputs, output):
+# One setup and one backward per op, for two callers: the custom ops' registered autograd (what torch.compile
+# traces), and in eager mode the plain autograd.Functions below, which run the same op bodies without the custom
+# ops' dispatch and autograd layers (~0.2-0.3 ms per layer and training step on a CPU, as much as a small layer's
+# kernels). ``direct`` picks the backward's body over its op.
+def _setup_eval(ctx, inputs, output, direct: bool = False):
     x, weight, mean, invstd, gamma, beta, stride, dilation, act, backend = inputs
     ctx.save_for_backward(x, weight, mean, invstd, gamma, beta)
     ctx.args = (stride, dilation, act, backend)
+    ctx.bwd = backward if direct else dwconv_bn_act_backward
 
 
 def _backward_eval(ctx, grad_y):
     x, weight, mean, invstd, gamma, beta = ctx.saved_tensors
     stride, dilation, act, backend = ctx.args
-    dx, dweight, dgamma, dbeta = dwconv_bn_act_backward(
+    dx, dweight, dgamma, dbeta = ctx.bwd(
         dense_like(grad_y, x), x, weight, mean, invstd, gamma, beta, stride, dilation, act, False, backend
     )
     return dx, dweight, None, None, dgamma, dbeta, None, None, None, None
 
 
-def _setup_train(ctx, inputs, output):
+def _setup_train(ctx, inputs, output, direct: bool = False):
     x, weight, gamma, beta, eps, stride, dilation, act, backend = inputs
     _, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.save_for_backward(x, weight, gamma, beta, mean, var)
     ctx.args = (eps, stride, dilation, act, backend)
+    ctx.bwd = backward if direct else dwconv_bn_act_backward
+    if direct:
+        ctx.set_materialize_grads(False)  # mean and var never get gradients: no zeros for them
 
 
 def _backward_train(ctx, grad_y, _grad_mean, _grad_var):
+    if grad_y is None:  # y did not reach the loss (only without materialized gradients)
+        return (None,) * 9
     x, weight, gamma, beta, mean, var = ctx.saved_tensors
     eps, stride, dilation, act, backend = ctx.args
     invstd = torch.rsqrt(var + eps)
-    dx, dweight, dgamma, dbeta = dwconv_bn_act_backward(
+    dx, dweight, dgamma, dbeta = ctx.bwd(
         dense_like(grad_y, x), x, weight, mean, invstd, gamma, beta, stride, dilation, act, True, backend
     )
     return dx, dweight, dgamma, dbeta, None, None, None, None, None
@@ -186,51 +194,23 @@ dwconv_bn_act.register_autograd(_backward_eval, setup_context=_setup_eval)
 dwconv_bn_act_train.register_autograd(_backward_train, setup_context=_setup_train)
 
 
-class TrainFunction(torch.autograd.Function):
-    """``mnet_ext::dwconv_bn_act_train`` and its registered autograd as a plain ``autograd.Function``: the same op
-    bodies, without the custom op's dispatch and autograd layers (~0.2-0.3 ms per layer and training step on a CPU,
-    as much as a small layer's kernels). ``mnet_ext.functional`` uses it in eager mode; ``torch.compile`` traces
-    the custom op."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float, stride: int, dilation: int,
-                act: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var = train_forward(x, weight, gamma, beta, eps, stride, dilation, act, backend)
-        ctx.mark_non_differentiable(mean, var)
-        ctx.set_materialize_grads(False)  # mean and var never get gradients: no zeros for them
-        ctx.save_for_backward(x, weight, gamma, beta, mean, var)
-        ctx.args = (eps, stride, dilation, act, backend)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor | None, _grad_mean: None, _grad_var: None) -> tuple[Tensor | None, ...]:
-        if grad_y is None:  # y did not reach the loss
-            return (None,) * 9
-        x, weight, gamma, beta, mean, var = ctx.saved_tensors
-        eps, stride, dilation, act, backend = ctx.args
-        invstd = torch.rsqrt(var + eps)
-        dx, dweight, dgamma, dbeta = backward(
-            dense_like(grad_y, x), x, weight, mean, invstd, gamma, beta, stride, dilation, act, True, backend
-        )
-        return dx, dweight, dgamma, dbeta, None, None, None, None, None
-
-
 class EvalFunction(torch.autograd.Function):
-    """``mnet_ext::dwconv_bn_act`` and its registered autograd as a plain ``autograd.Function`` (see
-    ``TrainFunction``): statistics given, gradients for x, the weight and the affine parameters."""
+    """``mnet_ext::dwconv_bn_act`` with its autograd, as a plain ``autograd.Function`` (eager mode only)."""
+
+    forward = staticmethod(eval_forward)
+    backward = staticmethod(_backward_eval)
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor,
-                stride: int, dilation: int, act: str, backend: str) -> Tensor:
-        ctx.save_for_backward(x, weight, mean, invstd, gamma, beta)
-        ctx.args = (stride, dilation, act, backend)
-        return eval_forward(x, weight, mean, invstd, gamma, beta, stride, dilation, act, backend)
+    def setup_context(ctx, inputs, output):
+        _setup_eval(ctx, inputs, output, direct=True)
+
+
+class TrainFunction(torch.autograd.Function):
+    """``mnet_ext::dwconv_bn_act_train`` with its autograd, as a plain ``autograd.Function`` (eager mode only)."""
+
+    forward = staticmethod(train_forward)
+    backward = staticmethod(_backward_train)
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd, gamma, beta = ctx.saved_tensors
-        stride, dilation, act, backend = ctx.args
-        dx, dweight, dgamma, dbeta = backward(
-            dense_like(grad_y, x), x, weight, mean, invstd, gamma, beta, stride, dilation, act, False, backend
-        )
-        return dx, dweight, None, None, dgamma, dbeta, None, None, None, None
+    def setup_context(ctx, inputs, output):
+        _setup_train(ctx, inputs, output, direct=True)

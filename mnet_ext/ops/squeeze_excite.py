@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mnet_ext._backend import load
-from mnet_ext.ops._common import dense_like, new_output
+from mnet_ext.ops._common import autocast_off, dense_like, new_output
 from mnet_ext.reference import acc_dtype, act_bwd, act_fwd
 
 
@@ -59,10 +59,7 @@ def forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
         pooled = x.to(acc_dtype(x.dtype)).mean(dim=(2, 3))
         return new_output(x, x.shape), pooled
     impl = load(backend)
-    if not torch.is_autocast_enabled(x.device.type):
-        pooled = impl.se_pool(x)
-        return impl.se_scale(x, _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)[-1]), pooled
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x):
         pooled = impl.se_pool(x)
         return impl.se_scale(x, _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)[-1]), pooled
 
@@ -87,7 +84,7 @@ def backward(grad_y: Tensor, x: Tensor, pooled: Tensor, fc1_weight: Tensor, fc1_
              fc2_bias: Tensor, act: str, gate: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The body of ``mnet_ext::squeeze_excite_backward`` (also run by ``SEFunction``)."""
     impl, empty = load(backend), x.numel() == 0
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x):
         a1, h, a2, s = _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
         ds = torch.zeros_like(pooled) if empty else impl.se_bwd_reduce(grad_y, x)
         da2 = act_bwd(a2, ds, gate)
@@ -118,17 +115,24 @@ def _(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, 
     )
 
 
-def _setup(ctx, inputs, output):
+# One setup and one backward for the custom op's registered autograd and the eager ``SEFunction`` (see
+# ``dwconv_bn_act``'s autograd section): ``direct`` picks the backward's body over its op.
+def _setup(ctx, inputs, output, direct: bool = False):
     x, w1, b1, w2, b2, act, gate, backend = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, output[1], w1, b1, w2, b2)
     ctx.args = (act, gate, backend)
+    ctx.bwd = backward if direct else squeeze_excite_backward
+    if direct:
+        ctx.set_materialize_grads(False)  # pooled never gets a gradient: no zeros for it
 
 
 def _backward(ctx, grad_y, _grad_pooled):
+    if grad_y is None:  # y did not reach the loss (only without materialized gradients)
+        return (None,) * 8
     x, pooled, w1, b1, w2, b2 = ctx.saved_tensors
     act, gate, backend = ctx.args
-    grads = squeeze_excite_backward(dense_like(grad_y, x), x, pooled, w1, b1, w2, b2, act, gate, backend)
+    grads = ctx.bwd(dense_like(grad_y, x), x, pooled, w1, b1, w2, b2, act, gate, backend)
     return *grads, None, None, None
 
 
@@ -136,24 +140,11 @@ squeeze_excite.register_autograd(_backward, setup_context=_setup)
 
 
 class SEFunction(torch.autograd.Function):
-    """``mnet_ext::squeeze_excite`` and its registered autograd as a plain ``autograd.Function`` (the same op bodies
-    without the custom op's dispatch and autograd layers; see ``dwconv_bn_act.TrainFunction``). Eager mode only."""
+    """``mnet_ext::squeeze_excite`` with its autograd, as a plain ``autograd.Function`` (eager mode only)."""
+
+    forward = staticmethod(forward)
+    backward = staticmethod(_backward)
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: str, gate: str,
-                backend: str) -> tuple[Tensor, Tensor]:
-        y, pooled = forward(x, w1, b1, w2, b2, act, gate, backend)
-        ctx.mark_non_differentiable(pooled)
-        ctx.set_materialize_grads(False)  # pooled never gets a gradient: no zeros for it
-        ctx.save_for_backward(x, pooled, w1, b1, w2, b2)
-        ctx.args = (act, gate, backend)
-        return y, pooled
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor | None, _grad_pooled: None) -> tuple[Tensor | None, ...]:
-        if grad_y is None:  # y did not reach the loss
-            return (None,) * 8
-        x, pooled, w1, b1, w2, b2 = ctx.saved_tensors
-        act, gate, backend = ctx.args
-        grads = backward(dense_like(grad_y, x), x, pooled, w1, b1, w2, b2, act, gate, backend)
-        return *grads, None, None, None
+    def setup_context(ctx, inputs, output):
+        _setup(ctx, inputs, output, direct=True)
