@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -35,3 +36,20 @@ def autocast_off(t: Tensor) -> contextlib.AbstractContextManager:
     at all when it is off already: entering one costs microseconds, a real share of a small layer on a CPU."""
     device = t.device.type
     return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+
+
+def eager_function(name: str, body: Callable, setup: Callable, backward: Callable) -> type[torch.autograd.Function]:
+    """An op's body with its registered autograd (``setup(ctx, inputs, output, direct=True)``, ``backward``) as a
+    plain ``autograd.Function``, which eager mode runs without the custom op's dispatch and autograd layers (they cost
+    as much as a small layer's kernels on a CPU). ``torch.compile`` traces the custom op itself."""
+
+    class EagerFunction(torch.autograd.Function):
+        forward = staticmethod(body)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup(ctx, inputs, output, direct=True)
+
+    EagerFunction.backward = staticmethod(backward)
+    EagerFunction.__name__ = EagerFunction.__qualname__ = name
+    return EagerFunction

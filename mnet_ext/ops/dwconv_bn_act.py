@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mnet_ext._backend import load
-from mnet_ext.ops._common import autocast_off, dense_like, new_output
+from mnet_ext.ops._common import autocast_off, dense_like, eager_function, new_output
 from mnet_ext.reference import acc_dtype, output_hw
 
 
@@ -148,9 +148,9 @@ def _(grad_y, x, weight, mean, invstd, gamma, beta, stride, dilation, act, train
 
 # ---------------------------------------------------------------------------------------------- autograd
 # One setup and one backward per op, for two callers: the custom ops' registered autograd (what torch.compile
-# traces), and in eager mode the plain autograd.Functions below, which run the same op bodies without the custom
-# ops' dispatch and autograd layers (~0.2-0.3 ms per layer and training step on a CPU, as much as a small layer's
-# kernels). ``direct`` picks the backward's body over its op.
+# traces), and in eager mode the plain autograd.Functions below (``eager_function``), which run the same op bodies
+# without the custom ops' dispatch and autograd layers (~0.2-0.3 ms per layer and training step on a CPU).
+# ``direct`` picks the backward's body over its op.
 def _setup_eval(ctx, inputs, output, direct: bool = False):
     x, weight, mean, invstd, gamma, beta, stride, dilation, act, backend = inputs
     ctx.save_for_backward(x, weight, mean, invstd, gamma, beta)
@@ -194,23 +194,5 @@ dwconv_bn_act.register_autograd(_backward_eval, setup_context=_setup_eval)
 dwconv_bn_act_train.register_autograd(_backward_train, setup_context=_setup_train)
 
 
-class EvalFunction(torch.autograd.Function):
-    """``mnet_ext::dwconv_bn_act`` with its autograd, as a plain ``autograd.Function`` (eager mode only)."""
-
-    forward = staticmethod(eval_forward)
-    backward = staticmethod(_backward_eval)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_eval(ctx, inputs, output, direct=True)
-
-
-class TrainFunction(torch.autograd.Function):
-    """``mnet_ext::dwconv_bn_act_train`` with its autograd, as a plain ``autograd.Function`` (eager mode only)."""
-
-    forward = staticmethod(train_forward)
-    backward = staticmethod(_backward_train)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_train(ctx, inputs, output, direct=True)
+EvalFunction = eager_function("EvalFunction", eval_forward, _setup_eval, _backward_eval)
+TrainFunction = eager_function("TrainFunction", train_forward, _setup_train, _backward_train)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mnet_ext._backend import load
-from mnet_ext.ops._common import autocast_off, dense_like, new_output
+from mnet_ext.ops._common import autocast_off, dense_like, eager_function, new_output
 from mnet_ext.reference import acc_dtype, act_bwd, act_fwd
 
 
@@ -139,12 +139,4 @@ def _backward(ctx, grad_y, _grad_pooled):
 squeeze_excite.register_autograd(_backward, setup_context=_setup)
 
 
-class SEFunction(torch.autograd.Function):
-    """``mnet_ext::squeeze_excite`` with its autograd, as a plain ``autograd.Function`` (eager mode only)."""
-
-    forward = staticmethod(forward)
-    backward = staticmethod(_backward)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup(ctx, inputs, output, direct=True)
+SEFunction = eager_function("SEFunction", forward, _setup, _backward)
