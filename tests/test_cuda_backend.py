@@ -185,9 +185,11 @@ def _tile_cases() -> list[tuple]:
     for cfg in unique_layers():  # every MobileNet depthwise layer, at batch 2
         if cfg.kind == "dwconv_bn_act":
             cases.append((2, cfg.channels, cfg.height, cfg.width, cfg.kernel_size, cfg.stride, cfg.dilation))
-    # odd sizes, C not a multiple of 8 (or of the 32-vector groups), K = 7, every stride x dilation
+    # odd sizes, C not a multiple of 8 (or of the 32-vector groups), K = 7, every stride x dilation; 1 x 1, and rows
+    # whose dilation-2 shorter phase ends in an empty strip (Wo = 2 q TW + 1: 17 at TW 8, 15 at 7, 29 at 14)
     for k, s, d in itertools.product((3, 5, 7), (1, 2), (1, 2)):
-        cases += [(3, 13, 9, 11, k, s, d), (1, 100, 6, 5, k, s, d), (2, 264, 7, 7, k, s, d)]
+        cases += [(3, 13, 9, 11, k, s, d), (1, 100, 6, 5, k, s, d), (2, 264, 7, 7, k, s, d), (1, 3, 1, 1, k, s, d)]
+        cases += [(1, 10, 2, 17, k, s, d), (1, 10, 2, 15, k, s, d), (1, 10, 2, 29, k, s, d)]
     return cases
 
 
@@ -208,6 +210,14 @@ def test_tile_plan_covers_every_output_once(layout, dtype):
         bad = (counts != 1).nonzero()
         case = (n, c, h, w, k, stride, dilation)
         assert bad.numel() == 0, f"{case}: outputs covered {counts.min()}..{counts.max()} times, first at {bad[0]}"
+
+
+def test_tile_plan_stats_step_skips_empty_strips():
+    """A dilation-2 row of Wo = 2 q TW + 1 outputs ends its shorter phase in an empty strip; the stats kernel's Chan
+    step (common/math.h, run over every strip by the plan check) must leave the running mean finite past it."""
+    x = torch.empty(1, 4, 2, 17)
+    counts = OPS._dw_tile_coverage(x, torch.empty(4, 1, 3, 3), 1, 2, 256)
+    assert (counts == 1).all()
 
 
 def test_tile_plan_check_fails_on_a_gap():

@@ -1,6 +1,7 @@
 // Small shared math: BN folding, Welford/Chan statistics, conv geometry. No ATen; host and device.
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 
 #include "common/macros.h"
@@ -63,6 +64,31 @@ MNET_HD Welford welford_combine(const Welford& a, const Welford& b) {
   const float fb = b.count / n;
   return {n, a.mean + d * fb, a.m2 + b.m2 + d * d * a.count * fb};
 }
+// A thread's running (count, mean[v], M2[v]) absorbs one strip of `cnt` outputs z[m][v] (m < cnt): the strip's own
+// mean and M2 in two passes, then one Chan combine (welford_combine's arithmetic, the division shared by the V
+// channels). The stats kernel's step (kernels.cuh), also run by the host tile-plan check (tile_check.cpp). An empty
+// strip (cnt = 0: the last strip of a dilation-2 row's shorter phase, tile.h strip_count) changes nothing: its
+// mean would be 0 * inf = NaN.
+template <int TW, int V>
+MNET_HD void welford_add_strip(float& count, float (&mean)[V], float (&m2)[V], const float (&z)[TW][V], int cnt) {
+  if (cnt <= 0) return;
+  const float fc = (float)cnt, inv = 1.0f / fc, total = count + fc, fb = fc / total;
+  for (int v = 0; v < V; ++v) {
+    float sum = 0.0f;
+    for (int m = 0; m < TW; ++m) sum += m < cnt ? z[m][v] : 0.0f;
+    const float smean = sum * inv;
+    float sm2 = 0.0f;
+    for (int m = 0; m < TW; ++m) {
+      const float d = z[m][v] - smean;
+      sm2 = m < cnt ? fmaf(d, d, sm2) : sm2;
+    }
+    const float d = smean - mean[v];
+    mean[v] = count == 0.0f ? smean : mean[v] + d * fb;
+    m2[v] = count == 0.0f ? sm2 : m2[v] + sm2 + d * d * count * fb;
+  }
+  count = total;
+}
+
 // Same with double accumulators (host side combine of many partials).
 struct WelfordD {
   double count, mean, m2;

@@ -99,8 +99,7 @@ struct StripPos {
 MNET_DEVICE StripPos strip_pos(const DwParams& p, const TilePlan& t, int64_t s) {
   uint32_t n, oh, ow0;
   strip_origin(t, (uint32_t)s, n, oh, ow0);
-  const int rest = (int)p.Wo - (int)ow0, left = t.sg.out_step == 2 ? (rest + 1) >> 1 : rest;
-  return {(int64_t)n, (int)oh, (int)ow0, left < t.TW ? left : t.TW};
+  return {(int64_t)n, (int)oh, (int)ow0, strip_count(t.sg, (int)p.Wo, (int)ow0, t.TW)};
 }
 
 // V consecutive fp32 from shared memory: 16-byte loads when V is a multiple of 4 (the parameter rows are
@@ -266,26 +265,7 @@ __global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
       const StripPos sp = strip_pos(p, t, s);
       float z[TW][V];
       conv_strip<T, K, J, TW, V, FULL>(p, xl, l, sp, sh + l.lane * weight_lane_floats(K, V), z);
-      // The strip's own mean and M2 in two passes over registers, then one Chan combine (welford_combine's
-      // arithmetic, with the division shared by the V channels).
-      const float cnt = (float)sp.count, inv = 1.0f / cnt, total = count + cnt, fb = cnt / total;
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int m = 0; m < TW; ++m) sum += m < sp.count ? z[m][v] : 0.0f;
-        const float smean = sum * inv;
-        float sm2 = 0.0f;
-#pragma unroll
-        for (int m = 0; m < TW; ++m) {
-          const float d = z[m][v] - smean;
-          sm2 = m < sp.count ? fmaf(d, d, sm2) : sm2;
-        }
-        const float d = smean - mean[v];
-        mean[v] = count == 0.0f ? smean : mean[v] + d * fb;
-        m2[v] = count == 0.0f ? sm2 : m2[v] + sm2 + d * d * count * fb;
-      }
-      count = total;
+      welford_add_strip<TW, V>(count, mean, m2, z, sp.count);
     }
   }
   const int64_t nc = t.nchunks * p.C;

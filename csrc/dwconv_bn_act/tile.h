@@ -76,6 +76,14 @@ MNET_HD int64_t strip_ow0(const StripGeom& g, int64_t s, int TW) {
   return phase + q * TW * g.out_step;
 }
 
+// Outputs of the strip at ow0 inside its row (ow0 + m * out_step < Wo, at most TW). 0 for the last strip of the
+// shorter phase when out_step = 2 and Wo = 2 q TW + 1 (per_phase counts the longer phase's strips): the strip
+// kernels must skip it (the stats' Chan step would divide by its zero count).
+MNET_HD int strip_count(const StripGeom& g, int Wo, int ow0, int TW) {
+  const int rest = Wo - ow0, left = g.out_step == 2 ? (rest + 1) >> 1 : rest;
+  return left < TW ? left : TW;
+}
+
 // Window columns inside [0, W) of a strip whose window starts at input column iw0: bit j for column
 // iw0 + j * in_step, in_step 1 or 2, ncol <= 31 columns. The same for every kernel row, so a row tests one bit per
 // column (zero padding where clear).

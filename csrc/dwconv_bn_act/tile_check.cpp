@@ -1,5 +1,7 @@
 // Runs the CUDA kernels' tile plan (tile.h) on the host: CI's check of the geometry the GPU launches with
 // (tests/test_cuda_backend.py). No ATen; op.cpp exposes it as torch.ops.mnet_ext_cuda._dw_tile_coverage.
+#include <math.h>
+
 #include <stdexcept>
 #include <string>
 
@@ -59,10 +61,18 @@ void cover(const DwParams& p, const TilePlan& t, int threads, int32_t* counts) {
   if (t.strips >= (int64_t(1) << 31)) plan_error("the strips need more than 31 bits");
   const int ncol = strip_cols(J, t.TW, p.k);
   if (ncol > 31) plan_error("the window is wider than the column mask");
+  if (t.TW > kLongTW) plan_error("a strip is wider than kLongTW");
+  // The stats kernel's Chan step over every strip in plan order, z = the output column (NaN past the strip's
+  // count): the mean of 0 .. Wo - 1 over N * Ho * Wo outputs, whatever the empty or partial strips.
+  float wcount = 0.0f, wmean[1] = {0.0f}, wm2[1] = {0.0f};
   for (int64_t s = 0; s < t.strips; ++s) {
     uint32_t n32, oh32, ow032;
     strip_origin(t, (uint32_t)s, n32, oh32, ow032);
     const int64_t n = n32, oh = oh32, ow0 = ow032;
+    const int cnt = strip_count(t.sg, (int)p.Wo, (int)ow0, t.TW);
+    float z[kLongTW][1];
+    for (int m = 0; m < kLongTW; ++m) z[m][0] = m < cnt ? (float)(ow0 + (int64_t)m * t.sg.out_step) : NAN;
+    welford_add_strip<kLongTW, 1>(wcount, wmean, wm2, z, cnt);
     // The precomputed divisors against plain division (the kernels rely on them for every strip).
     const int64_t r = s / t.sg.per_row, q = s - r * t.sg.per_row;
     if (n != r / p.Ho || oh != r % p.Ho || ow0 != strip_ow0(t.sg, q, t.TW)) plan_error("fast division differs");
@@ -74,6 +84,7 @@ void cover(const DwParams& p, const TilePlan& t, int threads, int32_t* counts) {
     }
     for (int m = 0; m < t.TW; ++m) {
       const int64_t ow = ow0 + (int64_t)m * t.sg.out_step;
+      if ((ow < p.Wo) != (m < cnt)) plan_error("a strip's output count differs from its outputs");
       if (ow >= p.Wo) break;
       for (int kw = 0; kw < p.k; ++kw) {
         const int64_t iw = iw0 + (int64_t)(J * m + kw) * t.sg.in_step;
@@ -87,6 +98,10 @@ void cover(const DwParams& p, const TilePlan& t, int threads, int32_t* counts) {
         }
     }
   }
+  const float want = 0.5f * (float)(p.Wo - 1);
+  if (wcount != (float)(p.N * p.Ho * p.Wo) || !(fabsf(wmean[0] - want) <= 1e-4f * (1.0f + want)))
+    plan_error("the stats' Chan step over the strips gives count " + std::to_string(wcount) + ", mean " +
+               std::to_string(wmean[0]) + " (want " + std::to_string(want) + ")");
 }
 
 // counts: [N, C, Ho, Wo] (contiguous, zeroed): how many (strip, lane) work items of the strip kernels' plan write
