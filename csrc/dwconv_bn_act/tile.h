@@ -153,8 +153,10 @@ MNET_HD void chunk_range(int64_t total, int64_t nchunks, int64_t chunk, int64_t&
 // kernel row in registers. In channels_last (strip_wide) its strips are wide, in blocks of half the threads (up to
 // 255 registers, still 2 blocks per SM): 14 outputs on rows of at least 14 up to K = 5 (an input vector then feeds
 // (14 + K - 1) / 14 outputs of a row, against (4 + K - 1) / 4 at 4; at K = 7 the reductions spill), else 7, and 7
-// at stride 2: MobileNet widths (112, 56, 28, 14, 7) leave no partial strip. NCHW and the backward apply (narrow_tile_width, within 128 registers
-// in blocks of 256: its dweight pass holds the strip's dz and K x V sums besides) take 4, or 2 at stride 2 (NCHW 8).
+// for the column pattern J = 2 (stride 2, dilation 1; stride 2 with dilation 2 is J = 1 and may take 14):
+// MobileNet widths (112, 56, 28, 14, 7) leave no partial strip. NCHW and the backward apply (narrow_tile_width,
+// within 128 registers in blocks of 256: its dweight pass holds the strip's dz and K x V sums besides) take 4, or 2
+// at J = 2 (NCHW 8).
 MNET_HD constexpr int tile_vec(int elem_size, bool channels_last) { return channels_last ? 16 / elem_size : 1; }
 MNET_HD constexpr int narrow_tile_width(bool channels_last, int J) { return channels_last ? (J == 2 ? 2 : 4) : 8; }
 constexpr int kWideTW = 7, kLongTW = 14;  // wide strips; kLongTW on rows of at least that many outputs
