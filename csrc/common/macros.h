@@ -13,6 +13,13 @@
 // Kept for readability in signatures that must be callable from both sides.
 #define HOST_DEVICE MNET_HD
 
+// Full unrolling of a loop with a compile-time trip count on the device; the host compilers decide for themselves.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MNET_UNROLL _Pragma("unroll")
+#else
+#define MNET_UNROLL
+#endif
+
 #define MNET_RESTRICT __restrict__  // g++, clang and nvcc all accept it
 
 #define MNET_STR2(...) #__VA_ARGS__

@@ -68,16 +68,20 @@ MNET_HD Welford welford_combine(const Welford& a, const Welford& b) {
 // mean and M2 in two passes, then one Chan combine (welford_combine's arithmetic, the division shared by the V
 // channels). The stats kernel's step (kernels.cuh), also run by the host tile-plan check (tile_check.cpp). An empty
 // strip (cnt = 0: the last strip of a dilation-2 row's shorter phase, tile.h strip_count) changes nothing: its
-// mean would be 0 * inf = NaN.
+// weights are zero instead of 1 / 0 (a mean of 0 * inf = NaN). Selects, not a branch: the compiler may not move the
+// strip's convolution under a branch the static report would then count as the cheaper path.
 template <int TW, int V>
 MNET_HD void welford_add_strip(float& count, float (&mean)[V], float (&m2)[V], const float (&z)[TW][V], int cnt) {
-  if (cnt <= 0) return;
-  const float fc = (float)cnt, inv = 1.0f / fc, total = count + fc, fb = fc / total;
+  const bool any = cnt > 0;
+  const float fc = (float)cnt, inv = any ? 1.0f / fc : 0.0f, total = count + fc, fb = any ? fc / total : 0.0f;
+  MNET_UNROLL
   for (int v = 0; v < V; ++v) {
     float sum = 0.0f;
+    MNET_UNROLL
     for (int m = 0; m < TW; ++m) sum += m < cnt ? z[m][v] : 0.0f;
     const float smean = sum * inv;
     float sm2 = 0.0f;
+    MNET_UNROLL
     for (int m = 0; m < TW; ++m) {
       const float d = z[m][v] - smean;
       sm2 = m < cnt ? fmaf(d, d, sm2) : sm2;

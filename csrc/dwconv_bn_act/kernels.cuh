@@ -497,9 +497,12 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
         float dz[TW][V];
 #pragma unroll
         for (int m = 0; m < TW; ++m) {
-          load_shared<V>(dzr + (int64_t)(ow0 + m * sg.out_step) * cb, dz[m]);
+          if (m < count) {
+            load_shared<V>(dzr + (int64_t)(ow0 + m * sg.out_step) * cb, dz[m]);
+          } else {  // past Wo: not read (another row's dz, or past the dz tile into slots other threads write)
 #pragma unroll
-          for (int v = 0; v < V; ++v) dz[m][v] = m < count ? dz[m][v] : 0.0f;  // past Wo: another row's dz
+            for (int v = 0; v < V; ++v) dz[m][v] = 0.0f;
+          }
         }
         const int in_step = J == 2 ? 1 : p.dilation, iw0 = ow0 * p.stride - p.pad;
         const T* row = x + n * p.xs.n + (int64_t)ih * p.xs.h + (int64_t)iw0 * p.xs.w + l3.c0 * p.xs.c;
