@@ -197,7 +197,6 @@ def run_report(tmp: pathlib.Path, *args: str, timeout: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def quick_records(tmp_path_factory) -> list[dict]:
-    pytest.importorskip("triton")
     return run_report(tmp_path_factory.mktemp("kernel_report"), "--quick", timeout=1800)
 
 
@@ -239,7 +238,6 @@ def test_hot_kernel_does_not_spill(quick_records, key):
 
 @pytest.fixture(scope="module")
 def full_records(tmp_path_factory) -> list[dict]:
-    pytest.importorskip("triton")
     return run_report(tmp_path_factory.mktemp("kernel_report_full"), "--arch", "90,80", "--dtype", "bf16,fp16,fp32",
                       timeout=8 * 3600)
 
@@ -303,7 +301,6 @@ def _assert_compiled_without_spill(records: list[dict]) -> None:
 @pytest.mark.slow
 def test_triton_compiles_without_spill_sm80_k7_dilation2():
     """A few minutes cold on 2 cores (~25 kernels), seconds from the cache."""
-    pytest.importorskip("triton")
     _assert_compiled_without_spill(triton_case_records(TRITON_CI_CASES, timeout=1800))
 
 
@@ -312,7 +309,6 @@ def test_triton_compiles_without_spill_sm80_k7_dilation2():
 def test_exhaustive_triton_dilation2(arch):
     """Dilation 2 (no MobileNet layer has it, so the report's sweep does not) on every unique depthwise layer shape,
     K 3/5/7, both layouts, every dtype: hours on 2 cores from a cold cache."""
-    pytest.importorskip("triton")
     from mnet_ext.layers import MODEL_BUILDERS
 
     shapes = {(c.channels, c.height, c.width, c.stride, c.act) for c, _ in kernel_report.layers(tuple(MODEL_BUILDERS))

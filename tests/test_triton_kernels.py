@@ -11,18 +11,16 @@ import os
 
 import pytest
 import torch
+import triton  # required: a missing Triton fails these tests, it does not skip them
+import triton.language as tl
 
+import mnet_ext.triton_kernels as triton_kernels
+import mnet_ext.triton_kernels.dwconv_bn_act as tdw
+import mnet_ext.triton_kernels.squeeze_excite as tse
 from mnet_ext import reference as ref
+from mnet_ext.backends import triton as backend
+from mnet_ext.triton_kernels.activations import ACT_IDS, act_bwd, act_fwd
 from tests.helpers import assert_close_scaled
-
-triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
-
-import mnet_ext.triton_kernels as triton_kernels  # noqa: E402
-import mnet_ext.triton_kernels.dwconv_bn_act as tdw  # noqa: E402
-import mnet_ext.triton_kernels.squeeze_excite as tse  # noqa: E402
-from mnet_ext.backends import triton as backend  # noqa: E402
-from mnet_ext.triton_kernels.activations import ACT_IDS, act_bwd, act_fwd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [] if DEVICE == "cuda" else [pytest.mark.triton_interp]
