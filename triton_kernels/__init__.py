@@ -46,8 +46,10 @@ _DW_NCHW_SLOTS = 256
 # sums; hardswish's derivative) at K = 3, OW = 7 spills up to 140 bytes, at K = 5, OW = 5 28 bytes; at K = 7 the
 # weights alone take 56 registers, so the K = 7 reductions hold 2 slots per thread. The backward apply holds 2 slots
 # per thread (1 at K = 7), not 8 channels: its K*K dweight sums per slot stay in registers across its bands (K = 7
-# at 2 slots: 28 bytes of spill in fp32 in the former dz kernel; NCHW K = 3, stride 2, OW = 8: 12 bytes).
-_DW_OW_MAX = {"fwd": {3: 8, 5: 6, 7: 4}, "reduce": {3: 4, 5: 4, 7: 2}, "apply": {3: 4, 5: 4, 7: 2}}
+# at 2 slots: 28 bytes of spill in fp32 in the former dz kernel; NCHW K = 3, stride 2, OW = 8: 12 bytes). The
+# forward at K = 5 reaches OW = 7, one group per row of a 7-wide output (V3's last stages; OW = 4 + 3 left an eighth
+# of the columns and most lanes of 1-warp tiles idle: 102-162 SASS instructions per output, 55-68 at OW = 7).
+_DW_OW_MAX = {"fwd": {3: 8, 5: 7, 7: 4}, "reduce": {3: 4, 5: 4, 7: 2}, "apply": {3: 4, 5: 4, 7: 2}}
 
 
 def interpreting() -> bool:
@@ -119,10 +121,13 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
     stats and bwd_reduce, apply for the backward apply) and power-of-two blocks of at most _DW_*_SLOTS groups x
     channels and at most ``max_block_c`` channels (the backward apply's dz slot holds rows x Wo x BLOCK_C;
     channels_last: at least 8 channels, one 16-byte bf16 vector per thread, except in the backward apply), it keeps
-    the configurations whose lanes do useful work at >= 80 % (masked groups, columns past Wo, channels past C; no
-    quarter of the lanes idle) and takes the largest min(OW, 4) x min(slots, 512) (x values reused by more outputs:
+    the configurations whose lanes do useful work at >= 80 % (masked groups, columns past Wo, channels past C, lanes
+    of a warp with no slot: no quarter of the lanes idle) and takes the largest min(OW, 4) x min(slots, 512) (x values reused by more outputs:
     OW = 1 costs 2.5x the instructions of OW = 4 at K = 7; tiles of fewer slots leave warps idle), then the largest
-    OW, then the busiest lanes; with none at 80 %, the busiest."""
+    OW, then the busiest lanes; with none at 80 %, the busiest. channels_last reductions (stats, bwd_reduce) take
+    128-channel blocks only in tiles of one warp: at 2 or 4 warps ptxas keeps 16-20 bytes of the epilogue's
+    addresses in local memory (measured on sm_90, bf16: 14x14 and 28x28 layers with C >= 128); 64-channel blocks of
+    the same shapes do not spill and issue as many or fewer instructions per output."""
     # the backward apply (its K*K dweight sums per slot live in registers) and the K = 7 reductions: 2 slots per
     # thread in both layouts; the backward apply at K = 7: 1
     narrow = not channels_last or kind == "apply" or (kind == "reduce" and k == 7)
@@ -136,6 +141,7 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
                 if c_floor <= b <= max(c_floor, min(max_block_c, next_pow2(channels)))]
     # channels that no block can use (C = 5 in blocks of 8) are not the tile's fault: measure against the best
     c_eff = max(channels / (-(-channels // b) * b) for b in block_cs)
+    warp = max(1, slots // per_thread // NUM_WARPS)  # threads of one warp: 32 (1 under the tests' small tiles)
     best, best_key = None, None
     for ow in range(1, ow_max + 1):
         gpr = -(-wo // ow)
@@ -143,7 +149,11 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
         for block_c in block_cs:
             block_g = 1
             while block_g <= min(next_pow2(groups), max(1, slots // block_c)):
+                threads = block_g * block_c // per_thread
+                if kind == "reduce" and not narrow and block_c > 64 and threads > 32:
+                    break  # measured (sm_90): 128-channel reduction tiles of more than one warp spill
                 eff = ho * wo * channels / (-(-groups // block_g) * block_g * ow * -(-channels // block_c) * block_c)
+                eff *= min(1.0, threads / warp)  # a tile of fewer threads than a warp leaves lanes idle
                 good = eff >= 0.8 * c_eff
                 key = (good, min(ow, 4) * min(block_g * block_c, 512) if good else 0, ow, eff, block_g * block_c)
                 if best_key is None or key > best_key:
