@@ -118,16 +118,16 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
             max_block_c: int = 128) -> DwTile:
     """The depthwise tile for an output of ``ho`` x ``wo`` pixels and ``channels`` channels: a pure function of the
     shape (no timing, so every reduction over it is reproducible). Among OW <= _DW_OW_MAX[kind][k] (fwd, reduce for
-    stats and bwd_reduce, apply for the backward apply) and power-of-two blocks of at most _DW_*_SLOTS groups x
-    channels and at most ``max_block_c`` channels (the backward apply's dz slot holds rows x Wo x BLOCK_C;
-    channels_last: at least 8 channels, one 16-byte bf16 vector per thread, except in the backward apply), it keeps
-    the configurations whose lanes do useful work at >= 80 % (masked groups, columns past Wo, channels past C, lanes
-    of a warp with no slot: no quarter of the lanes idle) and takes the largest min(OW, 4) x min(slots, 512) (x values reused by more outputs:
-    OW = 1 costs 2.5x the instructions of OW = 4 at K = 7; tiles of fewer slots leave warps idle), then the largest
-    OW, then the busiest lanes; with none at 80 %, the busiest. channels_last reductions (stats, bwd_reduce) take
-    128-channel blocks only in tiles of one warp: at 2 or 4 warps ptxas keeps 16-20 bytes of the epilogue's
-    addresses in local memory (measured on sm_90, bf16: 14x14 and 28x28 layers with C >= 128); 64-channel blocks of
-    the same shapes do not spill and issue as many or fewer instructions per output."""
+    stats and bwd_reduce, apply for the backward apply) and power-of-two blocks of at most _DW_*_SLOTS groups x channels
+    and at most ``max_block_c`` channels (the backward apply's dz slot holds rows x Wo x BLOCK_C; channels_last: at
+    least 8 channels, one 16-byte bf16 vector per thread, except in the backward apply), it keeps the configurations
+    whose lanes do useful work at >= 80 % (masked groups, columns past Wo, channels past C, lanes of a warp with no
+    slot: no quarter of the lanes idle) and takes the largest min(OW, 4) x min(slots, 512) (x values reused by more
+    outputs: OW = 1 costs 2.5x the instructions of OW = 4 at K = 7; tiles of fewer slots leave warps idle), then the
+    largest OW, then the busiest lanes; with none at 80 %, the busiest. channels_last reductions (stats, bwd_reduce)
+    take 128-channel blocks only in tiles of one warp: at 2 or 4 warps ptxas keeps 16-20 bytes of the epilogue's
+    addresses in local memory (measured on sm_90, bf16: 14x14 and 28x28 layers with C >= 128); 64-channel blocks of the
+    same shapes do not spill and issue as many or fewer instructions per output."""
     # the backward apply (its K*K dweight sums per slot live in registers) and the K = 7 reductions: 2 slots per
     # thread in both layouts; the backward apply at K = 7: 1
     narrow = not channels_last or kind == "apply" or (kind == "reduce" and k == 7)
