@@ -88,14 +88,16 @@ def test_stage1_rows(small_tiles):
 @pytest.mark.parametrize("k", [3, 5, 7])
 def test_dw_tile_keeps_lanes_busy(hw, channels, channels_last, k):
     t = triton_kernels.dw_tile(hw, hw, channels, channels_last, k)
-    assert 1 <= t.ow <= triton_kernels._DW_OW_MAX["fwd"][k] and t.groups_per_row == -(-hw // t.ow)
+    ow_max = hw if hw <= 7 and k <= 5 else triton_kernels._DW_OW_MAX["fwd"][k]  # one group per row of 7 columns
+    assert 1 <= t.ow <= ow_max and t.groups_per_row == -(-hw // t.ow)
     assert t.num_gb == -(-hw * t.groups_per_row // t.block_g)
     slots = t.block_g * t.block_c
     assert slots <= (triton_kernels._DW_NHWC_SLOTS if channels_last else triton_kernels._DW_NCHW_SLOTS)
     if channels_last:
         assert t.block_c % 8 == 0  # 16-byte bf16 vectors
     busy = hw * hw * channels / (t.num_gb * t.block_g * t.ow * -(-channels // t.block_c) * t.block_c)
-    busy *= min(1.0, slots / (8 if channels_last else 2) / 32)  # lanes of a warp without a slot idle too
+    if k <= 5:  # the forward counts the lanes of a warp without a slot as idle too (K = 7: see dw_tile)
+        busy *= min(1.0, slots / (8 if channels_last else 2) / 32)
     # no quarter of the lanes idle, 28x28 and 14x14 NCHW included; a 7 x 7 image of 16 channels holds 14 8-channel
     # vectors (a warp has 32 lanes), and 72 channels pad to 96 in the blocks that fill a warp
     floor = 0.8 if hw > 7 or channels >= 120 or not channels_last else 0.4
@@ -125,6 +127,8 @@ def test_dw_tile_fills_a_warp_on_7_wide_images():
         assert t.ow == 7 and t.block_g * t.block_c // 8 >= 32, (c, t)
     for ho, wo, c, k in _mobilenet_dw_outputs():
         for cl in (True, False):
+            if k == 7:
+                continue  # K = 7 keeps the former tiles (fp32 spills, see dw_tile)
             t = triton_kernels.dw_tile(ho, wo, c, cl, k)
             assert t.block_g * t.block_c // (8 if cl else 2) >= 32, (ho, wo, c, k, cl, t)
 

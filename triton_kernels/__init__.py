@@ -47,9 +47,8 @@ _DW_NCHW_SLOTS = 256
 # weights alone take 56 registers, so the K = 7 reductions hold 2 slots per thread. The backward apply holds 2 slots
 # per thread (1 at K = 7), not 8 channels: its K*K dweight sums per slot stay in registers across its bands (K = 7
 # at 2 slots: 28 bytes of spill in fp32 in the former dz kernel; NCHW K = 3, stride 2, OW = 8: 12 bytes). The
-# forward at K = 5 reaches OW = 7, one group per row of a 7-wide output (V3's last stages; OW = 4 + 3 left an eighth
-# of the columns and most lanes of 1-warp tiles idle: 102-162 SASS instructions per output, 55-68 at OW = 7).
-_DW_OW_MAX = {"fwd": {3: 8, 5: 7, 7: 4}, "reduce": {3: 4, 5: 4, 7: 2}, "apply": {3: 4, 5: 4, 7: 2}}
+# forward at K <= 5 takes OW = Wo on outputs of <= 7 columns (``dw_tile``).
+_DW_OW_MAX = {"fwd": {3: 8, 5: 6, 7: 4}, "reduce": {3: 4, 5: 4, 7: 2}, "apply": {3: 4, 5: 4, 7: 2}}
 
 
 def interpreting() -> bool:
@@ -121,13 +120,18 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
     stats and bwd_reduce, apply for the backward apply) and power-of-two blocks of at most _DW_*_SLOTS groups x channels
     and at most ``max_block_c`` channels (the backward apply's dz slot holds rows x Wo x BLOCK_C; channels_last: at
     least 8 channels, one 16-byte bf16 vector per thread, except in the backward apply), it keeps the configurations
-    whose lanes do useful work at >= 80 % (masked groups, columns past Wo, channels past C, lanes of a warp with no
-    slot: no quarter of the lanes idle) and takes the largest min(OW, 4) x min(slots, 512) (x values reused by more
-    outputs: OW = 1 costs 2.5x the instructions of OW = 4 at K = 7; tiles of fewer slots leave warps idle), then the
-    largest OW, then the busiest lanes; with none at 80 %, the busiest. channels_last reductions (stats, bwd_reduce)
-    take 128-channel blocks only in tiles of one warp: at 2 or 4 warps ptxas keeps 16-20 bytes of the epilogue's
-    addresses in local memory (measured on sm_90, bf16: 14x14 and 28x28 layers with C >= 128); 64-channel blocks of the
-    same shapes do not spill and issue as many or fewer instructions per output."""
+    whose lanes do useful work at >= 80 % (masked groups, columns past Wo, channels past C; at K <= 5 the forward also
+    idle lanes of a warp with no slot: no quarter of the lanes idle) and takes the largest min(OW, 4) x min(slots, 512)
+    (x values reused by more outputs: OW = 1 costs 2.5x the instructions of OW = 4 at K = 7; tiles of fewer slots leave
+    warps idle), then the largest OW, then the busiest lanes; with none at 80 %, the busiest. channels_last reductions
+    (stats, bwd_reduce) take 128-channel blocks only in tiles of one warp: at 2 or 4 warps ptxas keeps 16-20 bytes of
+    the epilogue's addresses in local memory (measured on sm_90, bf16: 14x14 and 28x28 layers with C >= 128); 64-channel
+    blocks of the same shapes do not spill and issue as many or fewer instructions per output. The forward at K <= 5
+    takes one group of Wo columns per row when Wo <= 7: on V3's 7 x 7 outputs the former OW = 4 + 3 tiles of 2 groups
+    kept 8-16 of 32 lanes busy (NHWC K = 5: 102-162 SASS instructions per output; 51-68 with this rule, no spill in bf16
+    or fp32 on sm_90). At K = 7 the same rule spilled 24 bytes in fp32 (a 1-warp tile at 168 registers), and OW = 7 on
+    wider outputs spilled in fp32 (stride 2, 255 registers); counted in the reductions, idle lanes moved two K = 5
+    layers (7 x 7 outputs) to 1-warp tiles of 128 channels that spill 4-12 bytes. Those keep the former choice."""
     # the backward apply (its K*K dweight sums per slot live in registers) and the K = 7 reductions: 2 slots per
     # thread in both layouts; the backward apply at K = 7: 1
     narrow = not channels_last or kind == "apply" or (kind == "reduce" and k == 7)
@@ -136,6 +140,9 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
     if kind == "apply" and k == 7:
         slots, per_thread = slots // 2, 1
     ow_max = min(_DW_OW_MAX[kind][k], wo)
+    fill_warp = kind == "fwd" and k <= 5  # see the docstring
+    if fill_warp and wo <= 7:
+        ow_max = wo
     c_floor = 1 if narrow else min(8, next_pow2(channels))
     block_cs = [b for b in (1, 2, 4, 8, 16, 32, 64, 128)
                 if c_floor <= b <= max(c_floor, min(max_block_c, next_pow2(channels)))]
@@ -153,7 +160,8 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
                 if kind == "reduce" and not narrow and block_c > 64 and threads > 32:
                     break  # measured (sm_90): 128-channel reduction tiles of more than one warp spill
                 eff = ho * wo * channels / (-(-groups // block_g) * block_g * ow * -(-channels // block_c) * block_c)
-                eff *= min(1.0, threads / warp)  # a tile of fewer threads than a warp leaves lanes idle
+                if fill_warp:  # a tile of fewer threads than a warp leaves lanes idle
+                    eff *= min(1.0, threads / warp)
                 good = eff >= 0.8 * c_eff
                 key = (good, min(ow, 4) * min(block_g * block_c, 512) if good else 0, ow, eff, block_g * block_c)
                 if best_key is None or key > best_key:
