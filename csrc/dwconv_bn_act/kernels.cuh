@@ -264,8 +264,8 @@ struct BandThread {
 
 MNET_DEVICE BandThread band_thread(const DwParams& p, const BandTilePlan& b, int V) {
   BandThread th;
-  th.lane = threadIdx.x % b.lanes;
-  th.walker = threadIdx.x / b.lanes;
+  th.walker = (int)div_of(b.lanes_div, threadIdx.x);
+  th.lane = (int)threadIdx.x - th.walker * b.lanes;
   th.c0 = ((int)blockIdx.y * b.lanes + th.lane) * V;
   th.active = th.c0 < p.C;
   return th;
@@ -284,7 +284,7 @@ MNET_DEVICE void stage_band(const DwParams& p, const BandTilePlan& b, const T* x
                             int walker, float4* stage) {
   constexpr int NQ = V / 4;
   const uint32_t cols = column_mask(iw0, in_step, (int)p.W, NCOL);
-  const int col = in_step * (int)p.xs.w;
+  const uint32_t col = (uint32_t)(in_step * (int)p.xs.w);  // unsigned: no sign extension per column offset
 #pragma unroll 1
   for (int r = walker; r < b.rows_in; r += b.R) {
     const int ih = ih_base + r * b.row_step;
@@ -294,7 +294,7 @@ MNET_DEVICE void stage_band(const DwParams& p, const BandTilePlan& b, const T* x
 #pragma unroll
     for (int j = 0; j < NCOL; ++j) {
       float xv[V];
-      load_vec<T, V, true>(src + j * col, (in >> j) & 1u, V, xv);
+      load_vec<T, V, true>(src + (uint32_t)j * col, (in >> j) & 1u, V, xv);
 #pragma unroll
       for (int q = 0; q < NQ; ++q)
         dst[(j * NQ + q) * kBandLaneSlots] = make_float4(xv[4 * q], xv[4 * q + 1], xv[4 * q + 2], xv[4 * q + 3]);
@@ -338,10 +338,10 @@ MNET_DEVICE void band_tiles(const DwParams& p, const BandTilePlan& b, const Band
   const int in_step = J == 2 ? 1 : p.dilation;
   const T* xl = static_cast<const T*>(p.x) + mul_wide(th.c0, (int)p.xs.c);
   const float4* srow = stage + th.walker * b.row_a * b.pitch + th.lane;
-  int64_t begin, end;
-  chunk_range(b.tiles, b.nchunks, blockIdx.x, begin, end);
+  uint32_t begin, end;
+  band_chunk_tiles(b, blockIdx.x, begin, end);  // tiles < 2^31: band_launch_plan
 #pragma unroll 1
-  for (uint32_t tile = (uint32_t)begin; tile < (uint32_t)end; ++tile) {  // tiles < 2^31: band_launch_plan
+  for (uint32_t tile = begin; tile < end; ++tile) {
     uint32_t n, oh0, ow0;
     band_tile_origin(b, tile, n, oh0, ow0);
     const int iw0 = (int)ow0 * p.stride - p.pad;

@@ -233,7 +233,9 @@ struct BandTilePlan {
   int pitch = 1;        // 16-byte chunks between staged rows
   FastDiv per_row;      // tile -> (image * bands + band, strip column)
   FastDiv bands_div;    // image * bands + band -> (image, band)
-  int64_t nchunks = 1;  // blocks along the tiles (grid.x): block b walks tiles b, b + nchunks, ... in order
+  int64_t nchunks = 1;  // blocks along the tiles (grid.x): block b walks the tiles of chunk b (chunk_range) in order
+  uint32_t per_chunk = 1;  // tiles per chunk: ceil(tiles / nchunks) (band_chunk_tiles)
+  FastDiv lanes_div;    // divides by lanes (thread -> walker, lane)
   MNET_HD int threads() const { return lanes * R; }
   MNET_HD int64_t stage_floats() const { return (int64_t)rows_in * pitch * 4; }
 };
@@ -284,7 +286,17 @@ MNET_HD BandTilePlan band_tile_plan(const DwParams& p, int elem_size, bool reduc
     while (per > 1 && (b.tiles + per - 1) / per * b.groups < 1024) per >>= 1;
     b.nchunks = (b.tiles + per - 1) / per;
   }
+  b.per_chunk = (uint32_t)((b.tiles + b.nchunks - 1) / b.nchunks);
+  b.lanes_div = fast_div((uint32_t)b.lanes);
   return b;
+}
+
+// Tiles [begin, end) of chunk `chunk` in 32-bit arithmetic: chunk_range's partition (tiles < 2^31, so
+// chunk * per_chunk < tiles + per_chunk < 2^32).
+MNET_HD void band_chunk_tiles(const BandTilePlan& b, uint32_t chunk, uint32_t& begin, uint32_t& end) {
+  const uint32_t tiles = (uint32_t)b.tiles, lo = chunk * b.per_chunk;
+  begin = lo < tiles ? lo : tiles;
+  end = tiles - begin > b.per_chunk ? begin + b.per_chunk : tiles;
 }
 
 // Tile `tile` (< 2^31: the launcher checks) -> image, first output row, strip column and the strip's first output

@@ -68,7 +68,16 @@ void check_band_tiles(const DwParams& p, int elem_size) {
       next = hi > next ? hi : next;
     }
     if (next != q->tiles) plan_error("chunks do not cover every band tile");
+    for (int64_t c = 0; c < q->nchunks; ++c) {  // the kernels' 32-bit chunk bounds
+      int64_t lo, hi;
+      uint32_t lo32, hi32;
+      chunk_range(q->tiles, q->nchunks, c, lo, hi);
+      band_chunk_tiles(*q, (uint32_t)c, lo32, hi32);
+      if (lo32 != lo || hi32 != hi) plan_error("band chunk bounds differ from chunk_range");
+    }
   }
+  for (uint32_t t = 0; t < (uint32_t)b.threads(); ++t)
+    if (div_of(b.lanes_div, t) != t / (uint32_t)b.lanes) plan_error("fast division by lanes differs");
   // LDS.128 banks: a quarter warp (threads 8u .. 8u + 7 = walker * lanes + lane) at one tap reads 8 distinct
   // 16-byte bank groups (chunk mod 8).
   if (b.row_a == 1 || b.lanes % 2 == 0)
