@@ -260,11 +260,12 @@ _BAND_LANE_SLOTS, _BAND_ROWS_MAX, _BAND_STAGE_BYTES = 8, 16, 96 * 1024
 
 
 def _band_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, Any]], Plan]:
-    """fwd_band_kernel / stats_band_kernel (dilation 1): per thread, the tile loop (tiles per block) with the staging
-    loop (rows_in / R staged rows per walker) and the conv's row loop (K - 1 after the peeled row 0) inside."""
+    """fwd_band_kernel / stats_band_kernel (dilation 1): per thread, the tile loop (tiles per block) with the two
+    staging loops (staged rows inside the image, then padding rows of zeros, per walker: means over the bands) and
+    the conv's row loop (K - 1 after the peeled row 0) inside."""
     def plan(s: Shape, t: dict[str, Any]) -> Plan:
         k, j, v = t["K"], t["J"], 16 // ELEM_SIZE[t["T"]]
-        stride = 2 if j == 2 else 1
+        stride, pad = 2 if j == 2 else 1, (k - 1) // 2
         tw = strip_tile_width({**t, "CL": True}, s.wo)
         vectors = -(-s.c // v)
         groups = -(-vectors // _BAND_LANE_SLOTS)
@@ -289,8 +290,11 @@ def _band_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, A
                 per //= 2
             nchunks = -(-tiles // per)
         smem = rows_in * pitch * 16 + (_weight_lane_floats(k, v) + param_rows * v) * lanes * 4
+        inside = sum(min(rows_in, s.h - (b * rows * stride - pad)) - max(0, pad - b * rows * stride)
+                     for b in range(bands)) / bands  # tile.h: band_rows_inside
         outputs = s.ho / (bands * rows) * s.wo / per_row * v  # per walker and tile: idle past Ho, partial strips
-        return Plan(lanes * rows, tiles / nchunks, outputs, smem, nest=((rows_in / rows, ()), (k - 1, ())))
+        nest = ((inside / rows, ()), ((rows_in - inside) / rows, ()), (k - 1, ()))
+        return Plan(lanes * rows, tiles / nchunks, outputs, smem, nest=nest)
     return plan
 
 

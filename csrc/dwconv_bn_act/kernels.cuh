@@ -276,29 +276,37 @@ MNET_HD size_t band_smem_bytes(const BandTilePlan& b, int K, int param_rows) {
   return (size_t)b.stage_floats() * 4 + param_smem_bytes(K, b.V, param_rows, b.lanes);
 }
 
-// The tile's input band -> stage (this thread's lane slot of staged row 0): walker k copies staged rows k, k + R,
-// ... (tile.h: staged row r = input row ih_base + r * row_step, column j = iw0 + j * in_step), one 16-byte load of
-// its lane's V channels per column, V / 4 16-byte stores; zeros outside the image (the conv's padding).
+// The tile's input band -> stage (this thread's lane slot of staged row 0; tile.h: staged row r = input row
+// ih_base + r * row_step, column j = iw0 + j * in_step): the staged rows inside the image (band_rows_inside) one
+// per walker in turn from the first, one 16-byte load of the lane's V channels per column (zero outside the image's
+// columns) and V / 4 16-byte stores; then the rows above and below the image as zeros only.
 template <typename T, int V, int NCOL>
 MNET_DEVICE void stage_band(const DwParams& p, const BandTilePlan& b, const T* xn, int ih_base, int iw0, int in_step,
                             int walker, float4* stage) {
   constexpr int NQ = V / 4;
   const uint32_t cols = column_mask(iw0, in_step, (int)p.W, NCOL);
   const uint32_t col = (uint32_t)(in_step * (int)p.xs.w);  // unsigned: no sign extension per column offset
+  int lo, hi;
+  band_rows_inside(b, p.H, ih_base, lo, hi);
 #pragma unroll 1
-  for (int r = walker; r < b.rows_in; r += b.R) {
-    const int ih = ih_base + r * b.row_step;
-    const uint32_t in = (unsigned)ih < (unsigned)p.H ? cols : 0u;
-    const T* src = xn + mul_wide(ih, (int)p.xs.h) + mul_wide(iw0, (int)p.xs.w);
+  for (int r = lo + walker; r < hi; r += b.R) {
+    const T* src = xn + mul_wide(ih_base + r * b.row_step, (int)p.xs.h) + mul_wide(iw0, (int)p.xs.w);
     float4* dst = stage + r * b.pitch;
 #pragma unroll
     for (int j = 0; j < NCOL; ++j) {
       float xv[V];
-      load_vec<T, V, true>(src + (uint32_t)j * col, (in >> j) & 1u, V, xv);
+      load_vec<T, V, true>(src + (uint32_t)j * col, (cols >> j) & 1u, V, xv);
 #pragma unroll
       for (int q = 0; q < NQ; ++q)
         dst[(j * NQ + q) * kBandLaneSlots] = make_float4(xv[4 * q], xv[4 * q + 1], xv[4 * q + 2], xv[4 * q + 3]);
     }
+  }
+  const int zeros = b.rows_in - (hi - lo);  // rows [0, lo) and [hi, rows_in)
+#pragma unroll 1
+  for (int z = walker; z < zeros; z += b.R) {
+    float4* dst = stage + (z < lo ? z : z - lo + hi) * b.pitch;
+#pragma unroll
+    for (int j = 0; j < NCOL * NQ; ++j) dst[j * kBandLaneSlots] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
 }
 

@@ -309,6 +309,16 @@ MNET_HD void band_tile_origin(const BandTilePlan& b, uint32_t tile, uint32_t& n,
   ow0 = phase + (q - phase * per_phase) * (uint32_t)b.TW * (uint32_t)b.sg.out_step;
 }
 
+// Staged rows inside the image, [lo, hi): staged row r (input row ih_base + r * row_step) is in [0, H) exactly for
+// lo <= r < hi (lo = hi when none is). The staging copies these and stores zeros for the others (padding).
+MNET_HD void band_rows_inside(const BandTilePlan& b, int64_t H, int ih_base, int& lo, int& hi) {
+  const int st = b.row_step;
+  lo = ih_base >= 0 ? 0 : (-ih_base + st - 1) / st;
+  const int64_t end = H - ih_base <= 0 ? 0 : (H - ih_base + st - 1) / st;  // first r with ih >= H
+  hi = end < b.rows_in ? (int)end : b.rows_in;
+  lo = lo < hi ? lo : hi;
+}
+
 // Chunk offset of staged (row, column, q, lane) (the layout above).
 MNET_HD int band_chunk(const BandTilePlan& b, int row, int col, int q, int lane) {
   return row * b.pitch + (col * b.nq + q) * kBandLaneSlots + lane;

@@ -101,6 +101,12 @@ void check_band_tiles(const DwParams& p, int elem_size) {
       plan_error("band tile origin differs from plain division");
     const int64_t oh0 = oh032, ow0 = ow032, ih_base = oh0 * p.stride - p.pad, iw0 = strip_iw0(ow0, p.stride, p.pad);
     const uint32_t mask = column_mask((int)iw0, in_step, (int)p.W, b.cols_in);
+    int lo, hi;
+    band_rows_inside(b, p.H, (int)ih_base, lo, hi);
+    for (int r = 0; r < b.rows_in; ++r) {
+      const int64_t ih = ih_base + (int64_t)r * b.row_step;
+      if ((r >= lo && r < hi) != (ih >= 0 && ih < p.H)) plan_error("staged rows inside the image differ");
+    }
     for (int k = 0; k < b.R; ++k) {
       const int64_t oh = oh0 + k;
       if (oh >= p.Ho) break;
@@ -116,7 +122,7 @@ void check_band_tiles(const DwParams& p, int elem_size) {
             const int64_t ih = ih_base + (int64_t)row * b.row_step, iw = iw0 + (int64_t)col * in_step;  // stage_band
             if (ih != in_coord(oh, kh, p.stride, p.dilation, p.pad) || iw != in_coord(ow, kw, p.stride, p.dilation, p.pad))
               plan_error("a staged tap differs from the conv's input");
-            const bool staged_in = ih >= 0 && ih < p.H && ((mask >> col) & 1u);
+            const bool staged_in = row >= lo && row < hi && ((mask >> col) & 1u);
             if (staged_in != (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W)) plan_error("staged padding differs");
           }
       }
