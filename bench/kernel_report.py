@@ -21,7 +21,8 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   where ``body`` is the counted path through the kernel's main loop (the loop with the most global loads and stores:
   the CUDA strip loops (fwd: strips per thread; stats/bwd_reduce: the strips of a chunk per walker; SE: pixels per
   walker; the staged band kernels ``fwd_band_kernel`` / ``stats_band_kernel`` of channels_last: the band tiles of a
-  block, with the staging loop (staged rows per walker) and the kernel-row loop inside), the CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``), ``outside`` the
+  block, with the two staging loops (staged rows inside the image, padding rows) and the kernel-row loop inside), the
+  CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``), ``outside`` the
   counted path from entry to exit around it (prologue, epilogue, other loops once), and ``trips`` the loop's mean trip
   count per thread from the launch plan (CUDA: the geometry of ``csrc/dwconv_bn_act/tile.h`` and
   ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). Inner loops of the main
