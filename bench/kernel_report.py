@@ -257,7 +257,7 @@ def _strip_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, 
 
 
 # tile.h: band_tile_plan (staged band tiles: channels_last, 16-byte vectors), kernels.cuh: band_smem_bytes
-_BAND_LANE_SLOTS, _BAND_ROWS_MAX, _BAND_STAGE_BYTES = 8, 16, 96 * 1024
+_BAND_LANE_SLOTS, _BAND_ROWS_MAX, _BAND_STAGE_BYTES = 8, 16, 84 * 1024
 
 
 def _band_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, Any]], Plan]:

@@ -275,6 +275,12 @@ MNET_DEVICE BandThread band_thread(const DwParams& p, const BandTilePlan& b, int
 MNET_HD size_t band_smem_bytes(const BandTilePlan& b, int K, int param_rows) {
   return (size_t)b.stage_floats() * 4 + param_smem_bytes(K, b.V, param_rows, b.lanes);
 }
+// The largest block (K = 7, 2-byte vectors, 8 lanes, the stats' static tree) within the 99 KB a block may opt into
+// on sm_86 / sm_89 (cudaFuncSetAttribute fails above it; tile.h: kBandStageBytes).
+constexpr size_t kSmemOptinSm86 = 99 * 1024;
+static_assert(kBandStageBytes + param_smem_bytes(7, 8, 2, kBandLaneSlots) +
+                      sizeof(Welford) * kBandLaneSlots * kBandRowsMax <= kSmemOptinSm86,
+              "the staged band kernels' shared memory exceeds sm_86/sm_89's per-block opt-in limit");
 
 // The tile's input band -> stage (this thread's lane slot of staged row 0; tile.h: staged row r = input row
 // ih_base + r * row_step, column j = iw0 + j * in_step): the staged rows inside the image (band_rows_inside) one

@@ -218,7 +218,10 @@ MNET_HD TilePlan tile_plan(const DwParams& p, int elem_size, int threads) {
 // that (row_a = 1: pitch = lanes mod 8; row_a = 2 needs an even lanes count, else up to 2-way conflicts).
 constexpr int kBandLaneSlots = 8;      // most channel vectors per block
 constexpr int kBandRowsMax = 16;       // most output rows (walkers) per tile: threads <= 8 x 16 = 128
-constexpr int64_t kBandStageBytes = 96 * 1024;  // the staged band; with the parameters 2 blocks fit an SM (228 KB)
+// The staged band: with the parameters (<= 13 KB at K = 7) and the stats' tree (1.5 KB) a block stays within
+// 99 KB, the most an sm_86 / sm_89 block may opt into (those GPUs run the sm_80 build; kernels.cuh asserts it),
+// and 2 blocks fit an SM of sm_90 (228 KB).
+constexpr int64_t kBandStageBytes = 84 * 1024;
 
 struct BandTilePlan {
   StripGeom sg;         // strips of a row (width TW)
