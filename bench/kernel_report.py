@@ -20,7 +20,9 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
 
   where ``body`` is the counted path through the kernel's main loop (the loop with the most global loads and stores:
   the CUDA strip loops (fwd: strips per thread; stats/bwd_reduce: the strips of a chunk per walker; SE: pixels per
-  walker), the CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``), ``outside`` the
+  walker; the staged band kernels ``fwd_band_kernel`` / ``stats_band_kernel`` of channels_last: the band tiles of a
+  block, with the two staging loops (staged rows inside the image, padding rows) and the kernel-row loop inside), the
+  CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``), ``outside`` the
   counted path from entry to exit around it (prologue, epilogue, other loops once), and ``trips`` the loop's mean trip
   count per thread from the launch plan (CUDA: the geometry of ``csrc/dwconv_bn_act/tile.h`` and
   ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). Inner loops of the main
@@ -254,12 +256,56 @@ def _strip_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, 
     return plan
 
 
+# tile.h: band_tile_plan (staged band tiles: channels_last, 16-byte vectors), kernels.cuh: band_smem_bytes
+_BAND_LANE_SLOTS, _BAND_ROWS_MAX, _BAND_STAGE_BYTES = 8, 16, 84 * 1024
+
+
+def _band_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, Any]], Plan]:
+    """fwd_band_kernel / stats_band_kernel (dilation 1): per thread, the tile loop (tiles per block) with the two
+    staging loops (staged rows inside the image, then padding rows of zeros, per walker: means over the bands) and
+    the conv's row loop (K - 1 after the peeled row 0) inside."""
+    def plan(s: Shape, t: dict[str, Any]) -> Plan:
+        k, j, v = t["K"], t["J"], 16 // ELEM_SIZE[t["T"]]
+        stride, pad = 2 if j == 2 else 1, (k - 1) // 2
+        tw = strip_tile_width({**t, "CL": True}, s.wo)
+        vectors = -(-s.c // v)
+        groups = -(-vectors // _BAND_LANE_SLOTS)
+        lanes = -(-vectors // groups)
+        cols_in = j * (tw - 1) + k
+        pitch = cols_in * (v // 4) * _BAND_LANE_SLOTS + (lanes % 8 if stride == 1 else (lanes // 2) % 4)
+        most = _BAND_ROWS_MAX if stride == 1 else _BAND_ROWS_MAX // 2
+        bands = -(-s.ho // most)
+        rows = -(-s.ho // bands)
+        while rows > 1 and ((rows - 1) * stride + k) * pitch * 16 > _BAND_STAGE_BYTES:
+            bands += 1
+            rows = -(-s.ho // bands)
+        bands = -(-s.ho // rows)
+        rows_in = (rows - 1) * stride + k
+        per_row = -(-s.wo // tw)
+        tiles = s.n * bands * per_row
+        if reduction:
+            nchunks = min(max(-(-tiles // 4), 1), -(-1024 // groups), 512)
+        else:
+            per = 8
+            while per > 1 and -(-tiles // per) * groups < 1024:
+                per //= 2
+            nchunks = -(-tiles // per)
+        smem = rows_in * pitch * 16 + (_weight_lane_floats(k, v) + param_rows * v) * lanes * 4
+        inside = sum(min(rows_in, s.h - (b * rows * stride - pad)) - max(0, pad - b * rows * stride)
+                     for b in range(bands)) / bands  # tile.h: band_rows_inside
+        outputs = s.ho / (bands * rows) * s.wo / per_row * v  # per walker and tile: idle past Ho, partial strips
+        nest = ((inside / rows, ()), ((rows_in - inside) / rows, ()), (k - 1, ()))
+        return Plan(lanes * rows, tiles / nchunks, outputs, smem, nest=nest)
+    return plan
+
+
 @dataclasses.dataclass(frozen=True)
 class CudaKernel:
     role: str | Callable[[dict[str, Any]], str]  # fixed, or from the template arguments
     params: tuple[str, ...]  # template parameter names, in order (T: dtype, K: kernel size, J: column pattern
     # (2 at stride 2), CL: channels_last)
     plan: Callable[[Shape, dict[str, Any]], Plan] | None = None  # None: no per-layer plan (not a hot kernel)
+    fixed: tuple[tuple[str, Any], ...] = ()  # template parameters the kernel fixes (not in its argument list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,11 +329,15 @@ class Shape:
 # channels_last variant serves other C and is reported without a layer plan); fwd, stats and bwd_reduce add TW, the
 # strip width (tile.h: strip_tile_width), matched to each layer.
 _STRIP_PARAMS = ("T", "K", "J", "CL", "FULL")
+# The staged band kernels (fwd_band_kernel, stats_band_kernel) serve exactly channels_last with 16-byte vectors.
+_BAND_FIXED = (("CL", True), ("FULL", True))
 
 
 CUDA_KERNELS: dict[str, CudaKernel] = {
     "fwd_kernel": CudaKernel("fwd", (*_STRIP_PARAMS, "TW"), _strip_plan(False, 2)),  # weights, BN scale, shift
+    "fwd_band_kernel": CudaKernel("fwd", ("T", "K", "J", "TW"), _band_plan(False, 2), _BAND_FIXED),
     "stats_partial_kernel": CudaKernel("stats", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 0)),
+    "stats_band_kernel": CudaKernel("stats", ("T", "K", "J", "TW"), _band_plan(True, 0), _BAND_FIXED),
     "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 4)),
     "bwd_apply_kernel": CudaKernel("bwd_apply", _STRIP_PARAMS, _bwd_apply_plan),
     "stats_final_kernel": CudaKernel("stats_combine", ()),
@@ -553,6 +603,7 @@ def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], 
         for fn in res["functions"].values():
             name, targs = parse_cuda_name(fn["name"])
             spec = CUDA_KERNELS.get(name)
+            targs = {**dict(spec.fixed), **targs} if spec else targs
             role = "unknown" if spec is None else spec.role(targs) if callable(spec.role) else spec.role
             dtype, k = targs.get("T"), targs.get("K")
             layout = None if "CL" not in targs else "NHWC" if targs["CL"] else "NCHW"

@@ -1,7 +1,8 @@
 """A small run of every CUDA kernel of the ``cuda`` backend, for compute-sanitizer (memcheck, racecheck).
 
-Covers each primitive in fp32 and bf16, NCHW and channels_last, every kernel size, both strides, dilation 2,
-and odd sizes; exits non-zero if the backend is unusable so a missing build cannot pass as clean.
+Covers each primitive in fp32 and bf16, NCHW and channels_last (with and without 16-byte channel vectors), every
+kernel size, both strides, dilation 2, and odd sizes; exits non-zero if the backend is unusable so a missing build
+cannot pass as clean.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ def main() -> int:
     impl = load("cuda")
     torch.manual_seed(0)
     runs = 0
-    for k, stride, dilation, dtype, cl in itertools.product((3, 5, 7), (1, 2), (1, 2), (torch.float32, torch.bfloat16),
-                                                            (False, True)):
+    # C = 37: the strip kernels (and channels_last with C % V != 0); C = 40 in channels_last: the staged band kernels
+    # (16-byte vectors), H = 19 > 16 rows per band: two bands, the last one partial.
+    shapes = ((False, 37, 11), (True, 37, 11), (True, 40, 19))  # (channels_last, C, H)
+    for k, stride, dilation, dtype, (cl, c, h) in itertools.product((3, 5, 7), (1, 2), (1, 2),
+                                                                    (torch.float32, torch.bfloat16), shapes):
         fmt = torch.channels_last if cl else torch.contiguous_format
-        n, c, h, w = 2, 37, 11, 9
+        n, w = 2, 9
         x = torch.randn(n, c, h, w, device="cuda").to(dtype=dtype, memory_format=fmt)
         weight = torch.randn(c, 1, k, k, device="cuda", dtype=dtype)
         vec = [torch.rand(c, device="cuda") + 0.5 for _ in range(6)]

@@ -73,6 +73,23 @@ DW_CASES = {
     "b4_c32_w19_k5_s2_hardswish_bf16_nhwc": ((4, 32, 17, 19), 5, 2, 1, "hardswish", "bf16", "nhwc"),
     "b4_c16_w19_k3_s2_silu_fp32_nhwc": ((4, 16, 13, 19), 3, 2, 1, "silu", "fp32", "nhwc"),
     "b4_c24_w19_k3_d2_none_fp16_nhwc": ((4, 24, 15, 19), 3, 1, 2, "none", "fp16", "nhwc"),
+    # The staged band tiles of the channels_last 16-byte forward and stats (tile.h: band_tile_plan; R output rows
+    # per tile, R = ceil(Ho / bands)): a partial last band (Ho 37 -> 13 + 13 + 11 rows; stride 2: 19 -> 7 + 7 + 5)
+    # with partial last strips and padding at both ends of a row, C = 72 (9 vectors: 2 groups of 5 lanes, one idle
+    # lane), odd lanes at stride 2 (C = 40), dilation 2 at stride 1 (kernel rows 2 staged rows apart) and stride 2
+    # (row_step 2), K = 7 at stride 2 with a band shrunk to fit its shared memory (R 6), fp32 vectors of 4, and
+    # C % 8 != 0 (the unstaged fallback); 4 lanes at K = 5 with 3 strips per row (the last partial), 2 lanes with
+    # dilation 2 (4 strips over both column phases).
+    "b2_c72_37x23_k3_relu_bf16_nhwc": ((2, 72, 37, 23), 3, 1, 1, "relu", "bf16", "nhwc"),
+    "b2_c40_37x29_k3_s2_relu6_bf16_nhwc": ((2, 40, 37, 29), 3, 2, 1, "relu6", "bf16", "nhwc"),
+    "b2_c64_31x33_k5_d2_hardswish_fp16_nhwc": ((2, 64, 31, 33), 5, 1, 2, "hardswish", "fp16", "nhwc"),
+    "b2_c16_21x33_k3_s2_d2_none_bf16_nhwc": ((2, 16, 21, 33), 3, 2, 2, "none", "bf16", "nhwc"),
+    "b8_c64_57x57_k7_s2_silu_bf16_nhwc": ((8, 64, 57, 57), 7, 2, 1, "silu", "bf16", "nhwc"),
+    "b2_c40_23x23_k7_relu_fp16_nhwc": ((2, 40, 23, 23), 7, 1, 1, "relu", "fp16", "nhwc"),
+    "b2_c20_37x23_k5_s2_relu_fp32_nhwc": ((2, 20, 37, 23), 5, 2, 1, "relu", "fp32", "nhwc"),
+    "b2_c36_15x15_k3_relu6_bf16_nhwc": ((2, 36, 15, 15), 3, 1, 1, "relu6", "bf16", "nhwc"),
+    "b2_c32_23x33_k5_relu_bf16_nhwc": ((2, 32, 23, 33), 5, 1, 1, "relu", "bf16", "nhwc"),
+    "b2_c16_19x33_k3_d2_relu6_bf16_nhwc": ((2, 16, 19, 33), 3, 1, 2, "relu6", "bf16", "nhwc"),
 }
 SE_CASES = {
     "b32_c72_28x28_bf16_nhwc": ((32, 72, 28, 28), "bf16", "nhwc"),

@@ -27,9 +27,14 @@ from bench import kernel_report, sass
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 DW_KERNELS = {
-    "cuda": ("fwd_kernel", "stats_partial_kernel", "bwd_reduce_partial_kernel", "bwd_apply_kernel"),
+    "cuda": ("fwd_kernel", "fwd_band_kernel", "stats_partial_kernel", "stats_band_kernel", "bwd_reduce_partial_kernel",
+             "bwd_apply_kernel"),
     "triton": ("_fwd_kernel", "_stats_partial_kernel", "_bwd_reduce_partial_kernel", "_bwd_apply_kernel"),
 }
+# CUDA kernels that serve one layout only: channels_last with 16-byte vectors (every MobileNet layer) runs the staged
+# band kernels; the strip kernels' channels_last variant left (C % V != 0) is not hot.
+CUDA_LAYOUTS = {"fwd_kernel": ("NCHW",), "stats_partial_kernel": ("NCHW",), "fwd_band_kernel": ("NHWC",),
+                "stats_band_kernel": ("NHWC",)}
 SE_KERNELS = {"cuda": ("se_reduce_kernel", "se_affine_kernel"), "triton": ("_se_reduce_kernel", "_se_apply_kernel")}
 QUICK_DW = (("NHWC", 3), ("NHWC", 5), ("NCHW", 3))  # kernel_report.quick_cases
 # (backend, kernel, layout, K) -> (today's spill-store bytes per thread, worst layer of the default report scope:
@@ -57,7 +62,8 @@ KNOWN_SPILLS: dict[tuple[str, str, str, int | None], tuple[str, bool]] = {
 
 def hot_keys(quick: bool) -> list[tuple[str, str, str, int | None]]:
     shapes = QUICK_DW if quick else [(lay, k) for lay in kernel_report.LAYOUTS for k in (3, 5, 7)]
-    keys = [(b, kern, lay, k) for b, kernels in DW_KERNELS.items() for kern in kernels for lay, k in shapes]
+    keys = [(b, kern, lay, k) for b, kernels in DW_KERNELS.items() for kern in kernels for lay, k in shapes
+            if lay in CUDA_LAYOUTS.get(kern, kernel_report.LAYOUTS)]
     return keys + [(b, kern, lay, None) for b, kernels in SE_KERNELS.items() for kern in kernels
                    for lay in kernel_report.LAYOUTS]
 

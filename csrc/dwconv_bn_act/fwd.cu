@@ -1,5 +1,6 @@
-// dwconv_bn_act_fwd: launch (fwd_kernel for 3 dtypes x 3 kernel sizes x 2 column patterns x 3 layout variants,
-// and two strip widths in channels_last at column pattern 1).
+// dwconv_bn_act_fwd: launch. channels_last with 16-byte vectors: fwd_band_kernel (staged band tiles); otherwise
+// fwd_kernel (NCHW, or channels_last with C % V != 0 / unaligned bases), for 3 dtypes x 3 kernel sizes x 2 column
+// patterns, and two strip widths in channels_last at column pattern 1.
 #include "common/cuda_check.cuh"
 #include "common/dispatch.h"
 #include "dwconv_bn_act/kernels.cuh"
@@ -10,18 +11,29 @@ namespace mnet {
 void dw_fwd_cuda(const DwParams& p, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
-    const TilePlan t = dev::launch_plan(p, (int)sizeof(T));
-    const dim3 grid(dev::fwd_blocks(t), (unsigned)t.lg.groups);
-    const unsigned threads = (unsigned)(t.lg.lanes * t.lg.walkers);
     MNET_DISPATCH_KSIZE(p.k, K, [&] {
-      const size_t smem = dev::param_smem_bytes(K, t.V, 2, t.lg.lanes);  // weights, scale, shift
       MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
-        MNET_DISPATCH_LAYOUT(p.channels_last, dev::full_vectors<T>(p, {p.x, p.y}), CL, FULL, [&] {
-          constexpr int J = J2 ? 2 : 1;
+        constexpr int J = J2 ? 2 : 1;
+        if (dev::full_vectors<T>(p, {p.x, p.y})) {  // channels_last, 16-byte vectors: staged band tiles
+          const BandTilePlan b = dev::band_launch_plan(p, (int)sizeof(T), false);
+          const size_t smem = dev::band_smem_bytes(b, K, 2);  // band, weights, scale, shift
+          dev::launch_strips<true, J, K>(b, [&](auto tw) {
+            constexpr int TW = decltype(tw)::value;
+            dev::allow_smem(dev::fwd_band_kernel<T, K, J, TW>, smem);
+            dev::fwd_band_kernel<T, K, J, TW>
+                <<<dim3((unsigned)b.nchunks, (unsigned)b.groups), (unsigned)b.threads(), smem, s>>>(p, b);
+          });
+          return;
+        }
+        const TilePlan t = dev::launch_plan(p, (int)sizeof(T));
+        const dim3 grid(dev::fwd_blocks(t), (unsigned)t.lg.groups);
+        const unsigned threads = (unsigned)(t.lg.lanes * t.lg.walkers);
+        const size_t smem = dev::param_smem_bytes(K, t.V, 2, t.lg.lanes);  // weights, scale, shift
+        MNET_DISPATCH_BOOL(p.channels_last, CL, [&] {  // FULL = false: NCHW, or C % V != 0 / unaligned
           dev::launch_strips<CL, J, K>(t, [&](auto tw) {
             constexpr int TW = decltype(tw)::value;
-            dev::allow_smem(dev::fwd_kernel<T, K, J, CL, FULL, TW>, smem);
-            dev::fwd_kernel<T, K, J, CL, FULL, TW><<<grid, threads, smem, s>>>(p, t);
+            dev::allow_smem(dev::fwd_kernel<T, K, J, CL, false, TW>, smem);
+            dev::fwd_kernel<T, K, J, CL, false, TW><<<grid, threads, smem, s>>>(p, t);
           });
         });
       });

@@ -5,7 +5,7 @@
 // tile.h: the forward's strips are wider than the reductions') with the K x K conv accumulated in fp32 registers:
 // kernel row 0 peeled (it initialises the sums), a runtime loop over the other K - 1, and along each row a
 // register window of input vectors, each loaded once (16 bytes of channels in channels_last) and fed to every
-// output of the strip that reads it (window_row); padding from a per-strip column mask. Weights and per-channel
+// output of the strip that reads it (window_walk); padding from a per-strip column mask. Weights and per-channel
 // values are staged once per block in shared memory as fp32, per lane, so a thread reads them as vectors off one
 // base address (stage_params).
 //   fwd: grid (strips / (walkers x 4..16), channel groups), each thread walks strips; epilogue: the BN fold
@@ -14,6 +14,9 @@
 //     each thread accumulates privately in a fixed order, walkers combine by a fixed tree, one partial per
 //     (chunk, channel) in a [component][chunk][C] layout (coalesced), and a final kernel combines the chunks in
 //     order. Deterministic: no atomics, every order fixed by the shape.
+// channels_last with 16-byte vectors (every MobileNet layer): fwd and stats run on staged band tiles instead
+// (fwd_band_kernel, stats_band_kernel; tile.h: band_tile_plan): the block copies the input band of R strips into
+// shared memory as fp32 once, then each thread's conv reads its window from there.
 #pragma once
 
 #include <stdint.h>
@@ -42,13 +45,13 @@ MNET_HD constexpr int weight_lane_floats(int K, int V) { return K * K * V + ((K 
 // per-channel vectors v0..v3 (each [C], or all null: none) as [lane][4][V], read off one base address too.
 // FOLD: v0..v3 are mean, invstd, gamma, beta and the block stages their BN fold instead, scale and shift as
 // [lane][2][V] (once per channel, not once per strip). Staged once per block: a block walks many strips.
+// `lanes`: channel vectors of the block, `cbase`: its first channel.
 template <typename T, int K, int V, bool FOLD = false>
-MNET_DEVICE void stage_params(const DwParams& p, const TilePlan& t, float* sh, const float* v0 = nullptr,
+MNET_DEVICE void stage_params(const DwParams& p, int lanes, int64_t cbase, float* sh, const float* v0 = nullptr,
                               const float* v1 = nullptr, const float* v2 = nullptr, const float* v3 = nullptr) {
   constexpr int WL = weight_lane_floats(K, V);
-  const int cb = t.cb;
-  float* vsh = sh + t.lg.lanes * WL;
-  const int64_t cbase = lane_c0(t, blockIdx.y, 0);
+  const int cb = lanes * V;
+  float* vsh = sh + lanes * WL;
   const T* __restrict__ w = static_cast<const T*>(p.weight);
   for (int cl = threadIdx.x; cl < cb; cl += blockDim.x) {
     const int64_t c = cbase + cl;
@@ -128,17 +131,17 @@ MNET_DEVICE int64_t mul_wide(int a, int b) {
   return r;
 }
 
-// One input row of a strip's register window: loads the NCOL input vectors at row + j * col (zero where bit j of
-// `cols` is clear: padding) one at a time and calls f(m, kw, xv) for every output m of the strip that reads
-// column j through kernel column kw (j = J * m + kw). m and kw are compile-time after unrolling, so the callers'
-// register arrays stay in registers. Shared by the conv (conv_strip) and the backward apply's dweight pass.
-template <typename T, int K, int J, int TW, int V, bool FULL, typename F>
-MNET_DEVICE void window_row(const T* row, int col, uint32_t cols, int valid, F&& f) {
+// The register window of one input row: load(j, xv) fetches window column j (V fp32) once, then f(m, kw, xv) runs
+// for every output m of the strip that reads column j through kernel column kw (j = J * m + kw). m and kw are
+// compile-time after unrolling, so the callers' register arrays stay in registers. Shared by the conv (conv_row:
+// global loads; band_conv_strip: the staged band).
+template <int K, int J, int TW, int V, typename L, typename F>
+MNET_DEVICE void window_walk(L&& load, F&& f) {
   constexpr int NCOL = strip_cols(J, TW, K);
 #pragma unroll
   for (int j = 0; j < NCOL; ++j) {
     float xv[V];
-    load_vec<T, V, FULL>(row + j * col, (cols >> j) & 1u, valid, xv);
+    load(j, xv);
 #pragma unroll
     for (int kw = 0; kw < K; ++kw) {
       if (j < kw || (j - kw) % J != 0 || (j - kw) / J >= TW) continue;
@@ -147,17 +150,24 @@ MNET_DEVICE void window_row(const T* row, int col, uint32_t cols, int valid, F&&
   }
 }
 
-// acc (+)= the products of one kernel row (weights wr: [K][V] of this lane). FIRST: the row initialises the sums
-// (output m's first product is its kw = 0 tap, the first the window walk reaches), so no zero fill.
-template <typename T, int K, int J, int TW, int V, bool FULL, bool FIRST>
-MNET_DEVICE void conv_row(const T* row, int col, uint32_t cols, int valid, const float* wr, float (&acc)[TW][V]) {
+// acc (+)= the products of one kernel row (weights wr: [K][V] of this lane; load: window_walk's loader). FIRST:
+// the row initialises the sums (output m's first product is its kw = 0 tap, the first the window walk reaches), so
+// no zero fill.
+template <int K, int J, int TW, int V, bool FIRST, typename L>
+MNET_DEVICE void conv_row_with(L&& load, const float* wr, float (&acc)[TW][V]) {
   float w[K][V];
 #pragma unroll
   for (int kw = 0; kw < K; ++kw) load_shared<V>(wr + kw * V, w[kw]);
-  window_row<T, K, J, TW, V, FULL>(row, col, cols, valid, [&](int m, int kw, const float(&xv)[V]) {
+  window_walk<K, J, TW, V>(load, [&](int m, int kw, const float(&xv)[V]) {
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[m][v] = FIRST && kw == 0 ? w[kw][v] * xv[v] : fmaf(w[kw][v], xv[v], acc[m][v]);
   });
+}
+
+template <typename T, int K, int J, int TW, int V, bool FULL, bool FIRST>
+MNET_DEVICE void conv_row(const T* row, int col, uint32_t cols, int valid, const float* wr, float (&acc)[TW][V]) {
+  conv_row_with<K, J, TW, V, FIRST>(
+      [&](int j, float(&xv)[V]) { load_vec<T, V, FULL>(row + j * col, (cols >> j) & 1u, valid, xv); }, wr, acc);
 }
 
 // z of one strip: acc[m][v] = sum over taps of w[tap][c0 + v] * x[n, c0 + v, ih, iw] (fp32, zero padding).
@@ -219,7 +229,7 @@ __global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
   constexpr int V = tile_vec((int)sizeof(T), CL);
   extern __shared__ float sh[];
   const Lane l = lane_of(p, t);
-  stage_params<T, K, V, true>(p, t, sh, p.mean, p.invstd, p.gamma, p.beta);
+  stage_params<T, K, V, true>(p, t.lg.lanes, lane_c0(t, blockIdx.y, 0), sh, p.mean, p.invstd, p.gamma, p.beta);
   if (l.valid <= 0) return;
   constexpr int WL = weight_lane_floats(K, V);
   const float* shv = sh + t.lg.lanes * WL + l.lane * 2 * V;  // scale, shift
@@ -243,6 +253,180 @@ __global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
 }
 
 // =======================================================================================================
+// staged band tiles (tile.h: band_tile_plan): channels_last, 16-byte vectors (FULL), fwd and stats
+// =======================================================================================================
+// Thread = walker * lanes + lane: walker k computes the strip of the tile's output row oh0 + k, lane l the channel
+// vector c0 = (blockIdx.y * lanes + l) * V (active: c0 < C).
+struct BandThread {
+  int lane, walker, c0;
+  bool active;
+};
+
+MNET_DEVICE BandThread band_thread(const DwParams& p, const BandTilePlan& b, int V) {
+  BandThread th;
+  th.walker = (int)div_of(b.lanes_div, threadIdx.x);
+  th.lane = (int)threadIdx.x - th.walker * b.lanes;
+  th.c0 = ((int)blockIdx.y * b.lanes + th.lane) * V;
+  th.active = th.c0 < p.C;
+  return th;
+}
+
+// Shared memory of a staged kernel: the band (stage_floats) first, 16-byte aligned, then the parameter rows.
+MNET_HD size_t band_smem_bytes(const BandTilePlan& b, int K, int param_rows) {
+  return (size_t)b.stage_floats() * 4 + param_smem_bytes(K, b.V, param_rows, b.lanes);
+}
+// The largest block (K = 7, 2-byte vectors, 8 lanes, the stats' static tree) within the 99 KB a block may opt into
+// on sm_86 / sm_89 (cudaFuncSetAttribute fails above it; tile.h: kBandStageBytes).
+constexpr size_t kSmemOptinSm86 = 99 * 1024;
+static_assert(kBandStageBytes + param_smem_bytes(7, 8, 2, kBandLaneSlots) +
+                      sizeof(Welford) * kBandLaneSlots * kBandRowsMax <= kSmemOptinSm86,
+              "the staged band kernels' shared memory exceeds sm_86/sm_89's per-block opt-in limit");
+
+// The tile's input band -> stage (this thread's lane slot of staged row 0; tile.h: staged row r = input row
+// ih_base + r * row_step, column j = iw0 + j * in_step): the staged rows inside the image (band_rows_inside) one
+// per walker in turn from the first, one 16-byte load of the lane's V channels per column (zero outside the image's
+// columns) and V / 4 16-byte stores; then the rows above and below the image as zeros only.
+template <typename T, int V, int NCOL>
+MNET_DEVICE void stage_band(const DwParams& p, const BandTilePlan& b, const T* xn, int ih_base, int iw0, int in_step,
+                            int walker, float4* stage) {
+  constexpr int NQ = V / 4;
+  const uint32_t cols = column_mask(iw0, in_step, (int)p.W, NCOL);
+  const uint32_t col = (uint32_t)(in_step * (int)p.xs.w);  // unsigned: no sign extension per column offset
+  int lo, hi;
+  band_rows_inside(b, p.H, ih_base, lo, hi);
+#pragma unroll 1
+  for (int r = lo + walker; r < hi; r += b.R) {
+    const T* src = xn + mul_wide(ih_base + r * b.row_step, (int)p.xs.h) + mul_wide(iw0, (int)p.xs.w);
+    float4* dst = stage + r * b.pitch;
+#pragma unroll
+    for (int j = 0; j < NCOL; ++j) {
+      float xv[V];
+      load_vec<T, V, true>(src + (uint32_t)j * col, (cols >> j) & 1u, V, xv);
+#pragma unroll
+      for (int q = 0; q < NQ; ++q)
+        dst[(j * NQ + q) * kBandLaneSlots] = make_float4(xv[4 * q], xv[4 * q + 1], xv[4 * q + 2], xv[4 * q + 3]);
+    }
+  }
+  const int zeros = b.rows_in - (hi - lo);  // rows [0, lo) and [hi, rows_in)
+#pragma unroll 1
+  for (int z = walker; z < zeros; z += b.R) {
+    float4* dst = stage + (z < lo ? z : z - lo + hi) * b.pitch;
+#pragma unroll
+    for (int j = 0; j < NCOL * NQ; ++j) dst[j * kBandLaneSlots] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+}
+
+// z of one strip from the staged band: srow = this thread's lane slot of its staged row for kernel row 0
+// (walker * row_a), kernel rows row_b staged rows apart; wl: this lane's weights ([K*K][V] in shared memory). Each
+// window column is V / 4 LDS.128 at compile-time offsets (bank pattern: tile.h). Row 0 peeled, as in conv_strip.
+template <int K, int J, int TW, int V>
+MNET_DEVICE void band_conv_strip(const BandTilePlan& b, const float4* srow, const float* wl, float (&acc)[TW][V]) {
+  constexpr int NQ = V / 4;
+  const auto load = [&](int j, float(&xv)[V]) {
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) {
+      const float4 f = srow[(j * NQ + q) * kBandLaneSlots];
+      xv[4 * q] = f.x;
+      xv[4 * q + 1] = f.y;
+      xv[4 * q + 2] = f.z;
+      xv[4 * q + 3] = f.w;
+    }
+  };
+  conv_row_with<K, J, TW, V, true>(load, wl, acc);
+  const int rstep = b.row_b * b.pitch;
+#pragma unroll 1
+  for (int kh = 1; kh < K; ++kh) {
+    srow += rstep;
+    wl += K * V;
+    conv_row_with<K, J, TW, V, false>(load, wl, acc);
+  }
+}
+
+// The block's tiles (chunk blockIdx.x of the plan's tiles, in order): stage the band, one strip per walker, then
+// f(sp, acc) with sp.count = 0 for a walker past Ho or an inactive lane (every thread of the block must call this:
+// it synchronises). stage: the dynamic shared memory (the band), wl: this lane's weights.
+template <typename T, int K, int J, int TW, typename F>
+MNET_DEVICE void band_tiles(const DwParams& p, const BandTilePlan& b, const BandThread& th, float4* stage,
+                            const float* wl, F&& f) {
+  constexpr int V = tile_vec((int)sizeof(T), true), NCOL = strip_cols(J, TW, K);
+  const int in_step = J == 2 ? 1 : p.dilation;
+  const T* xl = static_cast<const T*>(p.x) + mul_wide(th.c0, (int)p.xs.c);
+  const float4* srow = stage + th.walker * b.row_a * b.pitch + th.lane;
+  uint32_t begin, end;
+  band_chunk_tiles(b, blockIdx.x, begin, end);  // tiles < 2^31: band_launch_plan
+#pragma unroll 1
+  for (uint32_t tile = begin; tile < end; ++tile) {
+    uint32_t n, oh0, ow0;
+    band_tile_origin(b, tile, n, oh0, ow0);
+    const int iw0 = (int)ow0 * p.stride - p.pad;
+    if (th.active)
+      stage_band<T, V, NCOL>(p, b, xl + (int64_t)n * p.xs.n, (int)oh0 * p.stride - p.pad, iw0, in_step, th.walker,
+                             stage + th.lane);
+    __syncthreads();  // the band is staged
+    StripPos sp;
+    sp.n = n;
+    sp.oh = (int)oh0 + th.walker;
+    sp.ow0 = (int)ow0;
+    sp.count = th.active && sp.oh < p.Ho ? strip_count(b.sg, (int)p.Wo, (int)ow0, TW) : 0;
+    float acc[TW][V];
+    band_conv_strip<K, J, TW, V>(b, srow, wl, acc);
+    f(sp, acc);
+    __syncthreads();  // every walker is done with the band before the next tile overwrites it
+  }
+}
+
+template <typename T, int K, int J, int TW>
+__global__ void __launch_bounds__(kBandLaneSlots* kBandRowsMax, 2)
+    fwd_band_kernel(const DwParams p, const BandTilePlan b) {
+  constexpr int V = tile_vec((int)sizeof(T), true), WL = weight_lane_floats(K, V);
+  extern __shared__ float4 stage[];
+  float* sh = reinterpret_cast<float*>(stage) + b.stage_floats();
+  const BandThread th = band_thread(p, b, V);
+  stage_params<T, K, V, true>(p, b.lanes, (int64_t)blockIdx.y * b.lanes * V, sh, p.mean, p.invstd, p.gamma, p.beta);
+  const float* shv = sh + b.lanes * WL + th.lane * 2 * V;  // scale, shift
+  const int ystep = b.sg.out_step * (int)p.ys.w;
+  band_tiles<T, K, J, TW>(p, b, th, stage, sh + th.lane * WL, [&](const StripPos& sp, const float(&acc)[TW][V]) {
+    T* y = static_cast<T*>(p.y) + out_offset(p.ys, sp, 0, b.sg.out_step, th.c0);
+    float scale[V], shift[V];
+    load_shared<V>(shv, scale);
+    load_shared<V>(shv + V, shift);
+    MNET_DISPATCH_CONV_ACT(p.act, A, [&] {
+      fwd_epilogue<A, T, TW, V, true>(y, ystep, sp.count, V, scale, shift, acc);
+    });
+  });
+}
+
+// Welford partials per (chunk, channel) as stats_partial_kernel's, over the chunk's tiles.
+template <typename T, int K, int J, int TW>
+__global__ void __launch_bounds__(kBandLaneSlots* kBandRowsMax, 2)
+    stats_band_kernel(const DwParams p, const BandTilePlan b) {
+  constexpr int V = tile_vec((int)sizeof(T), true), WL = weight_lane_floats(K, V);
+  extern __shared__ float4 stage[];
+  __shared__ Welford tree[kBandLaneSlots * kBandRowsMax];
+  float* sh = reinterpret_cast<float*>(stage) + b.stage_floats();
+  const BandThread th = band_thread(p, b, V);
+  stage_params<T, K, V>(p, b.lanes, (int64_t)blockIdx.y * b.lanes * V, sh);
+  float count = 0.0f, mean[V], m2[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) mean[v] = m2[v] = 0.0f;
+  band_tiles<T, K, J, TW>(p, b, th, stage, sh + th.lane * WL, [&](const StripPos& sp, const float(&z)[TW][V]) {
+    welford_add_strip<TW, V>(count, mean, m2, z, sp.count);
+  });
+  const int64_t nc = b.nchunks * p.C;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const Welford r = block_tree(Welford{count, mean[v], m2[v]}, tree, b.lanes, b.R,
+                                 [](const Welford& a, const Welford& c) { return welford_combine(a, c); });
+    if (th.walker == 0 && th.active) {
+      float* o = p.work + blockIdx.x * p.C + th.c0 + v;
+      o[0] = r.count;
+      o[nc] = r.mean;
+      o[2 * nc] = r.m2;
+    }
+  }
+}
+
+// =======================================================================================================
 // statistics: per (chunk, channel) Welford partials -> work[(j * nchunks + chunk) * C + c], j = count, mean, m2
 // =======================================================================================================
 template <typename T, int K, int J, bool CL, bool FULL, int TW>
@@ -252,7 +436,7 @@ __global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
   extern __shared__ float sh[];
   __shared__ Welford tree[kThreads];
   const Lane l = lane_of(p, t);
-  stage_params<T, K, V>(p, t, sh);
+  stage_params<T, K, V>(p, t.lg.lanes, lane_c0(t, blockIdx.y, 0), sh);
   int64_t begin, end;
   chunk_range(t.strips, t.nchunks, blockIdx.x, begin, end);
   // Running (count, mean, M2) per channel; the count is the same for the V channels of a lane (one register).
@@ -315,7 +499,7 @@ __global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
   extern __shared__ float sh[];
   __shared__ Sum2 tree[kThreads];
   const Lane l = lane_of(p, t);
-  stage_params<T, K, V>(p, t, sh, p.mean, p.invstd, p.gamma, p.beta);
+  stage_params<T, K, V>(p, t.lg.lanes, lane_c0(t, blockIdx.y, 0), sh, p.mean, p.invstd, p.gamma, p.beta);
   int64_t begin, end;
   chunk_range(t.strips, t.nchunks, blockIdx.x, begin, end);
   Sum2 acc[V];
@@ -622,10 +806,23 @@ inline TilePlan launch_plan(const DwParams& p, int elem_size) {
   return t;
 }
 
-// Calls launch(std::integral_constant<int, TW>{}) with the strip width TW of plan t (tile.h: strip_tile_width),
+// The staged kernels' plan (channels_last, FULL), checked for the kernels' 32-bit indices.
+inline BandTilePlan band_launch_plan(const DwParams& p, int elem_size, bool reduction) {
+  const BandTilePlan b = band_tile_plan(p, elem_size, reduction);
+  if (b.tiles >= (int64_t(1) << 31))
+    throw std::runtime_error("mnet_ext: the activation is too large for the CUDA kernels (N * bands * strips per row "
+                             ">= 2^31); split the batch");
+  if (b.groups > 65535)
+    throw std::runtime_error("mnet_ext: too many channels for the CUDA kernels (more than 65535 channel groups)");
+  check_strides(p, b.TW);
+  return b;
+}
+
+// Calls launch(std::integral_constant<int, TW>{}) with the strip width TW of plan t (a TilePlan or BandTilePlan;
+// tile.h: strip_tile_width),
 // instantiating only the widths this (layout, column pattern) can take.
-template <bool CL, int J, int K, typename F>
-inline void launch_strips(const TilePlan& t, F&& launch) {
+template <bool CL, int J, int K, typename P, typename F>
+inline void launch_strips(const P& t, F&& launch) {
   const auto go = [&](auto tw) {
     if (t.TW != decltype(tw)::value) throw std::logic_error("mnet_ext: strip width differs from the tile plan's");
     launch(tw);

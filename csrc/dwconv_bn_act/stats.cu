@@ -29,9 +29,16 @@ __global__ void __launch_bounds__(kFinalLanes* kFinalWalkers)
 
 }  // namespace dev
 
+// Partials of the staged kernel (channels_last, 16-byte vectors) or the strip kernel: room for either, since the
+// choice also depends on the alignment of x.
 int64_t dw_stats_workspace(const DwParams& p) {
   return MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
-    return 3 * p.C * dev::launch_plan(p, (int)sizeof(T)).nchunks;
+    int64_t nchunks = dev::launch_plan(p, (int)sizeof(T)).nchunks;
+    if (p.channels_last) {
+      const int64_t staged = dev::band_launch_plan(p, (int)sizeof(T), true).nchunks;
+      nchunks = staged > nchunks ? staged : nchunks;
+    }
+    return 3 * p.C * nchunks;
   });
 }
 
@@ -39,19 +46,31 @@ void dw_stats_cuda(const DwParams& p, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   int64_t nchunks = 1;
   MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
-    const TilePlan t = dev::launch_plan(p, (int)sizeof(T));
-    nchunks = t.nchunks;
-    const dim3 grid((unsigned)t.nchunks, (unsigned)t.lg.groups);
-    const unsigned threads = (unsigned)(t.lg.lanes * t.lg.walkers);
     MNET_DISPATCH_KSIZE(p.k, K, [&] {
-      const size_t smem = dev::param_smem_bytes(K, t.V, 0, t.lg.lanes);
       MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
-        MNET_DISPATCH_LAYOUT(p.channels_last, dev::full_vectors<T>(p, {p.x}), CL, FULL, [&] {
-          constexpr int J = J2 ? 2 : 1;
+        constexpr int J = J2 ? 2 : 1;
+        if (dev::full_vectors<T>(p, {p.x})) {  // channels_last, 16-byte vectors: staged band tiles
+          const BandTilePlan b = dev::band_launch_plan(p, (int)sizeof(T), true);
+          nchunks = b.nchunks;
+          const size_t smem = dev::band_smem_bytes(b, K, 0);  // band, weights
+          dev::launch_strips<true, J, K>(b, [&](auto tw) {
+            constexpr int TW = decltype(tw)::value;
+            dev::allow_smem(dev::stats_band_kernel<T, K, J, TW>, smem);
+            dev::stats_band_kernel<T, K, J, TW>
+                <<<dim3((unsigned)b.nchunks, (unsigned)b.groups), (unsigned)b.threads(), smem, s>>>(p, b);
+          });
+          return;
+        }
+        const TilePlan t = dev::launch_plan(p, (int)sizeof(T));
+        nchunks = t.nchunks;
+        const dim3 grid((unsigned)t.nchunks, (unsigned)t.lg.groups);
+        const unsigned threads = (unsigned)(t.lg.lanes * t.lg.walkers);
+        const size_t smem = dev::param_smem_bytes(K, t.V, 0, t.lg.lanes);
+        MNET_DISPATCH_BOOL(p.channels_last, CL, [&] {  // FULL = false: NCHW, or C % V != 0 / unaligned
           dev::launch_strips<CL, J, K>(t, [&](auto tw) {
             constexpr int TW = decltype(tw)::value;
-            dev::allow_smem(dev::stats_partial_kernel<T, K, J, CL, FULL, TW>, smem);
-            dev::stats_partial_kernel<T, K, J, CL, FULL, TW><<<grid, threads, smem, s>>>(p, t);
+            dev::allow_smem(dev::stats_partial_kernel<T, K, J, CL, false, TW>, smem);
+            dev::stats_partial_kernel<T, K, J, CL, false, TW><<<grid, threads, smem, s>>>(p, t);
           });
         });
       });

@@ -199,6 +199,134 @@ MNET_HD TilePlan tile_plan(const DwParams& p, int elem_size, int threads) {
   return t;
 }
 
+// ---- staged band tiles (channels_last with 16-byte vectors: fwd and stats) -------------------------------
+// A block of the staged kernels works on *band tiles*: R consecutive output rows [oh0, oh0 + R) of one image x one
+// strip column q (strip q of each of those rows, the strip geometry above) x `lanes` channel vectors. Walker k
+// (0 <= k < R) computes the strip of row oh0 + k (nothing past Ho). The block first copies the input band all R
+// strips read into shared memory as fp32, zero outside the image: each input element is converted once per tile
+// (not once per kernel row that reads it), and the conv's inner loop has no padding masks or zero fills.
+//   staged row r    <-> input row    ih_base + r * row_step   (ih_base = oh0 * stride - pad)
+//   staged column j <-> input column iw0 + j * in_step         (the strip's window: iw0 = strip_iw0(ow0))
+// row_step = 2 at stride = dilation = 2 (only even offsets are read), else 1; walker k reads, at kernel row kh,
+// staged row k * row_a + kh * row_b (row_a = stride / row_step, row_b = dilation / row_step), window column
+// j = J * m + kw as in the register window.
+// Layout in 16-byte chunks: [row][column][q][lane slot], q < V / 4 (4 fp32 of a lane's vector per chunk), 8 lane
+// slots (kBandLaneSlots: a column's and a q's offsets are compile-time), rows `pitch` chunks apart. Bank pattern of
+// the conv's LDS.128 (a quarter warp, threads t = k * lanes + l, t = 8u .. 8u + 7, reads 128 bytes at once): thread
+// t reads chunk (k * row_a + kh * row_b) * pitch + const + l; with row_a * pitch = lanes (mod 8) that is
+// t + const (mod 8): the 8 threads hit 8 distinct 16-byte bank groups, conflict-free. The pitch pads a row to
+// that (row_a = 1: pitch = lanes mod 8; row_a = 2 needs an even lanes count, else up to 2-way conflicts).
+constexpr int kBandLaneSlots = 8;      // most channel vectors per block
+constexpr int kBandRowsMax = 16;       // most output rows (walkers) per tile: threads <= 8 x 16 = 128
+// The staged band: with the parameters (<= 13 KB at K = 7) and the stats' tree (1.5 KB) a block stays within
+// 99 KB, the most an sm_86 / sm_89 block may opt into (those GPUs run the sm_80 build; kernels.cuh asserts it),
+// and 2 blocks fit an SM of sm_90 (228 KB).
+constexpr int64_t kBandStageBytes = 84 * 1024;
+
+struct BandTilePlan {
+  StripGeom sg;         // strips of a row (width TW)
+  int V = 1, TW = 1, J = 1, nq = 1;  // channel vector, strip width, column pattern, 16-byte chunks per vector
+  int lanes = 1;        // channel vectors per block (<= kBandLaneSlots)
+  int64_t groups = 1;   // channel groups (grid.y)
+  int R = 1;            // output rows per tile = walkers per block
+  int64_t bands = 1;    // tiles along the rows of an image: ceil(Ho / R)
+  int64_t tiles = 1;    // N * bands * sg.per_row
+  int row_step = 1, row_a = 1, row_b = 1;
+  int rows_in = 1, cols_in = 1;  // staged rows and columns
+  int pitch = 1;        // 16-byte chunks between staged rows
+  FastDiv per_row;      // tile -> (image * bands + band, strip column)
+  FastDiv bands_div;    // image * bands + band -> (image, band)
+  int64_t nchunks = 1;  // blocks along the tiles (grid.x): block b walks the tiles of chunk b (chunk_range) in order
+  uint32_t per_chunk = 1;  // tiles per chunk: ceil(tiles / nchunks) (band_chunk_tiles)
+  FastDiv lanes_div;    // divides by lanes (thread -> walker, lane)
+  MNET_HD int threads() const { return lanes * R; }
+  MNET_HD int64_t stage_floats() const { return (int64_t)rows_in * pitch * 4; }
+};
+
+MNET_HD int band_rows_in(int R, int k, int row_a, int row_b) { return (R - 1) * row_a + (k - 1) * row_b + 1; }
+
+MNET_HD int band_pitch(int cols_in, int nq, int lanes, int row_a) {
+  const int base = cols_in * nq * kBandLaneSlots;  // a multiple of 8 chunks
+  const int pad = row_a == 1 ? lanes % 8 : (lanes / 2) % 4;  // row_a * pitch = lanes (mod 8) where solvable
+  return base + pad;
+}
+
+// The staged kernels' plan (channels_last, V * elem_size = 16 bytes). `reduction`: blocks are the fixed chunks of the
+// stats (reduction_chunks over tiles), else the forward's blocks of up to 8 tiles (parameters staged once per block).
+MNET_HD BandTilePlan band_tile_plan(const DwParams& p, int elem_size, bool reduction) {
+  BandTilePlan b;
+  b.V = tile_vec(elem_size, true);
+  b.nq = b.V / 4;
+  b.J = strip_j(p.stride, p.dilation);
+  b.TW = strip_tile_width(true, b.J, p.k, p.Wo);
+  b.sg = strip_geom(p.Wo, p.stride, p.dilation, b.TW);
+  const int64_t vectors = (p.C + b.V - 1) / b.V;
+  b.groups = (vectors + kBandLaneSlots - 1) / kBandLaneSlots;
+  b.lanes = (int)((vectors + b.groups - 1) / b.groups);
+  b.row_step = p.stride == 2 && p.dilation == 2 ? 2 : 1;
+  b.row_a = p.stride / b.row_step;
+  b.row_b = p.dilation / b.row_step;
+  b.cols_in = strip_cols(b.J, b.TW, p.k);
+  b.pitch = band_pitch(b.cols_in, b.nq, b.lanes, b.row_a);
+  // Rows per tile: as many as fit (up to 16, 8 when input rows advance by 2), split evenly over the image's rows.
+  const int most = b.row_a == 1 ? kBandRowsMax : kBandRowsMax / 2;
+  int64_t bands = (p.Ho + most - 1) / most;
+  int R = (int)((p.Ho + bands - 1) / bands);
+  while (R > 1 && (int64_t)band_rows_in(R, p.k, b.row_a, b.row_b) * b.pitch * 16 > kBandStageBytes) {
+    ++bands;
+    R = (int)((p.Ho + bands - 1) / bands);
+  }
+  b.R = R;
+  b.bands = (p.Ho + R - 1) / R;
+  b.rows_in = band_rows_in(R, p.k, b.row_a, b.row_b);
+  b.tiles = p.N * b.bands * b.sg.per_row;
+  b.per_row = fast_div((uint32_t)b.sg.per_row);
+  b.bands_div = fast_div((uint32_t)b.bands);
+  if (reduction) {
+    b.nchunks = reduction_chunks(b.tiles, 1, b.groups, 4);
+  } else {  // 8, 4, 2 or 1 tiles per block: the most that leave >= 1024 blocks (a few waves of 2 blocks per SM)
+    int64_t per = 8;
+    while (per > 1 && (b.tiles + per - 1) / per * b.groups < 1024) per >>= 1;
+    b.nchunks = (b.tiles + per - 1) / per;
+  }
+  b.per_chunk = (uint32_t)((b.tiles + b.nchunks - 1) / b.nchunks);
+  b.lanes_div = fast_div((uint32_t)b.lanes);
+  return b;
+}
+
+// Tiles [begin, end) of chunk `chunk` in 32-bit arithmetic: chunk_range's partition (tiles < 2^31, so
+// chunk * per_chunk < tiles + per_chunk < 2^32).
+MNET_HD void band_chunk_tiles(const BandTilePlan& b, uint32_t chunk, uint32_t& begin, uint32_t& end) {
+  const uint32_t tiles = (uint32_t)b.tiles, lo = chunk * b.per_chunk;
+  begin = lo < tiles ? lo : tiles;
+  end = tiles - begin > b.per_chunk ? begin + b.per_chunk : tiles;
+}
+
+// Tile `tile` (< 2^31: the launcher checks) -> image, first output row, strip column and the strip's first output
+// column (the same 32-bit multiply-high arithmetic on the host check and the device).
+MNET_HD void band_tile_origin(const BandTilePlan& b, uint32_t tile, uint32_t& n, uint32_t& oh0, uint32_t& ow0) {
+  const uint32_t r = div_of(b.per_row, tile), q = tile - r * b.per_row.d;
+  n = div_of(b.bands_div, r);
+  oh0 = (r - n * b.bands_div.d) * (uint32_t)b.R;
+  const uint32_t per_phase = (uint32_t)b.sg.per_phase, phase = q >= per_phase ? 1u : 0u;
+  ow0 = phase + (q - phase * per_phase) * (uint32_t)b.TW * (uint32_t)b.sg.out_step;
+}
+
+// Staged rows inside the image, [lo, hi): staged row r (input row ih_base + r * row_step) is in [0, H) exactly for
+// lo <= r < hi (lo = hi when none is). The staging copies these and stores zeros for the others (padding).
+MNET_HD void band_rows_inside(const BandTilePlan& b, int64_t H, int ih_base, int& lo, int& hi) {
+  const int st = b.row_step;
+  lo = ih_base >= 0 ? 0 : (-ih_base + st - 1) / st;
+  const int64_t end = H - ih_base <= 0 ? 0 : (H - ih_base + st - 1) / st;  // first r with ih >= H
+  hi = end < b.rows_in ? (int)end : b.rows_in;
+  lo = lo < hi ? lo : hi;
+}
+
+// Chunk offset of staged (row, column, q, lane) (the layout above).
+MNET_HD int band_chunk(const BandTilePlan& b, int row, int col, int q, int lane) {
+  return row * b.pitch + (col * b.nq + q) * kBandLaneSlots + lane;
+}
+
 // ---- backward apply: bands of rows ----------------------------------------------------------------------
 // A block of the backward apply owns output rows [ob0, ob1) of one image (it sums their dweight terms) and the
 // input rows [ib0, ib1) = [ob0 * stride, min(ob1 * stride, H)) (it writes their dx). It computes dz once, into

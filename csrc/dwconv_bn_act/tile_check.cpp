@@ -4,6 +4,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common/math.h"
 #include "dwconv_bn_act/launch.h"
@@ -42,6 +43,93 @@ void check_bands(const DwParams& p, int elem_size) {
   for (uint32_t q = 0; q < (uint32_t)most; q += 1 + q / 64)
     if (div_of(b.per_row, q) != q / b.sg.per_row || div_of(b.w, q) != q / p.W) plan_error("fast division differs");
   if (b.nchunks < 1 || b.nchunks > p.N * b.bands) plan_error("bad chunk count of the backward apply");
+}
+
+// Staged band tiles (fwd_band_kernel, stats_band_kernel): the chunks partition the tiles in order, every output is
+// computed by exactly one (tile, walker, m), every tap a strip reads lies inside the staged band at the staged
+// row and column of the conv's own input coordinates (zero there exactly when the conv pads), the band fits its
+// shared-memory budget and the block its threads, and the conv's LDS.128 pattern is conflict-free where the
+// pitch can make it so (tile.h).
+void check_band_tiles(const DwParams& p, int elem_size) {
+  const BandTilePlan b = band_tile_plan(p, elem_size, false);
+  const BandTilePlan br = band_tile_plan(p, elem_size, true);
+  if (br.tiles != b.tiles || br.R != b.R || br.pitch != b.pitch) plan_error("the staged kernels' plans differ");
+  if (b.lanes < 1 || b.lanes > kBandLaneSlots || b.groups * b.lanes * b.V < p.C) plan_error("band lanes miss channels");
+  if (b.R < 1 || b.threads() > kBandLaneSlots * kBandRowsMax) plan_error("band block shape does not fit 128 threads");
+  if (b.R > 1 && b.stage_floats() * 4 > kBandStageBytes) plan_error("the staged band exceeds its shared memory");
+  if (b.tiles >= (int64_t(1) << 31)) plan_error("the band tiles need more than 31 bits");
+  if (b.bands * b.R < p.Ho || (b.bands - 1) * b.R >= p.Ho) plan_error("bands do not cover the rows");
+  for (const BandTilePlan* q : {&b, &br}) {
+    int64_t next = 0;
+    for (int64_t c = 0; c < q->nchunks; ++c) {
+      int64_t lo, hi;
+      chunk_range(q->tiles, q->nchunks, c, lo, hi);
+      if (lo != next && lo < q->tiles) plan_error("chunks do not partition the band tiles");
+      next = hi > next ? hi : next;
+    }
+    if (next != q->tiles) plan_error("chunks do not cover every band tile");
+    for (int64_t c = 0; c < q->nchunks; ++c) {  // the kernels' 32-bit chunk bounds
+      int64_t lo, hi;
+      uint32_t lo32, hi32;
+      chunk_range(q->tiles, q->nchunks, c, lo, hi);
+      band_chunk_tiles(*q, (uint32_t)c, lo32, hi32);
+      if (lo32 != lo || hi32 != hi) plan_error("band chunk bounds differ from chunk_range");
+    }
+  }
+  for (uint32_t t = 0; t < (uint32_t)b.threads(); ++t)
+    if (div_of(b.lanes_div, t) != t / (uint32_t)b.lanes) plan_error("fast division by lanes differs");
+  // LDS.128 banks: a quarter warp (threads 8u .. 8u + 7 = walker * lanes + lane) at one tap reads 8 distinct
+  // 16-byte bank groups (chunk mod 8).
+  if (b.row_a == 1 || b.lanes % 2 == 0)
+    for (int kh = 0; kh < p.k; ++kh)
+      for (int t0 = 0; t0 < b.threads(); t0 += 8) {
+        uint32_t seen = 0;
+        for (int t = t0; t < t0 + 8 && t < b.threads(); ++t) {
+          const int k = t / b.lanes, lane = t % b.lanes;
+          const uint32_t bit = 1u << (band_chunk(b, k * b.row_a + kh * b.row_b, 0, 0, lane) & 7);
+          if (seen & bit) plan_error("the staged band's LDS.128 pattern has bank conflicts");
+          seen |= bit;
+        }
+      }
+  const int J = b.J, in_step = b.sg.in_step;
+  std::vector<int32_t> counts((size_t)(p.N * p.Ho * p.Wo), 0);
+  for (int64_t tile = 0; tile < b.tiles; ++tile) {
+    uint32_t n32, oh032, ow032;
+    band_tile_origin(b, (uint32_t)tile, n32, oh032, ow032);
+    const int64_t r = tile / b.sg.per_row, q = tile - r * b.sg.per_row;
+    if (n32 != r / b.bands || oh032 != (r % b.bands) * b.R || ow032 != strip_ow0(b.sg, q, b.TW))
+      plan_error("band tile origin differs from plain division");
+    const int64_t oh0 = oh032, ow0 = ow032, ih_base = oh0 * p.stride - p.pad, iw0 = strip_iw0(ow0, p.stride, p.pad);
+    const uint32_t mask = column_mask((int)iw0, in_step, (int)p.W, b.cols_in);
+    int lo, hi;
+    band_rows_inside(b, p.H, (int)ih_base, lo, hi);
+    for (int r = 0; r < b.rows_in; ++r) {
+      const int64_t ih = ih_base + (int64_t)r * b.row_step;
+      if ((r >= lo && r < hi) != (ih >= 0 && ih < p.H)) plan_error("staged rows inside the image differ");
+    }
+    for (int k = 0; k < b.R; ++k) {
+      const int64_t oh = oh0 + k;
+      if (oh >= p.Ho) break;
+      const int cnt = strip_count(b.sg, (int)p.Wo, (int)ow0, b.TW);
+      for (int m = 0; m < cnt; ++m) {
+        const int64_t ow = ow0 + (int64_t)m * b.sg.out_step;
+        if (ow >= p.Wo) plan_error("a band strip's output count differs from its outputs");
+        ++counts[(size_t)((n32 * p.Ho + oh) * p.Wo + ow)];
+        for (int kh = 0; kh < p.k; ++kh)
+          for (int kw = 0; kw < p.k; ++kw) {
+            const int row = k * b.row_a + kh * b.row_b, col = J * m + kw;  // what band_conv_strip reads
+            if (row >= b.rows_in || col >= b.cols_in) plan_error("a tap reads outside the staged band");
+            const int64_t ih = ih_base + (int64_t)row * b.row_step, iw = iw0 + (int64_t)col * in_step;  // stage_band
+            if (ih != in_coord(oh, kh, p.stride, p.dilation, p.pad) || iw != in_coord(ow, kw, p.stride, p.dilation, p.pad))
+              plan_error("a staged tap differs from the conv's input");
+            const bool staged_in = row >= lo && row < hi && ((mask >> col) & 1u);
+            if (staged_in != (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W)) plan_error("staged padding differs");
+          }
+      }
+    }
+  }
+  for (size_t i = 0; i < counts.size(); ++i)
+    if (counts[i] != 1) plan_error("band tiles compute an output " + std::to_string(counts[i]) + " times");
 }
 
 // Adds to counts ([N, C, Ho, Wo]) the (strip, lane) work items of plan t that write each output; checks the
@@ -106,10 +194,11 @@ void cover(const DwParams& p, const TilePlan& t, int threads, int32_t* counts) {
 
 // counts: [N, C, Ho, Wo] (contiguous, zeroed): how many (strip, lane) work items of the strip kernels' plan write
 // each output. Every strip's register window must read exactly the input columns the convolution needs (else: an
-// error), the reduction chunks must partition the strips in order, and the backward apply's bands must pass
-// check_bands.
+// error), the reduction chunks must partition the strips in order, the backward apply's bands must pass
+// check_bands, and in channels_last the staged band tiles check_band_tiles.
 void dw_tile_coverage(const DwParams& p, int elem_size, int threads, int32_t* counts) {
   check_bands(p, elem_size);
+  if (p.channels_last) check_band_tiles(p, elem_size);
   const LaneGeom lg = lane_geom(p.C, tile_vec(elem_size, p.channels_last), p.channels_last, threads);
   if (lg.walkers < 1 || lg.lanes * lg.walkers > threads) plan_error("block shape does not fit the thread count");
   cover(p, tile_plan(p, elem_size, threads), threads, counts);
