@@ -30,6 +30,13 @@ TORCH_LIBRARY(mnet_ext_cuda, m) {
   m.def("se_scale(Tensor x, Tensor s) -> Tensor");
   m.def("se_bwd_reduce(Tensor grad_y, Tensor x) -> Tensor");
   m.def("se_bwd_apply(Tensor grad_y, Tensor s, Tensor dpooled) -> Tensor");
+  // Eager CPU calls of mnet_ext.functional (a whole eval layer: checks, BN fold or FCs, kernels); not primitives.
+  m.def(
+      "dwconv_bn_act_eval(Tensor x, Tensor weight, Tensor? running_mean, Tensor? running_var, Tensor? bn_weight, "
+      "Tensor? bn_bias, float eps, int stride, int dilation, str act) -> Tensor");
+  m.def(
+      "squeeze_excite_eval(Tensor x, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, "
+      "str act, str gate) -> Tensor");
 }
 
 namespace {

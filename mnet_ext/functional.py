@@ -6,13 +6,14 @@ autocast the way native convolutions do, and call the ``mnet_ext`` torch ops.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mnet_ext._backend import resolve
+from mnet_ext._backend import load, resolve
 from mnet_ext.ops import dwconv_bn_act as dw_ops  # importing registers the torch.ops.mnet_ext ops
 from mnet_ext.ops import squeeze_excite as se_ops
 from mnet_ext.reference import (
@@ -91,6 +92,32 @@ def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t if (dtype := _autocast_dtype(t)) is None else t.to(dtype) for t in tensors)
 
 
+def _in_one_call(x: object, backend: str | None, params: tuple[object, ...]) -> bool:
+    """Whether an eval layer runs as one C++ call (``_eager_calls``): the host twin (backend ``cuda``, CPU tensors of
+    its dtypes) in eager mode without autocast, with nothing for autograd to record, every parameter a tensor (or
+    None) so that the Python checks below name a non-tensor argument. The C++ call checks the rest, with the
+    Python checks' messages."""
+    if not (isinstance(x, Tensor) and x.is_cpu and x.dtype is not torch.float64):
+        return False
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
+        return False
+    for p in params:
+        if p is not None and (not isinstance(p, Tensor) or (grad and p.requires_grad)):
+            return False
+    return (not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and resolve(backend, "cpu") == "cuda")
+
+
+@functools.cache
+def _eager_calls() -> tuple[Any, Any]:
+    """``torch.ops.mnet_ext_cuda``'s whole-layer eval calls (checks, BN fold or FCs, kernels: the Python path costs
+    more than a small layer's kernels on a CPU); the registered ``mnet_ext`` ops stay what ``torch.compile``
+    traces."""
+    ops = load("cuda")._ops
+    return ops.dwconv_bn_act_eval.default, ops.squeeze_excite_eval.default
+
+
 def dwconv_bn_act(
     x: Tensor,
     weight: Tensor,
@@ -117,6 +144,8 @@ def dwconv_bn_act(
     ``process_group`` (e.g. ``torch.distributed.group.WORLD``) of several ranks, training statistics are those of
     the whole group, as ``nn.SyncBatchNorm`` computes them.
     """
+    if not training and _in_one_call(x, backend, (weight, running_mean, running_var, bn_weight, bn_bias)):
+        return _eager_calls()[0](x, weight, running_mean, running_var, bn_weight, bn_bias, eps, stride, dilation, act)
     x = _check_input(x)
     n, c, h, w = x.shape
     # Native convolutions refuse an empty image (an empty batch is fine: the result is empty).
@@ -211,6 +240,8 @@ def squeeze_excite(
     ``fc1_weight`` is ``[S, C]`` or ``[S, C, 1, 1]`` (a 1x1 conv's weight), ``fc2_weight`` ``[C, S]`` or
     ``[C, S, 1, 1]``; the biases ``[S]`` and ``[C]``. ``act`` relu/silu, ``gate`` hardsigmoid/sigmoid.
     """
+    if _in_one_call(x, backend, (fc1_weight, fc1_bias, fc2_weight, fc2_bias)):
+        return _eager_calls()[1](x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
     x = _check_input(x)
     c = x.shape[1]
     w1 = fc1_weight.reshape(fc1_weight.shape[0], -1) if isinstance(fc1_weight, Tensor) else fc1_weight

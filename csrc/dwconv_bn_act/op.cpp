@@ -3,10 +3,15 @@
 // CUDA stream (CUDA). Schemas live in csrc/mnet_ext.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <string_view>
 #include <tuple>
+#include <vector>
 
 #ifdef WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -14,6 +19,7 @@
 #endif
 
 #include "common/check.h"
+#include "common/eager_check.h"
 #include "common/math.h"
 #include "dwconv_bn_act/launch.h"
 
@@ -171,6 +177,77 @@ std::tuple<Tensor, Tensor> bwd_apply(const Tensor& grad_y, const Tensor& x, cons
   return {dx, dweight};
 }
 
+// ---- the eval forward in one call: the eager CPU path of mnet_ext.functional.dwconv_bn_act ---------------------
+// Python's checks (same conditions and messages, eager_check.h), BatchNorm's fold of the running statistics and the
+// forward in one dispatcher call: the Python path (its checks, the fold as torch calls, the backend's wrappers) cost
+// ~20 us per layer, more than a small layer's kernel. The fold is the Python path's: invstd = 1 / sqrt(float(var) +
+// float(eps)), IEEE square root and division as torch.rsqrt computes them, so the results are bitwise the op path's.
+
+// mnet_ext.functional._check_vector; returns v as a contiguous fp32 tensor (v itself when it is one).
+Tensor bn_vector(const c10::optional<Tensor>& v, const char* name, int64_t C, const Tensor& x) {
+  const Tensor& t = *v;
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, name, ": expected shape (", C,
+                    ",) (one value per channel of x), got ", py_shape(t.sizes()));
+  eager_check_device(t, name, x);
+  TORCH_CHECK_VALUE(t.is_floating_point(), name, ": expected a floating-point tensor, got ", py_dtype(t.scalar_type()));
+  return t.to(at::kFloat).contiguous();
+}
+
+Tensor eval_in_one_call(const Tensor& x_in, const Tensor& weight, const c10::optional<Tensor>& running_mean,
+                        const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& bn_weight,
+                        const c10::optional<Tensor>& bn_bias, double eps, int64_t stride, int64_t dilation,
+                        c10::string_view act) {
+  const Tensor x = eager_check_input(x_in);
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(x.size(2) > 0 && x.size(3) > 0, "x: expected a non-zero height and width, got shape ",
+                    py_shape(x.sizes()));
+  TORCH_CHECK_VALUE(weight.dim() == 4, "weight: expected a 4-D [C, 1, k, k] tensor");
+  const int64_t k = weight.size(3);
+  TORCH_CHECK_VALUE(weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == k && (k == 3 || k == 5 || k == 7),
+                    "weight: expected a depthwise filter of shape (", C, ", 1, k, k) with k in (3, 5, 7) (groups = "
+                    "channels = ", C, "), got ", py_shape(weight.sizes()));
+  eager_check_device(weight, "weight", x);
+  TORCH_CHECK_VALUE(stride == 1 || stride == 2, "stride: expected one of (1, 2), got ", stride);
+  TORCH_CHECK_VALUE(dilation == 1 || dilation == 2, "dilation: expected one of (1, 2), got ", dilation);
+  const std::string_view a(act.data(), act.size());
+  TORCH_CHECK_VALUE(a == "none" || a == "relu" || a == "relu6" || a == "hardswish" || a == "silu",
+                    "act: expected one of ('none', 'relu', 'relu6', 'hardswish', 'silu'), got '", a, "'");
+  TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), "weight: expected dtype ", py_dtype(x.scalar_type()),
+                    " (that of x), got ", py_dtype(weight.scalar_type()));
+  const char* names[4] = {"running_mean", "running_var", "bn_weight", "bn_bias"};
+  const c10::optional<Tensor>* given[4] = {&running_mean, &running_var, &bn_weight, &bn_bias};
+  Tensor vecs[4];
+  for (int i = 0; i < 4; ++i)
+    if (given[i]->has_value()) vecs[i] = bn_vector(*given[i], names[i], C, x);
+  TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value(),
+                    "running_mean/running_var: required when training=False");
+  if (x.size(0) == 0) {  // mnet_ext.ops._common.new_output: an empty x keeps its strides when the shape is unchanged
+    const int64_t ho = out_size(x.size(2), (int)k, (int)stride, (int)dilation);
+    const int64_t wo = out_size(x.size(3), (int)k, (int)stride, (int)dilation);
+    if (ho == x.size(2) && wo == x.size(3)) return at::empty_like(x);
+    return at::empty({0, C, ho, wo}, x.options());
+  }
+  const Tensor w = weight.contiguous();
+  DwParams p = make_params(x, w, stride, dilation);
+  // invstd, and gamma = 1 / beta = 0 for a BatchNorm without affine parameters
+  std::vector<float> folded(3 * C);
+  const float* var = vecs[1].data_ptr<float>();
+  const float e = (float)eps;
+  for (int64_t c = 0; c < C; ++c) folded[c] = 1.0f / std::sqrt(var[c] + e);
+  std::fill(folded.begin() + C, folded.begin() + 2 * C, 1.0f);
+  std::fill(folded.begin() + 2 * C, folded.end(), 0.0f);
+  p.mean = vecs[0].data_ptr<float>();
+  p.invstd = folded.data();
+  p.gamma = vecs[2].defined() ? vecs[2].data_ptr<float>() : folded.data() + C;
+  p.beta = vecs[3].defined() ? vecs[3].data_ptr<float>() : folded.data() + 2 * C;
+  p.act = parse_act(std::string(a), true);
+  Tensor y = empty_like_layout(p, x, p.Ho, p.Wo);
+  p.y = y.data_ptr();
+  p.ys = strides4(y, p.channels_last);
+  dw_fwd_cpu(p);
+  return y;
+}
+
 // The CUDA kernels' tile plan for x's shape, dtype and layout, run on the host (tests): int32 [N, C, Ho, Wo].
 Tensor tile_coverage(const Tensor& x, const Tensor& weight, int64_t stride, int64_t dilation, int64_t threads) {
   const DwParams p = make_params(x, weight, stride, dilation);
@@ -183,7 +260,10 @@ Tensor tile_coverage(const Tensor& x, const Tensor& weight, int64_t stride, int6
 }  // namespace
 }  // namespace mnet
 
-TORCH_LIBRARY_IMPL(mnet_ext_cuda, CompositeExplicitAutograd, m) { m.impl("_dw_tile_coverage", &mnet::tile_coverage); }
+TORCH_LIBRARY_IMPL(mnet_ext_cuda, CompositeExplicitAutograd, m) {
+  m.impl("_dw_tile_coverage", &mnet::tile_coverage);
+  m.impl("dwconv_bn_act_eval", &mnet::eval_in_one_call);  // any device: see eager_check_input
+}
 
 TORCH_LIBRARY_IMPL(mnet_ext_cuda, CPU, m) {
   m.impl("dwconv_bn_act_fwd", &mnet::fwd<false>);

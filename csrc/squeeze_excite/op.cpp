@@ -1,6 +1,12 @@
 // Torch boundary of the squeeze_excite primitives (see dwconv_bn_act/op.cpp for the pattern).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/hardsigmoid.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #ifdef WITH_CUDA
@@ -9,7 +15,11 @@
 #endif
 
 #include "common/check.h"
+#include "common/eager_check.h"
 #include "squeeze_excite/launch.h"
+
+#include <string>
+#include <string_view>
 
 namespace mnet {
 namespace {
@@ -101,8 +111,62 @@ Tensor bwd_apply(const Tensor& grad_y, const Tensor& s, const Tensor& dpooled) {
   return dx;
 }
 
+// ---- the eval forward in one call: the eager CPU path of mnet_ext.functional.squeeze_excite -------------------
+// Python's checks (same conditions and messages, eager_check.h), pool, the two FCs with their activations and the
+// scale in one dispatcher call instead of ~15 Python-level torch calls. The FCs are the Python path's torch ops
+// (addmm on the fp32 pooled means; the activations in place, same values), so the results are bitwise its results.
+
+// fc_weight as [rows, cols] ([rows, cols, 1, 1] is a 1x1 conv's weight), checked as mnet_ext.functional does;
+// rows < 0: any number of rows, named S in the message.
+Tensor fc_matrix(const Tensor& w, const char* name, int64_t rows, int64_t cols) {
+  const Tensor m = w.dim() >= 1 ? w.reshape({w.size(0), -1}) : w;
+  const std::string r = rows < 0 ? std::string("S") : std::to_string(rows);
+  TORCH_CHECK_VALUE(m.dim() == 2 && (rows < 0 || m.size(0) == rows) && m.size(1) == cols, name, ": expected shape [",
+                    r, ", ", cols, "] or [", r, ", ", cols, ", 1, 1], got ", py_shape(w.sizes()));
+  return m;
+}
+
+void check_fc(const Tensor& t, const char* name, const Tensor& x) {
+  eager_check_device(t, name, x);
+  const auto st = t.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, name,
+                    ": expected a float32/float16/bfloat16 tensor, got ", py_dtype(st));
+}
+
+Tensor eval_in_one_call(const Tensor& x_in, const Tensor& fc1_weight, const Tensor& fc1_bias, const Tensor& fc2_weight,
+                        const Tensor& fc2_bias, c10::string_view act, c10::string_view gate) {
+  const Tensor x = eager_check_input(x_in);
+  const int64_t C = x.size(1);
+  const Tensor w1 = fc_matrix(fc1_weight, "fc1_weight", -1, C);
+  const int64_t S = w1.size(0);
+  const Tensor w2 = fc_matrix(fc2_weight, "fc2_weight", C, S);
+  TORCH_CHECK_VALUE(fc1_bias.dim() == 1 && fc1_bias.size(0) == S, "fc1_bias: expected shape [", S, "]");
+  TORCH_CHECK_VALUE(fc2_bias.dim() == 1 && fc2_bias.size(0) == C, "fc2_bias: expected shape [", C, "]");
+  check_fc(w1, "fc1_weight", x);
+  check_fc(fc1_bias, "fc1_bias", x);
+  check_fc(w2, "fc2_weight", x);
+  check_fc(fc2_bias, "fc2_bias", x);
+  const std::string_view a(act.data(), act.size()), g(gate.data(), gate.size());
+  TORCH_CHECK_VALUE(a == "relu" || a == "silu", "act: expected one of ('relu', 'silu'), got '", a, "'");
+  TORCH_CHECK_VALUE(g == "hardsigmoid" || g == "sigmoid", "gate: expected one of ('hardsigmoid', 'sigmoid'), got '",
+                    g, "'");
+  if (x.numel() == 0) return at::empty_like(x);  // mnet_ext.ops._common.new_output of an empty x
+  const Tensor pooled = pool<false>(x);
+  Tensor h = at::addmm(fc1_bias.to(at::kFloat), pooled, w1.to(at::kFloat).t());
+  if (a == "relu") at::relu_(h);
+  else at::silu_(h);
+  Tensor s = at::addmm(fc2_bias.to(at::kFloat), h, w2.to(at::kFloat).t());
+  if (g == "hardsigmoid") at::hardsigmoid_(s);
+  else at::sigmoid_(s);
+  return scale<false>(x, s);
+}
+
 }  // namespace
 }  // namespace mnet
+
+TORCH_LIBRARY_IMPL(mnet_ext_cuda, CompositeExplicitAutograd, m) {
+  m.impl("squeeze_excite_eval", &mnet::eval_in_one_call);  // any device: see eager_check_input
+}
 
 TORCH_LIBRARY_IMPL(mnet_ext_cuda, CPU, m) {
   m.impl("se_pool", &mnet::pool<false>);
