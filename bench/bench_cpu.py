@@ -13,6 +13,7 @@ native NCHW, native channels_last and ``mnet_ext.fuse`` of the channels_last mod
                                 [--rounds 15] [--out bench/results/cpu/NAME]
 
 ``--threads 0`` means all cores. With ``--out`` it writes NAME.csv and NAME.md (per-group geomean and minimum).
+``--kinds overhead`` times the per-call cost instead (``overhead``): one tiny layer, where the kernels take ~1 us.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 import mnet_ext
 from bench.common import Setup, build_module, build_native, make_call, make_inputs
+from mnet_ext import functional as MF
 from mnet_ext.backends import cuda as B
 from mnet_ext.layers import MODEL_BUILDERS, LayerConfig, unique_layers
 
@@ -103,6 +105,51 @@ def run_model(name: str, batch: int, rounds: int, budget_s: float) -> list[float
     return [*time_interleaved(calls, rounds, budget_s), math.nan]
 
 
+def overhead(rounds: int) -> str:
+    """Per-call cost in us of one tiny layer (1 x 16 x 2 x 2, channels_last: the kernels take ~1 us), eval, no_grad:
+    native (channels_last modules), the fused module as it runs (one C++ call per layer), the fused module on the
+    Python path of session 4 (``mnet_ext.functional``'s checks and torch calls, then the op bodies: the one-call
+    path switched off), and for dwconv_bn_act the bare op. Interleaved rounds of 2000 calls, minimum."""
+    from torch import nn
+    from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 2, 2).contiguous(memory_format=torch.channels_last)
+    natives = {"dwconv_bn_act k3 hardswish": Conv2dNormActivation(16, 16, 3, groups=16,
+                                                                  activation_layer=nn.Hardswish),
+               "squeeze_excite c16 s8": SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid)}
+    one_call = MF._in_one_call
+
+    def python_path(*args: object) -> bool:
+        return False
+    lines = ["| layer (1x16x2x2) | native us | fused, one C++ call us | fused, Python path (session 4) us "
+             "| op alone us |", "|---|---|---|---|---|"]
+    for name, native in natives.items():
+        native = native.eval().to(memory_format=torch.channels_last)
+        fused = mnet_ext.fuse(nn.Sequential(native), backend="cuda").eval()
+        calls = [lambda m=native: m(x), lambda m=fused: m(x)]
+
+        def slow(fused: nn.Module = fused) -> object:
+            MF._in_one_call = python_path
+            try:
+                return fused(x)
+            finally:
+                MF._in_one_call = one_call
+        calls.append(slow)
+        if name.startswith("dw"):
+            calls.append(op_call(fused[0], x))
+        def repeated(c: Callable[[], object], n: int = 2000) -> Callable[[], object]:
+            def run() -> None:
+                with torch.no_grad():
+                    for _ in range(n):
+                        c()
+            return run
+        times = [t * 1e3 / 2000 for t in time_interleaved([repeated(c) for c in calls], rounds, 60.0)]
+        op = f"{times[3]:.1f}" if len(times) > 3 else "-"
+        lines.append(f"| {name} | {times[0]:.1f} | {times[1]:.1f} | {times[2]:.1f} | {op} |")
+    return "\n".join(lines) + "\n"
+
+
 def geomean(v: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in v) / len(v)) if v else math.nan
 
@@ -145,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=pathlib.Path, help="write OUT.csv and OUT.md")
     args = ap.parse_args(argv)
     kinds = {"dw": "dwconv_bn_act", "se": "squeeze_excite"}
-    want = {kinds[k] for k in args.kinds.split(",") if k != "model"}
+    want = {kinds[k] for k in args.kinds.split(",") if k in kinds}
     models = args.models.split(",") if "model" in args.kinds.split(",") else []
     layers = [c for c in unique_layers(tuple(args.models.split(","))) if c.kind in want and args.filter in c.name]
     threads = [int(t) or os.cpu_count() or 1 for t in args.threads.split(",")]
@@ -154,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, mnet_ext from {where}, fp32, "
               f"min of up to {args.rounds} interleaved rounds")
     print(header)
+    if args.kinds == "overhead":
+        torch.set_num_threads(threads[0])
+        table = overhead(args.rounds)
+        print(table)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".md").write_text(f"{header}, threads {threads[0]}\n\n{table}")
+        return 0
     print(",".join(COLUMNS))
     rows = []
     for nt in threads:

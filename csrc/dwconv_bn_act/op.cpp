@@ -190,7 +190,7 @@ Tensor bn_vector(const c10::optional<Tensor>& v, const char* name, int64_t C, co
                     ",) (one value per channel of x), got ", py_shape(t.sizes()));
   eager_check_device(t, name, x);
   TORCH_CHECK_VALUE(t.is_floating_point(), name, ": expected a floating-point tensor, got ", py_dtype(t.scalar_type()));
-  return t.to(at::kFloat).contiguous();
+  return as_fp32(t).contiguous();
 }
 
 Tensor eval_in_one_call(const Tensor& x_in, const Tensor& weight, const c10::optional<Tensor>& running_mean,

@@ -119,7 +119,7 @@ Tensor bwd_apply(const Tensor& grad_y, const Tensor& s, const Tensor& dpooled) {
 // fc_weight as [rows, cols] ([rows, cols, 1, 1] is a 1x1 conv's weight), checked as mnet_ext.functional does;
 // rows < 0: any number of rows, named S in the message.
 Tensor fc_matrix(const Tensor& w, const char* name, int64_t rows, int64_t cols) {
-  const Tensor m = w.dim() >= 1 ? w.reshape({w.size(0), -1}) : w;
+  const Tensor m = w.dim() == 2 || w.dim() == 0 ? w : w.reshape({w.size(0), -1});
   const std::string r = rows < 0 ? std::string("S") : std::to_string(rows);
   TORCH_CHECK_VALUE(m.dim() == 2 && (rows < 0 || m.size(0) == rows) && m.size(1) == cols, name, ": expected shape [",
                     r, ", ", cols, "] or [", r, ", ", cols, ", 1, 1], got ", py_shape(w.sizes()));
@@ -152,10 +152,10 @@ Tensor eval_in_one_call(const Tensor& x_in, const Tensor& fc1_weight, const Tens
                     g, "'");
   if (x.numel() == 0) return at::empty_like(x);  // mnet_ext.ops._common.new_output of an empty x
   const Tensor pooled = pool<false>(x);
-  Tensor h = at::addmm(fc1_bias.to(at::kFloat), pooled, w1.to(at::kFloat).t());
+  Tensor h = at::addmm(as_fp32(fc1_bias), pooled, as_fp32(w1).t());
   if (a == "relu") at::relu_(h);
   else at::silu_(h);
-  Tensor s = at::addmm(fc2_bias.to(at::kFloat), h, w2.to(at::kFloat).t());
+  Tensor s = at::addmm(as_fp32(fc2_bias), h, as_fp32(w2).t());
   if (g == "hardsigmoid") at::hardsigmoid_(s);
   else at::sigmoid_(s);
   return scale<false>(x, s);
