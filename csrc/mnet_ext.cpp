@@ -35,6 +35,14 @@ TORCH_LIBRARY(mnet_ext_cuda, m) {
       "dwconv_bn_act_eval(Tensor x, Tensor weight, Tensor? running_mean, Tensor? running_var, Tensor? bn_weight, "
       "Tensor? bn_bias, float eps, int stride, int dilation, str act) -> Tensor");
   m.def(
+      "dwconv_bn_act_train_eager(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, int stride, int dilation, "
+      "str act) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dwconv_bn_act_train_backward_eager(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor var, "
+      "Tensor? bn_weight, Tensor? bn_bias, float eps, int stride, int dilation, str act) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "squeeze_excite_eval(Tensor x, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, "
       "str act, str gate) -> Tensor");
 }

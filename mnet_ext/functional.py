@@ -92,14 +92,14 @@ def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t if (dtype := _autocast_dtype(t)) is None else t.to(dtype) for t in tensors)
 
 
-def _in_one_call(x: object, backend: str | None, params: tuple[object, ...]) -> bool:
-    """Whether an eval layer runs as one C++ call (``_eager_calls``): the host twin (backend ``cuda``, CPU tensors of
-    its dtypes) in eager mode without autocast, with nothing for autograd to record, every parameter a tensor (or
-    None) so that the Python checks below name a non-tensor argument. The C++ call checks the rest, with the
-    Python checks' messages."""
+def _in_one_call(x: object, backend: str | None, params: tuple[object, ...], training: bool) -> bool:
+    """Whether a layer runs as one C++ call (eval: ``_eager_calls``; training: ``TrainStepFunction``, one call
+    forward and one backward): the host twin (backend ``cuda``, CPU tensors of its dtypes) in eager mode without
+    autocast, in eval with nothing for autograd to record, every parameter a tensor (or None) so that the Python
+    checks below name a non-tensor argument. The C++ calls check the rest, with the Python checks' messages."""
     if not (isinstance(x, Tensor) and x.is_cpu and x.dtype is not torch.float64):
         return False
-    grad = torch.is_grad_enabled()
+    grad = not training and torch.is_grad_enabled()
     if grad and x.requires_grad:
         return False
     for p in params:
@@ -144,8 +144,13 @@ def dwconv_bn_act(
     ``process_group`` (e.g. ``torch.distributed.group.WORLD``) of several ranks, training statistics are those of
     the whole group, as ``nn.SyncBatchNorm`` computes them.
     """
-    if not training and _in_one_call(x, backend, (weight, running_mean, running_var, bn_weight, bn_bias)):
-        return _eager_calls()[0](x, weight, running_mean, running_var, bn_weight, bn_bias, eps, stride, dilation, act)
+    if _in_one_call(x, backend, (weight, running_mean, running_var, bn_weight, bn_bias), training):
+        if not training:
+            return _eager_calls()[0](x, weight, running_mean, running_var, bn_weight, bn_bias, eps, stride, dilation,
+                                     act)
+        if not needs_sync(process_group):
+            return dw_ops.TrainStepFunction.apply(x, weight, bn_weight, bn_bias, running_mean, running_var, momentum,
+                                                  eps, stride, dilation, act)
     x = _check_input(x)
     n, c, h, w = x.shape
     # Native convolutions refuse an empty image (an empty batch is fine: the result is empty).
@@ -240,7 +245,7 @@ def squeeze_excite(
     ``fc1_weight`` is ``[S, C]`` or ``[S, C, 1, 1]`` (a 1x1 conv's weight), ``fc2_weight`` ``[C, S]`` or
     ``[C, S, 1, 1]``; the biases ``[S]`` and ``[C]``. ``act`` relu/silu, ``gate`` hardsigmoid/sigmoid.
     """
-    if _in_one_call(x, backend, (fc1_weight, fc1_bias, fc2_weight, fc2_bias)):
+    if _in_one_call(x, backend, (fc1_weight, fc1_bias, fc2_weight, fc2_bias), training=False):
         return _eager_calls()[1](x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
     x = _check_input(x)
     c = x.shape[1]

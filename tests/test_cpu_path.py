@@ -234,3 +234,29 @@ def test_eval_in_one_call_only_without_autograd(backend, monkeypatch):
     with torch.no_grad():
         MF.dwconv_bn_act(x, weight, mean, invstd, gamma, beta, backend="cuda")
     assert calls == ["dw"]
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("n", [2, 0])
+def test_train_step_in_one_call_matches_python_path(backend, monkeypatch, affine, layout, n):
+    """Training runs as TrainStepFunction (one C++ call forward, one backward): output, gradients and the running
+    statistics' update bitwise those of the Python path (session 4: TrainFunction + the functional's update)."""
+    x, weight, _, invstd, gamma, beta = _args(max(n, 1), 20, 9, 8, 3, seed=17)
+    x = x[:n]
+    if layout == "nchw":
+        x = x.contiguous()
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=3)[..., ::2]
+    results = []
+    for one_call in (True, False):
+        if not one_call:
+            monkeypatch.setattr(MF, "_in_one_call", lambda *args: False)
+        inputs = [t.clone().requires_grad_() for t in ((x, weight, gamma, beta) if affine else (x, weight))]
+        stats = [torch.randn(20, generator=torch.Generator().manual_seed(1)), invstd.clone()]
+        y = MF.dwconv_bn_act(inputs[0], inputs[1], *stats, *(inputs[2:] if affine else (None, None)), training=True,
+                             momentum=0.3, eps=1e-3, stride=2, act="relu6", backend="cuda")
+        assert (type(y.grad_fn).__name__ == "TrainStepFunctionBackward") == one_call
+        results.append([y, *stats, *_grads(y, inputs)])
+    for got, want in zip(*results, strict=True):
+        assert got.stride() == want.stride() and torch.equal(got, want)
