@@ -45,6 +45,12 @@ TORCH_LIBRARY(mnet_ext_cuda, m) {
   m.def(
       "squeeze_excite_eval(Tensor x, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, "
       "str act, str gate) -> Tensor");
+  m.def(
+      "squeeze_excite_train_eager(Tensor x, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, "
+      "str act, str gate) -> (Tensor, Tensor)");
+  m.def(
+      "squeeze_excite_backward_eager(Tensor grad_y, Tensor x, Tensor pooled, Tensor fc1_weight, Tensor fc1_bias, "
+      "Tensor fc2_weight, Tensor fc2_bias, str act, str gate) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -92,14 +92,15 @@ def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t if (dtype := _autocast_dtype(t)) is None else t.to(dtype) for t in tensors)
 
 
-def _in_one_call(x: object, backend: str | None, params: tuple[object, ...], training: bool) -> bool:
-    """Whether a layer runs as one C++ call (eval: ``_eager_calls``; training: ``TrainStepFunction``, one call
-    forward and one backward): the host twin (backend ``cuda``, CPU tensors of its dtypes) in eager mode without
-    autocast, in eval with nothing for autograd to record, every parameter a tensor (or None) so that the Python
-    checks below name a non-tensor argument. The C++ calls check the rest, with the Python checks' messages."""
+def _in_one_call(x: object, backend: str | None, params: tuple[object, ...], with_autograd: bool) -> bool:
+    """Whether a layer runs in one C++ call (without autograd: ``_eager_calls``; ``with_autograd``: the ops'
+    ``TrainStepFunction``, one call forward and one backward): the host twin (backend ``cuda``, CPU tensors of its
+    dtypes) in eager mode without autocast, without ``with_autograd`` only when autograd has nothing to record,
+    every parameter a tensor (or None) so that the Python checks below name a non-tensor argument. The C++ calls
+    check the rest, with the Python checks' messages."""
     if not (isinstance(x, Tensor) and x.is_cpu and x.dtype is not torch.float64):
         return False
-    grad = not training and torch.is_grad_enabled()
+    grad = not with_autograd and torch.is_grad_enabled()
     if grad and x.requires_grad:
         return False
     for p in params:
@@ -245,7 +246,10 @@ def squeeze_excite(
     ``fc1_weight`` is ``[S, C]`` or ``[S, C, 1, 1]`` (a 1x1 conv's weight), ``fc2_weight`` ``[C, S]`` or
     ``[C, S, 1, 1]``; the biases ``[S]`` and ``[C]``. ``act`` relu/silu, ``gate`` hardsigmoid/sigmoid.
     """
-    if _in_one_call(x, backend, (fc1_weight, fc1_bias, fc2_weight, fc2_bias), training=False):
+    params = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    if _in_one_call(x, backend, params, with_autograd=True):
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return se_ops.TrainStepFunction.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
         return _eager_calls()[1](x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
     x = _check_input(x)
     c = x.shape[1]

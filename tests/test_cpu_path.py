@@ -251,7 +251,7 @@ def test_train_step_in_one_call_matches_python_path(backend, monkeypatch, affine
     results = []
     for one_call in (True, False):
         if not one_call:
-            monkeypatch.setattr(MF, "_in_one_call", lambda *args: False)
+            monkeypatch.setattr(MF, "_in_one_call", lambda *args, **kwargs: False)
         inputs = [t.clone().requires_grad_() for t in ((x, weight, gamma, beta) if affine else (x, weight))]
         stats = [torch.randn(20, generator=torch.Generator().manual_seed(1)), invstd.clone()]
         y = MF.dwconv_bn_act(inputs[0], inputs[1], *stats, *(inputs[2:] if affine else (None, None)), training=True,
@@ -260,3 +260,27 @@ def test_train_step_in_one_call_matches_python_path(backend, monkeypatch, affine
         results.append([y, *stats, *_grads(y, inputs)])
     for got, want in zip(*results, strict=True):
         assert got.stride() == want.stride() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("act,gate", [("relu", "hardsigmoid"), ("silu", "sigmoid")])
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("n", [3, 0])
+def test_se_train_step_in_one_call_matches_python_path(backend, monkeypatch, act, gate, layout, n):
+    """SE with autograd runs as its TrainStepFunction (one C++ call forward, one backward): output and every
+    gradient bitwise those of the Python path (session 4: SEFunction), 1x1-conv-shaped FC weights included."""
+    g = torch.Generator().manual_seed(19)
+    x = torch.randn(max(n, 1), 24, 5, 6, generator=g)[:n].contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        x = torch.cat([x, x], dim=3)[..., ::2]
+    params = [torch.randn(8, 24, 1, 1, generator=g), torch.randn(8, generator=g), torch.randn(24, 8, generator=g),
+              torch.randn(24, generator=g)]
+    results = []
+    for one_call in (True, False):
+        if not one_call:
+            monkeypatch.setattr(MF, "_in_one_call", lambda *args, **kwargs: False)
+        inputs = [t.clone().requires_grad_() for t in (x, *params)]
+        y = MF.squeeze_excite(*inputs, act=act, gate=gate, backend="cuda")
+        assert (type(y.grad_fn).__name__ == "TrainStepFunctionBackward") == one_call
+        results.append([y, *_grads(y, inputs)])
+    for got, want in zip(*results, strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
