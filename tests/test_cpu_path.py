@@ -121,8 +121,8 @@ def test_se_primitives_geometry(backend, shape, layout):
 
 
 # mnet_ext.functional runs the op bodies without the custom ops' dispatch and autograd layers in eager mode
-# (eval_forward / EvalFunction / TrainFunction / SEFunction): the results and every gradient must be bitwise those
-# of the custom ops (which torch.compile traces).
+# (eval_forward / EvalFunction, and since session 5 the one-call TrainStepFunctions for training and SE): the results
+# and every gradient must be bitwise those of the custom ops (which torch.compile traces).
 def _grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return torch.autograd.grad(out, inputs, torch.linspace(-1, 1, out.numel()).reshape(out.shape))
 
