@@ -86,7 +86,7 @@ def _batch_norm_args(bn: BatchNormState, training: bool) -> tuple[Tensor | None,
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
             momentum = 1.0 / float(bn.num_batches_tracked)
-    running_mean, running_var = bn.running_mean, bn.running_var
+    running_mean, running_var = bn.running_mean, bn.running_var  # once: a module's __getattr__ costs ~0.3 us
     use_batch_stats = training or (running_mean is None and running_var is None)
     track = not training or update
     return running_mean if track else None, running_var if track else None, use_batch_stats, momentum
