@@ -7,7 +7,9 @@ the rounds (the stable one on a shared machine). ``speedup`` = the better native
 (the fused module, as a fused model runs it). For the eval forward of dwconv_bn_act the op alone is timed too
 (``op_ms``: ``torch.ops.mnet_ext_cuda`` called directly with the folded BN tensors, i.e. without the Python
 wrapper ``mnet_ext.functional``), with ``speedup_op``. ``--kinds model`` times whole models (eval only, 224x224):
-native NCHW, native channels_last and ``mnet_ext.fuse`` of the channels_last model, interleaved the same way.
+native NCHW, native channels_last, ``mnet_ext.fuse`` of the channels_last model, and native channels_last with torch's
+own eval conv + BN fold (``torch.fx.experimental.optimization.fuse``: ``native_cl_fold_ms``, ``speedup_fold``),
+interleaved the same way.
 
     python -m bench.bench_cpu [--batches 1,8] [--threads 1,0] [--modes eval,fwd_bwd] [--kinds dw,se,model]
                                 [--rounds 15] [--out bench/results/cpu/NAME]
@@ -40,7 +42,7 @@ from mnet_ext.layers import MODEL_BUILDERS, LayerConfig, unique_layers
 MODELS = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
 PROVIDERS = ("eager_nchw", "eager_channels_last", "mnet_ext_cuda")
 COLUMNS = ["layer", "kind", "mode", "batch", "threads", "native_nchw_ms", "native_cl_ms", "fused_ms", "speedup",
-           "op_ms", "speedup_op"]
+           "op_ms", "speedup_op", "native_cl_fold_ms", "speedup_fold"]
 
 
 def time_interleaved(calls: list[Callable[[], object]], rounds: int, budget_s: float) -> list[float]:
@@ -90,21 +92,28 @@ def run_case(cfg: LayerConfig, mode: str, batch: int, rounds: int, budget_s: flo
 
 
 def run_model(name: str, batch: int, rounds: int, budget_s: float) -> list[float]:
-    """Whole-model eval times in ms: native NCHW, native channels_last, fused channels_last (and NaN: no op)."""
+    """Whole-model eval times in ms: native NCHW, native channels_last, fused channels_last, NaN (no op) and native
+    channels_last with torch's own eval fold of every conv's BatchNorm (``torch.fx.experimental.optimization.fuse``),
+    the baseline a native user would deploy."""
+    from torch.fx.experimental.optimization import fuse as fx_fuse
+
     calls = []
-    for provider in PROVIDERS:
+    for provider in (*PROVIDERS, "native_cl_fold"):
         fmt = torch.contiguous_format if provider == "eager_nchw" else torch.channels_last
         torch.manual_seed(0)
         model = MODEL_BUILDERS[name]().eval().to(memory_format=fmt)
         if provider == "mnet_ext_cuda":
             model = mnet_ext.fuse(model, backend="cuda")
+        elif provider == "native_cl_fold":
+            model = fx_fuse(model).to(memory_format=fmt)
         x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt)
 
         def run(model: torch.nn.Module = model, x: torch.Tensor = x) -> object:
             with torch.no_grad():
                 return model(x)
         calls.append(run)
-    return [*time_interleaved(calls, rounds, budget_s), math.nan]
+    nchw, cl, fused, cl_fold = time_interleaved(calls, rounds, budget_s)
+    return [nchw, cl, fused, math.nan, cl_fold]
 
 
 def overhead(rounds: int, per_round: int = 2000) -> str:
@@ -244,13 +253,15 @@ def markdown(rows: list[dict[str, object]], header: str) -> str:
                      f"{max(v):.2f}x | {op} |")
     models = [r for r in rows if r["kind"] == "model"]
     if models:
-        lines += ["", "| model | batch | threads | native NCHW ms | native channels_last ms | fused ms "
-                  "| vs channels_last | vs better |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| model | batch | threads | native NCHW ms | native channels_last ms | native channels_last, "
+                  "BN folded (torch fx fuse) ms | fused ms | vs channels_last | vs better | vs channels_last folded |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in models:
             vs_cl = float(r["native_cl_ms"]) / float(r["fused_ms"])
             lines.append(f"| {r['layer']} | {r['batch']} | {r['threads']} | {float(r['native_nchw_ms']):.2f} | "
-                         f"{float(r['native_cl_ms']):.2f} | {float(r['fused_ms']):.2f} | {vs_cl:.2f}x | "
-                         f"{float(r['speedup']):.2f}x |")
+                         f"{float(r['native_cl_ms']):.2f} | {float(r['native_cl_fold_ms']):.2f} | "
+                         f"{float(r['fused_ms']):.2f} | {vs_cl:.2f}x | {float(r['speedup']):.2f}x | "
+                         f"{float(r['speedup_fold']):.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -296,14 +307,17 @@ def main(argv: list[str] | None = None) -> int:
                 cases += [(name, "model", None) for name in models] if mode == "eval" else []
                 for name, kind, cfg in cases:
                     if cfg is None:
-                        nchw, cl, fused, op = run_model(name, batch, args.rounds, args.model_budget_s)
+                        nchw, cl, fused, op, cl_fold = run_model(name, batch, args.rounds, args.model_budget_s)
                     else:
                         nchw, cl, fused, op = run_case(cfg, mode, batch, args.rounds, args.budget_s)
+                        cl_fold = math.nan
                     row = dict(layer=name, kind=kind, mode=mode, batch=batch, threads=nt,
                                native_nchw_ms=f"{nchw:.4f}", native_cl_ms=f"{cl:.4f}", fused_ms=f"{fused:.4f}",
                                speedup=f"{min(nchw, cl) / fused:.3f}",
                                op_ms="" if math.isnan(op) else f"{op:.4f}",
-                               speedup_op="" if math.isnan(op) else f"{min(nchw, cl) / op:.3f}")
+                               speedup_op="" if math.isnan(op) else f"{min(nchw, cl) / op:.3f}",
+                               native_cl_fold_ms="" if math.isnan(cl_fold) else f"{cl_fold:.4f}",
+                               speedup_fold="" if math.isnan(cl_fold) else f"{cl_fold / fused:.3f}")
                     rows.append(row)
                     print(",".join(str(row[c]) for c in COLUMNS), flush=True)
     print(markdown(rows, header))
