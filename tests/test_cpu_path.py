@@ -39,7 +39,8 @@ def _args(n: int, c: int, h: int, w: int, k: int, seed: int) -> tuple[torch.Tens
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
-@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (7, 1, 2), (3, 2, 2), (5, 1, 1), (7, 1, 1)])
+@pytest.mark.parametrize("k,stride,dilation",
+                         [(3, 1, 1), (5, 2, 1), (7, 1, 2), (3, 2, 2), (5, 1, 1), (7, 1, 1), (3, 2, 1), (7, 2, 1)])
 @pytest.mark.parametrize("act", ["none", "relu", "relu6", "hardswish", "silu"])
 def test_nhwc_fwd_geometry(backend, geometry, k, stride, dilation, act):
     args = (*_args(*geometry, k, seed=k * 10 + stride + dilation), stride, dilation, act)
@@ -49,7 +50,7 @@ def test_nhwc_fwd_geometry(backend, geometry, k, stride, dilation, act):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
-@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (7, 1, 2)])
+@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (7, 1, 2), (3, 2, 1)])
 def test_nhwc_training_primitives_geometry(backend, geometry, k, stride, dilation):
     x, weight, mean, invstd, gamma, beta = _args(*geometry, k, seed=k + stride)
     what = f"{geometry} k{k} s{stride} d{dilation}"
