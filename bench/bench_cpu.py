@@ -7,17 +7,22 @@ the rounds (the stable one on a shared machine). ``speedup`` = the better native
 (the fused module, as a fused model runs it). For the eval forward of dwconv_bn_act the op alone is timed too
 (``op_ms``: ``torch.ops.mnet_ext_cuda`` called directly with the folded BN tensors, i.e. without the Python
 wrapper ``mnet_ext.functional``), with ``speedup_op``. ``--kinds model`` times whole models (eval only, 224x224):
-native NCHW, native channels_last and ``mnet_ext.fuse`` of the channels_last model, interleaved the same way.
+native NCHW, native channels_last, ``mnet_ext.fuse`` of the channels_last model, and native channels_last with torch's
+own eval conv + BN fold (``torch.fx.experimental.optimization.fuse``: ``native_cl_fold_ms``, ``speedup_fold``),
+interleaved the same way.
 
     python -m bench.bench_cpu [--batches 1,8] [--threads 1,0] [--modes eval,fwd_bwd] [--kinds dw,se,model]
                                 [--rounds 15] [--out bench/results/cpu/NAME]
 
 ``--threads 0`` means all cores. With ``--out`` it writes NAME.csv and NAME.md (per-group geomean and minimum).
+``--kinds overhead`` times the per-call cost instead (``overhead``): one tiny layer, where the kernels take ~1 us.
+``--kinds profile`` profiles the fused models' eval (``profile``): the share of model time per kind of op.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import math
 import os
@@ -30,13 +35,14 @@ import torch
 
 import mnet_ext
 from bench.common import Setup, build_module, build_native, make_call, make_inputs
+from mnet_ext import functional as MF
 from mnet_ext.backends import cuda as B
 from mnet_ext.layers import MODEL_BUILDERS, LayerConfig, unique_layers
 
 MODELS = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
 PROVIDERS = ("eager_nchw", "eager_channels_last", "mnet_ext_cuda")
 COLUMNS = ["layer", "kind", "mode", "batch", "threads", "native_nchw_ms", "native_cl_ms", "fused_ms", "speedup",
-           "op_ms", "speedup_op"]
+           "op_ms", "speedup_op", "native_cl_fold_ms", "speedup_fold"]
 
 
 def time_interleaved(calls: list[Callable[[], object]], rounds: int, budget_s: float) -> list[float]:
@@ -86,21 +92,147 @@ def run_case(cfg: LayerConfig, mode: str, batch: int, rounds: int, budget_s: flo
 
 
 def run_model(name: str, batch: int, rounds: int, budget_s: float) -> list[float]:
-    """Whole-model eval times in ms: native NCHW, native channels_last, fused channels_last (and NaN: no op)."""
+    """Whole-model eval times in ms: native NCHW, native channels_last, fused channels_last, NaN (no op) and native
+    channels_last with torch's own eval fold of every conv's BatchNorm (``torch.fx.experimental.optimization.fuse``),
+    the baseline a native user would deploy."""
+    from torch.fx.experimental.optimization import fuse as fx_fuse
+
     calls = []
-    for provider in PROVIDERS:
+    for provider in (*PROVIDERS, "native_cl_fold"):
         fmt = torch.contiguous_format if provider == "eager_nchw" else torch.channels_last
         torch.manual_seed(0)
         model = MODEL_BUILDERS[name]().eval().to(memory_format=fmt)
         if provider == "mnet_ext_cuda":
             model = mnet_ext.fuse(model, backend="cuda")
+        elif provider == "native_cl_fold":
+            model = fx_fuse(model).to(memory_format=fmt)
         x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt)
 
         def run(model: torch.nn.Module = model, x: torch.Tensor = x) -> object:
             with torch.no_grad():
                 return model(x)
         calls.append(run)
-    return [*time_interleaved(calls, rounds, budget_s), math.nan]
+    nchw, cl, fused, cl_fold = time_interleaved(calls, rounds, budget_s)
+    return [nchw, cl, fused, math.nan, cl_fold]
+
+
+def overhead(rounds: int, per_round: int = 2000) -> str:
+    """Per-call cost in us of one tiny layer (1 x 16 x 2 x 2, channels_last: the kernels take ~1 us), eval, no_grad:
+    native (channels_last modules), the fused module as it runs (one C++ call per layer), the fused module on the
+    Python path of session 4 (``mnet_ext.functional``'s checks and torch calls, then the op bodies: the one-call
+    path switched off), and for dwconv_bn_act the bare op. Interleaved rounds of ``per_round`` calls, minimum."""
+    from torch import nn
+    from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 2, 2).contiguous(memory_format=torch.channels_last)
+    natives = {"dwconv_bn_act k3 hardswish": Conv2dNormActivation(16, 16, 3, groups=16,
+                                                                  activation_layer=nn.Hardswish),
+               "squeeze_excite c16 s8": SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid)}
+    one_call = MF._in_one_call
+
+    def python_path(*args: object, **kwargs: object) -> bool:
+        return False
+    lines = ["| layer (1x16x2x2) | native us | fused, one C++ call us | fused, Python path (session 4) us "
+             "| op alone us |", "|---|---|---|---|---|"]
+    for name, native in natives.items():
+        native = native.eval().to(memory_format=torch.channels_last)
+        fused = mnet_ext.fuse(nn.Sequential(native), backend="cuda").eval()
+        calls = [lambda m=native: m(x), lambda m=fused: m(x)]
+
+        def slow(fused: nn.Module = fused) -> object:
+            MF._in_one_call = python_path
+            try:
+                return fused(x)
+            finally:
+                MF._in_one_call = one_call
+        calls.append(slow)
+        if name.startswith("dw"):
+            calls.append(op_call(fused[0], x))
+        def repeated(c: Callable[[], object], n: int = per_round) -> Callable[[], object]:
+            def run() -> None:
+                with torch.no_grad():
+                    for _ in range(n):
+                        c()
+            return run
+        times = [t * 1e3 / per_round for t in time_interleaved([repeated(c) for c in calls], rounds, 60.0)]
+        op = f"{times[3]:.1f}" if len(times) > 3 else "-"
+        lines.append(f"| {name} | {times[0]:.1f} | {times[1]:.1f} | {times[2]:.1f} | {op} |")
+    return "\n".join(lines) + "\n"
+
+
+def _category(evt: object) -> str:
+    """The kind of a top-level op of a fused MobileNet's eval (torch.profiler event)."""
+    name = evt.name
+    if name.startswith("mnet_ext_cuda::dwconv_bn_act"):
+        return "fused depthwise + BN + act"
+    if name.startswith("mnet_ext_cuda::squeeze_excite"):
+        return "fused SE"
+    if name in ("aten::conv2d", "aten::convolution", "aten::_convolution"):
+        weight = evt.input_shapes[1] if len(evt.input_shapes) > 1 else []
+        return "1x1 convolutions (oneDNN)" if list(weight[2:]) == [1, 1] else "other convolutions (stem)"
+    if name == "aten::batch_norm":
+        return "BatchNorm of the 1x1 convs (native, eval)"
+    if name in ("aten::hardswish", "aten::hardswish_", "aten::relu_", "aten::relu", "aten::hardtanh_",
+                "aten::hardtanh"):
+        return "activations of the 1x1 convs (native)"
+    if name in ("aten::add", "aten::add_"):
+        return "residual adds"
+    return "rest (pooling, classifier, views)"
+
+
+def _fold_pointwise_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of an eval model whose 1x1 convolutions carry their BatchNorm folded into weight and bias
+    (``torch.nn.utils.fusion.fuse_conv_bn_eval``): a measurement of what that fold would give, not a product path."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if (isinstance(m, nn.Sequential) and len(m) >= 2 and isinstance(m[0], nn.Conv2d)
+                and m[0].kernel_size == (1, 1) and isinstance(m[1], nn.BatchNorm2d)):
+            m[0], m[1] = fuse_conv_bn_eval(m[0], m[1]), nn.Identity()
+    return model
+
+
+def profile(models: list[str], batch: int, rounds: int) -> str:
+    """Where a fused model's eval time goes: torch.profiler over ``rounds`` forwards of each fused channels_last
+    model (after warm-up), top-level ops summed by kind (``_category``), with the native channels_last model's time,
+    the Amdahl bound (the speedup over native if the fused layers took no time at all) and the fused model with its
+    1x1 convolutions' BatchNorm folded into their weights (``_fold_pointwise_bn``), timed alongside."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    lines = [f"batch {batch}, threads {torch.get_num_threads()}, {rounds} forwards profiled per model", "",
+             "| model | kind | ms per forward | share |", "|---|---|---|---|"]
+    notes = []
+    for name in models:
+        torch.manual_seed(0)
+        native = MODEL_BUILDERS[name]().eval().to(memory_format=torch.channels_last)
+        fused = mnet_ext.fuse(copy.deepcopy(native), backend="cuda")
+        x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            folded = _fold_pointwise_bn(fused)
+            calls = [lambda m=native, x=x: m(x), lambda m=fused, x=x: m(x), lambda m=folded, x=x: m(x)]
+            native_ms, fused_ms, folded_ms = time_interleaved(calls, rounds, 60.0)
+            with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(rounds):
+                    fused(x)
+        totals: dict[str, float] = {}
+        for evt in prof.events():
+            if evt.cpu_parent is None:
+                kind = _category(evt)
+                totals[kind] = totals.get(kind, 0.0) + evt.cpu_time_total / 1e3 / rounds
+        whole = sum(totals.values())
+        for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {name} | {kind} | {ms:.2f} | {ms / whole:.0%} |")
+        fused_share = sum(ms for kind, ms in totals.items() if kind.startswith("fused")) / whole
+        notes.append(f"{name}: native channels_last {native_ms:.1f} ms, fused {fused_ms:.1f} ms "
+                     f"({native_ms / fused_ms:.2f}x); fused layers {fused_share:.0%} of the fused model's time; "
+                     f"with fused layers taking no time at all: {native_ms / (fused_ms * (1 - fused_share)):.2f}x; "
+                     f"fused with the 1x1 convs' BatchNorm folded into their weights (measured): {folded_ms:.1f} ms "
+                     f"({native_ms / folded_ms:.2f}x)")
+    return "\n".join([*lines, "", *(f"- {n}" for n in notes)]) + "\n"
 
 
 def geomean(v: list[float]) -> float:
@@ -121,13 +253,15 @@ def markdown(rows: list[dict[str, object]], header: str) -> str:
                      f"{max(v):.2f}x | {op} |")
     models = [r for r in rows if r["kind"] == "model"]
     if models:
-        lines += ["", "| model | batch | threads | native NCHW ms | native channels_last ms | fused ms "
-                  "| vs channels_last | vs better |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| model | batch | threads | native NCHW ms | native channels_last ms | native channels_last, "
+                  "BN folded (torch fx fuse) ms | fused ms | vs channels_last | vs better | vs channels_last folded |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in models:
             vs_cl = float(r["native_cl_ms"]) / float(r["fused_ms"])
             lines.append(f"| {r['layer']} | {r['batch']} | {r['threads']} | {float(r['native_nchw_ms']):.2f} | "
-                         f"{float(r['native_cl_ms']):.2f} | {float(r['fused_ms']):.2f} | {vs_cl:.2f}x | "
-                         f"{float(r['speedup']):.2f}x |")
+                         f"{float(r['native_cl_ms']):.2f} | {float(r['native_cl_fold_ms']):.2f} | "
+                         f"{float(r['fused_ms']):.2f} | {vs_cl:.2f}x | {float(r['speedup']):.2f}x | "
+                         f"{float(r['speedup_fold']):.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=pathlib.Path, help="write OUT.csv and OUT.md")
     args = ap.parse_args(argv)
     kinds = {"dw": "dwconv_bn_act", "se": "squeeze_excite"}
-    want = {kinds[k] for k in args.kinds.split(",") if k != "model"}
-    models = args.models.split(",") if "model" in args.kinds.split(",") else []
+    want = {kinds[k] for k in args.kinds.split(",") if k in kinds}
+    models = args.models.split(",") if {"model", "profile"} & set(args.kinds.split(",")) else []
     layers = [c for c in unique_layers(tuple(args.models.split(","))) if c.kind in want and args.filter in c.name]
     threads = [int(t) or os.cpu_count() or 1 for t in args.threads.split(",")]
     where = pathlib.Path(mnet_ext.__file__).parent
@@ -154,6 +288,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, mnet_ext from {where}, fp32, "
               f"min of up to {args.rounds} interleaved rounds")
     print(header)
+    if args.kinds in ("overhead", "profile"):
+        torch.set_num_threads(threads[0])
+        batch = int(args.batches.split(",")[0])
+        table = overhead(args.rounds) if args.kinds == "overhead" else profile(models, batch, args.rounds)
+        print(table)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".md").write_text(f"{header}, threads {threads[0]}\n\n{table}")
+        return 0
     print(",".join(COLUMNS))
     rows = []
     for nt in threads:
@@ -164,14 +307,17 @@ def main(argv: list[str] | None = None) -> int:
                 cases += [(name, "model", None) for name in models] if mode == "eval" else []
                 for name, kind, cfg in cases:
                     if cfg is None:
-                        nchw, cl, fused, op = run_model(name, batch, args.rounds, args.model_budget_s)
+                        nchw, cl, fused, op, cl_fold = run_model(name, batch, args.rounds, args.model_budget_s)
                     else:
                         nchw, cl, fused, op = run_case(cfg, mode, batch, args.rounds, args.budget_s)
+                        cl_fold = math.nan
                     row = dict(layer=name, kind=kind, mode=mode, batch=batch, threads=nt,
                                native_nchw_ms=f"{nchw:.4f}", native_cl_ms=f"{cl:.4f}", fused_ms=f"{fused:.4f}",
                                speedup=f"{min(nchw, cl) / fused:.3f}",
                                op_ms="" if math.isnan(op) else f"{op:.4f}",
-                               speedup_op="" if math.isnan(op) else f"{min(nchw, cl) / op:.3f}")
+                               speedup_op="" if math.isnan(op) else f"{min(nchw, cl) / op:.3f}",
+                               native_cl_fold_ms="" if math.isnan(cl_fold) else f"{cl_fold:.4f}",
+                               speedup_fold="" if math.isnan(cl_fold) else f"{cl_fold / fused:.3f}")
                     rows.append(row)
                     print(",".join(str(row[c]) for c in COLUMNS), flush=True)
     print(markdown(rows, header))

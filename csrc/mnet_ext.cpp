@@ -30,6 +30,27 @@ TORCH_LIBRARY(mnet_ext_cuda, m) {
   m.def("se_scale(Tensor x, Tensor s) -> Tensor");
   m.def("se_bwd_reduce(Tensor grad_y, Tensor x) -> Tensor");
   m.def("se_bwd_apply(Tensor grad_y, Tensor s, Tensor dpooled) -> Tensor");
+  // Eager CPU calls of mnet_ext.functional (a whole eval layer: checks, BN fold or FCs, kernels); not primitives.
+  m.def(
+      "dwconv_bn_act_eval(Tensor x, Tensor weight, Tensor? running_mean, Tensor? running_var, Tensor? bn_weight, "
+      "Tensor? bn_bias, float eps, int stride, int dilation, str act) -> Tensor");
+  m.def(
+      "dwconv_bn_act_train_eager(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, int stride, int dilation, "
+      "str act) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dwconv_bn_act_train_backward_eager(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor var, "
+      "Tensor? bn_weight, Tensor? bn_bias, float eps, int stride, int dilation, str act) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "squeeze_excite_eval(Tensor x, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, "
+      "str act, str gate) -> Tensor");
+  m.def(
+      "squeeze_excite_train_eager(Tensor x, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, "
+      "str act, str gate) -> (Tensor, Tensor)");
+  m.def(
+      "squeeze_excite_backward_eager(Tensor grad_y, Tensor x, Tensor pooled, Tensor fc1_weight, Tensor fc1_bias, "
+      "Tensor fc2_weight, Tensor fc2_bias, str act, str gate) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

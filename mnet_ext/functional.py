@@ -6,13 +6,14 @@ autocast the way native convolutions do, and call the ``mnet_ext`` torch ops.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mnet_ext._backend import resolve
+from mnet_ext._backend import load, resolve
 from mnet_ext.ops import dwconv_bn_act as dw_ops  # importing registers the torch.ops.mnet_ext ops
 from mnet_ext.ops import squeeze_excite as se_ops
 from mnet_ext.reference import (
@@ -91,6 +92,33 @@ def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t if (dtype := _autocast_dtype(t)) is None else t.to(dtype) for t in tensors)
 
 
+def _in_one_call(x: object, backend: str | None, params: tuple[object, ...], with_autograd: bool) -> bool:
+    """Whether a layer runs in one C++ call (without autograd: ``_eager_calls``; ``with_autograd``: the ops'
+    ``TrainStepFunction``, one call forward and one backward): the host twin (backend ``cuda``, CPU tensors of its
+    dtypes) in eager mode without autocast, without ``with_autograd`` only when autograd has nothing to record,
+    every parameter a tensor (or None) so that the Python checks below name a non-tensor argument. The C++ calls
+    check the rest, with the Python checks' messages."""
+    if not (isinstance(x, Tensor) and x.is_cpu and x.dtype is not torch.float64):
+        return False
+    grad = not with_autograd and torch.is_grad_enabled()
+    if grad and x.requires_grad:
+        return False
+    for p in params:
+        if p is not None and (not isinstance(p, Tensor) or (grad and p.requires_grad)):
+            return False
+    return (not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and resolve(backend, "cpu") == "cuda")
+
+
+@functools.cache
+def _eager_calls() -> tuple[Any, Any]:
+    """``torch.ops.mnet_ext_cuda``'s whole-layer eval calls (checks, BN fold or FCs, kernels: the Python path costs
+    more than a small layer's kernels on a CPU); the registered ``mnet_ext`` ops stay what ``torch.compile``
+    traces."""
+    ops = load("cuda")._ops
+    return ops.dwconv_bn_act_eval.default, ops.squeeze_excite_eval.default
+
+
 def dwconv_bn_act(
     x: Tensor,
     weight: Tensor,
@@ -117,6 +145,13 @@ def dwconv_bn_act(
     ``process_group`` (e.g. ``torch.distributed.group.WORLD``) of several ranks, training statistics are those of
     the whole group, as ``nn.SyncBatchNorm`` computes them.
     """
+    if _in_one_call(x, backend, (weight, running_mean, running_var, bn_weight, bn_bias), training):
+        if not training:
+            return _eager_calls()[0](x, weight, running_mean, running_var, bn_weight, bn_bias, eps, stride, dilation,
+                                     act)
+        if not needs_sync(process_group):
+            return dw_ops.TrainStepFunction.apply(x, weight, bn_weight, bn_bias, running_mean, running_var, momentum,
+                                                  eps, stride, dilation, act)
     x = _check_input(x)
     n, c, h, w = x.shape
     # Native convolutions refuse an empty image (an empty batch is fine: the result is empty).
@@ -211,6 +246,11 @@ def squeeze_excite(
     ``fc1_weight`` is ``[S, C]`` or ``[S, C, 1, 1]`` (a 1x1 conv's weight), ``fc2_weight`` ``[C, S]`` or
     ``[C, S, 1, 1]``; the biases ``[S]`` and ``[C]``. ``act`` relu/silu, ``gate`` hardsigmoid/sigmoid.
     """
+    params = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    if _in_one_call(x, backend, params, with_autograd=True):
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return se_ops.TrainStepFunction.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
+        return _eager_calls()[1](x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
     x = _check_input(x)
     c = x.shape[1]
     w1 = fc1_weight.reshape(fc1_weight.shape[0], -1) if isinstance(fc1_weight, Tensor) else fc1_weight

@@ -7,7 +7,10 @@
    becomes a ``FusedDwConvBNAct`` at the conv's name, the BatchNorm (and an activation module) an identity
    ``FoldedBatchNorm`` (``FoldedActivation``) that keeps its tensors, so keys and the model's class do not change;
    an activation applied by code stays native. A module whose traced forward is exactly pool -> fc -> act -> fc ->
-   gate -> multiply (1x1 convs or Linears) becomes a ``FusedSqueezeExcitation``.
+   gate -> multiply (1x1 convs or Linears) becomes a ``FusedSqueezeExcitation``. Every other conv whose only
+   consumer is a plain BatchNorm2d (the 1x1 expansions and projections, the stem) becomes a ``FoldedConvBN``: in
+   eval the BatchNorm is folded into the conv's weight and bias, in training both run as natively
+   (``fold_batchnorm=False`` leaves them alone). These are listed apart (``FuseReport.folded``), not as candidates.
 
 A swap replaces the modules' own code, so it happens only when that code is the native one (no class on the way
 overrides ``forward``, no hooks, each module called once and registered once). Every depthwise conv and SE-like
@@ -31,6 +34,7 @@ from mnet_ext.modules import (
     BatchNormState,
     FoldedActivation,
     FoldedBatchNorm,
+    FoldedConvBN,
     FusedConvBNAct,
     FusedDwConvBNAct,
     FusedSqueezeExcitation,
@@ -38,7 +42,7 @@ from mnet_ext.modules import (
 )
 from mnet_ext.reference import DILATIONS, KERNEL_SIZES, STRIDES, padding_for
 
-_FUSED = (FusedConvBNAct, FusedSqueezeExcitation, FusedDwConvBNAct, FoldedBatchNorm, FoldedActivation)
+_FUSED = (FusedConvBNAct, FusedSqueezeExcitation, FusedDwConvBNAct, FoldedBatchNorm, FoldedActivation, FoldedConvBN)
 
 
 @dataclass
@@ -52,6 +56,7 @@ class FuseEntry:
 @dataclass
 class FuseReport:
     entries: list[FuseEntry] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)  # convs whose BatchNorm is folded into them in eval
     method: str = ""  # how the dataflow pass saw the model (torch.fx, a recorded forward, or why neither worked)
 
     @property
@@ -68,6 +73,8 @@ class FuseReport:
                  + (f" (dataflow: {self.method})" if self.method else "")]
         for e in self.entries:
             lines.append(f"  {'fused ' if e.fused else 'native'}  {e.name:<{width}}  {e.kind:<14}  {e.detail}")
+        if self.folded:
+            lines.append(f"  and the BatchNorm of {len(self.folded)} other convs folded into them in eval")
         return "\n".join(lines)
 
 
@@ -309,6 +316,28 @@ class _Dataflow:
                 self.replace(act_name, FoldedActivation(self.modules[act_name]))
             self.replace(name, FusedDwConvBNAct(conv, folded, act, self.backend))
 
+    # -- any other conv + BatchNorm: the BatchNorm folded into the conv in eval ----------------------------------
+    def conv_bn(self, name: str, conv: nn.Conv2d) -> None:
+        """A conv whose only consumer is a plain BatchNorm2d becomes a ``FoldedConvBN`` and the BatchNorm a
+        ``FoldedBatchNorm``. Not a reported candidate: a pair left native loses nothing the fused kernels give."""
+        calls = self.calls.get(name, [])
+        if len(calls) != 1 or self.once(name, "conv") or self.model.get_submodule(name) is not conv:
+            return  # not called once, or already fused as a depthwise layer
+        node = calls[0]
+        user = node.users[0] if len(node.users) == 1 else None
+        if user is None or user.args != (node,) or user.kwargs:
+            return
+        bn = self.module(user)
+        if type(bn) is not nn.BatchNorm2d or bn.num_features != conv.out_channels or self.once(user.target, "BN") \
+                or _overridden(conv, nn.Conv2d, "forward", "_conv_forward") or conv.padding_mode != "zeros" \
+                or _hooked({"conv": conv, "norm": bn}):
+            return
+        self.report.folded.append(name)
+        if self.apply:
+            folded = FoldedBatchNorm(bn)
+            self.replace(user.target, folded)
+            self.replace(name, FoldedConvBN(conv, folded))
+
     # -- squeeze-excitation -----------------------------------------------------------------------------------
     def back(self, v: Node, path: list[Node]) -> Node:
         """Walk from ``v`` to its producer through reshapes, expands and nn.Identity calls (recorded in ``path``)."""
@@ -525,8 +554,10 @@ class _NoMatch(Exception):  # noqa: N818  (control flow inside the SE matcher, n
 
 
 def _dataflow_pass(model: nn.Module, backend: str | None, apply: bool, example: Tensor | None,
-                   report: FuseReport, claimed: set[int]) -> None:
+                   report: FuseReport, claimed: set[int], fold_batchnorm: bool) -> None:
     depthwise = [(q, m) for q, m in model.named_modules() if _is_depthwise(m) and id(m) not in claimed]
+    convs = [(q, m) for q, m in model.named_modules() if isinstance(m, nn.Conv2d) and id(m) not in claimed] \
+        if fold_batchnorm else []
     leaves = frozenset(claimed | {id(m) for m in model.modules() if isinstance(m, (*_FUSED, BatchNormState))})
     modules = dict(model.named_modules())
 
@@ -547,6 +578,8 @@ def _dataflow_pass(model: nn.Module, backend: str | None, apply: bool, example: 
     flow = _Dataflow(model, graph, backend, apply, report)
     for q, conv in depthwise:
         flow.depthwise(q, conv)
+    for q, conv in convs:
+        flow.conv_bn(q, conv)
     for n in list(graph.nodes):
         if n.op == "call" and n.target == "mul":
             flow.squeeze_excite(n)
@@ -587,15 +620,16 @@ def _container_pass(model: nn.Module, backend: str | None, apply: bool, report: 
     return claimed
 
 
-def _walk(model: nn.Module, backend: str | None, apply: bool, example: Tensor | None) -> FuseReport:
+def _walk(model: nn.Module, backend: str | None, apply: bool, example: Tensor | None,
+          fold_batchnorm: bool = True) -> FuseReport:
     report = FuseReport()
     claimed = _container_pass(model, backend, apply, report)
-    _dataflow_pass(model, backend, apply, example, report, claimed)
+    _dataflow_pass(model, backend, apply, example, report, claimed, fold_batchnorm)
     return report
 
 
 def fuse(model: nn.Module, backend: str | None = None, verbose: bool = False,
-         example_input: Tensor | None = None) -> nn.Module:
+         example_input: Tensor | None = None, fold_batchnorm: bool = True) -> nn.Module:
     """Swap fused modules into ``model`` in place and return it; ``state_dict`` keys and the model's class are
     unchanged.
 
@@ -603,8 +637,12 @@ def fuse(model: nn.Module, backend: str | None = None, verbose: bool = False,
     ``verbose`` prints the report of what was fused and what was left native and why (``explain_fuse``).
     ``example_input`` is used only where torch.fx cannot trace the model (then one eval forward is recorded) or a
     squeeze-excitation reshapes its vectors (shapes are checked); default: ``[1, C, 64, 64]`` random.
+    ``fold_batchnorm``: also fold the BatchNorm after every other conv into it for eval (``FoldedConvBN``; training
+    and ``state_dict`` unchanged).
     """
-    report = _walk(model, _check_backend(backend), True, _check_example(example_input))
+    if not isinstance(fold_batchnorm, bool):
+        raise TypeError(f"fold_batchnorm: expected a bool, got {type(fold_batchnorm).__name__}")
+    report = _walk(model, _check_backend(backend), True, _check_example(example_input), fold_batchnorm)
     if verbose:
         print(report)
     return model
@@ -632,10 +670,21 @@ def unfuse(model: nn.Module) -> nn.Module:
     return model
 
 
+def _unfold_conv_bn(model: nn.Module) -> None:
+    """Native conv and BatchNorm back in place of every ``FoldedConvBN`` pair (its BatchNorm can then be synced)."""
+    bns = {id(m.bn) for m in model.modules() if isinstance(m, FoldedConvBN)}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FoldedConvBN) or id(child) in bns:
+                parent._modules[name] = child.unfused()
+
+
 def convert_sync_batchnorm(model: nn.Module, process_group: object = None) -> nn.Module:
     """For DDP: fused layers synchronise their batch statistics over ``process_group`` (default: the whole world)
-    between their passes; remaining native BatchNorms become ``nn.SyncBatchNorm``. In place; returns the model."""
+    between their passes; folded conv + BatchNorm pairs (``FoldedConvBN``) go back to native and, with the remaining
+    native BatchNorms, become conv + ``nn.SyncBatchNorm``. In place; returns the model."""
     group = process_group if process_group is not None else dist.group.WORLD
+    _unfold_conv_bn(model)
     for m in model.modules():
         if isinstance(m, (FusedConvBNAct, FusedDwConvBNAct)):
             m.process_group = group

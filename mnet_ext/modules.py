@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812
 
 from mnet_ext import functional as MF
 from mnet_ext._backend import BACKENDS
@@ -75,34 +76,29 @@ def _recomputing() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
-def _dwconv_bn_act(x: Tensor, weight: Tensor, bn: BatchNormState, training: bool, stride: int, dilation: int,
-                   act: str, backend: str | None, process_group: Any) -> Tensor:
-    """Depthwise conv + ``bn`` (its tensors and settings, in ``training`` mode or not) + ``act``, updating the running
-    statistics exactly as ``nn.BatchNorm2d`` does."""
+def _batch_norm_args(bn: BatchNormState, training: bool) -> tuple[Tensor | None, Tensor | None, bool, float]:
+    """(running_mean, running_var, use_batch_stats, momentum) for ``F.batch_norm`` and the fused ops, exactly as
+    ``nn.BatchNorm2d.forward`` derives them from ``bn``'s settings (and counts the batch in ``num_batches_tracked``),
+    except that a gradient-checkpointing recomputation does not count it twice."""
     momentum = 0.0 if bn.momentum is None else bn.momentum
     update = training and bn.track_running_stats and not _recomputing()
     if update and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
             momentum = 1.0 / float(bn.num_batches_tracked)
-    use_batch_stats = training or (bn.running_mean is None and bn.running_var is None)
+    running_mean, running_var = bn.running_mean, bn.running_var  # once: a module's __getattr__ costs ~0.3 us
+    use_batch_stats = training or (running_mean is None and running_var is None)
     track = not training or update
-    return MF.dwconv_bn_act(
-        x,
-        weight,
-        bn.running_mean if track else None,
-        bn.running_var if track else None,
-        bn.weight,
-        bn.bias,
-        use_batch_stats,
-        momentum,
-        bn.eps,
-        stride,
-        dilation,
-        act,
-        backend,
-        process_group if training else None,
-    )
+    return running_mean if track else None, running_var if track else None, use_batch_stats, momentum
+
+
+def _dwconv_bn_act(x: Tensor, weight: Tensor, bn: BatchNormState, training: bool, stride: int, dilation: int,
+                   act: str, backend: str | None, process_group: Any) -> Tensor:
+    """Depthwise conv + ``bn`` (its tensors and settings, in ``training`` mode or not) + ``act``, updating the running
+    statistics exactly as ``nn.BatchNorm2d`` does."""
+    running_mean, running_var, use_batch_stats, momentum = _batch_norm_args(bn, training)
+    return MF.dwconv_bn_act(x, weight, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, momentum,
+                            bn.eps, stride, dilation, act, backend, process_group if training else None)
 
 
 class FusedConvBNAct(nn.Module):
@@ -190,9 +186,10 @@ class FusedSqueezeExcitation(nn.Module):
 
 
 class FoldedBatchNorm(BatchNormState):
-    """Stands where a BatchNorm2d (or timm's ``BatchNormAct2d``) was whose work the ``FusedDwConvBNAct`` before it
-    does: it holds the BatchNorm's tensors under the same names (``state_dict`` keys unchanged) and passes its input
-    through. Built by ``mnet_ext.fuse``; ``unfused`` returns the original module holding the current tensors."""
+    """Stands where a BatchNorm2d (or timm's ``BatchNormAct2d``) was whose work the module at its conv's name does
+    (``FusedDwConvBNAct`` or ``FoldedConvBN``): it holds the BatchNorm's tensors under the same names
+    (``state_dict`` keys unchanged) and passes its input through. Built by ``mnet_ext.fuse``; ``unfused`` returns
+    the original module holding the current tensors."""
 
     def __init__(self, bn: nn.BatchNorm2d) -> None:
         super().__init__(bn)
@@ -211,7 +208,7 @@ class FoldedBatchNorm(BatchNormState):
         return bn.train(self.training)
 
     def extra_repr(self) -> str:
-        return f"{type(self._original).__name__} folded into the fused conv before it; " + super().extra_repr()
+        return f"{type(self._original).__name__} folded into the conv before it; " + super().extra_repr()
 
 
 class FoldedActivation(nn.Module):
@@ -267,3 +264,75 @@ class FusedDwConvBNAct(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, k={self.weight.shape[-1]}, stride={self.stride}, dilation={self.dilation}, " \
                f"act={self.act}, backend={self.backend}"
+
+
+class FoldedConvBN(nn.Module):
+    """A Conv2d and the BatchNorm2d that only it feeds, standing where the conv was (``mnet_ext.fuse``, for the convs
+    that are not fused depthwise layers: the 1x1 expansions and projections, the stem). In eval the BatchNorm is
+    folded into the conv's weight and bias, so the model runs one conv and no BatchNorm pass (what
+    ``torch.nn.utils.fuse_conv_bn_eval`` computes, but at call time from the current tensors, so ``state_dict`` and
+    training are unchanged); in training it runs the conv, then the BatchNorm with batch statistics, as natively.
+
+    Like ``FusedDwConvBNAct`` it registers the conv's ``weight`` (and ``bias``) under the conv's name and leaves the
+    BatchNorm's tensors with the ``FoldedBatchNorm`` at the BatchNorm's name, whose mode (``.train()``/``.eval()``)
+    decides. The folded weight and bias are cached while no gradient is recorded, keyed on the tensors' storage and
+    version counters, so an in-place update (an optimizer step, ``load_state_dict``) refolds.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: FoldedBatchNorm) -> None:
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        object.__setattr__(self, "_original", conv)
+        object.__setattr__(self, "bn", bn)
+        object.__setattr__(self, "_fold_cache", None)  # (key, weight, bias): not state
+        self.train(conv.training)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _fold(self) -> tuple[Tensor, Tensor]:
+        """The conv's weight and bias with the BatchNorm's eval transform folded in (in fp32 at least, then cast to
+        the weight's dtype: the conv's own dtype rules, autocast's included, apply to the result as to the weight)."""
+        bn, w = self.bn, self.weight
+        tensors = [w, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        cacheable = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) and not any(
+            t is not None and t.is_inference() for t in tensors)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors) \
+            + (bn.eps,) if cacheable else None
+        if key is not None and self._fold_cache is not None and self._fold_cache[0] == key:
+            return self._fold_cache[1], self._fold_cache[2]
+        dtype = torch.promote_types(bn.running_var.dtype, torch.float32)
+        scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(dtype)
+        shift = -bn.running_mean.to(dtype) * scale
+        if self.bias is not None:
+            shift = shift + self.bias.to(dtype) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(dtype)
+        weight = (w.to(dtype) * scale.reshape(-1, *(1,) * (w.dim() - 1))).to(w.dtype)
+        bias = shift.to(w.dtype)
+        if key is not None:
+            object.__setattr__(self, "_fold_cache", (key, weight, bias))
+        return weight, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self.bn
+        running_mean, running_var, use_batch_stats, momentum = _batch_norm_args(bn, bn.training)
+        if not use_batch_stats:
+            return self._conv(x, *self._fold())
+        return F.batch_norm(self._conv(x, self.weight, self.bias), running_mean, running_var, bn.weight, bn.bias,
+                            use_batch_stats, momentum, bn.eps)
+
+    def unfused(self) -> nn.Conv2d:
+        conv = self._original
+        conv.weight, conv.bias = self.weight, self.bias
+        return conv.train(self.training)
+
+    def extra_repr(self) -> str:
+        w = self.weight
+        return f"{w.shape[1] * self.groups}, {w.shape[0]}, kernel_size={tuple(w.shape[2:])}, stride={self.stride}, " \
+               "BatchNorm folded in eval"

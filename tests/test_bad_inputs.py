@@ -7,6 +7,11 @@ import torch
 
 import mnet_ext
 from mnet_ext import functional as MF
+from tests.helpers import backend_param
+
+# Each case on the Python checks (backend reference) and on the C++ checks of the eager CPU call (backend cuda:
+# mnet_ext.functional runs an eval layer with nothing for autograd to record as one C++ call; same messages).
+BACKENDS = ["reference", backend_param("cuda")]
 
 
 def _dw_args(**over):
@@ -35,9 +40,10 @@ def _dw_args(**over):
     (dict(training=True, x=torch.randn(1, 4, 1, 1)), "more than 1 value per channel"),
     (dict(running_mean=None, running_var=None), "running_mean/running_var: required when training=False"),
 ])
-def test_dwconv_bn_act_bad_inputs(over, match):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dwconv_bn_act_bad_inputs(over, match, backend):
     with pytest.raises(ValueError, match=match):
-        MF.dwconv_bn_act(**_dw_args(**over))
+        MF.dwconv_bn_act(**_dw_args(**over, backend=backend))
 
 
 def test_dwconv_bn_act_not_a_tensor():
@@ -62,9 +68,10 @@ def _se_args(**over):
     (dict(gate="relu"), "gate: expected one of"),
     (dict(x=torch.randn(2, 0, 4, 4)), "x: expected at least one channel"),  # empty batches: see test_parity.py
 ])
-def test_squeeze_excite_bad_inputs(over, match):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_squeeze_excite_bad_inputs(over, match, backend):
     with pytest.raises(ValueError, match=match):
-        MF.squeeze_excite(**_se_args(**over))
+        MF.squeeze_excite(**_se_args(**over, backend=backend))
 
 
 def test_unknown_backend_names_the_argument():

@@ -39,7 +39,8 @@ def _args(n: int, c: int, h: int, w: int, k: int, seed: int) -> tuple[torch.Tens
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
-@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (7, 1, 2), (3, 2, 2), (5, 1, 1)])
+@pytest.mark.parametrize("k,stride,dilation",
+                         [(3, 1, 1), (5, 2, 1), (7, 1, 2), (3, 2, 2), (5, 1, 1), (7, 1, 1), (3, 2, 1), (7, 2, 1)])
 @pytest.mark.parametrize("act", ["none", "relu", "relu6", "hardswish", "silu"])
 def test_nhwc_fwd_geometry(backend, geometry, k, stride, dilation, act):
     args = (*_args(*geometry, k, seed=k * 10 + stride + dilation), stride, dilation, act)
@@ -49,7 +50,7 @@ def test_nhwc_fwd_geometry(backend, geometry, k, stride, dilation, act):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
-@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (7, 1, 2)])
+@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (7, 1, 2), (3, 2, 1)])
 def test_nhwc_training_primitives_geometry(backend, geometry, k, stride, dilation):
     x, weight, mean, invstd, gamma, beta = _args(*geometry, k, seed=k + stride)
     what = f"{geometry} k{k} s{stride} d{dilation}"
@@ -121,8 +122,8 @@ def test_se_primitives_geometry(backend, shape, layout):
 
 
 # mnet_ext.functional runs the op bodies without the custom ops' dispatch and autograd layers in eager mode
-# (eval_forward / EvalFunction / TrainFunction / SEFunction): the results and every gradient must be bitwise those
-# of the custom ops (which torch.compile traces).
+# (eval_forward / EvalFunction, and since session 5 the one-call TrainStepFunctions for training and SE): the results
+# and every gradient must be bitwise those of the custom ops (which torch.compile traces).
 def _grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return torch.autograd.grad(out, inputs, torch.linspace(-1, 1, out.numel()).reshape(out.shape))
 
@@ -164,3 +165,123 @@ def test_functional_se_fast_path_matches_custom_op(backend):
         assert torch.equal(gr, gr_op)
     with torch.no_grad():
         assert torch.equal(MF.squeeze_excite(x, *params, backend="cuda"), y_op)
+
+
+# Eval with nothing for autograd to record runs each layer as one C++ call (dwconv_bn_act_eval, squeeze_excite_eval:
+# the checks, the BN fold or the FCs, the kernels): taken, and bitwise the custom op's result.
+def _counting_eager_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    dw, se = MF._eager_calls()
+
+    def counted(name: str, op):
+        def run(*args):
+            calls.append(name)
+            return op(*args)
+        return run
+    monkeypatch.setattr(MF, "_eager_calls", lambda: (counted("dw", dw), counted("se", se)))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("n", [2, 0])
+def test_eval_in_one_call_matches_custom_op(backend, monkeypatch, dtype, affine, layout, n):
+    calls = _counting_eager_calls(monkeypatch)
+    x, weight, mean, invstd, gamma, beta = _args(max(n, 1), 20, 9, 8, 5, seed=11)
+    x = x[:n]
+    if layout == "nchw":
+        x = x.contiguous()
+    elif layout == "strided":  # neither layout: copied once
+        x = torch.cat([x, x], dim=3)[..., ::2]
+    var = (invstd.pow(-2) - 1e-3).to(dtype)  # BN tensors in the model's dtype: the fold converts them
+    x, weight, mean, gamma, beta = (t.to(dtype) for t in (x, weight, mean, gamma, beta))
+    y = MF.dwconv_bn_act(x, weight, mean, var, gamma if affine else None, beta if affine else None, eps=1e-3,
+                         stride=2, act="silu", backend="cuda")
+    assert calls == ["dw"]
+    ones, zeros = torch.ones(20), torch.zeros(20)
+    x = MF._check_input(x)  # the op takes the layouts only: the functional copies x as _check_input does
+    y_op = torch.ops.mnet_ext.dwconv_bn_act(x, weight, mean.float(), torch.rsqrt(var.float() + 1e-3),
+                                            gamma.float() if affine else ones, beta.float() if affine else zeros,
+                                            2, 1, "silu", "cuda")
+    assert y.dtype == y_op.dtype and y.shape == y_op.shape and y.stride() == y_op.stride()
+    assert torch.equal(y, y_op)
+
+
+@pytest.mark.parametrize("act,gate", [("relu", "hardsigmoid"), ("silu", "sigmoid")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [3, 0])
+def test_se_eval_in_one_call_matches_custom_op(backend, monkeypatch, act, gate, dtype, n):
+    calls = _counting_eager_calls(monkeypatch)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(n, 24, 5, 6, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    params = [torch.randn(8, 24, 1, 1, generator=g), torch.randn(8, generator=g), torch.randn(24, 8, 1, 1, generator=g),
+              torch.randn(24, generator=g)]
+    y = MF.squeeze_excite(x, *params, act=act, gate=gate, backend="cuda")
+    assert calls == ["se"]
+    y_op = torch.ops.mnet_ext.squeeze_excite(x, params[0].reshape(8, 24), params[1], params[2].reshape(24, 8),
+                                             params[3], act, gate, "cuda")[0]
+    assert y.dtype == y_op.dtype and y.shape == y_op.shape and y.stride() == y_op.stride()
+    assert torch.equal(y, y_op)
+
+
+def test_eval_in_one_call_only_without_autograd(backend, monkeypatch):
+    """A parameter that requires grad under grad mode takes the autograd path (gradients stay correct)."""
+    calls = _counting_eager_calls(monkeypatch)
+    x, weight, mean, invstd, gamma, beta = _args(1, 8, 6, 6, 3, seed=3)
+    weight.requires_grad_()
+    MF.dwconv_bn_act(x, weight, mean, invstd, gamma, beta, backend="cuda").sum().backward()
+    assert calls == [] and weight.grad is not None
+    with torch.no_grad():
+        MF.dwconv_bn_act(x, weight, mean, invstd, gamma, beta, backend="cuda")
+    assert calls == ["dw"]
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("n", [2, 0])
+def test_train_step_in_one_call_matches_python_path(backend, monkeypatch, affine, layout, n):
+    """Training runs as TrainStepFunction (one C++ call forward, one backward): output, gradients and the running
+    statistics' update bitwise those of the Python path (session 4: TrainFunction + the functional's update)."""
+    x, weight, _, invstd, gamma, beta = _args(max(n, 1), 20, 9, 8, 3, seed=17)
+    x = x[:n]
+    if layout == "nchw":
+        x = x.contiguous()
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=3)[..., ::2]
+    results = []
+    for one_call in (True, False):
+        if not one_call:
+            monkeypatch.setattr(MF, "_in_one_call", lambda *args, **kwargs: False)
+        inputs = [t.clone().requires_grad_() for t in ((x, weight, gamma, beta) if affine else (x, weight))]
+        stats = [torch.randn(20, generator=torch.Generator().manual_seed(1)), invstd.clone()]
+        y = MF.dwconv_bn_act(inputs[0], inputs[1], *stats, *(inputs[2:] if affine else (None, None)), training=True,
+                             momentum=0.3, eps=1e-3, stride=2, act="relu6", backend="cuda")
+        assert (type(y.grad_fn).__name__ == "TrainStepFunctionBackward") == one_call
+        results.append([y, *stats, *_grads(y, inputs)])
+    for got, want in zip(*results, strict=True):
+        assert got.stride() == want.stride() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("act,gate", [("relu", "hardsigmoid"), ("silu", "sigmoid")])
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("n", [3, 0])
+def test_se_train_step_in_one_call_matches_python_path(backend, monkeypatch, act, gate, layout, n):
+    """SE with autograd runs as its TrainStepFunction (one C++ call forward, one backward): output and every
+    gradient bitwise those of the Python path (session 4: SEFunction), 1x1-conv-shaped FC weights included."""
+    g = torch.Generator().manual_seed(19)
+    x = torch.randn(max(n, 1), 24, 5, 6, generator=g)[:n].contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        x = torch.cat([x, x], dim=3)[..., ::2]
+    params = [torch.randn(8, 24, 1, 1, generator=g), torch.randn(8, generator=g), torch.randn(24, 8, generator=g),
+              torch.randn(24, generator=g)]
+    results = []
+    for one_call in (True, False):
+        if not one_call:
+            monkeypatch.setattr(MF, "_in_one_call", lambda *args, **kwargs: False)
+        inputs = [t.clone().requires_grad_() for t in (x, *params)]
+        y = MF.squeeze_excite(*inputs, act=act, gate=gate, backend="cuda")
+        assert (type(y.grad_fn).__name__ == "TrainStepFunctionBackward") == one_call
+        results.append([y, *_grads(y, inputs)])
+    for got, want in zip(*results, strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)

@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
 import mnet_ext
+from mnet_ext.modules import FoldedConvBN
 from tests.helpers import backend_param, scaled_error
 
 
@@ -129,19 +130,23 @@ def count(model: nn.Module, kind) -> int:
     return sum(isinstance(m, kind) for m in model.modules())
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "no_fold"])
 @pytest.mark.parametrize("name", MODELS)
-def test_fuse_swaps_every_depthwise_and_se(name):
+def test_fuse_swaps_every_depthwise_and_se(name, fold):
     model = build(name)
     depthwise = sum(isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1 for m in model.modules())
     se = count(model, torchvision.ops.SqueezeExcitation)
+    others = count(model, nn.BatchNorm2d) - depthwise  # every other conv of these models is followed by a BatchNorm
     keys = list(model.state_dict())
     report = mnet_ext.explain_fuse(model)
     assert not report.skipped, str(report)
-    mnet_ext.fuse(model)
+    assert len(report.folded) == others > 0, str(report)
+    mnet_ext.fuse(model, fold_batchnorm=fold)
     assert count(model, mnet_ext.FusedConvBNAct) == depthwise > 0
     assert count(model, mnet_ext.FusedSqueezeExcitation) == se
     assert list(model.state_dict()) == keys, "state_dict keys must not change"
-    assert count(model, nn.BatchNorm2d) == count(build(name), nn.BatchNorm2d) - depthwise
+    assert count(model, FoldedConvBN) == (others if fold else 0)
+    assert count(model, nn.BatchNorm2d) == (0 if fold else others)
 
 
 def _sgd_step(model: nn.Module, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -315,3 +320,137 @@ def test_report_says_what_was_left_and_why():
     mnet_ext.fuse(model)
     assert isinstance(model[4], mnet_ext.FusedConvBNAct) and not isinstance(model[0], mnet_ext.FusedConvBNAct)
     assert "2 fused, 3 left native" in str(report)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The BatchNorm of every other conv folded into it in eval (FoldedConvBN)
+# ------------------------------------------------------------------------------------------------------------------
+def _conv_bn_pair(conv: nn.Conv2d, dtype: torch.dtype = torch.float32, momentum: float | None = 0.1) -> nn.Sequential:
+    bn = nn.BatchNorm2d(conv.out_channels, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.25, 4.0)
+    return nn.Sequential(conv, bn, nn.ReLU()).to(dtype)
+
+
+PAIRS = {
+    "1x1": lambda: nn.Conv2d(8, 16, 1, bias=False),
+    "stem_3x3_s2_bias": lambda: nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=True),
+    "grouped_dilated": lambda: nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2, bias=False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", list(PAIRS))
+def test_folded_conv_bn_eval_matches_native(kind, dtype):
+    native = _conv_bn_pair(PAIRS[kind](), dtype).eval()
+    fused = mnet_ext.fuse(copy.deepcopy(native))
+    assert isinstance(fused[0], FoldedConvBN) and list(fused.state_dict()) == list(native.state_dict())
+    x = torch.randn(3, native[0].in_channels, 9, 11, dtype=dtype)
+    with torch.no_grad():
+        tol = 1e-12 if dtype == torch.float64 else 2e-6  # one fp32 rounding of the folded weight, and of the sum
+        assert scaled_error(fused(x), native(x)) <= tol
+        # test the test: a fold that misses the bias or the scale of one channel is far outside it
+        wrong = copy.deepcopy(native)
+        wrong[1].running_mean[0] += 1e-3
+        assert scaled_error(wrong(x), native(x)) > 10 * tol
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_folded_conv_bn_trains_bitwise_like_native(momentum):
+    """Training runs the conv, then F.batch_norm on batch statistics: outputs, gradients, running statistics and
+    num_batches_tracked equal native's bit for bit."""
+    native = _conv_bn_pair(PAIRS["stem_3x3_s2_bias"](), momentum=momentum).train()
+    fused = mnet_ext.fuse(copy.deepcopy(native))
+    for _ in range(2):
+        x = torch.randn(4, 3, 10, 10)
+        y_n, y_f = native(x), fused(x)
+        assert torch.equal(y_n, y_f)
+        y_n.square().sum().backward()
+        y_f.square().sum().backward()
+    for (key, t_n), t_f in zip(native.state_dict().items(), fused.state_dict().values(), strict=True):
+        assert torch.equal(t_n, t_f), key
+    for (name, p_n), p_f in zip(native.named_parameters(), fused.parameters(), strict=True):
+        assert torch.equal(p_n.grad, p_f.grad), name
+
+
+def test_folded_conv_bn_refolds_after_in_place_updates():
+    """The folded weight is cached under no_grad; an optimizer step, load_state_dict or a running-stat update
+    (all in place) must refold, and the cache must not outlive a move to another dtype."""
+    native = _conv_bn_pair(PAIRS["1x1"]()).eval()
+    fused = mnet_ext.fuse(copy.deepcopy(native))
+    x = torch.randn(2, 8, 5, 5)
+
+    def check() -> None:
+        with torch.no_grad():
+            assert scaled_error(fused(x), native(x)) <= 2e-6
+
+    check()
+    for update in (lambda m: m[0].weight.mul_(1.5), lambda m: m[1].running_var.mul_(0.25),
+                   lambda m: m[1].running_mean.add_(0.5), lambda m: m[1].bias.sub_(0.25)):
+        with torch.no_grad():
+            update(native)
+            update(fused)
+        check()
+    state = {k: v * 1.25 if v.is_floating_point() else v for k, v in native.state_dict().items()}
+    native.load_state_dict(state)
+    fused.load_state_dict(state)
+    check()
+    native.double()
+    fused.double()
+    x = x.double()
+    with torch.no_grad():
+        assert scaled_error(fused(x), native(x)) <= 1e-12
+
+
+def test_folded_conv_bn_eval_with_grad_reaches_every_parameter():
+    """Eval with autograd on (fine-tuning a frozen-BN model): the fold is differentiable, not cached."""
+    native = _conv_bn_pair(PAIRS["stem_3x3_s2_bias"]()).eval()
+    fused = mnet_ext.fuse(copy.deepcopy(native))
+    for _ in range(2):  # a second call must not reuse a folded weight whose graph the first backward freed
+        x = torch.randn(2, 3, 8, 8)
+        native(x).square().sum().backward()
+        fused(x).square().sum().backward()
+    for (name, p_n), p_f in zip(native.named_parameters(), fused.parameters(), strict=True):
+        assert scaled_error(p_f.grad, p_n.grad) <= 1e-5, name
+
+
+def test_folded_conv_bn_left_alone_where_not_sound():
+    conv = nn.Conv2d(4, 4, 1)
+    shared_bn = nn.BatchNorm2d(4)
+
+    class TwoUses(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(y) + y  # the conv's output has another consumer
+
+    hooked = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    hooked[1].register_forward_hook(lambda *a: None)
+    models = {
+        "second consumer": TwoUses(),
+        "BatchNorm called twice": nn.Sequential(conv, shared_bn, nn.Conv2d(4, 4, 1), shared_bn),
+        "hooked BatchNorm": hooked,
+        "SyncBatchNorm": nn.Sequential(nn.Conv2d(4, 4, 1), nn.SyncBatchNorm(4)),
+        "reflect padding": nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4)),
+        "fold_batchnorm=False": nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)),
+    }
+    for what, model in models.items():
+        mnet_ext.fuse(model, fold_batchnorm=what != "fold_batchnorm=False")
+        assert count(model, FoldedConvBN) == 0, what
+    with pytest.raises(TypeError, match="fold_batchnorm"):
+        mnet_ext.fuse(nn.Sequential(), fold_batchnorm="yes")
+
+
+def test_folded_conv_bn_unfuses_and_goes_native_for_sync_batchnorm():
+    native = _conv_bn_pair(PAIRS["1x1"]())
+    fused = mnet_ext.fuse(copy.deepcopy(native))
+    assert [type(m) for m in mnet_ext.unfuse(copy.deepcopy(fused)).modules()] == [type(m) for m in native.modules()]
+    synced = mnet_ext.convert_sync_batchnorm(fused, process_group=object())  # no collective runs here
+    assert [type(m) for m in synced] == [nn.Conv2d, nn.SyncBatchNorm, nn.ReLU]
+    assert list(synced.state_dict()) == list(native.state_dict())

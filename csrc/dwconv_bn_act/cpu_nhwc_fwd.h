@@ -71,14 +71,16 @@ inline void nhwc_block(const float* const* xr, const float* const* wr, int nr, i
   block_store<A, FOLD, P, NV, V>(acc, sc, sh, C, y);
 }
 
-// nhwc_block for 4 pixels at stride 1, dilation 1 and the full window of K taps (AVX-512 copy: 32 registers hold
-// the K x NV weights of a row and the 4 x NV accumulators): each input column is loaded once and fed to every
-// (pixel, tap) pair that reads it, instead of once per tap. Per output the taps add in the same order (row, then
-// kw increasing) as in nhwc_block.
-template <Act A, bool FOLD, int K, int NV, typename V>
-inline void nhwc_block_slide(const float* const* xr, const float* const* wr, int nr, int64_t C, const float* sc,
-                             const float* sh, float* y) {
-  constexpr int L = sizeof(V) / sizeof(float), P = 4;
+// nhwc_block for P pixels at stride 1 and dilation 1 (AVX-512 copy: 32 registers hold the K x NV weights of a row
+// and the P x NV accumulators): each input column is loaded once and fed to every (pixel, tap) pair that reads it,
+// instead of once per tap. xr[r] is x at input column iw0 = ow0 - pad of the block (may lie outside [0, W));
+// with EDGE, columns outside [0, W) are the zero padding and skipped, so the row's edge pixels take this block too
+// (at 7x7 every pixel is within pad of an edge); without, the block's columns must all lie inside. Per output the taps add in the same order (row, then kw increasing) as in
+// nhwc_block.
+template <Act A, bool FOLD, int K, int P, int NV, bool EDGE, typename V>
+inline void nhwc_block_slide(const float* const* xr, const float* const* wr, int nr, int64_t iw0, int64_t W,
+                             int64_t C, const float* sc, const float* sh, float* y) {
+  constexpr int L = sizeof(V) / sizeof(float);
   V acc[P][NV];
   for (int q = 0; q < P; ++q)
     for (int j = 0; j < NV; ++j) acc[q][j] = V{};
@@ -90,6 +92,7 @@ inline void nhwc_block_slide(const float* const* xr, const float* const* wr, int
     const float* xrow = xr[r];
 #pragma GCC unroll 16
     for (int col = 0; col < P + K - 1; ++col) {
+      if (EDGE && (iw0 + col < 0 || iw0 + col >= W)) continue;
       V xv[NV];
       for (int j = 0; j < NV; ++j) xv[j] = vload<V>(xrow + col * C + j * L);
 #pragma GCC unroll 8
@@ -133,20 +136,6 @@ inline void nhwc_pixels(const float* const* xr0, const float* const* wr0, int nr
     };
     float* yq = y + px * C;
     int64_t c0 = 0;
-    if constexpr (P == 4 && kVec == 16) {
-      if (kw0 == 0 && xp == C && dC == C) {  // stride 1, dilation 1, full window (kw1 == k)
-        MNET_DISPATCH_KSIZE(kw1, K, [&] {
-          for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
-            at_c(c0);
-            nhwc_block_slide<A, FOLD, K, 2, vfw>(xr, wr, nr, C, at(sc, c0), at(sh, c0), yq + c0);
-          }
-          for (; c0 + kVec <= C; c0 += kVec) {
-            at_c(c0);
-            nhwc_block_slide<A, FOLD, K, 1, vfw>(xr, wr, nr, C, at(sc, c0), at(sh, c0), yq + c0);
-          }
-        });
-      }
-    }
     for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
       at_c(c0);
       nhwc_block<A, FOLD, P, 2, vfw>(xr, wr, nr, kw0, kw1, dC, xp, C, at(sc, c0), at(sh, c0), yq + c0);
@@ -171,6 +160,48 @@ inline void nhwc_pixels(const float* const* xr0, const float* const* wr0, int nr
   }
 }
 
+// Pixels [ow0, ow0 + P) of a stride-1, dilation-1 row (xr[r]: x at (ih, iw = 0, c = 0)), edges included: channels
+// in slide blocks, a rest of fewer than 8 channels per pixel over its tap window.
+template <Act A, bool FOLD, int K, int P>
+inline void nhwc_pixels_slide(const float* const* xr, const float* const* wr, int nr, int64_t ow0, int pad,
+                              int64_t W, int64_t C, const float* sc, const float* sh, float* y_row) {
+  const float* xb[16];
+  const float* wb[16];
+  const int64_t iw0 = ow0 - pad;
+  float* yq = y_row + ow0 * C;
+  auto at_c = [&](int64_t c) {
+    for (int r = 0; r < nr; ++r) xb[r] = xr[r] + iw0 * C + c, wb[r] = wr[r] + c;
+  };
+  int64_t c0 = 0;
+  auto channels = [&](auto edge) {
+    constexpr bool E = decltype(edge)::value;
+    for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
+      at_c(c0);
+      nhwc_block_slide<A, FOLD, K, P, 2, E, vfw>(xb, wb, nr, iw0, W, C, at(sc, c0), at(sh, c0), yq + c0);
+    }
+    for (; c0 + kVec <= C; c0 += kVec) {
+      at_c(c0);
+      nhwc_block_slide<A, FOLD, K, P, 1, E, vfw>(xb, wb, nr, iw0, W, C, at(sc, c0), at(sh, c0), yq + c0);
+    }
+    for (; c0 + 8 <= C; c0 += 8) {
+      at_c(c0);
+      nhwc_block_slide<A, FOLD, K, P, 1, E, vf8>(xb, wb, nr, iw0, W, C, at(sc, c0), at(sh, c0), yq + c0);
+    }
+  };
+  if (iw0 < 0 || iw0 + P + K - 1 > W)
+    channels(std::true_type{});
+  else
+    channels(std::false_type{});
+  if (c0 < C) {
+    for (int i = 0; i < P; ++i) {
+      const int64_t iw = iw0 + i;  // column of tap kw = 0
+      const int kw0 = (int)std::clamp<int64_t>(-iw, 0, K), kw1 = (int)std::clamp<int64_t>(W - iw, kw0, K);
+      for (int r = 0; r < nr; ++r) xb[r] = xr[r] + iw * C;
+      nhwc_tail<A, FOLD>(xb, wr, nr, kw0, kw1, C, C, c0, sc, sh, yq + i * C);
+    }
+  }
+}
+
 // Output row (n, oh): x_img = x at image n (NHWC dense), y_row = y at (n, oh, 0, 0). FOLD = false writes z (the
 // conv alone; sc, sh unused and may be null) for the training passes.
 template <Act A, bool FOLD>
@@ -187,6 +218,21 @@ void nhwc_fwd_row(const DwParams& p, const float* x_img, const float* wt, const 
     xr[nr] = x_img + ih * W * C;
     wr[nr] = wt + (int64_t)kh * k * C;
     ++nr;
+  }
+  if constexpr (kVec == 16) {
+    if (s == 1 && d == 1) {  // the whole row, edges included, in slide blocks of 4 pixels
+      MNET_DISPATCH_KSIZE(k, K, [&] {
+        int64_t ow = 0;
+        for (; ow + 4 <= Wo; ow += 4) nhwc_pixels_slide<A, FOLD, K, 4>(xr, wr, nr, ow, pad, W, C, sc, sh, y_row);
+        switch (Wo - ow) {
+          case 3: return nhwc_pixels_slide<A, FOLD, K, 3>(xr, wr, nr, ow, pad, W, C, sc, sh, y_row);
+          case 2: return nhwc_pixels_slide<A, FOLD, K, 2>(xr, wr, nr, ow, pad, W, C, sc, sh, y_row);
+          case 1: return nhwc_pixels_slide<A, FOLD, K, 1>(xr, wr, nr, ow, pad, W, C, sc, sh, y_row);
+          default: return;
+        }
+      });
+      return;
+    }
   }
   // Pixels [lo, hi) with the full tap window; pixel ow's kw = 0 column is xr[r] + (ow * s + shift) * C.
   auto full = [&](int64_t lo, int64_t hi, int64_t shift) {

@@ -196,3 +196,29 @@ dwconv_bn_act_train.register_autograd(_backward_train, setup_context=_setup_trai
 
 EvalFunction = eager_function("EvalFunction", eval_forward, _setup_eval, _backward_eval)
 TrainFunction = eager_function("TrainFunction", train_forward, _setup_train, _backward_train)
+
+
+class TrainStepFunction(torch.autograd.Function):
+    """A training step of one layer on the host twin (backend ``cuda``, CPU tensors, eager mode) in two C++ calls:
+    ``dwconv_bn_act_train_eager`` (``mnet_ext.functional``'s checks, statistics, forward, the running statistics'
+    update in place) and ``dwconv_bn_act_train_backward_eager`` (bwd_reduce, BatchNorm's mean terms, bwd_apply).
+    The kernels and torch ops of ``TrainFunction`` plus the functional's update, without their Python: bitwise the
+    same results. Arguments as ``mnet_ext.functional.dwconv_bn_act``'s (affine parameters and running statistics
+    may be None)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps, stride, dilation, act):
+        ops = load("cuda")._ops
+        y, mean, var = ops.dwconv_bn_act_train_eager.default(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                                             momentum, eps, stride, dilation, act)
+        ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)
+        ctx.args = (eps, stride, dilation, act)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, gamma, beta, mean, var = ctx.saved_tensors
+        dx, dweight, dgamma, dbeta = load("cuda")._ops.dwconv_bn_act_train_backward_eager.default(
+            grad_y, x, weight, mean, var, gamma, beta, *ctx.args
+        )
+        return dx, dweight, None if gamma is None else dgamma, None if beta is None else dbeta, *(None,) * 7
