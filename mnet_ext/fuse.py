@@ -7,8 +7,8 @@
    becomes a ``FusedDwConvBNAct`` at the conv's name, the BatchNorm (and an activation module) an identity
    ``FoldedBatchNorm`` (``FoldedActivation``) that keeps its tensors, so keys and the model's class do not change;
    an activation applied by code stays native. A module whose traced forward is exactly pool -> fc -> act -> fc ->
-   gate -> multiply (1x1 convs or Linears) becomes a ``FusedSqueezeExcitation``. Every other conv whose only
-   consumer is a plain BatchNorm2d (the 1x1 expansions and projections, the stem) becomes a ``FoldedConvBN``: in
+   gate -> multiply (1x1 convs or Linears) becomes a ``FusedSqueezeExcitation``. Every non-depthwise conv whose
+   only consumer is a plain BatchNorm2d (the 1x1 expansions and projections, the stem) becomes a ``FoldedConvBN``: in
    eval the BatchNorm is folded into the conv's weight and bias, in training both run as natively
    (``fold_batchnorm=False`` leaves them alone). These are listed apart (``FuseReport.folded``), not as candidates.
 
@@ -556,8 +556,8 @@ class _NoMatch(Exception):  # noqa: N818  (control flow inside the SE matcher, n
 def _dataflow_pass(model: nn.Module, backend: str | None, apply: bool, example: Tensor | None,
                    report: FuseReport, claimed: set[int], fold_batchnorm: bool) -> None:
     depthwise = [(q, m) for q, m in model.named_modules() if _is_depthwise(m) and id(m) not in claimed]
-    convs = [(q, m) for q, m in model.named_modules() if isinstance(m, nn.Conv2d) and id(m) not in claimed] \
-        if fold_batchnorm else []
+    convs = [(q, m) for q, m in model.named_modules() if isinstance(m, nn.Conv2d) and not _is_depthwise(m)
+             and id(m) not in claimed] if fold_batchnorm else []  # a depthwise conv left native stays native
     leaves = frozenset(claimed | {id(m) for m in model.modules() if isinstance(m, (*_FUSED, BatchNormState))})
     modules = dict(model.named_modules())
 

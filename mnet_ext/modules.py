@@ -268,7 +268,7 @@ class FusedDwConvBNAct(nn.Module):
 
 class FoldedConvBN(nn.Module):
     """A Conv2d and the BatchNorm2d that only it feeds, standing where the conv was (``mnet_ext.fuse``, for the convs
-    that are not fused depthwise layers: the 1x1 expansions and projections, the stem). In eval the BatchNorm is
+    that are not depthwise: the 1x1 expansions and projections, the stem). In eval the BatchNorm is
     folded into the conv's weight and bias, so the model runs one conv and no BatchNorm pass (what
     ``torch.nn.utils.fuse_conv_bn_eval`` computes, but at call time from the current tensors, so ``state_dict`` and
     training are unchanged); in training it runs the conv, then the BatchNorm with batch statistics, as natively.
