@@ -106,6 +106,41 @@ inline void nhwc_block_slide(const float* const* xr, const float* const* wr, int
   block_store<A, FOLD, P, NV, V>(acc, sc, sh, C, y);
 }
 
+// A whole output row of WO pixels in one block, for the small maps of the late layers (rows 7 and 14 wide): with
+// W == S * WO and pad (K - 1) / 2, which columns are padding is known at compile time, so no tap is tested at run
+// time; each input column is loaded once per channel vector for every (pixel, tap) that reads it, weights once per
+// row, and the WO x NV accumulators are enough independent FMA chains (the 4-pixel slide block splits a 7-wide row
+// into 4 + 3 pixels, both with run-time edge tests, and stride 2 had no shared loads at all). Per output the taps
+// add in the same order (row, then kw increasing) as in the other blocks. xr[r]: x at (ih, iw = 0, c0).
+template <Act A, bool FOLD, int K, int S, int WO, int NV, typename V>
+inline void nhwc_block_row(const float* const* xr, const float* const* wr, int nr, int64_t C, const float* sc,
+                           const float* sh, float* y) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  constexpr int PAD = (K - 1) / 2;
+  V acc[WO][NV];
+  for (int q = 0; q < WO; ++q)
+    for (int j = 0; j < NV; ++j) acc[q][j] = V{};
+  for (int r = 0; r < nr; ++r) {
+    V w[K][NV];
+#pragma GCC unroll 8
+    for (int kw = 0; kw < K; ++kw)
+      for (int j = 0; j < NV; ++j) w[kw][j] = vload<V>(wr[r] + kw * C + j * L);
+    const float* xrow = xr[r];
+#pragma GCC unroll 32
+    for (int col = 0; col < S * WO; ++col) {
+      V xv[NV];
+      for (int j = 0; j < NV; ++j) xv[j] = vload<V>(xrow + col * C + j * L);
+#pragma GCC unroll 8
+      for (int kw = 0; kw < K; ++kw) {
+        const int t = col + PAD - kw;  // S * (the output pixel reading this column with tap kw)
+        if (t >= 0 && t % S == 0 && t / S < WO)
+          for (int j = 0; j < NV; ++j) acc[t / S][j] += w[kw][j] * xv[j];
+      }
+    }
+  }
+  block_store<A, FOLD, WO, NV, V>(acc, sc, sh, C, y);
+}
+
 // Channels [c0, C) (fewer than 8) of one pixel, scalar.
 template <Act A, bool FOLD>
 inline void nhwc_tail(const float* const* xr, const float* const* wr, int nr, int kw0, int kw1, int64_t dC,
@@ -158,6 +193,69 @@ inline void nhwc_pixels(const float* const* xr0, const float* const* wr0, int nr
       }
     }
   }
+}
+
+// A whole row of WO pixels (nhwc_block_row), all channels; xr[r]: x at (ih, iw = 0, c = 0). The 8-channel blocks
+// and the scalar rest serve the channel counts that are not multiples of 16.
+template <Act A, bool FOLD, int K, int S, int WO>
+inline void nhwc_row_whole(const float* const* xr, const float* const* wr, int nr, int64_t C, const float* sc,
+                           const float* sh, float* y_row) {
+  const float* xb[16];
+  const float* wb[16];
+  auto at_c = [&](int64_t c) {
+    for (int r = 0; r < nr; ++r) xb[r] = xr[r] + c, wb[r] = wr[r] + c;
+  };
+  int64_t c0 = 0;
+  if constexpr (WO <= 7) {  // 2 x 7 accumulators + 2 x K weights fit the 32 registers; 2 x 14 would not
+    for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
+      at_c(c0);
+      nhwc_block_row<A, FOLD, K, S, WO, 2, vfw>(xb, wb, nr, C, at(sc, c0), at(sh, c0), y_row + c0);
+    }
+  }
+  for (; c0 + kVec <= C; c0 += kVec) {
+    at_c(c0);
+    nhwc_block_row<A, FOLD, K, S, WO, 1, vfw>(xb, wb, nr, C, at(sc, c0), at(sh, c0), y_row + c0);
+  }
+  for (; c0 + 8 <= C; c0 += 8) {
+    at_c(c0);
+    nhwc_block_row<A, FOLD, K, S, WO, 1, vf8>(xb, wb, nr, C, at(sc, c0), at(sh, c0), y_row + c0);
+  }
+  if (c0 < C) {
+    constexpr int PAD = (K - 1) / 2;
+    for (int i = 0; i < WO; ++i) {
+      const int iw = S * i - PAD;  // column of tap kw = 0
+      const int kw0 = std::clamp(-iw, 0, K), kw1 = std::clamp(S * WO - iw, kw0, K);
+      for (int r = 0; r < nr; ++r) xb[r] = xr[r] + (int64_t)iw * C;
+      nhwc_tail<A, FOLD>(xb, wr, nr, kw0, kw1, C, C, c0, sc, sh, y_row + i * C);
+    }
+  }
+}
+
+// nhwc_row_whole for the row shapes it serves (dilation 1, K 3 or 5, stride 1 or 2, WO 7 or 14, W == S * WO):
+// false when the row is not one of them.
+template <Act A, bool FOLD>
+inline bool nhwc_row_whole_dispatch(const DwParams& p, const float* const* xr, const float* const* wr, int nr,
+                                    const float* sc, const float* sh, float* y_row) {
+  if (p.dilation != 1 || (p.k != 3 && p.k != 5) || (p.stride != 1 && p.stride != 2) || (p.Wo != 7 && p.Wo != 14) ||
+      p.W != p.stride * p.Wo)
+    return false;
+  auto run = [&](auto k, auto s, auto wo) {
+    nhwc_row_whole<A, FOLD, decltype(k)::value, decltype(s)::value, decltype(wo)::value>(xr, wr, nr, p.C, sc, sh,
+                                                                                          y_row);
+  };
+  auto by_wo = [&](auto k, auto s) {
+    if (p.Wo == 7) return run(k, s, std::integral_constant<int, 7>{});
+    return run(k, s, std::integral_constant<int, 14>{});
+  };
+  auto by_s = [&](auto k) {
+    if (p.stride == 1) return by_wo(k, std::integral_constant<int, 1>{});
+    return by_wo(k, std::integral_constant<int, 2>{});
+  };
+  if (p.k == 3)
+    by_s(std::integral_constant<int, 3>{});
+  else
+    by_s(std::integral_constant<int, 5>{});
+  return true;
 }
 
 // Pixels [ow0, ow0 + P) of a stride-1, dilation-1 row (xr[r]: x at (ih, iw = 0, c = 0)), edges included: channels
@@ -220,6 +318,7 @@ void nhwc_fwd_row(const DwParams& p, const float* x_img, const float* wt, const 
     ++nr;
   }
   if constexpr (kVec == 16) {
+    if (nhwc_row_whole_dispatch<A, FOLD>(p, xr, wr, nr, sc, sh, y_row)) return;
     if (s == 1 && d == 1) {  // the whole row, edges included, in slide blocks of 4 pixels
       MNET_DISPATCH_KSIZE(k, K, [&] {
         int64_t ow = 0;
