@@ -1,9 +1,10 @@
-// Fast eval forward (and the conv rows of the training passes) of the host twin for fp32 channels_last (included by cpu_impl.h, inside its ISA namespace;
-// no include guard for the same reason). Register-blocked: P output pixels x NV vectors of 8 channels are
-// accumulated in registers over the conv taps (tap loop outside, channel vector innermost), then the BN fold and
-// the activation (common/*.h) are applied before anything is written. Rows (n, oh) are independent work items, so
-// the result does not depend on the thread count. GCC vector extensions (MNET_TWIN_VEC floats, set by cpu.cpp per
-// ISA copy): a 512-bit register per vector in the AVX-512 copy, 256-bit in the AVX2 one, two 128-bit in the baseline.
+// Fast eval forward (and the conv rows of the training passes) of the host twin for fp32 channels_last (included by
+// cpu_impl.h, inside its ISA namespace; no include guard for the same reason). Register-blocked: P output pixels x
+// NV vectors of channels are accumulated in registers over the conv taps (tap loop outside, channel vector
+// innermost), then the BN fold and the activation (common/*.h) are applied before anything is written. Rows (n, oh)
+// are independent work items, so the result does not depend on the thread count. GCC vector extensions
+// (MNET_TWIN_VEC floats, set by cpu.cpp per ISA copy): a 512-bit register per vector in the AVX-512 copy, 256-bit in
+// the AVX2 one, two 128-bit in the baseline.
 // NOLINTBEGIN(build/include)
 
 // Lanes of the wide vector: MNET_TWIN_VEC floats (16 in the AVX-512 copy, else 8); vf8 serves an 8-channel rest.
@@ -71,15 +72,20 @@ inline void nhwc_block(const float* const* xr, const float* const* wr, int nr, i
   block_store<A, FOLD, P, NV, V>(acc, sc, sh, C, y);
 }
 
-// nhwc_block for P pixels at stride 1 and dilation 1 (AVX-512 copy: 32 registers hold the K x NV weights of a row
-// and the P x NV accumulators): each input column is loaded once and fed to every (pixel, tap) pair that reads it,
-// instead of once per tap. xr[r] is x at input column iw0 = ow0 - pad of the block (may lie outside [0, W));
-// with EDGE, columns outside [0, W) are the zero padding and skipped, so the row's edge pixels take this block too
-// (at 7x7 every pixel is within pad of an edge); without, the block's columns must all lie inside. Per output the taps add in the same order (row, then kw increasing) as in
-// nhwc_block.
-template <Act A, bool FOLD, int K, int P, int NV, bool EDGE, typename V>
-inline void nhwc_block_slide(const float* const* xr, const float* const* wr, int nr, int64_t iw0, int64_t W,
-                             int64_t C, const float* sc, const float* sh, float* y) {
+// P pixels x NV vectors V of channels in one block, each input column loaded once and fed to every (pixel, tap)
+// pair that reads it (instead of once per tap as in nhwc_block; the AVX-512 copy's 32 registers hold the K x NV
+// weights of a row and the P x NV accumulators). Input column col (from xr[r], x at the block's first column) feeds
+// pixel q with tap kw where S * q = col + SHIFT - kw; NCOL columns. Two uses:
+// - slide blocks (S = 1, SHIFT = 0, NCOL = P + K - 1) of a stride-1 row, xr[r] at iw0 = ow0 - pad (may lie outside
+//   [0, W)): with EDGE, columns outside [0, W) are the zero padding and skipped at run time, so the row's edge
+//   pixels take this block too (at 7x7 every pixel is within pad of an edge); without, all columns must lie inside;
+// - whole rows (P = Wo in {7, 14}, W == S * Wo, SHIFT = pad, NCOL = W, xr[r] at iw = 0): which columns are padding
+//   is known at compile time, so no tap is tested at run time, and 7-14 pixels give the FMAs enough independent
+//   chains (a 7-wide row in slide blocks is 4 + 3 pixels, both with edge tests; stride 2 had no shared loads).
+// Per output the taps add in the same order (row, then kw increasing) as in nhwc_block.
+template <Act A, bool FOLD, int K, int S, int P, int SHIFT, int NCOL, int NV, bool EDGE, typename V>
+inline void nhwc_block_cols(const float* const* xr, const float* const* wr, int nr, int64_t iw0, int64_t W,
+                            int64_t C, const float* sc, const float* sh, float* y) {
   constexpr int L = sizeof(V) / sizeof(float);
   V acc[P][NV];
   for (int q = 0; q < P; ++q)
@@ -90,55 +96,20 @@ inline void nhwc_block_slide(const float* const* xr, const float* const* wr, int
     for (int kw = 0; kw < K; ++kw)
       for (int j = 0; j < NV; ++j) w[kw][j] = vload<V>(wr[r] + kw * C + j * L);
     const float* xrow = xr[r];
-#pragma GCC unroll 16
-    for (int col = 0; col < P + K - 1; ++col) {
+#pragma GCC unroll 32
+    for (int col = 0; col < NCOL; ++col) {
       if (EDGE && (iw0 + col < 0 || iw0 + col >= W)) continue;
       V xv[NV];
       for (int j = 0; j < NV; ++j) xv[j] = vload<V>(xrow + col * C + j * L);
 #pragma GCC unroll 8
       for (int kw = 0; kw < K; ++kw) {
-        const int q = col - kw;
-        if (q >= 0 && q < P)
-          for (int j = 0; j < NV; ++j) acc[q][j] += w[kw][j] * xv[j];
-      }
-    }
-  }
-  block_store<A, FOLD, P, NV, V>(acc, sc, sh, C, y);
-}
-
-// A whole output row of WO pixels in one block, for the small maps of the late layers (rows 7 and 14 wide): with
-// W == S * WO and pad (K - 1) / 2, which columns are padding is known at compile time, so no tap is tested at run
-// time; each input column is loaded once per channel vector for every (pixel, tap) that reads it, weights once per
-// row, and the WO x NV accumulators are enough independent FMA chains (the 4-pixel slide block splits a 7-wide row
-// into 4 + 3 pixels, both with run-time edge tests, and stride 2 had no shared loads at all). Per output the taps
-// add in the same order (row, then kw increasing) as in the other blocks. xr[r]: x at (ih, iw = 0, c0).
-template <Act A, bool FOLD, int K, int S, int WO, int NV, typename V>
-inline void nhwc_block_row(const float* const* xr, const float* const* wr, int nr, int64_t C, const float* sc,
-                           const float* sh, float* y) {
-  constexpr int L = sizeof(V) / sizeof(float);
-  constexpr int PAD = (K - 1) / 2;
-  V acc[WO][NV];
-  for (int q = 0; q < WO; ++q)
-    for (int j = 0; j < NV; ++j) acc[q][j] = V{};
-  for (int r = 0; r < nr; ++r) {
-    V w[K][NV];
-#pragma GCC unroll 8
-    for (int kw = 0; kw < K; ++kw)
-      for (int j = 0; j < NV; ++j) w[kw][j] = vload<V>(wr[r] + kw * C + j * L);
-    const float* xrow = xr[r];
-#pragma GCC unroll 32
-    for (int col = 0; col < S * WO; ++col) {
-      V xv[NV];
-      for (int j = 0; j < NV; ++j) xv[j] = vload<V>(xrow + col * C + j * L);
-#pragma GCC unroll 8
-      for (int kw = 0; kw < K; ++kw) {
-        const int t = col + PAD - kw;  // S * (the output pixel reading this column with tap kw)
-        if (t >= 0 && t % S == 0 && t / S < WO)
+        const int t = col + SHIFT - kw;  // S * (the pixel reading this column with tap kw)
+        if (t >= 0 && t % S == 0 && t / S < P)
           for (int j = 0; j < NV; ++j) acc[t / S][j] += w[kw][j] * xv[j];
       }
     }
   }
-  block_store<A, FOLD, WO, NV, V>(acc, sc, sh, C, y);
+  block_store<A, FOLD, P, NV, V>(acc, sc, sh, C, y);
 }
 
 // Channels [c0, C) (fewer than 8) of one pixel, scalar.
@@ -195,11 +166,12 @@ inline void nhwc_pixels(const float* const* xr0, const float* const* wr0, int nr
   }
 }
 
-// A whole row of WO pixels (nhwc_block_row), all channels; xr[r]: x at (ih, iw = 0, c = 0). The 8-channel blocks
+// A whole row of WO pixels (nhwc_block_cols), all channels; xr[r]: x at (ih, iw = 0, c = 0). The 8-channel blocks
 // and the scalar rest serve the channel counts that are not multiples of 16.
 template <Act A, bool FOLD, int K, int S, int WO>
 inline void nhwc_row_whole(const float* const* xr, const float* const* wr, int nr, int64_t C, const float* sc,
                            const float* sh, float* y_row) {
+  constexpr int PAD = (K - 1) / 2;
   const float* xb[16];
   const float* wb[16];
   auto at_c = [&](int64_t c) {
@@ -209,19 +181,21 @@ inline void nhwc_row_whole(const float* const* xr, const float* const* wr, int n
   if constexpr (WO <= 7) {  // 2 x 7 accumulators + 2 x K weights fit the 32 registers; 2 x 14 would not
     for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
       at_c(c0);
-      nhwc_block_row<A, FOLD, K, S, WO, 2, vfw>(xb, wb, nr, C, at(sc, c0), at(sh, c0), y_row + c0);
+      nhwc_block_cols<A, FOLD, K, S, WO, PAD, S * WO, 2, false, vfw>(xb, wb, nr, 0, 0, C, at(sc, c0),
+                                                                     at(sh, c0), y_row + c0);
     }
   }
   for (; c0 + kVec <= C; c0 += kVec) {
     at_c(c0);
-    nhwc_block_row<A, FOLD, K, S, WO, 1, vfw>(xb, wb, nr, C, at(sc, c0), at(sh, c0), y_row + c0);
+    nhwc_block_cols<A, FOLD, K, S, WO, PAD, S * WO, 1, false, vfw>(xb, wb, nr, 0, 0, C, at(sc, c0),
+                                                                   at(sh, c0), y_row + c0);
   }
   for (; c0 + 8 <= C; c0 += 8) {
     at_c(c0);
-    nhwc_block_row<A, FOLD, K, S, WO, 1, vf8>(xb, wb, nr, C, at(sc, c0), at(sh, c0), y_row + c0);
+    nhwc_block_cols<A, FOLD, K, S, WO, PAD, S * WO, 1, false, vf8>(xb, wb, nr, 0, 0, C, at(sc, c0),
+                                                                   at(sh, c0), y_row + c0);
   }
   if (c0 < C) {
-    constexpr int PAD = (K - 1) / 2;
     for (int i = 0; i < WO; ++i) {
       const int iw = S * i - PAD;  // column of tap kw = 0
       const int kw0 = std::clamp(-iw, 0, K), kw1 = std::clamp(S * WO - iw, kw0, K);
@@ -275,15 +249,18 @@ inline void nhwc_pixels_slide(const float* const* xr, const float* const* wr, in
     constexpr bool E = decltype(edge)::value;
     for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
       at_c(c0);
-      nhwc_block_slide<A, FOLD, K, P, 2, E, vfw>(xb, wb, nr, iw0, W, C, at(sc, c0), at(sh, c0), yq + c0);
+      nhwc_block_cols<A, FOLD, K, 1, P, 0, P + K - 1, 2, E, vfw>(xb, wb, nr, iw0, W, C, at(sc, c0), at(sh, c0),
+                                                                 yq + c0);
     }
     for (; c0 + kVec <= C; c0 += kVec) {
       at_c(c0);
-      nhwc_block_slide<A, FOLD, K, P, 1, E, vfw>(xb, wb, nr, iw0, W, C, at(sc, c0), at(sh, c0), yq + c0);
+      nhwc_block_cols<A, FOLD, K, 1, P, 0, P + K - 1, 1, E, vfw>(xb, wb, nr, iw0, W, C, at(sc, c0), at(sh, c0),
+                                                                 yq + c0);
     }
     for (; c0 + 8 <= C; c0 += 8) {
       at_c(c0);
-      nhwc_block_slide<A, FOLD, K, P, 1, E, vf8>(xb, wb, nr, iw0, W, C, at(sc, c0), at(sh, c0), yq + c0);
+      nhwc_block_cols<A, FOLD, K, 1, P, 0, P + K - 1, 1, E, vf8>(xb, wb, nr, iw0, W, C, at(sc, c0), at(sh, c0),
+                                                                 yq + c0);
     }
   };
   if (iw0 < 0 || iw0 + P + K - 1 > W)
