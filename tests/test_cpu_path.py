@@ -21,10 +21,11 @@ from tests.helpers import assert_matches_fp64_reference, backend_param
 pytestmark = pytest.mark.parametrize("backend", [backend_param("cuda")])
 
 # C: 1, 5 (< 8 lanes), 13 = 8 + 5, 24 = 16 + 8, 61 = 3 x 16 + 8 + 5; W: 1, 2, 3 (<= every tap window), 10, 19;
-# W 7, 14 and 28: the whole-row blocks (7- and 14-wide output rows at K 3/5, stride 1 and 2), every channel block
+# W 7, 14, 28 and 42: rows in blocks of 7 or 14 pixels (K 3/5, stride 1 and 2: one block, first + last, first +
+# middle + last), every channel block
 GEOMETRIES = [
     (2, 1, 5, 5), (1, 5, 3, 2), (2, 13, 2, 1), (2, 24, 10, 10), (1, 61, 9, 19), (1, 40, 19, 3), (1, 16, 7, 7),
-    (1, 29, 3, 37), (1, 61, 7, 7), (2, 61, 14, 14), (1, 45, 6, 28),
+    (1, 29, 3, 37), (1, 61, 7, 7), (2, 61, 14, 14), (1, 45, 6, 28), (1, 61, 4, 42),
 ]
 
 

@@ -79,9 +79,11 @@ inline void nhwc_block(const float* const* xr, const float* const* wr, int nr, i
 // - slide blocks (S = 1, SHIFT = 0, NCOL = P + K - 1) of a stride-1 row, xr[r] at iw0 = ow0 - pad (may lie outside
 //   [0, W)): with EDGE, columns outside [0, W) are the zero padding and skipped at run time, so the row's edge
 //   pixels take this block too (at 7x7 every pixel is within pad of an edge); without, all columns must lie inside;
-// - whole rows (P = Wo in {7, 14}, W == S * Wo, SHIFT = pad, NCOL = W, xr[r] at iw = 0): which columns are padding
-//   is known at compile time, so no tap is tested at run time, and 7-14 pixels give the FMAs enough independent
-//   chains (a 7-wide row in slide blocks is 4 + 3 pixels, both with edge tests; stride 2 had no shared loads).
+// - row blocks (nhwc_row_blocks: 7 or 14 pixels, stride 1 or 2; the first block of a row has SHIFT = pad and xr[r]
+//   at iw = 0, the others SHIFT = 0 and xr[r] at S * ow0 - pad; NCOL from the block's place in the row): which
+//   columns are padding is known at compile time, so no tap is tested at run time, and 7-14 pixels give the FMAs
+//   enough independent chains (a 7-wide row in slide blocks is 4 + 3 pixels, both with edge tests; stride 2 had no
+//   shared loads at all).
 // Per output the taps add in the same order (row, then kw increasing) as in nhwc_block.
 template <Act A, bool FOLD, int K, int S, int P, int SHIFT, int NCOL, int NV, bool EDGE, typename V>
 inline void nhwc_block_cols(const float* const* xr, const float* const* wr, int nr, int64_t iw0, int64_t W,
@@ -166,64 +168,98 @@ inline void nhwc_pixels(const float* const* xr0, const float* const* wr0, int nr
   }
 }
 
-// A whole row of WO pixels (nhwc_block_cols), all channels; xr[r]: x at (ih, iw = 0, c = 0). The 8-channel blocks
-// and the scalar rest serve the channel counts that are not multiples of 16.
-template <Act A, bool FOLD, int K, int S, int WO>
-inline void nhwc_row_whole(const float* const* xr, const float* const* wr, int nr, int64_t C, const float* sc,
-                           const float* sh, float* y_row) {
-  constexpr int PAD = (K - 1) / 2;
+// One block of P pixels of a row in blocks (nhwc_row_blocks), all channels in vector blocks (xo[r]: x at the block's
+// first column, y at its first pixel): the 8-channel blocks serve channel counts that are not multiples of 16.
+// Returns the channels covered (the caller runs the scalar rest of fewer than 8).
+template <Act A, bool FOLD, int K, int S, int P, int SHIFT, int NCOL>
+inline int64_t nhwc_block_channels(const float* const* xo, const float* const* wr, int nr, int64_t C, const float* sc,
+                                   const float* sh, float* y) {
   const float* xb[16];
   const float* wb[16];
   auto at_c = [&](int64_t c) {
-    for (int r = 0; r < nr; ++r) xb[r] = xr[r] + c, wb[r] = wr[r] + c;
+    for (int r = 0; r < nr; ++r) xb[r] = xo[r] + c, wb[r] = wr[r] + c;
   };
   int64_t c0 = 0;
-  if constexpr (WO <= 7) {  // 2 x 7 accumulators + 2 x K weights fit the 32 registers; 2 x 14 would not
+  if constexpr (P <= 7) {  // 2 x 7 accumulators + 2 x K weights fit the 32 registers; 2 x 14 would not
     for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
       at_c(c0);
-      nhwc_block_cols<A, FOLD, K, S, WO, PAD, S * WO, 2, false, vfw>(xb, wb, nr, 0, 0, C, at(sc, c0),
-                                                                     at(sh, c0), y_row + c0);
+      nhwc_block_cols<A, FOLD, K, S, P, SHIFT, NCOL, 2, false, vfw>(xb, wb, nr, 0, 0, C, at(sc, c0), at(sh, c0),
+                                                                   y + c0);
     }
   }
   for (; c0 + kVec <= C; c0 += kVec) {
     at_c(c0);
-    nhwc_block_cols<A, FOLD, K, S, WO, PAD, S * WO, 1, false, vfw>(xb, wb, nr, 0, 0, C, at(sc, c0),
-                                                                   at(sh, c0), y_row + c0);
+    nhwc_block_cols<A, FOLD, K, S, P, SHIFT, NCOL, 1, false, vfw>(xb, wb, nr, 0, 0, C, at(sc, c0), at(sh, c0), y + c0);
   }
   for (; c0 + 8 <= C; c0 += 8) {
     at_c(c0);
-    nhwc_block_cols<A, FOLD, K, S, WO, PAD, S * WO, 1, false, vf8>(xb, wb, nr, 0, 0, C, at(sc, c0),
-                                                                   at(sh, c0), y_row + c0);
+    nhwc_block_cols<A, FOLD, K, S, P, SHIFT, NCOL, 1, false, vf8>(xb, wb, nr, 0, 0, C, at(sc, c0), at(sh, c0), y + c0);
   }
-  if (c0 < C) {
-    for (int i = 0; i < WO; ++i) {
-      const int iw = S * i - PAD;  // column of tap kw = 0
-      const int kw0 = std::clamp(-iw, 0, K), kw1 = std::clamp(S * WO - iw, kw0, K);
-      for (int r = 0; r < nr; ++r) xb[r] = xr[r] + (int64_t)iw * C;
-      nhwc_tail<A, FOLD>(xb, wr, nr, kw0, kw1, C, C, c0, sc, sh, y_row + i * C);
+  return c0;
+}
+
+// A row of Wo = m x P output pixels (W == S * Wo, dilation 1, pad (K - 1) / 2) in blocks of P: which columns a block
+// reads, padding included, depends only on whether it is the first, the last, both or neither, so each of the four
+// is an instantiation whose columns are known at compile time (no tap tested at run time). xr[r]: x at (ih, 0, 0).
+template <Act A, bool FOLD, int K, int S, int P>
+inline void nhwc_row_blocks(const float* const* xr, const float* const* wr, int nr, int64_t Wo, int64_t C,
+                            const float* sc, const float* sh, float* y_row) {
+  constexpr int PAD = (K - 1) / 2;
+  // Columns each kind of block reads: from column 0 (the only and the first block) or from S * ow0 - PAD (the
+  // others), up to the last pixel's last tap or column W - 1, whichever comes first.
+  constexpr int ONLY = S * P;
+  constexpr int FIRST = S * (P - 1) + K - PAD;
+  constexpr int MID = S * (P - 1) + K;
+  constexpr int LAST = std::min(S * (P - 1) + K, S * P + PAD);
+  const float* xo[16];
+  auto at_col = [&](int64_t iw) {
+    for (int r = 0; r < nr; ++r) xo[r] = xr[r] + iw * C;
+  };
+  int64_t c_end;
+  at_col(0);
+  if (Wo == P) {
+    c_end = nhwc_block_channels<A, FOLD, K, S, P, PAD, ONLY>(xo, wr, nr, C, sc, sh, y_row);
+  } else {
+    c_end = nhwc_block_channels<A, FOLD, K, S, P, PAD, FIRST>(xo, wr, nr, C, sc, sh, y_row);
+    int64_t ow0 = P;
+    for (; ow0 + P < Wo; ow0 += P) {
+      at_col(S * ow0 - PAD);
+      nhwc_block_channels<A, FOLD, K, S, P, 0, MID>(xo, wr, nr, C, sc, sh, y_row + ow0 * C);
+    }
+    at_col(S * ow0 - PAD);
+    nhwc_block_channels<A, FOLD, K, S, P, 0, LAST>(xo, wr, nr, C, sc, sh, y_row + ow0 * C);
+  }
+  if (c_end < C) {
+    const int64_t W = S * Wo;
+    for (int64_t i = 0; i < Wo; ++i) {
+      const int64_t iw = S * i - PAD;  // column of tap kw = 0
+      const int kw0 = (int)std::clamp<int64_t>(-iw, 0, K), kw1 = (int)std::clamp<int64_t>(W - iw, kw0, K);
+      at_col(iw);
+      nhwc_tail<A, FOLD>(xo, wr, nr, kw0, kw1, C, C, c_end, sc, sh, y_row + i * C);
     }
   }
 }
 
-// nhwc_row_whole for the row shapes it serves (dilation 1, K 3 or 5, stride 1 or 2, WO 7 or 14, W == S * WO):
-// false when the row is not one of them.
+// nhwc_row_blocks for the rows it serves (dilation 1, K 3 or 5, stride 1 or 2, Wo a multiple of 7, W == S * Wo:
+// every depthwise row of the MobileNets at 224 x 224), in blocks of 14 pixels where Wo allows, else 7: false when
+// the row is not one of them.
 template <Act A, bool FOLD>
-inline bool nhwc_row_whole_dispatch(const DwParams& p, const float* const* xr, const float* const* wr, int nr,
-                                    const float* sc, const float* sh, float* y_row) {
-  if (p.dilation != 1 || (p.k != 3 && p.k != 5) || (p.stride != 1 && p.stride != 2) || (p.Wo != 7 && p.Wo != 14) ||
+inline bool nhwc_row_blocks_dispatch(const DwParams& p, const float* const* xr, const float* const* wr, int nr,
+                                     const float* sc, const float* sh, float* y_row) {
+  if (p.dilation != 1 || (p.k != 3 && p.k != 5) || (p.stride != 1 && p.stride != 2) || p.Wo % 7 != 0 ||
       p.W != p.stride * p.Wo)
     return false;
-  auto run = [&](auto k, auto s, auto wo) {
-    nhwc_row_whole<A, FOLD, decltype(k)::value, decltype(s)::value, decltype(wo)::value>(xr, wr, nr, p.C, sc, sh,
-                                                                                          y_row);
+  auto run = [&](auto k, auto s, auto P) {
+    nhwc_row_blocks<A, FOLD, decltype(k)::value, decltype(s)::value, decltype(P)::value>(xr, wr, nr, p.Wo, p.C, sc,
+                                                                                          sh, y_row);
   };
-  auto by_wo = [&](auto k, auto s) {
-    if (p.Wo == 7) return run(k, s, std::integral_constant<int, 7>{});
-    return run(k, s, std::integral_constant<int, 14>{});
+  auto by_p = [&](auto k, auto s) {
+    if (p.Wo % 14 == 0) return run(k, s, std::integral_constant<int, 14>{});
+    return run(k, s, std::integral_constant<int, 7>{});
   };
   auto by_s = [&](auto k) {
-    if (p.stride == 1) return by_wo(k, std::integral_constant<int, 1>{});
-    return by_wo(k, std::integral_constant<int, 2>{});
+    if (p.stride == 1) return by_p(k, std::integral_constant<int, 1>{});
+    return by_p(k, std::integral_constant<int, 2>{});
   };
   if (p.k == 3)
     by_s(std::integral_constant<int, 3>{});
@@ -295,7 +331,7 @@ void nhwc_fwd_row(const DwParams& p, const float* x_img, const float* wt, const 
     ++nr;
   }
   if constexpr (kVec == 16) {
-    if (nhwc_row_whole_dispatch<A, FOLD>(p, xr, wr, nr, sc, sh, y_row)) return;
+    if (nhwc_row_blocks_dispatch<A, FOLD>(p, xr, wr, nr, sc, sh, y_row)) return;
     if (s == 1 && d == 1) {  // the whole row, edges included, in slide blocks of 4 pixels
       MNET_DISPATCH_KSIZE(k, K, [&] {
         int64_t ow = 0;
