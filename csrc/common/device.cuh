@@ -12,6 +12,13 @@
 #include "common/macros.h"
 #include "dwconv_bn_act/params.h"
 
+// A kernel's dynamic shared memory: `MNET_DYNAMIC_SMEM(float4, stage);` declares `stage` as the block's buffer. A
+// macro so that the host emulator of the kernels (tests/cuda_emu/emu.h) can map it to its own per-block buffer; nvcc
+// sees the plain declaration.
+#ifndef MNET_DYNAMIC_SMEM
+#define MNET_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 namespace mnet {
 namespace dev {
 
