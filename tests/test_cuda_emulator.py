@@ -175,3 +175,40 @@ def _id(case) -> str:
 def test_emulated_kernels_match_reference(emulator, case):
     shape, k, stride, dilation, dtype, layout = case
     check(emulator, shape, k, stride, dilation, dtype, layout, order=CASES.index(case) % 3)
+
+
+@pytest.mark.parametrize(
+    "kernel, message",
+    [
+        ("divergent_barrier", "is not reached by 32 of 64 threads"),
+        ("mismatched_barriers", "waits at the barrier at"),
+        ("missing_barrier", "a NaN in the output"),
+        ("smem_overrun", "past the launch's 256 bytes"),
+        ("bad_loads", "misaligned address"),
+        ("bad_loads", "outside every buffer"),
+    ],
+)
+def test_emulator_reports_defects(emulator, kernel, message):
+    """The emulator's own checks, on kernels with the defect (tests/cuda_emu/selftest.cpp): a barrier not every
+    thread reaches, threads at different barriers, a read of shared memory before the barrier that orders it, a
+    write past the dynamic shared memory, misaligned and out-of-bounds 16-byte loads."""
+    r = subprocess.run([str(emulator), "--selftest", kernel], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+
+
+# The exhaustive sweep: every (k, stride, dilation) on shapes with every kind of edge; channels_last in every dtype
+# (the full build), NCHW in fp32; the thread order rotating.
+SWEEP_SHAPES = [(2, 40, 19, 9), (1, 72, 37, 23), (1, 8, 1, 2), (1, 16, 1, 3), (1, 8, 3, 1), (2, 24, 17, 19),
+                (1, 16, 2, 29), (64, 8, 3, 5), (1, 24, 15, 15), (2, 5, 7, 6)]
+
+
+@pytest.mark.exhaustive
+@pytest.mark.parametrize("k, stride, dilation", [(k, s, d) for k in (3, 5, 7) for s in (1, 2) for d in (1, 2)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("shape", SWEEP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_kernels_sweep(shape, k, stride, dilation):
+    if emu_build.cuda_include() is None:
+        pytest.skip("no CUDA toolkit headers (cuda_bf16.h) on this machine: the emulator compiles against them")
+    exe = emu_build.build(full=True)
+    for i, (dtype, layout) in enumerate([(F32, "nhwc"), (BF16, "nhwc"), (torch.float16, "nhwc"), (F32, "nchw")]):
+        check(exe, shape, k, stride, dilation, dtype, layout, order=(i + k + stride + dilation) % 3)

@@ -406,7 +406,7 @@ __global__ void __launch_bounds__(kBandLaneSlots* kBandRowsMax, 2)
     stats_band_kernel(const DwParams p, const BandTilePlan b) {
   constexpr int V = tile_vec((int)sizeof(T), true), WL = weight_lane_floats(K, V);
   MNET_DYNAMIC_SMEM(float4, stage);
-  __shared__ Welford tree[kBandLaneSlots * kBandRowsMax];
+  MNET_SHARED_ARRAY(Welford, tree, kBandLaneSlots * kBandRowsMax);
   float* sh = reinterpret_cast<float*>(stage) + b.stage_floats();
   const BandThread th = band_thread(p, b, V);
   stage_params<T, K, V>(p, b.lanes, (int64_t)blockIdx.y * b.lanes * V, sh);
@@ -438,7 +438,7 @@ __global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
     stats_partial_kernel(const DwParams p, const TilePlan t) {
   constexpr int V = tile_vec((int)sizeof(T), CL);
   MNET_DYNAMIC_SMEM(float, sh);
-  __shared__ Welford tree[kThreads];
+  MNET_SHARED_ARRAY(Welford, tree, kThreads);
   const Lane l = lane_of(p, t);
   stage_params<T, K, V>(p, t.lg.lanes, lane_c0(t, blockIdx.y, 0), sh);
   int64_t begin, end;
@@ -501,7 +501,7 @@ __global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
     bwd_reduce_partial_kernel(const DwParams p, const TilePlan t) {
   constexpr int V = tile_vec((int)sizeof(T), CL);
   MNET_DYNAMIC_SMEM(float, sh);
-  __shared__ Sum2 tree[kThreads];
+  MNET_SHARED_ARRAY(Sum2, tree, kThreads);
   const Lane l = lane_of(p, t);
   stage_params<T, K, V>(p, t.lg.lanes, lane_c0(t, blockIdx.y, 0), sh, p.mean, p.invstd, p.gamma, p.beta);
   int64_t begin, end;
@@ -766,7 +766,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
 template <typename T>
 __global__ void __launch_bounds__(kFinalLanes* kFinalWalkers)
     dweight_final_kernel(const float* __restrict__ part, int64_t nchunks, int64_t C, int kk, T* dweight) {
-  __shared__ double tree[kFinalLanes * kFinalWalkers];
+  MNET_SHARED_ARRAY(double, tree, kFinalLanes * kFinalWalkers);
   const int lane = threadIdx.x % kFinalLanes, walker = threadIdx.x / kFinalLanes;
   const int64_t q = (int64_t)blockIdx.x * kFinalLanes + lane, total = C * kk;
   double acc = 0.0;

@@ -82,7 +82,7 @@ def build(full: bool = False, jobs: int = 2) -> Path:
         raise RuntimeError("no kernel launch found in csrc/dwconv_bn_act")
     units = [u for u in KERNEL_UNITS if full or u != "bwd_apply_f16.cu"]
     sources = {u: texts.get(u) or (CSRC / "dwconv_bn_act" / u).read_text() for u in units}
-    sources.update({u: (HERE / u).read_text() for u in ("emu.cpp", "driver.cpp")})
+    sources.update({u: (HERE / u).read_text() for u in ("emu.cpp", "driver.cpp", "selftest.cpp")})
     gen_headers = {n: t for n, t in texts.items() if n.endswith(".cuh")}
     common += [n.encode() + b"\0" + t.encode() for n, t in sorted(gen_headers.items())]
     keys = {u: _digest([*common, u.encode(), src.encode()]) for u, src in sources.items()}

@@ -1,6 +1,7 @@
 // The emulator's command line: runs one dwconv_bn_act primitive through the real CUDA launchers (csrc/dwconv_bn_act
 // *.cu, launches rewritten by build.py) on buffers that tests/test_cuda_emulator.py wrote, and writes the outputs.
 //
+//   emu --selftest NAME   runs one of selftest.cpp's defective kernels
 //   emu DIR   DIR/meta.txt: "prim N C H W k stride dilation act dtype channels_last order"
 //             prim: fwd | stats | bwd_reduce | bwd_apply; dtype: 0 fp32, 1 fp16, 2 bf16 (DType); order: emu.h
 //             inputs DIR/<name>.bin (x, weight, mean, invstd, gamma, beta, grad_y, mean_g, mean_g_xhat: raw, 4-D
@@ -75,9 +76,16 @@ mnet::Act parse_act(const std::string& s) {
 }
 }  // namespace
 
+int run_selftest(const std::string& name);  // selftest.cpp
+
 int main(int argc, char** argv) {
+  if (argc == 3 && std::string(argv[1]) == "--selftest") {
+    run_selftest(argv[2]);
+    for (const std::string& e : emu::g_errors) std::cerr << "emulator: " << e << "\n";
+    return emu::g_errors.empty() ? 0 : 1;
+  }
   if (argc != 2) {
-    std::cerr << "usage: emu DIR\n";
+    std::cerr << "usage: emu DIR | emu --selftest NAME\n";
     return 2;
   }
   dir = argv[1];

@@ -43,6 +43,12 @@ int current = -1;
 void (*g_body)(void*);
 void* g_ctx;
 std::map<const void*, int> g_allowed_smem;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize) per kernel
+// The block's static shared arrays (MNET_SHARED_ARRAY): an arena of 48 KB (the static limit), NaN-filled before each
+// block, and the offset of each declaration (file, line) the block has run.
+constexpr size_t kStaticSmem = 48 * 1024;
+alignas(64) unsigned char g_arena[kStaticSmem];
+size_t g_arena_used = 0;
+std::map<std::pair<std::string, int>, size_t> g_arrays;
 
 void error(std::string msg) {
   if (g_errors.size() < 20) g_errors.push_back(std::move(msg));
@@ -117,6 +123,21 @@ void syncthreads(const char* file, int line) {
   swapcontext(&f.ctx, &scheduler);
 }
 
+void* shared_array(size_t bytes, size_t align, const char* file, int line) {
+  const auto key = std::make_pair(std::string(file), line);
+  auto it = g_arrays.find(key);
+  if (it == g_arrays.end()) {
+    const size_t at = (g_arena_used + align - 1) / align * align;
+    if (at + bytes > kStaticSmem) {
+      std::fprintf(stderr, "emulator: static shared arrays over 48 KB at %s:%d\n", file, line);
+      std::exit(1);
+    }
+    g_arena_used = at + bytes;
+    it = g_arrays.emplace(key, at).first;
+  }
+  return g_arena + it->second;
+}
+
 void check_load(const void* p, size_t bytes) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   bool in = false;
@@ -163,7 +184,14 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*bod
       g_bid = make_uint3(bx, by, 0);
       std::memset(base, 0xff, smem + kGuard);  // NaN in every float: a value no thread staged shows
       std::memset(__start_mnet_emu_smem, 0xff, __stop_mnet_emu_smem - __start_mnet_emu_smem);
+      std::memset(g_arena, 0xff, sizeof(g_arena));
+      g_arena_used = 0;
+      g_arrays.clear();
       run_block((int)n);
+      if (smem + g_arena_used > kSmemMax)
+        error("block (" + std::to_string(bx) + "," + std::to_string(by) + "): " + std::to_string(smem) +
+              " bytes of dynamic and " + std::to_string(g_arena_used) + " of static shared memory, over sm_90's " +
+              std::to_string(kSmemMax));
       for (size_t i = smem; i < smem + kGuard; ++i)
         if (base[i] != 0xff) {
           error("block (" + std::to_string(bx) + "," + std::to_string(by) + ") wrote shared memory at byte " +

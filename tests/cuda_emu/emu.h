@@ -24,6 +24,7 @@ extern uint3 g_tid, g_bid;
 extern dim3 g_bdim, g_gdim;
 extern unsigned char* g_dynamic_smem;
 void syncthreads(const char* file, int line);
+void* shared_array(size_t bytes, size_t align, const char* file, int line);
 void check_load(const void* p, size_t bytes);
 
 template <typename T>
@@ -66,10 +67,16 @@ struct Launch {
 #define __global__
 #undef __launch_bounds__
 #define __launch_bounds__(...)
-// Static shared arrays: one copy per kernel (blocks run one after another), in a section the runtime NaN-fills.
+// csrc/common/device.cuh's shared-memory declarations: the block's dynamic buffer, and static arrays carved from a
+// per-block arena (one per declaration, the same for every thread of the block; emu.cpp: shared_array).
+#define MNET_DYNAMIC_SMEM(T, name) T* const name = ::emu::dynamic_smem<T>()
+#define MNET_SHARED_ARRAY(T, name, n) \
+  T* const name = static_cast<T*>(::emu::shared_array(sizeof(T) * (n), alignof(T), __FILE__, __LINE__))
+// A plain `__shared__ T a[n];` (the final combines in stats.cu, bwd_reduce.cu): one static copy per kernel (blocks
+// run one after another), in a section the runtime NaN-fills before each block. g++ ignores the section for statics
+// of function templates, so kernels.cuh's templates use MNET_SHARED_ARRAY.
 #undef __shared__
 #define __shared__ static __attribute__((section("mnet_emu_smem")))
-#define MNET_DYNAMIC_SMEM(T, name) T* const name = ::emu::dynamic_smem<T>()
 #define threadIdx (::emu::g_tid)
 #define blockIdx (::emu::g_bid)
 #define blockDim (::emu::g_bdim)
