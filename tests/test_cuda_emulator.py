@@ -29,11 +29,21 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACT = {"dwconv_bn_act_fwd": "hardswish", "dwconv_bn_act_bwd_reduce": "silu", "dwconv_bn_act_bwd_apply": "relu6"}
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Path:
+def _build(full: bool) -> Path:
     if emu_build.cuda_include() is None:
         pytest.skip("no CUDA toolkit headers (cuda_bf16.h) on this machine: the emulator compiles against them")
-    return emu_build.build()
+    return emu_build.build(full=full)
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Path:
+    return _build(full=False)
+
+
+@pytest.fixture(scope="module")
+def emulator_full() -> Path:
+    """Every dtype (fp16 too): a second build, for the exhaustive sweep."""
+    return _build(full=True)
 
 
 def _raw(t: torch.Tensor) -> bytes:
@@ -206,9 +216,6 @@ SWEEP_SHAPES = [(2, 40, 19, 9), (1, 72, 37, 23), (1, 8, 1, 2), (1, 16, 1, 3), (1
 @pytest.mark.parametrize("k, stride, dilation", [(k, s, d) for k in (3, 5, 7) for s in (1, 2) for d in (1, 2)],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("shape", SWEEP_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_emulated_kernels_sweep(shape, k, stride, dilation):
-    if emu_build.cuda_include() is None:
-        pytest.skip("no CUDA toolkit headers (cuda_bf16.h) on this machine: the emulator compiles against them")
-    exe = emu_build.build(full=True)
+def test_emulated_kernels_sweep(emulator_full, shape, k, stride, dilation):
     for i, (dtype, layout) in enumerate([(F32, "nhwc"), (BF16, "nhwc"), (torch.float16, "nhwc"), (F32, "nchw")]):
-        check(exe, shape, k, stride, dilation, dtype, layout, order=(i + k + stride + dilation) % 3)
+        check(emulator_full, shape, k, stride, dilation, dtype, layout, order=(i + k + stride + dilation) % 3)

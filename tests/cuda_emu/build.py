@@ -19,7 +19,8 @@ CSRC = ROOT / "csrc"
 HERE = Path(__file__).resolve().parent
 # The launchers' translation units (bwd_apply.cu only sizes the workspace and dispatches; the kernels are
 # instantiated per dtype in bwd_apply_{f32,f16,bf16}.cu).
-KERNEL_UNITS = ("fwd.cu", "stats.cu", "bwd_reduce.cu", "bwd_apply.cu", "bwd_apply_f32.cu", "bwd_apply_bf16.cu")
+KERNEL_UNITS = ("fwd.cu", "stats.cu", "bwd_reduce.cu", "bwd_apply.cu", "bwd_apply_f32.cu", "bwd_apply_bf16.cu",
+                "bwd_apply_f16.cu")
 FLAGS = ("-x", "c++", "-std=c++17", "-O0", "-DWITH_CUDA", "-Wno-unknown-pragmas", "-Wno-attributes")
 # `name<targs><<<launch>>>(` -> `::emu::Launch(launch)(&name<targs>, `: the kernel expression is a (qualified)
 # name with optional template arguments, as every launch in csrc/ is written.

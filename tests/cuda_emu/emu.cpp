@@ -4,7 +4,6 @@
 #include <dlfcn.h>
 #include <ucontext.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -33,7 +32,6 @@ struct Fiber {
   ucontext_t ctx;
   std::unique_ptr<char[]> stack;
   State state;
-  int syncs;
   const char* file;
   int line;
 };
@@ -76,7 +74,6 @@ void run_block(int n) {
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_main, 0);
     f.state = kReady;
-    f.syncs = 0;
   }
   for (int epoch = 0;; ++epoch) {
     for (int k = 0; k < n; ++k) {
@@ -117,7 +114,6 @@ void run_block(int n) {
 void syncthreads(const char* file, int line) {
   Fiber& f = fibers[current];
   f.state = kAtBarrier;
-  f.syncs++;
   f.file = file;
   f.line = line;
   swapcontext(&f.ctx, &scheduler);
