@@ -167,6 +167,7 @@ CASES = [
     ((1, 8, 1, 2), 7, 1, 1, BF16, "nhwc"),  # tiny: every tap but one row in the padding
     ((1, 16, 3, 1), 3, 2, 1, F32, "nhwc"),  # W 1 at stride 2
     ((16, 8, 3, 5), 3, 1, 1, BF16, "nhwc"),  # many images: tiles and chunks across image boundaries
+    ((128, 4, 40, 3), 3, 1, 1, F32, "nhwc"),  # 5120 strips: 10 reduction chunks (final combines: > 1 per walker)
     ((1, 12, 11, 13), 3, 1, 1, BF16, "nhwc"),  # C % 8 != 0: the strip kernels, partial channel vector
     ((1, 20, 7, 7), 5, 1, 1, F32, "nhwc"),  # C % 8 != 0 but fp32 vectors of 4: band; a 7x7 MobileNet layer
     ((1, 16, 12, 10), 3, 2, 1, F32, "nchw"),  # NCHW strips
