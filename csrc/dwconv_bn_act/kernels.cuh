@@ -127,7 +127,11 @@ MNET_DEVICE void load_shared(const float* src, float (&out)[V]) {
 // a * b for 32-bit a, b as one widening multiply (nvcc emits a full 64 x 64 product for int64 * int).
 MNET_DEVICE int64_t mul_wide(int a, int b) {
   int64_t r;
+#ifdef __CUDA_ARCH__
   asm("mul.wide.s32 %0, %1, %2;" : "=l"(r) : "r"(a), "r"(b));
+#else  // host compilers (the emulator, tests/cuda_emu) have no PTX
+  r = (int64_t)a * b;
+#endif
   return r;
 }
 
@@ -227,7 +231,7 @@ template <typename T, int K, int J, bool CL, bool FULL, int TW>
 __global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
     fwd_kernel(const DwParams p, const TilePlan t) {
   constexpr int V = tile_vec((int)sizeof(T), CL);
-  extern __shared__ float sh[];
+  MNET_DYNAMIC_SMEM(float, sh);
   const Lane l = lane_of(p, t);
   stage_params<T, K, V, true>(p, t.lg.lanes, lane_c0(t, blockIdx.y, 0), sh, p.mean, p.invstd, p.gamma, p.beta);
   if (l.valid <= 0) return;
@@ -379,7 +383,7 @@ template <typename T, int K, int J, int TW>
 __global__ void __launch_bounds__(kBandLaneSlots* kBandRowsMax, 2)
     fwd_band_kernel(const DwParams p, const BandTilePlan b) {
   constexpr int V = tile_vec((int)sizeof(T), true), WL = weight_lane_floats(K, V);
-  extern __shared__ float4 stage[];
+  MNET_DYNAMIC_SMEM(float4, stage);
   float* sh = reinterpret_cast<float*>(stage) + b.stage_floats();
   const BandThread th = band_thread(p, b, V);
   stage_params<T, K, V, true>(p, b.lanes, (int64_t)blockIdx.y * b.lanes * V, sh, p.mean, p.invstd, p.gamma, p.beta);
@@ -401,8 +405,8 @@ template <typename T, int K, int J, int TW>
 __global__ void __launch_bounds__(kBandLaneSlots* kBandRowsMax, 2)
     stats_band_kernel(const DwParams p, const BandTilePlan b) {
   constexpr int V = tile_vec((int)sizeof(T), true), WL = weight_lane_floats(K, V);
-  extern __shared__ float4 stage[];
-  __shared__ Welford tree[kBandLaneSlots * kBandRowsMax];
+  MNET_DYNAMIC_SMEM(float4, stage);
+  MNET_SHARED_ARRAY(Welford, tree, kBandLaneSlots * kBandRowsMax);
   float* sh = reinterpret_cast<float*>(stage) + b.stage_floats();
   const BandThread th = band_thread(p, b, V);
   stage_params<T, K, V>(p, b.lanes, (int64_t)blockIdx.y * b.lanes * V, sh);
@@ -433,8 +437,8 @@ template <typename T, int K, int J, bool CL, bool FULL, int TW>
 __global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
     stats_partial_kernel(const DwParams p, const TilePlan t) {
   constexpr int V = tile_vec((int)sizeof(T), CL);
-  extern __shared__ float sh[];
-  __shared__ Welford tree[kThreads];
+  MNET_DYNAMIC_SMEM(float, sh);
+  MNET_SHARED_ARRAY(Welford, tree, kThreads);
   const Lane l = lane_of(p, t);
   stage_params<T, K, V>(p, t.lg.lanes, lane_c0(t, blockIdx.y, 0), sh);
   int64_t begin, end;
@@ -496,8 +500,8 @@ template <typename T, int K, int J, bool CL, bool FULL, int TW>
 __global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
     bwd_reduce_partial_kernel(const DwParams p, const TilePlan t) {
   constexpr int V = tile_vec((int)sizeof(T), CL);
-  extern __shared__ float sh[];
-  __shared__ Sum2 tree[kThreads];
+  MNET_DYNAMIC_SMEM(float, sh);
+  MNET_SHARED_ARRAY(Sum2, tree, kThreads);
   const Lane l = lane_of(p, t);
   stage_params<T, K, V>(p, t.lg.lanes, lane_c0(t, blockIdx.y, 0), sh, p.mean, p.invstd, p.gamma, p.beta);
   int64_t begin, end;
@@ -591,7 +595,7 @@ template <typename T, int K, int J, bool CL, bool FULL>
 __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p, const BandPlan b) {
   constexpr int V = tile_vec((int)sizeof(T), CL), TW = narrow_tile_width(CL, J), KK = K * K;
   constexpr int NCOL = strip_cols(J, TW, K);
-  extern __shared__ float sh[];
+  MNET_DYNAMIC_SMEM(float, sh);
   const int cb = b.cb, lanes = b.lanes, lshift = ilog2(b.lanes);
   float* dzt = sh;                               // [dz_rows][Wo][cb]
   float* dws = sh + bwd_apply_tile_floats(p, b);  // [walker][kh][kw][cb] dweight sums, one slot per thread
@@ -762,7 +766,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
 template <typename T>
 __global__ void __launch_bounds__(kFinalLanes* kFinalWalkers)
     dweight_final_kernel(const float* __restrict__ part, int64_t nchunks, int64_t C, int kk, T* dweight) {
-  __shared__ double tree[kFinalLanes * kFinalWalkers];
+  MNET_SHARED_ARRAY(double, tree, kFinalLanes * kFinalWalkers);
   const int lane = threadIdx.x % kFinalLanes, walker = threadIdx.x / kFinalLanes;
   const int64_t q = (int64_t)blockIdx.x * kFinalLanes + lane, total = C * kk;
   double acc = 0.0;
