@@ -17,10 +17,11 @@ void dw_fwd_cuda(const DwParams& p, void* stream) {
         if (dev::full_vectors<T>(p, {p.x, p.y})) {  // channels_last, 16-byte vectors: staged band tiles
           const BandTilePlan b = dev::band_launch_plan(p, (int)sizeof(T), false);
           const size_t smem = dev::band_smem_bytes(b, K, 2);  // band, weights, scale, shift
-          dev::launch_strips<true, J, K>(b, [&](auto tw) {
+          dev::launch_band<J, K>(b, [&](auto tw, auto whole) {
             constexpr int TW = decltype(tw)::value;
-            dev::allow_smem(dev::fwd_band_kernel<T, K, J, TW>, smem);
-            dev::fwd_band_kernel<T, K, J, TW>
+            constexpr bool WHOLE = decltype(whole)::value;
+            dev::allow_smem(dev::fwd_band_kernel<T, K, J, TW, WHOLE>, smem);
+            dev::fwd_band_kernel<T, K, J, TW, WHOLE>
                 <<<dim3((unsigned)b.nchunks, (unsigned)b.groups), (unsigned)b.threads(), smem, s>>>(p, b);
           });
           return;

@@ -53,10 +53,11 @@ void dw_stats_cuda(const DwParams& p, void* stream) {
           const BandTilePlan b = dev::band_launch_plan(p, (int)sizeof(T), true);
           nchunks = b.nchunks;
           const size_t smem = dev::band_smem_bytes(b, K, 0);  // band, weights
-          dev::launch_strips<true, J, K>(b, [&](auto tw) {
+          dev::launch_band<J, K>(b, [&](auto tw, auto whole) {
             constexpr int TW = decltype(tw)::value;
-            dev::allow_smem(dev::stats_band_kernel<T, K, J, TW>, smem);
-            dev::stats_band_kernel<T, K, J, TW>
+            constexpr bool WHOLE = decltype(whole)::value;
+            dev::allow_smem(dev::stats_band_kernel<T, K, J, TW, WHOLE>, smem);
+            dev::stats_band_kernel<T, K, J, TW, WHOLE>
                 <<<dim3((unsigned)b.nchunks, (unsigned)b.groups), (unsigned)b.threads(), smem, s>>>(p, b);
           });
           return;
