@@ -868,6 +868,23 @@ inline void allow_smem(F kernel, size_t bytes) {
                                                               (int)bytes));
 }
 
+// The staged kernels' launch preamble, shared by fwd.cu and stats.cu: plan (band_launch_plan; `reduction`: the
+// stats' chunks), shared memory (the band and `param_rows` per-channel rows besides the weights), the opt-in, and a
+// launch of kernel_of(tw, whole) (the instantiation for launch_band's strip width and whole-row flag) on grid
+// (chunks, channel groups). Returns the plan (stats sizes its final combine by its chunks).
+template <typename T, int J, int K, typename KernelOf>
+inline BandTilePlan launch_band_kernel(const DwParams& p, bool reduction, int param_rows, cudaStream_t stream,
+                                       KernelOf&& kernel_of) {
+  const BandTilePlan b = band_launch_plan(p, (int)sizeof(T), reduction);
+  const size_t smem = band_smem_bytes(b, K, param_rows);
+  launch_band<J, K>(b, [&](auto tw, auto whole) {
+    const auto kernel = kernel_of(tw, whole);
+    allow_smem(kernel, smem);
+    kernel<<<dim3((unsigned)b.nchunks, (unsigned)b.groups), (unsigned)b.threads(), smem, stream>>>(p, b);
+  });
+  return b;
+}
+
 // fwd: blocks along the strips so that each thread walks 16, 8 or 4 strips: the most that leaves at least
 // kFwdMinBlocks blocks (a few waves of 2 blocks per SM), else 4 (amortises the parameter staging and prologue).
 constexpr int64_t kFwdMinBlocks = 1024;
