@@ -367,8 +367,8 @@ MNET_DEVICE void band_tiles(const DwParams& p, const BandTilePlan& b, const Band
     band_tile_origin(b, tile, n, oh0, ow0);
     const int iw0 = (int)ow0 * p.stride - p.pad;
     if (th.active)
-      stage_band<T, V, NCOL, WHOLE, (K - 1) / 2>(p, b, xl + (int64_t)n * p.xs.n, (int)oh0 * p.stride - p.pad, iw0, in_step, th.walker,
-                             stage + th.lane);
+      stage_band<T, V, NCOL, WHOLE, (K - 1) / 2>(p, b, xl + (int64_t)n * p.xs.n, (int)oh0 * p.stride - p.pad, iw0,
+                                                 in_step, th.walker, stage + th.lane);
     __syncthreads();  // the band is staged
     StripPos sp;
     sp.n = n;
