@@ -15,7 +15,7 @@ void dw_fwd_cuda(const DwParams& p, void* stream) {
       MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
         constexpr int J = J2 ? 2 : 1;
         if (dev::full_vectors<T>(p, {p.x, p.y})) {  // channels_last, 16-byte vectors: staged band tiles
-          dev::launch_band_kernel<T, J, K>(p, false, 2, s, [](auto tw, auto whole) {  // 2 rows: scale, shift
+          dev::launch_band_kernel<T, J, K>(p, false, 2, s, [&](auto tw, auto whole) {  // 2 rows: scale, shift
             return dev::fwd_band_kernel<T, K, J, decltype(tw)::value, decltype(whole)::value>;
           });
           return;

@@ -50,7 +50,7 @@ void dw_stats_cuda(const DwParams& p, void* stream) {
       MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
         constexpr int J = J2 ? 2 : 1;
         if (dev::full_vectors<T>(p, {p.x})) {  // channels_last, 16-byte vectors: staged band tiles
-          nchunks = dev::launch_band_kernel<T, J, K>(p, true, 0, s, [](auto tw, auto whole) {  // weights only
+          nchunks = dev::launch_band_kernel<T, J, K>(p, true, 0, s, [&](auto tw, auto whole) {  // weights only
                       return dev::stats_band_kernel<T, K, J, decltype(tw)::value, decltype(whole)::value>;
                     }).nchunks;
           return;

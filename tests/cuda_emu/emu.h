@@ -60,6 +60,12 @@ struct Launch {
              },
              &ctx);
   }
+  // A kernel held in a variable (kernels.cuh's launch_band_kernel): the rewrite of `kernel<<<...>>>` takes its
+  // address, a pointer to the function pointer.
+  template <typename... P, typename... A>
+  void operator()(void (*const* kernel)(P...), A&&... args) const {
+    (*this)(*kernel, std::forward<A>(args)...);
+  }
 };
 }  // namespace emu
 
