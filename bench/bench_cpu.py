@@ -186,7 +186,7 @@ def _category(evt: object) -> str:
         return "fused SE"
     if name in ("aten::conv2d", "aten::convolution", "aten::_convolution"):
         weight = evt.input_shapes[1] if len(evt.input_shapes) > 1 else []
-        return "1x1 convolutions (oneDNN)" if list(weight[2:]) == [1, 1] else "other convolutions (stem)"
+        return "1x1 convolutions (ATen: GEMM or oneDNN)" if list(weight[2:]) == [1, 1] else "other convolutions (stem)"
     if name == "aten::batch_norm":
         return "BatchNorm of the 1x1 convs (native, eval)"
     if name in ("aten::hardswish", "aten::hardswish_", "aten::relu_", "aten::relu", "aten::hardtanh_",
