@@ -113,21 +113,7 @@ inline cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute 
 #ifndef MNET_EMU_ALL_DTYPES
 #include <stdexcept>
 
-#include "common/dispatch.h"
-#undef MNET_DISPATCH_DTYPE
-#define MNET_DISPATCH_DTYPE(dtype, HalfT, BF16T, T, ...)                                                     \
-  [&] {                                                                                                      \
-    switch (dtype) {                                                                                         \
-      case ::mnet::DType::F16:                                                                               \
-        throw std::runtime_error("this emulator build runs fp32 and bf16 (build.py: build(full=True))");     \
-      case ::mnet::DType::BF16: {                                                                            \
-        using T = BF16T;                                                                                     \
-        return __VA_ARGS__();                                                                                \
-      }                                                                                                      \
-      default: {                                                                                             \
-        using T = float;                                                                                     \
-        return __VA_ARGS__();                                                                                \
-      }                                                                                                      \
-    }                                                                                                        \
-  }()
+#define MNET_DISPATCH_F16_ARM(HalfT, T, ...) \
+  throw std::runtime_error("this emulator build runs fp32 and bf16 (build.py: build(full=True))");
 #endif
+#include "common/dispatch.h"
