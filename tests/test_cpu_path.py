@@ -99,7 +99,8 @@ def test_nhwc_fwd_independent_of_threads(backend):
 def test_narrower_isa_copies(backend, isa):
     """The host twin is compiled once per ISA and the widest the CPU has runs; MNET_EXT_CPU_ISA caps it, so the AVX2
     and baseline copies are checked here too (on a CPU without them the cap changes nothing and this repeats)."""
-    cases = "geometry and (1x61x9x19 or 2x24x10x10 or 2x13x2x1 or 1x29x3x37 or 1x300x5x3 or 2x7x37x29)"
+    cases = ("geometry and (1x61x9x19 or 2x24x10x10 or 2x13x2x1 or 1x29x3x37 or 1x300x5x3 or 2x7x37x29 or 1x61x7x7 "
+             "or 1x45x6x28 or 1x61x4x42)")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", cases],
                          env={**os.environ, "MNET_EXT_CPU_ISA": isa}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

@@ -9,6 +9,10 @@
 
 // Lanes of the wide vector: MNET_TWIN_VEC floats (16 in the AVX-512 copy, else 8); vf8 serves an 8-channel rest.
 constexpr int kVec = MNET_TWIN_VEC;
+// The widest row block (nhwc_row_blocks) the copy's registers hold, in pixels: 14 with AVX-512's 32 vector registers
+// (14 accumulators + K weights + an input vector), 7 with AVX2's 16, none in the baseline copy (its 8-float vectors
+// are two 128-bit registers each).
+constexpr int kRowPixels = MNET_TWIN_ROW_PIXELS;
 typedef float vfw __attribute__((vector_size(kVec * sizeof(float))));
 typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
 
@@ -180,7 +184,7 @@ inline int64_t nhwc_block_channels(const float* const* xo, const float* const* w
     for (int r = 0; r < nr; ++r) xb[r] = xo[r] + c, wb[r] = wr[r] + c;
   };
   int64_t c0 = 0;
-  if constexpr (P <= 7) {  // 2 x 7 accumulators + 2 x K weights fit the 32 registers; 2 x 14 would not
+  if constexpr (P <= 7 && kVec == 16) {  // 2 x 7 accumulators + 2 x K weights fit AVX-512's 32 registers
     for (; c0 + 2 * kVec <= C; c0 += 2 * kVec) {
       at_c(c0);
       nhwc_block_cols<A, FOLD, K, S, P, SHIFT, NCOL, 2, false, vfw>(xb, wb, nr, 0, 0, C, at(sc, c0), at(sh, c0),
@@ -191,9 +195,12 @@ inline int64_t nhwc_block_channels(const float* const* xo, const float* const* w
     at_c(c0);
     nhwc_block_cols<A, FOLD, K, S, P, SHIFT, NCOL, 1, false, vfw>(xb, wb, nr, 0, 0, C, at(sc, c0), at(sh, c0), y + c0);
   }
-  for (; c0 + 8 <= C; c0 += 8) {
-    at_c(c0);
-    nhwc_block_cols<A, FOLD, K, S, P, SHIFT, NCOL, 1, false, vf8>(xb, wb, nr, 0, 0, C, at(sc, c0), at(sh, c0), y + c0);
+  if constexpr (kVec > 8) {
+    for (; c0 + 8 <= C; c0 += 8) {
+      at_c(c0);
+      nhwc_block_cols<A, FOLD, K, S, P, SHIFT, NCOL, 1, false, vf8>(xb, wb, nr, 0, 0, C, at(sc, c0), at(sh, c0),
+                                                                   y + c0);
+    }
   }
   return c0;
 }
@@ -241,20 +248,24 @@ inline void nhwc_row_blocks(const float* const* xr, const float* const* wr, int 
 }
 
 // nhwc_row_blocks for the rows it serves (dilation 1, K 3 or 5, stride 1 or 2, Wo a multiple of 7, W == S * Wo:
-// every depthwise row of the MobileNets at 224 x 224), in blocks of 14 pixels where Wo allows, else 7: false when
-// the row is not one of them.
+// every depthwise row of the MobileNets at 224 x 224), in blocks of 14 pixels where Wo and the registers allow,
+// else 7: false when the row is not one of them (or the copy has no row blocks). K3 stride-2 rows of 28 or more
+// outputs keep the generic 4-pixel blocks: they are memory-bound, and the row blocks measured 5-20 % slower there
+// (op alone, batch 8: c64 112x112 1.40 -> 1.65 ms with AVX2, c128 56x56 0.73 -> 0.78 ms with AVX-512).
 template <Act A, bool FOLD>
 inline bool nhwc_row_blocks_dispatch(const DwParams& p, const float* const* xr, const float* const* wr, int nr,
                                      const float* sc, const float* sh, float* y_row) {
-  if (p.dilation != 1 || (p.k != 3 && p.k != 5) || (p.stride != 1 && p.stride != 2) || p.Wo % 7 != 0 ||
-      p.W != p.stride * p.Wo)
+  if (kRowPixels == 0 || p.dilation != 1 || (p.k != 3 && p.k != 5) || (p.stride != 1 && p.stride != 2) ||
+      p.Wo % 7 != 0 || p.W != p.stride * p.Wo || (p.k == 3 && p.stride == 2 && p.Wo >= 28))
     return false;
   auto run = [&](auto k, auto s, auto P) {
     nhwc_row_blocks<A, FOLD, decltype(k)::value, decltype(s)::value, decltype(P)::value>(xr, wr, nr, p.Wo, p.C, sc,
                                                                                           sh, y_row);
   };
   auto by_p = [&](auto k, auto s) {
-    if (p.Wo % 14 == 0) return run(k, s, std::integral_constant<int, 14>{});
+    if constexpr (kRowPixels >= 14) {
+      if (p.Wo % 14 == 0) return run(k, s, std::integral_constant<int, 14>{});
+    }
     return run(k, s, std::integral_constant<int, 7>{});
   };
   auto by_s = [&](auto k) {
@@ -330,8 +341,10 @@ void nhwc_fwd_row(const DwParams& p, const float* x_img, const float* wt, const 
     wr[nr] = wt + (int64_t)kh * k * C;
     ++nr;
   }
-  if constexpr (kVec == 16) {
+  if constexpr (kRowPixels > 0) {
     if (nhwc_row_blocks_dispatch<A, FOLD>(p, xr, wr, nr, sc, sh, y_row)) return;
+  }
+  if constexpr (kVec == 16) {
     if (s == 1 && d == 1) {  // the whole row, edges included, in slide blocks of 4 pixels
       MNET_DISPATCH_KSIZE(k, K, [&] {
         int64_t ow = 0;
