@@ -7,6 +7,7 @@ share, checked on a machine without a GPU. Outputs against mnet_ext.reference in
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -197,6 +198,7 @@ def test_emulated_kernels_match_reference(emulator, case):
         ("smem_overrun", "past the launch's 256 bytes"),
         ("bad_loads", "misaligned address"),
         ("bad_loads", "outside every buffer"),
+        ("divergent_ldmatrix", "every lane of the warp must reach it"),
     ],
 )
 def test_emulator_reports_defects(emulator, kernel, message):
@@ -205,6 +207,22 @@ def test_emulator_reports_defects(emulator, kernel, message):
     write past the dynamic shared memory, misaligned and out-of-bounds 16-byte loads."""
     r = subprocess.run([str(emulator), "--selftest", kernel], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and message in r.stderr, r.stderr
+
+
+def test_emulated_mma_fragments(emulator):
+    """The emulator's ldmatrix and mma.m16n8k16 / m16n8k8 (bf16, fp16; tests/cuda_emu/selftest.cpp: mma_fragments):
+    D = C + A B from fragments loaded by ldmatrix and from fragments built per lane by the PTX ISA's tables, equal to
+    a plain matmul bit for bit (exact small values)."""
+    r = subprocess.run([str(emulator), "--selftest", "mma_fragments"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("defect", ["mma", "ldmatrix"])
+def test_mma_fragment_selftest_catches_layout_defects(emulator, defect):
+    """The self-test above fails when the emulator's own layout is wrong (emu.cpp: MNET_EMU_DEFECT plants one)."""
+    r = subprocess.run([str(emulator), "--selftest", "mma_fragments"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "MNET_EMU_DEFECT": defect})
+    assert r.returncode == 1 and "mma fragments" in r.stderr, r.stderr
 
 
 # The exhaustive sweep: every (k, stride, dilation) on shapes with every kind of edge; channels_last in every dtype
