@@ -386,6 +386,17 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*bod
 // ---- the CUDA runtime calls of the launchers (cuda_check.cuh, kernels.cuh: allow_smem) ----------------------------
 cudaError_t cudaGetLastError() { return cudaSuccess; }
 const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+// An sm_90 device (fwd.cu: use_mma_fwd asks for the compute capability).
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrComputeCapabilityMajor ? 9 : attr == cudaDevAttrComputeCapabilityMinor ? 0 : -1;
+  return attr == cudaDevAttrComputeCapabilityMajor || attr == cudaDevAttrComputeCapabilityMinor
+             ? cudaSuccess
+             : cudaErrorInvalidValue;
+}
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
     if (value > (int)emu::kSmemMax) return cudaErrorInvalidValue;

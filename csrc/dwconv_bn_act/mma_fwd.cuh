@@ -1,0 +1,171 @@
+// The tensor-core eval forward at stride 2 (bf16/fp16, channels_last, C % 8 == 0, dilation 1, K 3/5/7; sm_80+):
+// geometry and the contraction in mma_tile.h. Per lane: the weights' B fragments (one 32-bit word per tap, nonzero
+// for the two lanes whose column g holds that row pair) and the BN fold of its two output channels, once per block;
+// per tile, its share of the warp's staging (cp.async, zero-filled outside the image), then per m-tile of 4 x 4
+// outputs ceil(K*K / 2) ldmatrix + mma and the epilogue on its 4 accumulators (2 positions x 2 channels).
+// Why tensor cores: with fp32 CUDA-core FMAs the K5 stride-2 band kernel's floor (~37.6 SASS per output element:
+// 25 FFMA + conversions + memory) is over the issue budget of 36; here one HMMA does 16 x 8 x 16 MACs.
+#pragma once
+
+#include <stdint.h>
+
+#include <stdexcept>
+
+#include "common/activations.h"
+#include "common/cuda_check.cuh"
+#include "common/device.cuh"
+#include "common/dispatch.h"
+#include "common/math.h"
+#include "dwconv_bn_act/kernels.cuh"
+#include "dwconv_bn_act/mma_tile.h"
+#include "dwconv_bn_act/params.h"
+
+namespace mnet {
+namespace dev {
+
+// act(z * scale + shift) for this lane's two channels -> 4 bytes at dst (c0 + 2 t, 4-byte aligned: C % 8 == 0).
+template <Act A, typename T>
+MNET_DEVICE void mma_store_pair(T* dst, float z0, float z1, const float (&scale)[2], const float (&shift)[2]) {
+  const float u = act_fwd<A>(fmaf(z0, scale[0], shift[0])), v = act_fwd<A>(fmaf(z1, scale[1], shift[1]));
+  uint32_t word;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(u, v);
+    word = *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(u, v);
+    word = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  *reinterpret_cast<uint32_t*>(dst) = word;
+}
+
+// Grid (t.blocks, t.cblocks), t.GB warps; dynamic shared memory mma_smem_bytes(K, TW, t.GB): one plane per warp.
+// p: x [N, H, W, C] and y [N, Ho, Wo, C] channels_last (element strides p.xs / p.ys, 16-byte aligned bases),
+// weight [C, K*K], mean / invstd / gamma / beta [C] fp32.
+template <typename T, int K, int TW>
+__global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const MmaTilePlan t) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using G = MmaGeom<K, TW>;
+  constexpr int NP = K * K / 2, NU = (G::IN_COLS + 31) / 32;
+  MNET_DYNAMIC_SMEM(uint4, stage);
+  const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int c0 = ((int)blockIdx.y * t.GB + warp) * 8;
+
+  // B fragment words: tap w[c0 + g, tap] at row 2 tq (low half) or 2 tq + 1 (high half) of column g.
+  uint32_t bw[K * K];
+  const bool holds = (g >> 1) == tq;
+  const uint16_t* wc = static_cast<const uint16_t*>(p.weight) + (int64_t)(c0 + g) * (K * K);
+#pragma unroll
+  for (int i = 0; i < K * K; ++i) bw[i] = holds ? (uint32_t)__ldg(wc + i) << ((g & 1) * 16) : 0u;
+  float scale[2], shift[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int c = c0 + 2 * tq + j;
+    const BnFold f = bn_fold(p.mean[c], p.invstd[c], p.gamma[c], p.beta[c]);
+    scale[j] = f.scale;
+    shift[j] = f.shift;
+  }
+
+  // ldmatrix rows: lanes 0-15 give positions 0-15 under the pair's first tap, lanes 16-31 under its second.
+  const SmemAddr plane = smem_addr(stage) + (SmemAddr)(warp * G::PLANE * 16);
+  const int m = lane & 15, hi = lane >> 4;
+  const SmemAddr a_lane = plane + (SmemAddr)((mma_pos_row(m) * G::P + mma_pos_col(m)) * 16);
+  // Staging: lane stages input columns lane + 32 u (slot (lane & 1) * HALF + (lane >> 1) + 16 u of each row).
+  const SmemAddr s_lane = plane + (SmemAddr)(((lane & 1) * G::HALF + (lane >> 1)) * 16);
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int xh = (int)p.xs.h, xw = (int)p.xs.w, yh = (int)p.ys.h, yw = (int)p.ys.w;
+  const int drow = g >> 2, dcol = g & 3;  // this lane's D positions in an m-tile: (drow, dcol), (drow + 2, dcol)
+
+  const int64_t first = (int64_t)blockIdx.x * t.per_block;
+  const int64_t last = first + t.per_block < t.tiles ? first + t.per_block : t.tiles;
+#pragma unroll 1
+  for (int64_t tile = first; tile < last; ++tile) {
+    const uint32_t rest = (uint32_t)tile / (uint32_t)t.col_tiles, tc = (uint32_t)tile - rest * t.col_tiles;
+    const uint32_t n = rest / (uint32_t)t.row_tiles, tr = rest - n * t.row_tiles;
+    const int oh0 = (int)tr * G::TH, ow0 = (int)tc * TW, ih0 = 2 * oh0 - p.pad, iw0 = 2 * ow0 - p.pad;
+
+    const T* src = x + (int64_t)n * p.xs.n + mul_wide(ih0, xh) + mul_wide(iw0 + lane, xw) + c0;
+    bool col_in[NU];
+#pragma unroll
+    for (int u = 0; u < NU; ++u) col_in[u] = (unsigned)(iw0 + lane + 32 * u) < (unsigned)p.W;
+#pragma unroll
+    for (int i = 0; i < G::IN_ROWS; ++i) {
+      const bool row_in = (unsigned)(ih0 + i) < (unsigned)p.H;
+#pragma unroll
+      for (int u = 0; u < NU; ++u)
+        if (lane + 32 * u < G::IN_COLS)
+          cp_async_16(s_lane + (SmemAddr)((G::slot(i, 0) + 16 * u) * 16), src + i * xh + 32 * u * xw,
+                      row_in && col_in[u]);
+    }
+    cp_async_wait_all();
+    syncwarp();  // the plane is the warp's own: every lane's copies landed
+
+    T* yl = y + (int64_t)n * p.ys.n + mul_wide(oh0 + drow, yh) + mul_wide(ow0 + dcol, yw) + c0 + 2 * tq;
+    const int rows_left = (int)p.Ho - oh0 - drow, cols_left = (int)p.Wo - ow0 - dcol;
+#pragma unroll
+    for (int mr = 0; mr < G::MR; ++mr)
+#pragma unroll
+      for (int mc = 0; mc < G::MC; ++mc) {
+        const int origin = mr * 4 * G::P + mc * 4;  // slot of the m-tile's first position
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int pr = 0; pr < NP; ++pr) {
+          const int t0 = G::tap(2 * pr), t1 = G::tap(2 * pr + 1);
+          uint32_t a[4];
+          ldmatrix<4>(a, a_lane + (SmemAddr)(hi * (t1 - t0) * 16) + (SmemAddr)((origin + t0) * 16));
+          const uint32_t b[2] = {bw[2 * pr], bw[2 * pr + 1]};
+          mma<T, 16>(d, a, b);
+        }
+        {  // the last tap alone (K*K is odd): lanes 0-15's rows, m16n8k8
+          uint32_t a[2];
+          ldmatrix<2>(a, a_lane + (SmemAddr)((origin + G::tap(K * K - 1)) * 16));
+          const uint32_t b[1] = {bw[K * K - 1]};
+          mma<T, 8>(d, a, b);
+        }
+        if (4 * mc < cols_left) {
+          T* dst = yl + 4 * mr * yh + 4 * mc * yw;
+          MNET_DISPATCH_CONV_ACT(p.act, A, [&] {
+            if (4 * mr < rows_left) mma_store_pair<A, T>(dst, d[0], d[1], scale, shift);
+            if (4 * mr + 2 < rows_left) mma_store_pair<A, T>(dst + 2 * yh, d[2], d[3], scale, shift);
+          });
+        }
+      }
+    syncwarp();  // every lane's ldmatrix of this tile precedes the next tile's copies into the plane
+  }
+#endif
+}
+
+// Whether fwd.cu runs the tensor-core forward: its shape domain (mma_tile.h: mma_fwd_shape), 16-byte aligned x and y,
+// and a device of compute capability 8.0 or newer (the kernel's body is empty below sm_80).
+template <typename T>
+inline bool use_mma_fwd(const DwParams& p) {
+  if (!mma_fwd_shape(p) || !full_vectors<T>(p, {p.x, p.y})) return false;
+  int device = 0, major = 0;
+  MNET_CUDA_CHECK(cudaGetDevice(&device));
+  MNET_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
+template <typename T, int K>
+inline void launch_mma_fwd(const DwParams& p, cudaStream_t stream) {
+  const MmaTilePlan t = mma_tile_plan(p);
+  if (t.tiles >= (int64_t(1) << 31) || t.blocks >= (int64_t(1) << 31))
+    throw std::runtime_error("mnet_ext: the activation is too large for the CUDA kernels (N * tiles >= 2^31); split "
+                             "the batch");
+  if (t.cblocks > 65535)
+    throw std::runtime_error("mnet_ext: too many channels for the CUDA kernels (more than 65535 channel blocks)");
+  check_strides(p, 28);  // 32-bit row and column offsets within a tile (IN_ROWS, IN_COLS < the strips' span)
+  const auto go = [&](auto tw) {
+    constexpr int TW = decltype(tw)::value;
+    const size_t smem = (size_t)mma_smem_bytes(K, TW, t.GB);
+    allow_smem(fwd_mma_kernel<T, K, TW>, smem);
+    fwd_mma_kernel<T, K, TW><<<dim3((unsigned)t.blocks, (unsigned)t.cblocks), (unsigned)(32 * t.GB), smem, stream>>>(
+        p, t);
+  };
+  if (t.TW == 8) go(std::integral_constant<int, 8>{});
+  else if (t.TW == 16) go(std::integral_constant<int, 16>{});
+  else go(std::integral_constant<int, 28>{});
+}
+
+}  // namespace dev
+}  // namespace mnet

@@ -1,0 +1,103 @@
+// Tile plan of the tensor-core eval forward at stride 2 (fwd_mma_kernel, mma_fwd.cuh): geometry shared by the kernel,
+// its launcher and the host checks. No ATen, no CUDA.
+//
+// The convolution of 16 output positions x 8 channels is a chain of m16n8k16 products: A row m = position m, its 16
+// columns = input pixel under tap t0 at channels c0..c0+7, then under tap t1 (the taps in row-major order, paired
+// 0-1, 2-3, ...; the last tap of an odd K*K alone, m16n8k8); B = the two taps' weights block-diagonally (w[t_j, c] at
+// row 8 j + c, column c; zeros elsewhere); D = 16 positions x 8 channels in fp32. A tile is TH x TW outputs of one
+// image; one warp per channel group (8 channels) stages the tile's input (2 TH + K - 2 rows, 2 TW + K - 2 columns,
+// 16 bytes per pixel) in its own shared-memory plane and walks the tile in m-tiles of 4 x 4 outputs.
+//
+// Staged layout (16-byte slots): the input split into its 2 x 2 stride phases, slot(i, j) = (i & 1) * RP +
+// (i >> 1) * P + (j & 1) * HALF + (j >> 1) for input row i and column j of the tile (from 2 oh0 - pad, 2 ow0 - pad),
+// so output (r, c) under tap (kh, kw) reads slot r * P + c + slot(kh, kw): a per-lane base plus a compile-time
+// offset per tap. P = 4 (mod 8): the 8 rows of each 8x8 matrix ldmatrix reads (2 output rows x 4 columns) fall in 8
+// distinct 16-byte bank groups.
+#pragma once
+
+#include <stdint.h>
+
+#include "common/macros.h"
+#include "dwconv_bn_act/params.h"
+
+namespace mnet {
+
+// Output rows of a tile at tile width TW (8, 16 or 28: tiles of 64, 128 and 112 outputs).
+MNET_HD constexpr int mma_tile_rows(int TW) { return TW == 28 ? 4 : 8; }
+// The staged row pitch in 16-byte slots: the smallest >= 2 * half that is 4 (mod 8).
+MNET_HD constexpr int mma_pitch(int half) { return 2 * half + ((4 - 2 * half) % 8 + 8) % 8; }
+// 16-byte slots of one warp's plane.
+MNET_HD constexpr int mma_plane_slots(int K, int TW) {
+  return 2 * (mma_tile_rows(TW) + (K - 1) / 2) * mma_pitch(TW + (K - 1) / 2);
+}
+
+template <int K, int TW>
+struct MmaGeom {
+  static constexpr int TH = mma_tile_rows(TW);
+  static constexpr int HR = TH + (K - 1) / 2;    // staged rows per row phase
+  static constexpr int HALF = TW + (K - 1) / 2;  // staged columns per column phase
+  static constexpr int P = mma_pitch(HALF);
+  static constexpr int RP = HR * P;
+  static constexpr int PLANE = mma_plane_slots(K, TW);
+  static constexpr int IN_ROWS = 2 * TH + K - 2, IN_COLS = 2 * TW + K - 2;
+  static constexpr int MR = TH / 4, MC = TW / 4;  // m-tiles per tile: MR x MC
+  static_assert(TW % 4 == 0 && TH % 4 == 0, "m-tiles are 4 x 4 outputs");
+  static_assert(P % 8 == 4 && P >= 2 * HALF, "conflict-free ldmatrix rows");
+  MNET_HD static constexpr int slot(int i, int j) { return (i & 1) * RP + (i >> 1) * P + (j & 1) * HALF + (j >> 1); }
+  MNET_HD static constexpr int tap(int t) { return slot(t / K, t % K); }
+};
+
+// Position of row m (0..15) of an m-tile: output row (m / 8) * 2 + (m / 4) % 2, column m % 4. A lane's D rows
+// g = lane / 4 and g + 8 are then output rows g / 4 and g / 4 + 2 of column g % 4.
+MNET_HD constexpr int mma_pos_row(int m) { return (m >> 3) * 2 + ((m >> 2) & 1); }
+MNET_HD constexpr int mma_pos_col(int m) { return m & 3; }
+
+// The launch: grid (blocks, cblocks), GB warps per block (warp w: channel group blockIdx.y * GB + w), block b
+// walks tiles [b * per_block, min((b + 1) * per_block, tiles)); tile = (n * row_tiles + tile row) * col_tiles +
+// tile column.
+struct MmaTilePlan {
+  int TW = 8, TH = 8;
+  int col_tiles = 0, row_tiles = 0;
+  int64_t tiles = 0;
+  int GB = 1;       // channel groups (warps) per block: the largest of 4, 3, 2, 1 dividing C / 8
+  int cblocks = 0;  // C / 8 / GB
+  int per_block = 1;
+  int64_t blocks = 0;
+};
+
+// The tensor-core forward's domain: bf16/fp16, channels_last, C % 8 == 0, stride 2, dilation 1, K 3/5/7 (the
+// launcher also needs 16-byte aligned bases and an sm_80+ device; fwd.cu: use_mma_fwd).
+MNET_HD bool mma_fwd_shape(const DwParams& p) {
+  return p.dtype != DType::F32 && p.channels_last && p.C % 8 == 0 && p.stride == 2 && p.dilation == 1 &&
+         (p.k == 3 || p.k == 5 || p.k == 7);
+}
+
+// Blocks of several tiles (the weights' fragments and the BN fold are built once per block) while at least
+// kMmaMinBlocks blocks remain (a few waves of the SMs). The CUDA emulator's build lowers it (tests/cuda_emu/build.py)
+// so that its small shapes walk several tiles per block too.
+#ifndef MNET_MMA_MIN_BLOCKS
+#define MNET_MMA_MIN_BLOCKS 1024
+#endif
+constexpr int64_t kMmaMinBlocks = MNET_MMA_MIN_BLOCKS;
+
+inline MmaTilePlan mma_tile_plan(const DwParams& p) {
+  MmaTilePlan t;
+  t.TW = p.Wo <= 8 ? 8 : p.Wo <= 16 ? 16 : 28;
+  t.TH = mma_tile_rows(t.TW);
+  t.col_tiles = (int)((p.Wo + t.TW - 1) / t.TW);
+  t.row_tiles = (int)((p.Ho + t.TH - 1) / t.TH);
+  t.tiles = p.N * t.row_tiles * t.col_tiles;
+  const int64_t groups = p.C / 8;
+  t.GB = groups % 4 == 0 ? 4 : groups % 3 == 0 ? 3 : groups % 2 == 0 ? 2 : 1;
+  t.cblocks = (int)(groups / t.GB);
+  for (int per = 8; per >= 1; per >>= 1) {
+    t.per_block = per;
+    t.blocks = (t.tiles + per - 1) / per;
+    if (t.blocks * t.cblocks >= kMmaMinBlocks) break;
+  }
+  return t;
+}
+
+MNET_HD constexpr int mma_smem_bytes(int K, int TW, int GB) { return GB * mma_plane_slots(K, TW) * 16; }
+
+}  // namespace mnet
