@@ -304,6 +304,42 @@ def _band_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, A
     return plan
 
 
+# csrc/dwconv_bn_act/mma_tile.h: the tensor-core forward at stride 2 (fwd_mma_kernel; mma_tile_plan, MmaGeom).
+_MMA_MIN_BLOCKS = 1024
+
+
+def mma_fwd_serves(case: Case) -> bool:
+    """fwd.cu: use_mma_fwd (mma_tile.h: mma_fwd_shape) on an sm_80+ device: bf16/fp16 channels_last, C % 8 == 0,
+    stride 2, dilation 1 (every MobileNet stride-2 depthwise layer in bf16/fp16 NHWC)."""
+    cfg = case.layer
+    return (case.dtype in ("bf16", "fp16") and case.layout == "NHWC" and cfg.channels % 8 == 0 and cfg.stride == 2
+            and cfg.dilation == 1)
+
+
+def mma_tile_width(wo: int) -> int:
+    return 8 if wo <= 8 else 16 if wo <= 16 else 28
+
+
+def _mma_plan(s: Shape, t: dict[str, Any]) -> Plan:
+    """fwd_mma_kernel: per thread, the tile loop (tiles per block); each tile is TH x TW outputs x 8 channels per
+    warp (staging and m-tiles unrolled), TH * TW / 4 elements per lane of which the part inside Ho x Wo counts."""
+    k, tw = t["K"], t["MTW"]
+    th = 4 if tw == 28 else 8
+    col_tiles, row_tiles = -(-s.wo // tw), -(-s.ho // th)
+    tiles = s.n * row_tiles * col_tiles
+    groups = s.c // 8
+    gb = next(g for g in (4, 3, 2, 1) if groups % g == 0)
+    cblocks = groups // gb
+    per = 8
+    while per > 1 and -(-tiles // per) * cblocks < _MMA_MIN_BLOCKS:
+        per //= 2
+    half = tw + (k - 1) // 2
+    pitch = 2 * half + (4 - 2 * half) % 8
+    smem = gb * 2 * (th + (k - 1) // 2) * pitch * 16
+    outputs = s.ho * s.wo / (row_tiles * col_tiles) * 8 / 32  # per lane and tile: its share of the valid outputs
+    return Plan(32 * gb, tiles / -(-tiles // per), outputs, smem)
+
+
 @dataclasses.dataclass(frozen=True)
 class CudaKernel:
     role: str | Callable[[dict[str, Any]], str]  # fixed, or from the template arguments
@@ -311,6 +347,9 @@ class CudaKernel:
     # (2 at stride 2), CL: channels_last)
     plan: Callable[[Shape, dict[str, Any]], Plan] | None = None  # None: no per-layer plan (not a hot kernel)
     fixed: tuple[tuple[str, Any], ...] = ()  # template parameters the kernel fixes (not in its argument list)
+    # Which of the cases the template arguments match it serves (None: all): the launcher's choice between kernels
+    # with the same template arguments.
+    serves: Callable[[Case, Shape, dict[str, Any]], bool] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,7 +381,11 @@ _BAND_PARAMS = ("T", "K", "J", "TW", "WHOLE")
 
 CUDA_KERNELS: dict[str, CudaKernel] = {
     "fwd_kernel": CudaKernel("fwd", (*_STRIP_PARAMS, "TW"), _strip_plan(False, 2)),  # weights, BN scale, shift
-    "fwd_band_kernel": CudaKernel("fwd", _BAND_PARAMS, _band_plan(False, 2), _BAND_FIXED),
+    # bf16/fp16 at stride 2: the band kernel only below sm_80 (not in this report's sm_80/sm_90 plans)
+    "fwd_band_kernel": CudaKernel("fwd", _BAND_PARAMS, _band_plan(False, 2), _BAND_FIXED,
+                                  lambda c, s, t: not mma_fwd_serves(c)),
+    "fwd_mma_kernel": CudaKernel("fwd", ("T", "K", "MTW"), _mma_plan, (("CL", True),),
+                                 lambda c, s, t: mma_fwd_serves(c) and t["MTW"] == mma_tile_width(s.wo)),
     "stats_partial_kernel": CudaKernel("stats", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 0)),
     "stats_band_kernel": CudaKernel("stats", _BAND_PARAMS, _band_plan(True, 0), _BAND_FIXED),
     "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 4)),
@@ -632,6 +675,8 @@ def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], 
                     continue
                 if "WHOLE" in targs and targs["WHOLE"] != band_whole(shape_of(case, batch), case.layer.stride,
                                                                      targs["TW"]):
+                    continue
+                if spec.serves is not None and not spec.serves(case, shape_of(case, batch), targs):
                     continue
                 plan = spec.plan(shape_of(case, batch), targs)
                 records.append(make_record(job["arch"], "cuda", name, role, dtype, layout, k, case, batch, fn, plan,

@@ -23,19 +23,17 @@
 namespace mnet {
 namespace dev {
 
-// act(z * scale + shift) for this lane's two channels -> 4 bytes at dst (c0 + 2 t, 4-byte aligned: C % 8 == 0).
+// act(z * scale + shift) for this lane's two channels as the 4 bytes of a pair of T.
 template <Act A, typename T>
-MNET_DEVICE void mma_store_pair(T* dst, float z0, float z1, const float (&scale)[2], const float (&shift)[2]) {
+MNET_DEVICE uint32_t mma_out_pair(float z0, float z1, const float (&scale)[2], const float (&shift)[2]) {
   const float u = act_fwd<A>(fmaf(z0, scale[0], shift[0])), v = act_fwd<A>(fmaf(z1, scale[1], shift[1]));
-  uint32_t word;
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(u, v);
-    word = *reinterpret_cast<const uint32_t*>(&h);
+    return *reinterpret_cast<const uint32_t*>(&h);
   } else {
     const __half2 h = __floats2half2_rn(u, v);
-    word = *reinterpret_cast<const uint32_t*>(&h);
+    return *reinterpret_cast<const uint32_t*>(&h);
   }
-  *reinterpret_cast<uint32_t*>(dst) = word;
 }
 
 // Grid (t.blocks, t.cblocks), t.GB warps; dynamic shared memory mma_smem_bytes(K, TW, t.GB): one plane per warp.
@@ -45,8 +43,8 @@ template <typename T, int K, int TW>
 __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const MmaTilePlan t) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using G = MmaGeom<K, TW>;
-  constexpr int NP = K * K / 2, NU = (G::IN_COLS + 31) / 32;
-  MNET_DYNAMIC_SMEM(uint4, stage);
+  constexpr int NP = K * K / 2, NU = (G::IN_COLS + 31) / 32, NM = G::MR * G::MC;
+  MNET_DYNAMIC_SMEM(float4, stage);  // the type of the band kernels' (one extern declaration per name)
   const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int c0 = ((int)blockIdx.y * t.GB + warp) * 8;
 
@@ -65,72 +63,99 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
     shift[j] = f.shift;
   }
 
+  float4* plane = stage + warp * G::PLANE;
   // ldmatrix rows: lanes 0-15 give positions 0-15 under the pair's first tap, lanes 16-31 under its second.
-  const SmemAddr plane = smem_addr(stage) + (SmemAddr)(warp * G::PLANE * 16);
   const int m = lane & 15, hi = lane >> 4;
-  const SmemAddr a_lane = plane + (SmemAddr)((mma_pos_row(m) * G::P + mma_pos_col(m)) * 16);
+  const SmemAddr a_lane = smem_addr(plane + mma_pos_row(m) * G::P + mma_pos_col(m));
   // Staging: lane stages input columns lane + 32 u (slot (lane & 1) * HALF + (lane >> 1) + 16 u of each row).
-  const SmemAddr s_lane = plane + (SmemAddr)(((lane & 1) * G::HALF + (lane >> 1)) * 16);
+  const SmemAddr s_lane = smem_addr(plane + (lane & 1) * G::HALF + (lane >> 1));
+  // This lane's D fragment positions (g / 4, g % 4) and (g / 4 + 2, g % 4) of an m-tile in the output layout.
+  uint32_t* d_lane = reinterpret_cast<uint32_t*>(plane + (g >> 2) * G::OP + (g & 3)) + tq;
+  // Output vectors v = lane + 32 i of a tile: row vr, column vc (vr = TH past the tile: never stored), and their
+  // offset in y from the tile's first output; the same in every tile.
+  int vr[G::NV], vc[G::NV], voff[G::NV];
+  const int xh = (int)p.xs.h, xw = (int)p.xs.w, yh = (int)p.ys.h, yw = (int)p.ys.w;
+#pragma unroll
+  for (int i = 0; i < G::NV; ++i) {
+    const int v = lane + 32 * i;
+    vr[i] = v < G::TH * TW ? v / TW : G::TH;
+    vc[i] = v - (v / TW) * TW;
+    voff[i] = vr[i] * yh + vc[i] * yw;
+  }
   const T* __restrict__ x = static_cast<const T*>(p.x);
   T* __restrict__ y = static_cast<T*>(p.y);
-  const int xh = (int)p.xs.h, xw = (int)p.xs.w, yh = (int)p.ys.h, yw = (int)p.ys.w;
-  const int drow = g >> 2, dcol = g & 3;  // this lane's D positions in an m-tile: (drow, dcol), (drow + 2, dcol)
 
   const int64_t first = (int64_t)blockIdx.x * t.per_block;
   const int64_t last = first + t.per_block < t.tiles ? first + t.per_block : t.tiles;
 #pragma unroll 1
   for (int64_t tile = first; tile < last; ++tile) {
-    const uint32_t rest = (uint32_t)tile / (uint32_t)t.col_tiles, tc = (uint32_t)tile - rest * t.col_tiles;
-    const uint32_t n = rest / (uint32_t)t.row_tiles, tr = rest - n * t.row_tiles;
+    const uint32_t rest = div_of(t.col_div, (uint32_t)tile), tc = (uint32_t)tile - rest * t.col_tiles;
+    const uint32_t n = div_of(t.row_div, rest), tr = rest - n * t.row_tiles;
     const int oh0 = (int)tr * G::TH, ow0 = (int)tc * TW, ih0 = 2 * oh0 - p.pad, iw0 = 2 * ow0 - p.pad;
 
-    const T* src = x + (int64_t)n * p.xs.n + mul_wide(ih0, xh) + mul_wide(iw0 + lane, xw) + c0;
+    // One pointer per column this lane stages, stepped by rows (a 64-bit add per row and column).
+    const T* src[NU];
     bool col_in[NU];
 #pragma unroll
-    for (int u = 0; u < NU; ++u) col_in[u] = (unsigned)(iw0 + lane + 32 * u) < (unsigned)p.W;
+    for (int u = 0; u < NU; ++u) {
+      src[u] = x + (int64_t)n * p.xs.n + mul_wide(ih0, xh) + mul_wide(iw0 + lane + 32 * u, xw) + c0;
+      col_in[u] = (unsigned)(iw0 + lane + 32 * u) < (unsigned)p.W;
+    }
 #pragma unroll
     for (int i = 0; i < G::IN_ROWS; ++i) {
       const bool row_in = (unsigned)(ih0 + i) < (unsigned)p.H;
 #pragma unroll
-      for (int u = 0; u < NU; ++u)
+      for (int u = 0; u < NU; ++u) {
         if (lane + 32 * u < G::IN_COLS)
-          cp_async_16(s_lane + (SmemAddr)((G::slot(i, 0) + 16 * u) * 16), src + i * xh + 32 * u * xw,
-                      row_in && col_in[u]);
+          cp_async_16(s_lane + (SmemAddr)((G::slot(i, 0) + 16 * u) * 16), src[u], row_in && col_in[u]);
+        src[u] += xh;
+      }
     }
     cp_async_wait_all();
     syncwarp();  // the plane is the warp's own: every lane's copies landed
 
-    T* yl = y + (int64_t)n * p.ys.n + mul_wide(oh0 + drow, yh) + mul_wide(ow0 + dcol, yw) + c0 + 2 * tq;
-    const int rows_left = (int)p.Ho - oh0 - drow, cols_left = (int)p.Wo - ow0 - dcol;
+    float d[NM][4];
 #pragma unroll
-    for (int mr = 0; mr < G::MR; ++mr)
+    for (int mt = 0; mt < NM; ++mt) {
+      const int origin = (mt / G::MC) * 4 * G::P + (mt % G::MC) * 4;  // slot of the m-tile's first position
 #pragma unroll
-      for (int mc = 0; mc < G::MC; ++mc) {
-        const int origin = mr * 4 * G::P + mc * 4;  // slot of the m-tile's first position
-        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int j = 0; j < 4; ++j) d[mt][j] = 0.0f;
 #pragma unroll
-        for (int pr = 0; pr < NP; ++pr) {
-          const int t0 = G::tap(2 * pr), t1 = G::tap(2 * pr + 1);
-          uint32_t a[4];
-          ldmatrix<4>(a, a_lane + (SmemAddr)(hi * (t1 - t0) * 16) + (SmemAddr)((origin + t0) * 16));
-          const uint32_t b[2] = {bw[2 * pr], bw[2 * pr + 1]};
-          mma<T, 16>(d, a, b);
-        }
-        {  // the last tap alone (K*K is odd): lanes 0-15's rows, m16n8k8
-          uint32_t a[2];
-          ldmatrix<2>(a, a_lane + (SmemAddr)((origin + G::tap(K * K - 1)) * 16));
-          const uint32_t b[1] = {bw[K * K - 1]};
-          mma<T, 8>(d, a, b);
-        }
-        if (4 * mc < cols_left) {
-          T* dst = yl + 4 * mr * yh + 4 * mc * yw;
-          MNET_DISPATCH_CONV_ACT(p.act, A, [&] {
-            if (4 * mr < rows_left) mma_store_pair<A, T>(dst, d[0], d[1], scale, shift);
-            if (4 * mr + 2 < rows_left) mma_store_pair<A, T>(dst + 2 * yh, d[2], d[3], scale, shift);
-          });
-        }
+      for (int pr = 0; pr < NP; ++pr) {
+        const int t0 = G::tap(2 * pr), t1 = G::tap(2 * pr + 1);
+        uint32_t a[4];
+        ldmatrix<4>(a, a_lane + (SmemAddr)(hi * (t1 - t0) * 16) + (SmemAddr)((origin + t0) * 16));
+        const uint32_t b[2] = {bw[2 * pr], bw[2 * pr + 1]};
+        mma<T, 16>(d[mt], a, b);
       }
-    syncwarp();  // every lane's ldmatrix of this tile precedes the next tile's copies into the plane
+      uint32_t a[2];  // the last tap alone (K*K is odd): lanes 0-15's rows, m16n8k8
+      ldmatrix<2>(a, a_lane + (SmemAddr)((origin + G::tap(K * K - 1)) * 16));
+      const uint32_t b[1] = {bw[K * K - 1]};
+      mma<T, 8>(d[mt], a, b);
+    }
+    syncwarp();  // every ldmatrix of the tile precedes the outputs' stores into the plane
+    uint32_t out[NM][2];  // the switch computes only: its stores stay outside (one store path for every act)
+    MNET_DISPATCH_CONV_ACT(p.act, A, [&] {
+#pragma unroll
+      for (int mt = 0; mt < NM; ++mt) {
+        out[mt][0] = mma_out_pair<A, T>(d[mt][0], d[mt][1], scale, shift);
+        out[mt][1] = mma_out_pair<A, T>(d[mt][2], d[mt][3], scale, shift);
+      }
+    });
+#pragma unroll
+    for (int mt = 0; mt < NM; ++mt) {
+      uint32_t* dst = d_lane + ((mt / G::MC) * 4 * G::OP + (mt % G::MC) * 4) * 4;
+      dst[0] = out[mt][0];
+      dst[2 * G::OP * 4] = out[mt][1];
+    }
+    syncwarp();  // the tile's outputs are in the plane
+    T* yt = y + (int64_t)n * p.ys.n + mul_wide(oh0, yh) + mul_wide(ow0, yw) + c0;
+    const int rows_left = (int)p.Ho - oh0, cols_left = (int)p.Wo - ow0;
+#pragma unroll
+    for (int i = 0; i < G::NV; ++i)
+      if (vr[i] < rows_left && vc[i] < cols_left)
+        *reinterpret_cast<float4*>(yt + voff[i]) = plane[vr[i] * G::OP + vc[i]];
+    syncwarp();  // the plane's outputs are read before the next tile's copies land
   }
 #endif
 }

@@ -7,6 +7,8 @@
 // row 8 j + c, column c; zeros elsewhere); D = 16 positions x 8 channels in fp32. A tile is TH x TW outputs of one
 // image; one warp per channel group (8 channels) stages the tile's input (2 TH + K - 2 rows, 2 TW + K - 2 columns,
 // 16 bytes per pixel) in its own shared-memory plane and walks the tile in m-tiles of 4 x 4 outputs.
+// After the m-tiles the warp's plane holds the tile's outputs (slot r * OP + c; OP = 4 (mod 8): the D fragments'
+// 4-byte stores are conflict-free), read back as 16-byte vectors of 8 channels and stored whole.
 //
 // Staged layout (16-byte slots): the input split into its 2 x 2 stride phases, slot(i, j) = (i & 1) * RP +
 // (i >> 1) * P + (j & 1) * HALF + (j >> 1) for input row i and column j of the tile (from 2 oh0 - pad, 2 ow0 - pad),
@@ -19,6 +21,7 @@
 
 #include "common/macros.h"
 #include "dwconv_bn_act/params.h"
+#include "dwconv_bn_act/tile.h"
 
 namespace mnet {
 
@@ -41,8 +44,11 @@ struct MmaGeom {
   static constexpr int PLANE = mma_plane_slots(K, TW);
   static constexpr int IN_ROWS = 2 * TH + K - 2, IN_COLS = 2 * TW + K - 2;
   static constexpr int MR = TH / 4, MC = TW / 4;  // m-tiles per tile: MR x MC
+  static constexpr int OP = TW + ((4 - TW) % 8 + 8) % 8;  // output row pitch in the plane (slots)
+  static constexpr int NV = (TH * TW + 31) / 32;         // output vectors per lane and tile
   static_assert(TW % 4 == 0 && TH % 4 == 0, "m-tiles are 4 x 4 outputs");
   static_assert(P % 8 == 4 && P >= 2 * HALF, "conflict-free ldmatrix rows");
+  static_assert(OP % 8 == 4 && TH * OP <= PLANE, "the outputs fit the plane, conflict-free");
   MNET_HD static constexpr int slot(int i, int j) { return (i & 1) * RP + (i >> 1) * P + (j & 1) * HALF + (j >> 1); }
   MNET_HD static constexpr int tap(int t) { return slot(t / K, t % K); }
 };
@@ -58,6 +64,7 @@ MNET_HD constexpr int mma_pos_col(int m) { return m & 3; }
 struct MmaTilePlan {
   int TW = 8, TH = 8;
   int col_tiles = 0, row_tiles = 0;
+  FastDiv col_div, row_div;  // by col_tiles, row_tiles (tile < 2^31: the launcher checks)
   int64_t tiles = 0;
   int GB = 1;       // channel groups (warps) per block: the largest of 4, 3, 2, 1 dividing C / 8
   int cblocks = 0;  // C / 8 / GB
@@ -87,6 +94,8 @@ inline MmaTilePlan mma_tile_plan(const DwParams& p) {
   t.col_tiles = (int)((p.Wo + t.TW - 1) / t.TW);
   t.row_tiles = (int)((p.Ho + t.TH - 1) / t.TH);
   t.tiles = p.N * t.row_tiles * t.col_tiles;
+  t.col_div = fast_div((uint32_t)t.col_tiles);
+  t.row_div = fast_div((uint32_t)t.row_tiles);
   const int64_t groups = p.C / 8;
   t.GB = groups % 4 == 0 ? 4 : groups % 3 == 0 ? 3 : groups % 2 == 0 ? 2 : 1;
   t.cblocks = (int)(groups / t.GB);
