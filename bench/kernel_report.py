@@ -305,7 +305,7 @@ def _band_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, A
 
 
 # csrc/dwconv_bn_act/mma_tile.h: the tensor-core forward at stride 2 (fwd_mma_kernel; mma_tile_plan, MmaGeom).
-_MMA_MIN_BLOCKS = 1024
+_MMA_MIN_BLOCKS = 512
 
 
 def mma_fwd_serves(case: Case) -> bool:
@@ -321,22 +321,23 @@ def mma_tile_width(wo: int) -> int:
 
 
 def _mma_plan(s: Shape, t: dict[str, Any]) -> Plan:
-    """fwd_mma_kernel: per thread, the tile loop (tiles per block); each tile is TH x TW outputs x 8 channels per
-    warp (staging and m-tiles unrolled), TH * TW / 4 elements per lane of which the part inside Ho x Wo counts."""
+    """fwd_mma_kernel: per thread, the tile loop (tiles per block); each tile is TH x TW outputs of IMG images x 8
+    channels per warp (staging and m-tiles unrolled), IMG * TH * TW / 4 elements per lane of which the part inside
+    the batch's N x Ho x Wo counts."""
     k, tw = t["K"], t["MTW"]
-    th = 4 if tw == 28 else 8
+    th, img = (4, 1) if tw == 28 else (8, 2) if tw == 16 else (8, 3)
     col_tiles, row_tiles = -(-s.wo // tw), -(-s.ho // th)
-    tiles = s.n * row_tiles * col_tiles
+    tiles = -(-s.n // img) * row_tiles * col_tiles
     groups = s.c // 8
     gb = next(g for g in (4, 3, 2, 1) if groups % g == 0)
     cblocks = groups // gb
     per = 8
     while per > 1 and -(-tiles // per) * cblocks < _MMA_MIN_BLOCKS:
         per //= 2
-    half = tw + (k - 1) // 2
-    pitch = 2 * half + (4 - 2 * half) % 8
+    ph = 16 * -(-img * (2 * tw + k - 1) // 32)
+    pitch = 2 * ph + (4 - 2 * ph) % 8
     smem = gb * 2 * (th + (k - 1) // 2) * pitch * 16
-    outputs = s.ho * s.wo / (row_tiles * col_tiles) * 8 / 32  # per lane and tile: its share of the valid outputs
+    outputs = s.n * s.ho * s.wo / tiles * 8 / 32  # per lane and tile: its share of the valid outputs
     return Plan(32 * gb, tiles / -(-tiles // per), outputs, smem)
 
 

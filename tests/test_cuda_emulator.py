@@ -192,16 +192,17 @@ def test_emulated_kernels_match_reference(emulator, case):
     check(emulator, shape, k, stride, dilation, dtype, layout, order=CASES.index(case) % 3)
 
 
-# The tensor-core forward at stride 2 (csrc/dwconv_bn_act/mma_fwd.cuh; mma_tile.h): tile widths 8 / 16 / 28 (Wo <= 8,
-# <= 16, more), odd sizes (partial tiles: outputs masked, padding on every side of the staged input), C = 8, 16, 24
-# (1, 2, 3 warps per block), 40 (5 groups: 5 channel blocks of 1 warp), several tiles per block (the emulator build
-# lowers kMmaMinBlocks: build.py), K 3 / 5 / 7. fp16 needs the full build (a second compile).
+# The tensor-core forward at stride 2 (csrc/dwconv_bn_act/mma_fwd.cuh; mma_tile.h): tile widths 8 / 16 / 28
+# (Wo <= 8, <= 16, more; 3 / 2 / 1 images side by side, the last group of a batch partial), odd sizes (partial
+# tiles: outputs masked, padding on every side of the staged input), C = 8, 16, 24 (1, 2, 3 warps per block), 40
+# (5 channel blocks of one warp), several tiles per block (the emulator build lowers kMmaMinBlocks: build.py),
+# K 3 / 5 / 7. fp16 needs the full build (a second compile).
 HALF = torch.float16
 MMA_CASES = [
     ((1, 8, 15, 17), 3, BF16),  # Ho 8, Wo 9: TW 16, 7 columns of the tile past Wo
     ((2, 24, 29, 31), 5, BF16),  # TW 16, two row tiles per image (the second 7 of 8 rows), 3 warps per block
     ((3, 16, 57, 56), 5, BF16),  # TW 28, Ho 29: 8 row tiles (the last 1 of 4 rows), 12 tiles per image
-    ((1, 40, 13, 13), 3, BF16),  # 7x7 outputs (TW 8), 5 channel blocks of one warp
+    ((4, 40, 9, 9), 3, BF16),  # 5x5 outputs (TW 8, 3 images per tile: groups of 3 and 1), 5 blocks of one warp
     ((2, 16, 14, 14), 7, BF16),  # K 7: 24 pairs and the lone tap, padding 3
     ((1, 24, 9, 11), 5, HALF),  # fp16 (full build), Ho 5, Wo 6
     ((2, 16, 30, 29), 3, HALF),  # fp16, TW 16 at Wo 15

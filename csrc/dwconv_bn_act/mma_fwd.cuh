@@ -43,7 +43,7 @@ template <typename T, int K, int TW>
 __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const MmaTilePlan t) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using G = MmaGeom<K, TW>;
-  constexpr int NP = K * K / 2, NU = (G::IN_COLS + 31) / 32, NM = G::MR * G::MC;
+  constexpr int NP = K * K / 2, NU = G::NU, NM = G::MR * G::MC;
   MNET_DYNAMIC_SMEM(float4, stage);  // the type of the band kernels' (one extern declaration per name)
   const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int c0 = ((int)blockIdx.y * t.GB + warp) * 8;
@@ -67,20 +67,28 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
   // ldmatrix rows: lanes 0-15 give positions 0-15 under the pair's first tap, lanes 16-31 under its second.
   const int m = lane & 15, hi = lane >> 4;
   const SmemAddr a_lane = smem_addr(plane + mma_pos_row(m) * G::P + mma_pos_col(m));
-  // Staging: lane stages input columns lane + 32 u (slot (lane & 1) * HALF + (lane >> 1) + 16 u of each row).
-  const SmemAddr s_lane = smem_addr(plane + (lane & 1) * G::HALF + (lane >> 1));
+  // Staging: lane stages input columns lane + 32 u (slot (lane & 1) * PH + (lane >> 1) + 16 u of each row).
+  const SmemAddr s_lane = smem_addr(plane + (lane & 1) * G::PH + (lane >> 1));
   // This lane's D fragment positions (g / 4, g % 4) and (g / 4 + 2, g % 4) of an m-tile in the output layout.
   uint32_t* d_lane = reinterpret_cast<uint32_t*>(plane + (g >> 2) * G::OP + (g & 3)) + tq;
-  // Output vectors v = lane + 32 i of a tile: row vr, column vc (vr = TH past the tile: never stored), and their
-  // offset in y from the tile's first output; the same in every tile.
-  int vr[G::NV], vc[G::NV], voff[G::NV];
+  // Output vectors v = lane + 32 i of a tile: row vr, image vb, column vc (vr = TH past the tile: never stored),
+  // and their offset in y from the tile's first output; the same in every tile.
+  int vr[G::NV], vb[G::NV], vc[G::NV], voff[G::NV];
   const int xh = (int)p.xs.h, xw = (int)p.xs.w, yh = (int)p.ys.h, yw = (int)p.ys.w;
 #pragma unroll
   for (int i = 0; i < G::NV; ++i) {
-    const int v = lane + 32 * i;
-    vr[i] = v < G::TH * TW ? v / TW : G::TH;
-    vc[i] = v - (v / TW) * TW;
-    voff[i] = vr[i] * yh + vc[i] * yw;
+    const int v = lane + 32 * i, r = v / G::OW, cc = v - r * G::OW;
+    vr[i] = v < G::TH * G::OW ? r : G::TH;
+    vb[i] = cc / TW;
+    vc[i] = cc - vb[i] * TW;
+    voff[i] = vb[i] * (int)p.ys.n + r * yh + vc[i] * yw;
+  }
+  // Staged columns lane + 32 u: image ub, column uj of its window (uj = IN_COLS: the zero column between images).
+  int ub[NU], uj[NU];
+#pragma unroll
+  for (int u = 0; u < NU; ++u) {
+    ub[u] = (lane + 32 * u) / G::JS;
+    uj[u] = lane + 32 * u - ub[u] * G::JS;
   }
   const T* __restrict__ x = static_cast<const T*>(p.x);
   T* __restrict__ y = static_cast<T*>(p.y);
@@ -90,7 +98,8 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
 #pragma unroll 1
   for (int64_t tile = first; tile < last; ++tile) {
     const uint32_t rest = div_of(t.col_div, (uint32_t)tile), tc = (uint32_t)tile - rest * t.col_tiles;
-    const uint32_t n = div_of(t.row_div, rest), tr = rest - n * t.row_tiles;
+    const uint32_t ng = div_of(t.row_div, rest), tr = rest - ng * t.row_tiles, n = ng * G::IMG;
+    const int images = (int)(p.N - n);  // images of the group inside the batch (>= IMG: all)
     const int oh0 = (int)tr * G::TH, ow0 = (int)tc * TW, ih0 = 2 * oh0 - p.pad, iw0 = 2 * ow0 - p.pad;
 
     // One pointer per column this lane stages, stepped by rows (a 64-bit add per row and column).
@@ -98,16 +107,15 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
     bool col_in[NU];
 #pragma unroll
     for (int u = 0; u < NU; ++u) {
-      src[u] = x + (int64_t)n * p.xs.n + mul_wide(ih0, xh) + mul_wide(iw0 + lane + 32 * u, xw) + c0;
-      col_in[u] = (unsigned)(iw0 + lane + 32 * u) < (unsigned)p.W;
+      src[u] = x + (int64_t)(n + ub[u]) * p.xs.n + mul_wide(ih0, xh) + mul_wide(iw0 + uj[u], xw) + c0;
+      col_in[u] = (unsigned)(iw0 + uj[u]) < (unsigned)p.W && uj[u] < G::IN_COLS && ub[u] < G::IMG && ub[u] < images;
     }
 #pragma unroll
     for (int i = 0; i < G::IN_ROWS; ++i) {
       const bool row_in = (unsigned)(ih0 + i) < (unsigned)p.H;
 #pragma unroll
       for (int u = 0; u < NU; ++u) {
-        if (lane + 32 * u < G::IN_COLS)
-          cp_async_16(s_lane + (SmemAddr)((G::slot(i, 0) + 16 * u) * 16), src[u], row_in && col_in[u]);
+        cp_async_16(s_lane + (SmemAddr)((G::slot(i, 0) + 16 * u) * 16), src[u], row_in && col_in[u]);
         src[u] += xh;
       }
     }
@@ -117,7 +125,7 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
     float d[NM][4];
 #pragma unroll
     for (int mt = 0; mt < NM; ++mt) {
-      const int origin = (mt / G::MC) * 4 * G::P + (mt % G::MC) * 4;  // slot of the m-tile's first position
+      const int origin = G::origin(mt);
 #pragma unroll
       for (int j = 0; j < 4; ++j) d[mt][j] = 0.0f;
 #pragma unroll
@@ -153,8 +161,8 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
     const int rows_left = (int)p.Ho - oh0, cols_left = (int)p.Wo - ow0;
 #pragma unroll
     for (int i = 0; i < G::NV; ++i)
-      if (vr[i] < rows_left && vc[i] < cols_left)
-        *reinterpret_cast<float4*>(yt + voff[i]) = plane[vr[i] * G::OP + vc[i]];
+      if (vr[i] < rows_left && vc[i] < cols_left && vb[i] < images)
+        *reinterpret_cast<float4*>(yt + voff[i]) = plane[vr[i] * G::OP + vb[i] * TW + vc[i]];
     syncwarp();  // the plane's outputs are read before the next tile's copies land
   }
 #endif
@@ -180,6 +188,8 @@ inline void launch_mma_fwd(const DwParams& p, cudaStream_t stream) {
   if (t.cblocks > 65535)
     throw std::runtime_error("mnet_ext: too many channels for the CUDA kernels (more than 65535 channel blocks)");
   check_strides(p, 28);  // 32-bit row and column offsets within a tile (IN_ROWS, IN_COLS < the strips' span)
+  if (3 * (p.ys.n < 0 ? -p.ys.n : p.ys.n) >= (int64_t(1) << 31))  // voff: images of a tile apart, 32-bit
+    throw std::runtime_error("mnet_ext: an image stride is too large for the CUDA kernels");
   const auto go = [&](auto tw) {
     constexpr int TW = decltype(tw)::value;
     const size_t smem = (size_t)mma_smem_bytes(K, TW, t.GB);

@@ -5,15 +5,19 @@
 // columns = input pixel under tap t0 at channels c0..c0+7, then under tap t1 (the taps in row-major order, paired
 // 0-1, 2-3, ...; the last tap of an odd K*K alone, m16n8k8); B = the two taps' weights block-diagonally (w[t_j, c] at
 // row 8 j + c, column c; zeros elsewhere); D = 16 positions x 8 channels in fp32. A tile is TH x TW outputs of one
-// image; one warp per channel group (8 channels) stages the tile's input (2 TH + K - 2 rows, 2 TW + K - 2 columns,
-// 16 bytes per pixel) in its own shared-memory plane and walks the tile in m-tiles of 4 x 4 outputs.
+// image, or of IMG images side by side (narrow outputs: IMG = 3 at TW 8, 2 at TW 16, so that the warp's lanes stage
+// full rows of columns and the per-tile work is shared by more outputs); one warp per channel group (8 channels)
+// stages the tile's input (2 TH + K - 2 rows; per image 2 TW + K - 2 columns and one zero column, JS in all; 16
+// bytes per pixel) in its own shared-memory plane and walks the tile in m-tiles of 4 x 4 outputs.
 // After the m-tiles the warp's plane holds the tile's outputs (slot r * OP + c; OP = 4 (mod 8): the D fragments'
 // 4-byte stores are conflict-free), read back as 16-byte vectors of 8 channels and stored whole.
 //
 // Staged layout (16-byte slots): the input split into its 2 x 2 stride phases, slot(i, j) = (i & 1) * RP +
-// (i >> 1) * P + (j & 1) * HALF + (j >> 1) for input row i and column j of the tile (from 2 oh0 - pad, 2 ow0 - pad),
+// (i >> 1) * P + (j & 1) * PH + (j >> 1) for input row i and column j of the tile (from 2 oh0 - pad, 2 ow0 - pad),
 // so output (r, c) under tap (kh, kw) reads slot r * P + c + slot(kh, kw): a per-lane base plus a compile-time
-// offset per tap. P = 4 (mod 8): the 8 rows of each 8x8 matrix ldmatrix reads (2 output rows x 4 columns) fall in 8
+// offset per tap. Lane l stages columns l + 32 u, u < NU, each a slot of its own: PH = 16 NU >= the columns of a
+// phase, so the lanes past the tile's columns zero-fill slots nobody reads (no lane test in the staging loop).
+// P = 4 (mod 8): the 8 rows of each 8x8 matrix ldmatrix reads (2 output rows x 4 columns) fall in 8
 // distinct 16-byte bank groups.
 #pragma once
 
@@ -25,32 +29,43 @@
 
 namespace mnet {
 
-// Output rows of a tile at tile width TW (8, 16 or 28: tiles of 64, 128 and 112 outputs).
+// Output rows of a tile at tile width TW (8, 16 or 28), and images side by side: tiles of 192, 256 and 112 outputs.
 MNET_HD constexpr int mma_tile_rows(int TW) { return TW == 28 ? 4 : 8; }
+MNET_HD constexpr int mma_tile_images(int TW) { return TW == 8 ? 3 : TW == 16 ? 2 : 1; }
 // The staged row pitch in 16-byte slots: the smallest >= 2 * half that is 4 (mod 8).
 MNET_HD constexpr int mma_pitch(int half) { return 2 * half + ((4 - 2 * half) % 8 + 8) % 8; }
+// Staged columns per phase (slots): 16 per 32 input columns the warp's lanes stage (JS = 2 TW + K - 1 per image).
+MNET_HD constexpr int mma_phase_cols(int K, int TW) { return 16 * ((mma_tile_images(TW) * (2 * TW + K - 1) + 31) / 32); }
 // 16-byte slots of one warp's plane.
 MNET_HD constexpr int mma_plane_slots(int K, int TW) {
-  return 2 * (mma_tile_rows(TW) + (K - 1) / 2) * mma_pitch(TW + (K - 1) / 2);
+  return 2 * (mma_tile_rows(TW) + (K - 1) / 2) * mma_pitch(mma_phase_cols(K, TW));
 }
 
 template <int K, int TW>
 struct MmaGeom {
-  static constexpr int TH = mma_tile_rows(TW);
+  static constexpr int TH = mma_tile_rows(TW), IMG = mma_tile_images(TW);
   static constexpr int HR = TH + (K - 1) / 2;    // staged rows per row phase
   static constexpr int HALF = TW + (K - 1) / 2;  // staged columns per column phase
-  static constexpr int P = mma_pitch(HALF);
+  static constexpr int PH = mma_phase_cols(K, TW);  // slots per column phase in a staged row
+  static constexpr int P = mma_pitch(PH);
   static constexpr int RP = HR * P;
   static constexpr int PLANE = mma_plane_slots(K, TW);
   static constexpr int IN_ROWS = 2 * TH + K - 2, IN_COLS = 2 * TW + K - 2;
-  static constexpr int MR = TH / 4, MC = TW / 4;  // m-tiles per tile: MR x MC
-  static constexpr int OP = TW + ((4 - TW) % 8 + 8) % 8;  // output row pitch in the plane (slots)
-  static constexpr int NV = (TH * TW + 31) / 32;         // output vectors per lane and tile
+  static constexpr int JS = IN_COLS + 1;        // staged columns per image (even: every image's phases align)
+  static constexpr int NU = (IMG * JS + 31) / 32;  // staged columns per lane
+  static constexpr int OW = IMG * TW;               // output columns of the tile (images side by side)
+  static constexpr int MR = TH / 4, MC = OW / 4;    // m-tiles per tile: MR x MC
+  static constexpr int OP = OW + ((4 - OW) % 8 + 8) % 8;  // output row pitch in the plane (slots)
+  static constexpr int NV = (TH * OW + 31) / 32;          // output vectors per lane and tile
   static_assert(TW % 4 == 0 && TH % 4 == 0, "m-tiles are 4 x 4 outputs");
-  static_assert(P % 8 == 4 && P >= 2 * HALF, "conflict-free ldmatrix rows");
+  static_assert(P % 8 == 4 && P >= 2 * PH && PH >= HALF && PH == 16 * NU, "conflict-free ldmatrix rows");
   static_assert(OP % 8 == 4 && TH * OP <= PLANE, "the outputs fit the plane, conflict-free");
-  MNET_HD static constexpr int slot(int i, int j) { return (i & 1) * RP + (i >> 1) * P + (j & 1) * HALF + (j >> 1); }
+  MNET_HD static constexpr int slot(int i, int j) { return (i & 1) * RP + (i >> 1) * P + (j & 1) * PH + (j >> 1); }
   MNET_HD static constexpr int tap(int t) { return slot(t / K, t % K); }
+  // Slot of m-tile mt's first position (row 0 of the tile, column 0 of its image): images JS / 2 slots apart.
+  MNET_HD static constexpr int origin(int mt) {
+    return (mt / MC) * 4 * P + (mt % MC) / (TW / 4) * (JS / 2) + (mt % MC) % (TW / 4) * 4;
+  }
 };
 
 // Position of row m (0..15) of an m-tile: output row (m / 8) * 2 + (m / 4) % 2, column m % 4. A lane's D rows
@@ -59,8 +74,8 @@ MNET_HD constexpr int mma_pos_row(int m) { return (m >> 3) * 2 + ((m >> 2) & 1);
 MNET_HD constexpr int mma_pos_col(int m) { return m & 3; }
 
 // The launch: grid (blocks, cblocks), GB warps per block (warp w: channel group blockIdx.y * GB + w), block b
-// walks tiles [b * per_block, min((b + 1) * per_block, tiles)); tile = (n * row_tiles + tile row) * col_tiles +
-// tile column.
+// walks tiles [b * per_block, min((b + 1) * per_block, tiles)); tile = (image group * row_tiles + tile row) *
+// col_tiles + tile column, image group g: images IMG g .. IMG g + IMG - 1 (< N).
 struct MmaTilePlan {
   int TW = 8, TH = 8;
   int col_tiles = 0, row_tiles = 0;
@@ -80,10 +95,10 @@ MNET_HD bool mma_fwd_shape(const DwParams& p) {
 }
 
 // Blocks of several tiles (the weights' fragments and the BN fold are built once per block) while at least
-// kMmaMinBlocks blocks remain (a few waves of the SMs). The CUDA emulator's build lowers it (tests/cuda_emu/build.py)
+// kMmaMinBlocks blocks remain (about one wave: 132 SMs x 2-5 resident blocks of 1-4 warps). The CUDA emulator's build lowers it (tests/cuda_emu/build.py)
 // so that its small shapes walk several tiles per block too.
 #ifndef MNET_MMA_MIN_BLOCKS
-#define MNET_MMA_MIN_BLOCKS 1024
+#define MNET_MMA_MIN_BLOCKS 512
 #endif
 constexpr int64_t kMmaMinBlocks = MNET_MMA_MIN_BLOCKS;
 
@@ -93,7 +108,8 @@ inline MmaTilePlan mma_tile_plan(const DwParams& p) {
   t.TH = mma_tile_rows(t.TW);
   t.col_tiles = (int)((p.Wo + t.TW - 1) / t.TW);
   t.row_tiles = (int)((p.Ho + t.TH - 1) / t.TH);
-  t.tiles = p.N * t.row_tiles * t.col_tiles;
+  const int64_t img = mma_tile_images(t.TW);
+  t.tiles = (p.N + img - 1) / img * t.row_tiles * t.col_tiles;
   t.col_div = fast_div((uint32_t)t.col_tiles);
   t.row_div = fast_div((uint32_t)t.row_tiles);
   const int64_t groups = p.C / 8;
