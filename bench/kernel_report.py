@@ -305,7 +305,7 @@ def _band_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, A
 
 
 # csrc/dwconv_bn_act/mma_tile.h: the tensor-core forward at stride 2 (fwd_mma_kernel; mma_tile_plan, MmaGeom).
-_MMA_MIN_BLOCKS = 512
+_MMA_MIN_BLOCKS, _MMA_SMEM_MAX = 512, 99 * 1024
 
 
 def mma_fwd_serves(case: Case) -> bool:
@@ -329,14 +329,15 @@ def _mma_plan(s: Shape, t: dict[str, Any]) -> Plan:
     col_tiles, row_tiles = -(-s.wo // tw), -(-s.ho // th)
     tiles = -(-s.n // img) * row_tiles * col_tiles
     groups = s.c // 8
-    gb = next(g for g in (4, 3, 2, 1) if groups % g == 0)
+    ph = img * (2 * tw + k - 1) // 2
+    pitch = 2 * ph + (4 - 2 * ph) % 8
+    plane = 2 * (th + (k - 1) // 2) * pitch * 16
+    gb = next(g for g in (4, 3, 2, 1) if groups % g == 0 and (g == 1 or g * plane <= _MMA_SMEM_MAX))
     cblocks = groups // gb
     per = 8
     while per > 1 and -(-tiles // per) * cblocks < _MMA_MIN_BLOCKS:
         per //= 2
-    ph = 16 * -(-img * (2 * tw + k - 1) // 32)
-    pitch = 2 * ph + (4 - 2 * ph) % 8
-    smem = gb * 2 * (th + (k - 1) // 2) * pitch * 16
+    smem = gb * plane
     outputs = s.n * s.ho * s.wo / tiles * 8 / 32  # per lane and tile: its share of the valid outputs
     return Plan(32 * gb, tiles / -(-tiles // per), outputs, smem)
 

@@ -115,7 +115,8 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
       const bool row_in = (unsigned)(ih0 + i) < (unsigned)p.H;
 #pragma unroll
       for (int u = 0; u < NU; ++u) {
-        cp_async_16(s_lane + (SmemAddr)((G::slot(i, 0) + 16 * u) * 16), src[u], row_in && col_in[u]);
+        if (u < NU - 1 || lane + 32 * u < G::IMG * G::JS)  // the last column of lanes: the window's end
+          cp_async_16(s_lane + (SmemAddr)((G::slot(i, 0) + 16 * u) * 16), src[u], row_in && col_in[u]);
         src[u] += xh;
       }
     }

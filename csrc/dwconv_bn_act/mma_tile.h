@@ -15,9 +15,7 @@
 // Staged layout (16-byte slots): the input split into its 2 x 2 stride phases, slot(i, j) = (i & 1) * RP +
 // (i >> 1) * P + (j & 1) * PH + (j >> 1) for input row i and column j of the tile (from 2 oh0 - pad, 2 ow0 - pad),
 // so output (r, c) under tap (kh, kw) reads slot r * P + c + slot(kh, kw): a per-lane base plus a compile-time
-// offset per tap. Lane l stages columns l + 32 u, u < NU, each a slot of its own: PH = 16 NU >= the columns of a
-// phase, so the lanes past the tile's columns zero-fill slots nobody reads (no lane test in the staging loop).
-// P = 4 (mod 8): the 8 rows of each 8x8 matrix ldmatrix reads (2 output rows x 4 columns) fall in 8
+// offset per tap. Lane l stages columns l + 32 u, u < NU (PH: the columns of a phase). P = 4 (mod 8): the 8 rows of each 8x8 matrix ldmatrix reads (2 output rows x 4 columns) fall in 8
 // distinct 16-byte bank groups.
 #pragma once
 
@@ -34,8 +32,8 @@ MNET_HD constexpr int mma_tile_rows(int TW) { return TW == 28 ? 4 : 8; }
 MNET_HD constexpr int mma_tile_images(int TW) { return TW == 8 ? 3 : TW == 16 ? 2 : 1; }
 // The staged row pitch in 16-byte slots: the smallest >= 2 * half that is 4 (mod 8).
 MNET_HD constexpr int mma_pitch(int half) { return 2 * half + ((4 - 2 * half) % 8 + 8) % 8; }
-// Staged columns per phase (slots): 16 per 32 input columns the warp's lanes stage (JS = 2 TW + K - 1 per image).
-MNET_HD constexpr int mma_phase_cols(int K, int TW) { return 16 * ((mma_tile_images(TW) * (2 * TW + K - 1) + 31) / 32); }
+// Staged columns per phase (slots): half the tile's JS = 2 TW + K - 1 columns per image.
+MNET_HD constexpr int mma_phase_cols(int K, int TW) { return mma_tile_images(TW) * (2 * TW + K - 1) / 2; }
 // 16-byte slots of one warp's plane.
 MNET_HD constexpr int mma_plane_slots(int K, int TW) {
   return 2 * (mma_tile_rows(TW) + (K - 1) / 2) * mma_pitch(mma_phase_cols(K, TW));
@@ -58,7 +56,7 @@ struct MmaGeom {
   static constexpr int OP = OW + ((4 - OW) % 8 + 8) % 8;  // output row pitch in the plane (slots)
   static constexpr int NV = (TH * OW + 31) / 32;          // output vectors per lane and tile
   static_assert(TW % 4 == 0 && TH % 4 == 0, "m-tiles are 4 x 4 outputs");
-  static_assert(P % 8 == 4 && P >= 2 * PH && PH >= HALF && PH == 16 * NU, "conflict-free ldmatrix rows");
+  static_assert(P % 8 == 4 && P >= 2 * PH && PH >= HALF && 2 * PH == IMG * JS, "conflict-free ldmatrix rows");
   static_assert(OP % 8 == 4 && TH * OP <= PLANE, "the outputs fit the plane, conflict-free");
   MNET_HD static constexpr int slot(int i, int j) { return (i & 1) * RP + (i >> 1) * P + (j & 1) * PH + (j >> 1); }
   MNET_HD static constexpr int tap(int t) { return slot(t / K, t % K); }
@@ -94,6 +92,13 @@ MNET_HD bool mma_fwd_shape(const DwParams& p) {
          (p.k == 3 || p.k == 5 || p.k == 7);
 }
 
+MNET_HD constexpr int mma_smem_bytes(int K, int TW, int GB) { return GB * mma_plane_slots(K, TW) * 16; }
+// A block's shared memory at most: sm_86 / sm_89's opt-in limit (99 KB), two blocks per SM on sm_80 / sm_90.
+constexpr int kMmaSmemMax = 99 * 1024;
+static_assert(mma_smem_bytes(7, 8, 1) <= kMmaSmemMax && mma_smem_bytes(7, 16, 1) <= kMmaSmemMax &&
+                  mma_smem_bytes(7, 28, 1) <= kMmaSmemMax,
+              "one warp's plane fits the shared memory of a block");
+
 // Blocks of several tiles (the weights' fragments and the BN fold are built once per block) while at least
 // kMmaMinBlocks blocks remain (about one wave: 132 SMs x 2-5 resident blocks of 1-4 warps). The CUDA emulator's build lowers it (tests/cuda_emu/build.py)
 // so that its small shapes walk several tiles per block too.
@@ -113,7 +118,10 @@ inline MmaTilePlan mma_tile_plan(const DwParams& p) {
   t.col_div = fast_div((uint32_t)t.col_tiles);
   t.row_div = fast_div((uint32_t)t.row_tiles);
   const int64_t groups = p.C / 8;
-  t.GB = groups % 4 == 0 ? 4 : groups % 3 == 0 ? 3 : groups % 2 == 0 ? 2 : 1;
+  // Warps per block: the most of 4, 3, 2, 1 dividing the groups whose planes fit kMmaSmemMax.
+  t.GB = 1;
+  for (int gb = 4; gb > 1 && t.GB == 1; --gb)
+    if (groups % gb == 0 && mma_smem_bytes(p.k, t.TW, gb) <= kMmaSmemMax) t.GB = gb;
   t.cblocks = (int)(groups / t.GB);
   for (int per = 8; per >= 1; per >>= 1) {
     t.per_block = per;
@@ -123,6 +131,5 @@ inline MmaTilePlan mma_tile_plan(const DwParams& p) {
   return t;
 }
 
-MNET_HD constexpr int mma_smem_bytes(int K, int TW, int GB) { return GB * mma_plane_slots(K, TW) * 16; }
 
 }  // namespace mnet
