@@ -21,19 +21,20 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   where ``body`` is the counted path through the kernel's main loop (the loop with the most global loads and stores:
   the CUDA strip loops (fwd: strips per thread; stats/bwd_reduce: the strips of a chunk per walker; SE: pixels per
   walker; the staged band kernels ``fwd_band_kernel`` / ``stats_band_kernel`` of channels_last: the band tiles of a
-  block, with the two staging loops (staged rows inside the image, padding rows) and the kernel-row loop inside), the
-  CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``), ``outside`` the
-  counted path from entry to exit around it (prologue, epilogue, other loops once), and ``trips`` the loop's mean trip
-  count per thread from the launch plan (CUDA: the geometry of ``csrc/dwconv_bn_act/tile.h`` and
-  ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). Inner loops of the main
-  loop count their planned trips (``Plan.inner_trips``, ``Plan.nest``): the CUDA runtime loop over the K - 1 kernel
-  rows after the peeled row 0, the three phase loops of the CUDA backward apply (dz rows, dweight strips, dx pixels
-  per thread and item), the two of the Triton one (dz chunks, dx chunks, each with its kernel-row loop). A kernel
-  without a loop (Triton fwd: one tile per program) counts its entry-to-exit path over the outputs one thread holds
-  (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path visits every block with a load or
-  store on its way (all K*K taps, the store) and takes the cheaper side of a branch that only computes; a subroutine
-  call counts its callee's path, so an int64 division counts its inline 32-bit fast path, not the call of the 64-bit
-  routine. A runtime activation switch (the CUDA kernels) counts its cheapest case, ``none``: relu adds ~1
+  block, with the two staging loops (staged rows inside the image, padding rows) and the kernel-row loop inside; the
+  tensor-core forward ``fwd_mma_kernel`` of bf16/fp16 channels_last at stride 2: the tiles of a block, everything
+  inside unrolled), the CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``),
+  ``outside`` the counted path from entry to exit around it (prologue, epilogue, other loops once), and ``trips`` the
+  loop's mean trip count per thread from the launch plan (CUDA: the geometry of ``csrc/dwconv_bn_act/tile.h``,
+  ``mma_tile.h`` and ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). Inner
+  loops of the main loop count their planned trips (``Plan.inner_trips``, ``Plan.nest``): the CUDA runtime loop over
+  the K - 1 kernel rows after the peeled row 0, the three phase loops of the CUDA backward apply (dz rows, dweight
+  strips, dx pixels per thread and item), the two of the Triton one (dz chunks, dx chunks, each with its kernel-row
+  loop). A kernel without a loop (Triton fwd: one tile per program) counts its entry-to-exit path over the outputs one
+  thread holds (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path visits every block
+  with a load or store on its way (all K*K taps, the store) and takes the cheaper side of a branch that only computes;
+  a subroutine call counts its callee's path, so an int64 division counts its inline 32-bit fast path, not the call of
+  the 64-bit routine. A runtime activation switch (the CUDA kernels) counts its cheapest case, ``none``: relu adds ~1
   instruction per output, relu6 ~2, hardswish ~5, silu ~30. ``fma_per_output_elem`` and ``gmem_per_output_elem``
   (global load/store instructions) split the same count.
 
@@ -46,6 +47,14 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   epilogue: 112 FFMA of the BN fold, 56 F2FP, 14 STG.E.128); outside, 161 (parameter staging, prologue). Per
   thread 161 + 8 x (1,461 + 564) = 16,361 instructions for 896 outputs: 18.3 per output element, what the tool
   counts. (Session 3's strips of 4: 30.2; before the redesign: 414 for the one-thread-per-output kernel.)
+  And on the CUDA ``fwd_mma_kernel<__nv_bfloat16, 3, 28>`` (sm_90, nvcc 13.0; 4 warps of one channel group each,
+  tiles of 4 x 28 outputs, 28 outputs x 8 channels / 32 lanes = 28 elements per lane and tile): from the tile loop's
+  head to the activation switch's first test 223 instructions (tile indices: 2 multiply-high divisions; staging:
+  18 LDGSTS.128 with their pointer steps and zero-fill predicates; 7 m-tiles of 4 LDSM.x4 + 4 HMMA.16816 +
+  1 LDSM.x2 + 1 HMMA.1688), 4 of compares to the ``none`` case, the case 43 (28 FFMA of the BN fold, 14 F2FP, the
+  branch), the rest of the loop 140 (14 STS of the D fragments, 4 LDS.128 + 4 STG.128 of the outputs, their
+  addresses and masks, the loop test): 410 per tile, the tool's path; outside 167. For dw_c144_56x56 (8 tiles per
+  block): (167 + 8 x 410) / (8 x 28) = 15.4 per output element, what the tool counts.
   And on the Triton ``_fwd_kernel`` (bf16, NHWC, K = 3, dw_c144_56x56, 2 warps, 32 groups of OW = 8 columns x 16
   channels: 64 outputs per thread): 642 instructions to the kernel-row loop (setup, then the peeled row 0: 192 FFMA,
   10 LDG.E.128 of x, 6 of the fp32 weight taps), a 400-instruction loop body taken K - 1 = 2 times (192 FFMA, 120
