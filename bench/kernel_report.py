@@ -21,19 +21,20 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   where ``body`` is the counted path through the kernel's main loop (the loop with the most global loads and stores:
   the CUDA strip loops (fwd: strips per thread; stats/bwd_reduce: the strips of a chunk per walker; SE: pixels per
   walker; the staged band kernels ``fwd_band_kernel`` / ``stats_band_kernel`` of channels_last: the band tiles of a
-  block, with the two staging loops (staged rows inside the image, padding rows) and the kernel-row loop inside), the
-  CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``), ``outside`` the
-  counted path from entry to exit around it (prologue, epilogue, other loops once), and ``trips`` the loop's mean trip
-  count per thread from the launch plan (CUDA: the geometry of ``csrc/dwconv_bn_act/tile.h`` and
-  ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). Inner loops of the main
-  loop count their planned trips (``Plan.inner_trips``, ``Plan.nest``): the CUDA runtime loop over the K - 1 kernel
-  rows after the peeled row 0, the three phase loops of the CUDA backward apply (dz rows, dweight strips, dx pixels
-  per thread and item), the two of the Triton one (dz chunks, dx chunks, each with its kernel-row loop). A kernel
-  without a loop (Triton fwd: one tile per program) counts its entry-to-exit path over the outputs one thread holds
-  (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path visits every block with a load or
-  store on its way (all K*K taps, the store) and takes the cheaper side of a branch that only computes; a subroutine
-  call counts its callee's path, so an int64 division counts its inline 32-bit fast path, not the call of the 64-bit
-  routine. A runtime activation switch (the CUDA kernels) counts its cheapest case, ``none``: relu adds ~1
+  block, with the two staging loops (staged rows inside the image, padding rows) and the kernel-row loop inside; the
+  tensor-core forward ``fwd_mma_kernel`` of bf16/fp16 channels_last at stride 2: the tiles of a block, everything
+  inside unrolled), the CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``),
+  ``outside`` the counted path from entry to exit around it (prologue, epilogue, other loops once), and ``trips`` the
+  loop's mean trip count per thread from the launch plan (CUDA: the geometry of ``csrc/dwconv_bn_act/tile.h``,
+  ``mma_tile.h`` and ``csrc/*/kernels.cuh``, mirrored in ``CUDA_KERNELS``; Triton: the launcher's own values). Inner
+  loops of the main loop count their planned trips (``Plan.inner_trips``, ``Plan.nest``): the CUDA runtime loop over
+  the K - 1 kernel rows after the peeled row 0, the three phase loops of the CUDA backward apply (dz rows, dweight
+  strips, dx pixels per thread and item), the two of the Triton one (dz chunks, dx chunks, each with its kernel-row
+  loop). A kernel without a loop (Triton fwd: one tile per program) counts its entry-to-exit path over the outputs one
+  thread holds (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path visits every block
+  with a load or store on its way (all K*K taps, the store) and takes the cheaper side of a branch that only computes;
+  a subroutine call counts its callee's path, so an int64 division counts its inline 32-bit fast path, not the call of
+  the 64-bit routine. A runtime activation switch (the CUDA kernels) counts its cheapest case, ``none``: relu adds ~1
   instruction per output, relu6 ~2, hardswish ~5, silu ~30. ``fma_per_output_elem`` and ``gmem_per_output_elem``
   (global load/store instructions) split the same count.
 
@@ -46,6 +47,14 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   epilogue: 112 FFMA of the BN fold, 56 F2FP, 14 STG.E.128); outside, 161 (parameter staging, prologue). Per
   thread 161 + 8 x (1,461 + 564) = 16,361 instructions for 896 outputs: 18.3 per output element, what the tool
   counts. (Session 3's strips of 4: 30.2; before the redesign: 414 for the one-thread-per-output kernel.)
+  And on the CUDA ``fwd_mma_kernel<__nv_bfloat16, 3, 28>`` (sm_90, nvcc 13.0; 4 warps of one channel group each,
+  tiles of 4 x 28 outputs, 28 outputs x 8 channels / 32 lanes = 28 elements per lane and tile): from the tile loop's
+  head to the activation switch's first test 223 instructions (tile indices: 2 multiply-high divisions; staging:
+  18 LDGSTS.128 with their pointer steps and zero-fill predicates; 7 m-tiles of 4 LDSM.x4 + 4 HMMA.16816 +
+  1 LDSM.x2 + 1 HMMA.1688), 4 of compares to the ``none`` case, the case 43 (28 FFMA of the BN fold, 14 F2FP, the
+  branch), the rest of the loop 140 (14 STS of the D fragments, 4 LDS.128 + 4 STG.128 of the outputs, their
+  addresses and masks, the loop test): 410 per tile, the tool's path; outside 167. For dw_c144_56x56 (8 tiles per
+  block): (167 + 8 x 410) / (8 x 28) = 15.4 per output element, what the tool counts.
   And on the Triton ``_fwd_kernel`` (bf16, NHWC, K = 3, dw_c144_56x56, 2 warps, 32 groups of OW = 8 columns x 16
   channels: 64 outputs per thread): 642 instructions to the kernel-row loop (setup, then the peeled row 0: 192 FFMA,
   10 LDG.E.128 of x, 6 of the fp32 weight taps), a 400-instruction loop body taken K - 1 = 2 times (192 FFMA, 120
@@ -304,6 +313,44 @@ def _band_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, A
     return plan
 
 
+# csrc/dwconv_bn_act/mma_tile.h: the tensor-core forward at stride 2 (fwd_mma_kernel; mma_tile_plan, MmaGeom).
+_MMA_MIN_BLOCKS, _MMA_SMEM_MAX = 512, 99 * 1024
+
+
+def mma_fwd_serves(case: Case) -> bool:
+    """fwd.cu: use_mma_fwd (mma_tile.h: mma_fwd_shape) on an sm_80+ device: bf16/fp16 channels_last, C % 8 == 0,
+    stride 2, dilation 1 (every MobileNet stride-2 depthwise layer in bf16/fp16 NHWC)."""
+    cfg = case.layer
+    return (case.dtype in ("bf16", "fp16") and case.layout == "NHWC" and cfg.channels % 8 == 0 and cfg.stride == 2
+            and cfg.dilation == 1)
+
+
+def mma_tile_width(wo: int) -> int:
+    return 8 if wo <= 8 else 16 if wo <= 16 else 28
+
+
+def _mma_plan(s: Shape, t: dict[str, Any]) -> Plan:
+    """fwd_mma_kernel: per thread, the tile loop (tiles per block); each tile is TH x TW outputs of IMG images x 8
+    channels per warp (staging and m-tiles unrolled), IMG * TH * TW / 4 elements per lane of which the part inside
+    the batch's N x Ho x Wo counts."""
+    k, tw = t["K"], t["MTW"]
+    th, img = (4, 1) if tw == 28 else (8, 2) if tw == 16 else (8, 3)
+    col_tiles, row_tiles = -(-s.wo // tw), -(-s.ho // th)
+    tiles = -(-s.n // img) * row_tiles * col_tiles
+    groups = s.c // 8
+    ph = img * (2 * tw + k - 1) // 2
+    pitch = 2 * ph + (4 - 2 * ph) % 8
+    plane = 2 * (th + (k - 1) // 2) * pitch * 16
+    gb = next(g for g in (4, 3, 2, 1) if groups % g == 0 and (g == 1 or g * plane <= _MMA_SMEM_MAX))
+    cblocks = groups // gb
+    per = 8
+    while per > 1 and -(-tiles // per) * cblocks < _MMA_MIN_BLOCKS:
+        per //= 2
+    smem = gb * plane
+    outputs = s.n * s.ho * s.wo / tiles * 8 / 32  # per lane and tile: its share of the valid outputs
+    return Plan(32 * gb, tiles / -(-tiles // per), outputs, smem)
+
+
 @dataclasses.dataclass(frozen=True)
 class CudaKernel:
     role: str | Callable[[dict[str, Any]], str]  # fixed, or from the template arguments
@@ -311,6 +358,9 @@ class CudaKernel:
     # (2 at stride 2), CL: channels_last)
     plan: Callable[[Shape, dict[str, Any]], Plan] | None = None  # None: no per-layer plan (not a hot kernel)
     fixed: tuple[tuple[str, Any], ...] = ()  # template parameters the kernel fixes (not in its argument list)
+    # Which of the cases the template arguments match it serves (None: all): the launcher's choice between kernels
+    # with the same template arguments.
+    serves: Callable[[Case, Shape, dict[str, Any]], bool] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,7 +392,11 @@ _BAND_PARAMS = ("T", "K", "J", "TW", "WHOLE")
 
 CUDA_KERNELS: dict[str, CudaKernel] = {
     "fwd_kernel": CudaKernel("fwd", (*_STRIP_PARAMS, "TW"), _strip_plan(False, 2)),  # weights, BN scale, shift
-    "fwd_band_kernel": CudaKernel("fwd", _BAND_PARAMS, _band_plan(False, 2), _BAND_FIXED),
+    # bf16/fp16 at stride 2: the band kernel only below sm_80 (not in this report's sm_80/sm_90 plans)
+    "fwd_band_kernel": CudaKernel("fwd", _BAND_PARAMS, _band_plan(False, 2), _BAND_FIXED,
+                                  lambda c, s, t: not mma_fwd_serves(c)),
+    "fwd_mma_kernel": CudaKernel("fwd", ("T", "K", "MTW"), _mma_plan, (("CL", True),),
+                                 lambda c, s, t: mma_fwd_serves(c) and t["MTW"] == mma_tile_width(s.wo)),
     "stats_partial_kernel": CudaKernel("stats", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 0)),
     "stats_band_kernel": CudaKernel("stats", _BAND_PARAMS, _band_plan(True, 0), _BAND_FIXED),
     "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 4)),
@@ -632,6 +686,8 @@ def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], 
                     continue
                 if "WHOLE" in targs and targs["WHOLE"] != band_whole(shape_of(case, batch), case.layer.stride,
                                                                      targs["TW"]):
+                    continue
+                if spec.serves is not None and not spec.serves(case, shape_of(case, batch), targs):
                     continue
                 plan = spec.plan(shape_of(case, batch), targs)
                 records.append(make_record(job["arch"], "cuda", name, role, dtype, layout, k, case, batch, fn, plan,

@@ -7,6 +7,7 @@ share, checked on a machine without a GPU. Outputs against mnet_ext.reference in
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -131,26 +132,29 @@ def run_emulated(exe: Path, name: str, args: tuple, order: int) -> tuple[tuple[t
     return outs, [k.split("<")[0].split("(")[0].split("::")[-1] for k in launches]
 
 
-def expected_kernels(name: str, x: torch.Tensor) -> list[str]:
+def expected_kernels(name: str, x: torch.Tensor, stride: int, dilation: int) -> list[str]:
     """The kernels the launcher runs for x (csrc/dwconv_bn_act/*.cu): the staged band kernels for channels_last
-    with 16-byte channel vectors (C a multiple of 16 bytes' worth), the strip kernels otherwise."""
+    with 16-byte channel vectors (C a multiple of 16 bytes' worth), the strip kernels otherwise; the forward on the
+    tensor cores for bf16/fp16 of those at stride 2, dilation 1 (fwd.cu: use_mma_fwd; the emulator is an sm_90)."""
     band = R.memory_format_of(x) == torch.channels_last and x.shape[1] * x.element_size() % 16 == 0
+    mma = band and x.element_size() == 2 and stride == 2 and dilation == 1
     return {
-        "dwconv_bn_act_fwd": ["fwd_band_kernel" if band else "fwd_kernel"],
+        "dwconv_bn_act_fwd": ["fwd_mma_kernel" if mma else "fwd_band_kernel" if band else "fwd_kernel"],
         "dwconv_bn_stats": ["stats_band_kernel" if band else "stats_partial_kernel", "stats_final_kernel"],
         "dwconv_bn_act_bwd_reduce": ["bwd_reduce_partial_kernel", "sum2_final_kernel"],
         "dwconv_bn_act_bwd_apply": ["bwd_apply_kernel", "dweight_final_kernel"],
     }[name]
 
 
-def check(exe: Path, shape, k: int, stride: int, dilation: int, dtype: torch.dtype, layout: str, order: int) -> None:
-    """Every primitive on one problem: outputs against the fp64 reference, and the kernels that ran."""
-    for name in PRIMS:
+def check(exe: Path, shape, k: int, stride: int, dilation: int, dtype: torch.dtype, layout: str, order: int,
+          prims=tuple(PRIMS)) -> None:
+    """Every primitive (of `prims`) on one problem: outputs against the fp64 reference, and the kernels that ran."""
+    for name in prims:
         args = _args(name, shape, k, stride, dilation, dtype, layout)
         out, launched = run_emulated(exe, name, args, order)
         what = f"{shape} k{k} s{stride} d{dilation} {dtype} {layout} order {order}"
         x = args[1] if name in ("dwconv_bn_act_bwd_reduce", "dwconv_bn_act_bwd_apply") else args[0]
-        assert launched == expected_kernels(name, x), f"{name} {what}: launched {launched}"
+        assert launched == expected_kernels(name, x, stride, dilation), f"{name} {what}: launched {launched}"
         assert_matches_fp64_reference(name, out if len(out) > 1 else out[0], args, what)
 
 
@@ -188,6 +192,30 @@ def test_emulated_kernels_match_reference(emulator, case):
     check(emulator, shape, k, stride, dilation, dtype, layout, order=CASES.index(case) % 3)
 
 
+# The tensor-core forward at stride 2 (csrc/dwconv_bn_act/mma_fwd.cuh; mma_tile.h): tile widths 8 / 16 / 28
+# (Wo <= 8, <= 16, more; 3 / 2 / 1 images side by side, the last group of a batch partial), odd sizes (partial
+# tiles: outputs masked, padding on every side of the staged input), C = 8, 16, 24 (1, 2, 3 warps per block), 40
+# (5 channel blocks of one warp), several tiles per block (the emulator build lowers kMmaMinBlocks: build.py),
+# K 3 / 5 / 7. fp16 needs the full build (a second compile).
+HALF = torch.float16
+MMA_CASES = [
+    ((1, 8, 15, 17), 3, BF16),  # Ho 8, Wo 9: TW 16, 7 columns of the tile past Wo
+    ((2, 24, 29, 31), 5, BF16),  # TW 16, two row tiles per image (the second 7 of 8 rows), 3 warps per block
+    ((3, 16, 57, 56), 5, BF16),  # TW 28, Ho 29: 8 row tiles (the last 1 of 4 rows), 12 tiles per image
+    ((4, 40, 9, 9), 3, BF16),  # 5x5 outputs (TW 8, 3 images per tile: groups of 3 and 1), 5 blocks of one warp
+    ((2, 16, 14, 14), 7, BF16),  # K 7: 24 pairs and the lone tap, padding 3
+    ((1, 24, 9, 11), 5, HALF),  # fp16 (full build), Ho 5, Wo 6
+    ((2, 16, 30, 29), 3, HALF),  # fp16, TW 16 at Wo 15
+]
+
+
+@pytest.mark.parametrize("case", MMA_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-k{c[1]}-{str(c[2])[6:]}")
+def test_emulated_mma_forward(request, case):
+    shape, k, dtype = case
+    exe = request.getfixturevalue("emulator_full" if dtype == HALF else "emulator")
+    check(exe, shape, k, 2, 1, dtype, "nhwc", order=MMA_CASES.index(case) % 3, prims=("dwconv_bn_act_fwd",))
+
+
 @pytest.mark.parametrize(
     "kernel, message",
     [
@@ -197,6 +225,7 @@ def test_emulated_kernels_match_reference(emulator, case):
         ("smem_overrun", "past the launch's 256 bytes"),
         ("bad_loads", "misaligned address"),
         ("bad_loads", "outside every buffer"),
+        ("divergent_ldmatrix", "every lane of the warp must reach it"),
     ],
 )
 def test_emulator_reports_defects(emulator, kernel, message):
@@ -205,6 +234,22 @@ def test_emulator_reports_defects(emulator, kernel, message):
     write past the dynamic shared memory, misaligned and out-of-bounds 16-byte loads."""
     r = subprocess.run([str(emulator), "--selftest", kernel], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and message in r.stderr, r.stderr
+
+
+def test_emulated_mma_fragments(emulator):
+    """The emulator's ldmatrix and mma.m16n8k16 / m16n8k8 (bf16, fp16; tests/cuda_emu/selftest.cpp: mma_fragments):
+    D = C + A B from fragments loaded by ldmatrix and from fragments built per lane by the PTX ISA's tables, equal to
+    a plain matmul bit for bit (exact small values)."""
+    r = subprocess.run([str(emulator), "--selftest", "mma_fragments"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("defect", ["mma", "ldmatrix"])
+def test_mma_fragment_selftest_catches_layout_defects(emulator, defect):
+    """The self-test above fails when the emulator's own layout is wrong (emu.cpp: MNET_EMU_DEFECT plants one)."""
+    r = subprocess.run([str(emulator), "--selftest", "mma_fragments"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "MNET_EMU_DEFECT": defect})
+    assert r.returncode == 1 and "mma fragments" in r.stderr, r.stderr
 
 
 # The exhaustive sweep: every (k, stride, dilation) on shapes with every kind of edge; channels_last in every dtype

@@ -119,6 +119,104 @@ inline bool full_vectors(bool channels_last, int64_t C, std::initializer_list<co
     return __VA_ARGS__();                                                 \
   }()
 
+// ---- tensor cores and asynchronous copies (sm_80+) ------------------------------------------------------
+// Inline PTX on the device; on the host, the CUDA emulator's warp collectives (tests/cuda_emu/emu.h defines
+// MNET_EMU: every lane of the warp must arrive, then each takes its part of the result). Shared memory is addressed
+// by a 32-bit byte address (`SmemAddr`: the .shared window on the device, an offset into the block's dynamic
+// buffer in the emulator), so a lane's base plus compile-time offsets becomes immediate offsets of LDSM.
+// The nvcc host pass parses these bodies but never runs them (device code), hence no third branch.
+using SmemAddr = uint32_t;
+
+MNET_DEVICE SmemAddr smem_addr(const void* p) {
+#if defined(__CUDA_ARCH__)
+  return (SmemAddr)__cvta_generic_to_shared(p);
+#elif defined(MNET_EMU)
+  return ::emu::smem_offset(p);
+#else
+  return (SmemAddr)(uintptr_t)p;
+#endif
+}
+
+// 16 bytes global -> shared without registers; `in` false: 16 zero bytes (src is not read). Visible to the
+// issuing thread after cp_async_wait_all, to the others after a barrier that follows it.
+MNET_DEVICE void cp_async_16(SmemAddr dst, const void* src, bool in) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0) : "memory");
+#elif defined(MNET_EMU)
+  ::emu::cp_async_16(dst, src, in);
+#endif
+}
+
+MNET_DEVICE void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#elif defined(MNET_EMU)
+  ::emu::cp_async_wait_all();
+#endif
+}
+
+MNET_DEVICE void syncwarp() {
+#if defined(__CUDA_ARCH__)
+  __syncwarp();
+#elif defined(MNET_EMU)
+  ::emu::warp_sync(__FILE__, __LINE__);
+#endif
+}
+
+// ldmatrix.sync.aligned.m8n8.x{N}.shared.b16: lanes 8i..8i+7 give the 16-byte row addresses of matrix i; register
+// i of lane l receives row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1 of matrix i (low half: the first).
+template <int N>
+MNET_DEVICE void ldmatrix(uint32_t (&r)[N], SmemAddr row) {
+  static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (N == 4)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(row) : "memory");
+  else if constexpr (N == 2)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(row)
+                 : "memory");
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(row) : "memory");
+#elif defined(MNET_EMU)
+  ::emu::ldmatrix(N, row, r, __FILE__, __LINE__);
+#endif
+}
+
+// d += A B on the tensor cores, fp32 accumulation: mma.sync.aligned.m16n8k{KD}.row.col.f32.{bf16,f16}.{..}.f32.
+// KD = 16: a = A 16x16 (a[0]: rows g, cols 2t, 2t+1; a[1]: rows g + 8; a[2], a[3]: the same at cols + 8), b = B
+// 16x8 (b[0]: rows 2t, 2t+1 of col g; b[1]: rows + 8); KD = 8: a[0], a[1] and b[0] only. d: D 16x8, d[0], d[1] at
+// row g, cols 2t, 2t + 1, d[2], d[3] at row g + 8 (g = lane / 4, t = lane % 4; PTX ISA, "Matrix fragments for
+// mma.m16n8k16 / m16n8k8" with floating-point types).
+template <typename T, int KD>
+MNET_DEVICE void mma(float (&d)[4], const uint32_t (&a)[KD / 4], const uint32_t (&b)[KD / 8]) {
+  static_assert(KD == 8 || KD == 16, "m16n8k8 or m16n8k16");
+  static_assert(sizeof(T) == 2, "bf16 or fp16 operands");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (KD == 16 && std::is_same<T, __nv_bfloat16>::value)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else if constexpr (KD == 16)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b[0]));
+  else
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b[0]));
+#elif defined(MNET_EMU)
+  ::emu::mma(std::is_same<T, __nv_bfloat16>::value, KD, d, a, b, __FILE__, __LINE__);
+#endif
+}
+
 // ---- fixed-order block tree ---------------------------------------------------------------------------
 // Threads are `lanes` x `walkers` (thread = walker * lanes + lane). Combines the walkers of each lane by a fixed
 // binary tree over sh[] (one S per thread); afterwards walker 0 of each lane holds the block's value. Walkers need

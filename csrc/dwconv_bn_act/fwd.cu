@@ -1,10 +1,13 @@
-// dwconv_bn_act_fwd: launch. channels_last with 16-byte vectors: fwd_band_kernel (staged band tiles); otherwise
+// dwconv_bn_act_fwd: launch. bf16/fp16 channels_last with 16-byte vectors at stride 2, dilation 1 on sm_80+:
+// fwd_mma_kernel (tensor cores, mma_fwd.cuh; the one switch is use_mma_fwd). Else channels_last with 16-byte
+// vectors: fwd_band_kernel (staged band tiles); otherwise
 // fwd_kernel (NCHW, or channels_last with C % V != 0 / unaligned bases), for 3 dtypes x 3 kernel sizes x 2 column
 // patterns, and two strip widths in channels_last at column pattern 1.
 #include "common/cuda_check.cuh"
 #include "common/dispatch.h"
 #include "dwconv_bn_act/kernels.cuh"
 #include "dwconv_bn_act/launch.h"
+#include "dwconv_bn_act/mma_fwd.cuh"
 
 namespace mnet {
 
@@ -12,6 +15,12 @@ void dw_fwd_cuda(const DwParams& p, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   MNET_DISPATCH_DTYPE(p.dtype, __half, __nv_bfloat16, T, [&] {
     MNET_DISPATCH_KSIZE(p.k, K, [&] {
+      if constexpr (sizeof(T) == 2) {
+        if (dev::use_mma_fwd<T>(p)) {
+          dev::launch_mma_fwd<T, K>(p, s);
+          return;
+        }
+      }
       MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
         constexpr int J = J2 ? 2 : 1;
         if (dev::full_vectors<T>(p, {p.x, p.y})) {  // channels_last, 16-byte vectors: staged band tiles

@@ -21,7 +21,10 @@ HERE = Path(__file__).resolve().parent
 # instantiated per dtype in bwd_apply_{f32,f16,bf16}.cu).
 KERNEL_UNITS = ("fwd.cu", "stats.cu", "bwd_reduce.cu", "bwd_apply.cu", "bwd_apply_f32.cu", "bwd_apply_bf16.cu",
                 "bwd_apply_f16.cu")
-FLAGS = ("-x", "c++", "-std=c++17", "-O0", "-DWITH_CUDA", "-Wno-unknown-pragmas", "-Wno-attributes")
+# MNET_MMA_MIN_BLOCKS: the tensor-core forward's plan (mma_tile.h) puts several tiles in a block only while >= 1024
+# blocks remain, which no emulated shape reaches; at 2 the small shapes run blocks of 2-8 tiles (the tile loop).
+FLAGS = ("-x", "c++", "-std=c++17", "-O0", "-DWITH_CUDA", "-Wno-unknown-pragmas", "-Wno-attributes",
+         "-DMNET_MMA_MIN_BLOCKS=2")
 # `name<targs><<<launch>>>(` -> `::emu::Launch(launch)(&name<targs>, `: the kernel expression is a (qualified)
 # name with optional template arguments, as every launch in csrc/ is written.
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}()<>]*>)?)\s*<<<(.*?)>>>\s*\(\s*(\)?)", re.S)

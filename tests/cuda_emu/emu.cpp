@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #include <ucontext.h>
 
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -27,20 +28,41 @@ std::vector<Buffer> g_buffers;
 namespace {
 constexpr size_t kStack = 256 * 1024, kGuard = 4096;
 constexpr size_t kSmemMax = 227 * 1024;  // sm_90's opt-in maximum of dynamic shared memory per block
-enum State { kReady, kAtBarrier, kExited };
+enum State { kReady, kAtBarrier, kAtWarp, kExited };
+// A lane's operands of a warp collective (emu.h), and where its results go.
+struct WarpCall {
+  enum Kind { kLdmatrix, kMma, kSync } kind;
+  int n = 0;          // ldmatrix: matrices; mma: K (8 or 16)
+  uint32_t row = 0;   // ldmatrix: this lane's row address
+  uint32_t* r = nullptr;
+  bool bf16 = false;
+  float* d = nullptr;
+  const uint32_t* a = nullptr;
+  const uint32_t* b = nullptr;
+};
+struct Copy {
+  uint32_t dst;
+  std::array<unsigned char, 16> bytes;
+};
 struct Fiber {
   ucontext_t ctx;
   std::unique_ptr<char[]> stack;
   State state;
   const char* file;
   int line;
+  WarpCall* call;
+  std::vector<Copy> pending;  // cp.async copies not yet waited for
 };
 std::vector<Fiber> fibers;
 ucontext_t scheduler;
 int current = -1;
 void (*g_body)(void*);
 void* g_ctx;
-std::map<const void*, int> g_allowed_smem;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize) per kernel
+std::map<const void*, int> g_allowed_smem;
+size_t g_smem_bytes = 0;  // the launch's dynamic shared memory
+// A planted layout defect (MNET_EMU_DEFECT, for the fragment self-test's own test): "ldmatrix" hands lanes the
+// elements of the next row pair, "mma" swaps the A registers of rows g + 8 and columns + 8.
+const std::string g_defect = std::getenv("MNET_EMU_DEFECT") ? std::getenv("MNET_EMU_DEFECT") : "";  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize) per kernel
 // The block's static shared arrays (MNET_SHARED_ARRAY): an arena of 48 KB (the static limit), NaN-filled before each
 // block, and the offset of each declaration (file, line) the block has run.
 constexpr size_t kStaticSmem = 48 * 1024;
@@ -54,6 +76,8 @@ void error(std::string msg) {
 
 void fiber_main() {
   g_body(g_ctx);
+  if (!fibers[current].pending.empty())
+    error("thread " + std::to_string(current) + " exited with cp.async copies it never waited for");
   fibers[current].state = kExited;
   swapcontext(&fibers[current].ctx, &scheduler);
 }
@@ -62,6 +86,80 @@ void fiber_main() {
 int thread_at(int k, int n, int epoch) {
   const bool reverse = g_order == 1 || (g_order == 2 && (epoch & 1));
   return reverse ? n - 1 - k : k;
+}
+
+float half_bits(uint16_t h, bool bf16) {
+  if (bf16) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  __half x;
+  std::memcpy(&x, &h, 2);
+  return __half2float(x);
+}
+
+const unsigned char* smem_row(uint32_t row) {
+  if (row % 16 || (size_t)row + 16 > g_smem_bytes) {
+    error("ldmatrix row address " + std::to_string(row) + " misaligned or outside the " +
+          std::to_string(g_smem_bytes) + " bytes of dynamic shared memory");
+    return nullptr;
+  }
+  return g_dynamic_smem + row;
+}
+
+// The collective of the warp whose lanes are fibers[t0 .. t0 + 31], every one at the same call. Layouts: PTX ISA,
+// "Warp-level matrix load instruction: ldmatrix" and "Matrix fragments for mma.m16n8k16 / mma.m16n8k8" (floating
+// point): g = lane / 4, t = lane % 4.
+void warp_collective(int t0) {
+  WarpCall* c[32];
+  for (int l = 0; l < 32; ++l) c[l] = fibers[t0 + l].call;
+  if (c[0]->kind == WarpCall::kSync) return;
+  if (c[0]->kind == WarpCall::kLdmatrix) {
+    // Matrix i: rows from the addresses of lanes 8i .. 8i + 7; lane l gets row l / 4, elements 2 (l % 4), +1.
+    for (int i = 0; i < c[0]->n; ++i)
+      for (int l = 0; l < 32; ++l) {
+        const int src = 8 * i + (g_defect == "ldmatrix" ? ((l >> 2) + 1) % 8 : l >> 2);
+        const unsigned char* row = smem_row(c[src]->row);
+        if (!row) return;
+        std::memcpy(&c[l]->r[i], row + 4 * (l & 3), 4);
+      }
+    return;
+  }
+  const int kd = c[0]->n;
+  const bool bf16 = c[0]->bf16;
+  double A[16][16] = {}, B[16][8] = {}, C[16][8];
+  for (int l = 0; l < 32; ++l) {
+    if (c[l]->bf16 != bf16) error("mma: lanes disagree on the operand type");
+    const int g = l >> 2, t = l & 3;
+    const auto put = [&](double (&m)[16][16], int row, int col, uint32_t v) {
+      m[row][col] = half_bits((uint16_t)(v & 0xffffu), bf16);
+      m[row][col + 1] = half_bits((uint16_t)(v >> 16), bf16);
+    };
+    const bool swap = g_defect == "mma";
+    put(A, g, 2 * t, c[l]->a[0]);
+    put(A, g + 8, 2 * t, c[l]->a[swap && kd == 16 ? 2 : 1]);
+    if (kd == 16) {
+      put(A, g, 2 * t + 8, c[l]->a[swap ? 1 : 2]);
+      put(A, g + 8, 2 * t + 8, c[l]->a[3]);
+    }
+    for (int j = 0; j < kd / 8; ++j) {
+      B[2 * t + 8 * j][g] = half_bits((uint16_t)(c[l]->b[j] & 0xffffu), bf16);
+      B[2 * t + 8 * j + 1][g] = half_bits((uint16_t)(c[l]->b[j] >> 16), bf16);
+    }
+    for (int j = 0; j < 4; ++j) C[g + 8 * (j >> 1)][2 * t + (j & 1)] = c[l]->d[j];
+  }
+  // fp32 accumulation of exact products: the sum in double, rounded once (the hardware's order is unspecified).
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    for (int j = 0; j < 4; ++j) {
+      const int row = g + 8 * (j >> 1), col = 2 * t + (j & 1);
+      double acc = C[row][col];
+      for (int k = 0; k < kd; ++k) acc += A[row][k] * B[k][col];
+      c[l]->d[j] = (float)acc;
+    }
+  }
 }
 
 void run_block(int n) {
@@ -74,6 +172,7 @@ void run_block(int n) {
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_main, 0);
     f.state = kReady;
+    f.pending.clear();
   }
   for (int epoch = 0;; ++epoch) {
     for (int k = 0; k < n; ++k) {
@@ -83,6 +182,31 @@ void run_block(int n) {
       g_tid = make_uint3((unsigned)t, 0, 0);
       swapcontext(&scheduler, &fibers[t].ctx);
     }
+    bool collectives = false;
+    for (int w = 0; w * 32 < n; ++w) {
+      const int t0 = w * 32;
+      int at = -1;
+      for (int t = t0; t < t0 + 32 && t < n; ++t)
+        if (fibers[t].state == kAtWarp) at = t;
+      if (at < 0) continue;
+      for (int t = t0; t < t0 + 32; ++t) {
+        const Fiber* f = t < n ? &fibers[t] : nullptr;
+        if (!f || f->state != kAtWarp || f->line != fibers[at].line || std::string(f->file) != fibers[at].file ||
+            f->call->kind != fibers[at].call->kind || f->call->n != fibers[at].call->n) {
+          error("block (" + std::to_string(g_bid.x) + "," + std::to_string(g_bid.y) + "): warp " + std::to_string(w) +
+                ": lane " + std::to_string(at - t0) + " is at the warp collective at " + fibers[at].file + ":" +
+                std::to_string(fibers[at].line) + ", lane " + std::to_string(t - t0) +
+                (!f ? " does not exist" : f->state == kExited ? " exited" : " is elsewhere") +
+                " (every lane of the warp must reach it)");
+          for (Fiber& x : fibers) x.state = kExited;
+          return;
+        }
+      }
+      warp_collective(t0);
+      for (int t = t0; t < t0 + 32; ++t) fibers[t].state = kReady;
+      collectives = true;
+    }
+    if (collectives) continue;
     int waiting = -1, exited = 0;
     for (int t = 0; t < n; ++t) {
       if (fibers[t].state == kExited) {
@@ -117,6 +241,65 @@ void syncthreads(const char* file, int line) {
   f.file = file;
   f.line = line;
   swapcontext(&f.ctx, &scheduler);
+}
+
+namespace {
+void warp_call(WarpCall& call, const char* file, int line) {
+  Fiber& f = fibers[current];
+  f.state = kAtWarp;
+  f.file = file;
+  f.line = line;
+  f.call = &call;
+  swapcontext(&f.ctx, &scheduler);
+}
+}  // namespace
+
+uint32_t smem_offset(const void* p) {
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (q < g_dynamic_smem || q > g_dynamic_smem + g_smem_bytes) error("a shared-memory address outside the block's buffer");
+  return (uint32_t)(q - g_dynamic_smem);
+}
+
+void ldmatrix(int n, uint32_t row, uint32_t* r, const char* file, int line) {
+  WarpCall call{WarpCall::kLdmatrix};
+  call.n = n;
+  call.row = row;
+  call.r = r;
+  warp_call(call, file, line);
+}
+
+void mma(bool bf16, int kd, float* d, const uint32_t* a, const uint32_t* b, const char* file, int line) {
+  WarpCall call{WarpCall::kMma};
+  call.n = kd;
+  call.bf16 = bf16;
+  call.d = d;
+  call.a = a;
+  call.b = b;
+  warp_call(call, file, line);
+}
+
+void warp_sync(const char* file, int line) {
+  WarpCall call{WarpCall::kSync};
+  warp_call(call, file, line);
+}
+
+void cp_async_16(uint32_t dst, const void* src, bool in) {
+  Copy c{dst, {}};
+  if (dst % 16 || (size_t)dst + 16 > g_smem_bytes) {
+    error("cp.async to shared byte " + std::to_string(dst) + ": misaligned or past the launch's " +
+          std::to_string(g_smem_bytes) + " bytes");
+    return;
+  }
+  if (in) {
+    check_load(src, 16);
+    std::memcpy(c.bytes.data(), src, 16);
+  }
+  fibers[current].pending.push_back(c);
+}
+
+void cp_async_wait_all() {
+  for (const Copy& c : fibers[current].pending) std::memcpy(g_dynamic_smem + c.dst, c.bytes.data(), 16);
+  fibers[current].pending.clear();
 }
 
 void* shared_array(size_t bytes, size_t align, const char* file, int line) {
@@ -171,6 +354,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*bod
   std::vector<unsigned char> buffer(smem + kGuard + 16);
   unsigned char* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(buffer.data()) + 15) & ~uintptr_t(15));
   g_dynamic_smem = base;
+  g_smem_bytes = smem;
   g_gdim = grid;
   g_bdim = block;
   g_body = body;
@@ -202,6 +386,17 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*bod
 // ---- the CUDA runtime calls of the launchers (cuda_check.cuh, kernels.cuh: allow_smem) ----------------------------
 cudaError_t cudaGetLastError() { return cudaSuccess; }
 const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+// An sm_90 device (fwd.cu: use_mma_fwd asks for the compute capability).
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrComputeCapabilityMajor ? 9 : attr == cudaDevAttrComputeCapabilityMinor ? 0 : -1;
+  return attr == cudaDevAttrComputeCapabilityMajor || attr == cudaDevAttrComputeCapabilityMinor
+             ? cudaSuccess
+             : cudaErrorInvalidValue;
+}
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
     if (value > (int)emu::kSmemMax) return cudaErrorInvalidValue;

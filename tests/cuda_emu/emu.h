@@ -27,6 +27,19 @@ void syncthreads(const char* file, int line);
 void* shared_array(size_t bytes, size_t align, const char* file, int line);
 void check_load(const void* p, size_t bytes);
 
+// Warp collectives (device.cuh: ldmatrix, mma, syncwarp): the lane publishes its operands and waits until all
+// 32 lanes of its warp are at the same call site (else an error, like a barrier not every thread reaches); the
+// scheduler then computes the result from every lane's operands (emu.cpp, layouts from the PTX ISA) and each lane
+// takes its part. Shared-memory addresses (device.cuh: SmemAddr) are byte offsets into the block's dynamic buffer.
+uint32_t smem_offset(const void* p);
+void ldmatrix(int n, uint32_t row, uint32_t* r, const char* file, int line);
+void mma(bool bf16, int kd, float* d, const uint32_t* a, const uint32_t* b, const char* file, int line);
+void warp_sync(const char* file, int line);
+// cp.async: the copy lands in shared memory when the issuing thread waits (cp_async_wait_all), not before; a thread
+// that exits with copies pending is an error.
+void cp_async_16(uint32_t dst, const void* src, bool in);
+void cp_async_wait_all();
+
 template <typename T>
 inline T* dynamic_smem() {
   return reinterpret_cast<T*>(g_dynamic_smem);
@@ -68,6 +81,8 @@ struct Launch {
   }
 };
 }  // namespace emu
+
+#define MNET_EMU 1
 
 #undef __global__
 #define __global__

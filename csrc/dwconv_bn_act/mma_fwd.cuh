@@ -1,0 +1,207 @@
+// The tensor-core eval forward at stride 2 (bf16/fp16, channels_last, C % 8 == 0, dilation 1, K 3/5/7; sm_80+):
+// geometry and the contraction in mma_tile.h. Per lane: the weights' B fragments (one 32-bit word per tap, nonzero
+// for the two lanes whose column g holds that row pair) and the BN fold of its two output channels, once per block;
+// per tile, its share of the warp's staging (cp.async, zero-filled outside the image), then per m-tile of 4 x 4
+// outputs ceil(K*K / 2) ldmatrix + mma and the epilogue on its 4 accumulators (2 positions x 2 channels).
+// Why tensor cores: with fp32 CUDA-core FMAs the K5 stride-2 band kernel's floor (~37.6 SASS per output element:
+// 25 FFMA + conversions + memory) is over the issue budget of 36; here one HMMA does 16 x 8 x 16 MACs.
+#pragma once
+
+#include <stdint.h>
+
+#include <stdexcept>
+
+#include "common/activations.h"
+#include "common/cuda_check.cuh"
+#include "common/device.cuh"
+#include "common/dispatch.h"
+#include "common/math.h"
+#include "dwconv_bn_act/kernels.cuh"
+#include "dwconv_bn_act/mma_tile.h"
+#include "dwconv_bn_act/params.h"
+
+namespace mnet {
+namespace dev {
+
+// act(z * scale + shift) for this lane's two channels as the 4 bytes of a pair of T.
+template <Act A, typename T>
+MNET_DEVICE uint32_t mma_out_pair(float z0, float z1, const float (&scale)[2], const float (&shift)[2]) {
+  const float u = act_fwd<A>(fmaf(z0, scale[0], shift[0])), v = act_fwd<A>(fmaf(z1, scale[1], shift[1]));
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(u, v);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(u, v);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+// Grid (t.blocks, t.cblocks), t.GB warps; dynamic shared memory mma_smem_bytes(K, TW, t.GB): one plane per warp.
+// p: x [N, H, W, C] and y [N, Ho, Wo, C] channels_last (element strides p.xs / p.ys, 16-byte aligned bases),
+// weight [C, K*K], mean / invstd / gamma / beta [C] fp32.
+template <typename T, int K, int TW>
+__global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const MmaTilePlan t) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using G = MmaGeom<K, TW>;
+  constexpr int NP = K * K / 2, NU = G::NU, NM = G::MR * G::MC;
+  MNET_DYNAMIC_SMEM(float4, stage);  // the type of the band kernels' (one extern declaration per name)
+  const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int c0 = ((int)blockIdx.y * t.GB + warp) * 8;
+
+  // B fragment words: tap w[c0 + g, tap] at row 2 tq (low half) or 2 tq + 1 (high half) of column g.
+  uint32_t bw[K * K];
+  const bool holds = (g >> 1) == tq;
+  const uint16_t* wc = static_cast<const uint16_t*>(p.weight) + (int64_t)(c0 + g) * (K * K);
+#pragma unroll
+  for (int i = 0; i < K * K; ++i) bw[i] = holds ? (uint32_t)__ldg(wc + i) << ((g & 1) * 16) : 0u;
+  float scale[2], shift[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int c = c0 + 2 * tq + j;
+    const BnFold f = bn_fold(p.mean[c], p.invstd[c], p.gamma[c], p.beta[c]);
+    scale[j] = f.scale;
+    shift[j] = f.shift;
+  }
+
+  float4* plane = stage + warp * G::PLANE;
+  // ldmatrix rows: lanes 0-15 give positions 0-15 under the pair's first tap, lanes 16-31 under its second.
+  const int m = lane & 15, hi = lane >> 4;
+  const SmemAddr a_lane = smem_addr(plane + mma_pos_row(m) * G::P + mma_pos_col(m));
+  // Staging: lane stages input columns lane + 32 u (slot (lane & 1) * PH + (lane >> 1) + 16 u of each row).
+  const SmemAddr s_lane = smem_addr(plane + (lane & 1) * G::PH + (lane >> 1));
+  // This lane's D fragment positions (g / 4, g % 4) and (g / 4 + 2, g % 4) of an m-tile in the output layout.
+  uint32_t* d_lane = reinterpret_cast<uint32_t*>(plane + (g >> 2) * G::OP + (g & 3)) + tq;
+  // Output vectors v = lane + 32 i of a tile: row vr, image vb, column vc (vr = TH past the tile: never stored),
+  // and their offset in y from the tile's first output; the same in every tile.
+  int vr[G::NV], vb[G::NV], vc[G::NV], voff[G::NV];
+  const int xh = (int)p.xs.h, xw = (int)p.xs.w, yh = (int)p.ys.h, yw = (int)p.ys.w;
+#pragma unroll
+  for (int i = 0; i < G::NV; ++i) {
+    const int v = lane + 32 * i, r = v / G::OW, cc = v - r * G::OW;
+    vr[i] = v < G::TH * G::OW ? r : G::TH;
+    vb[i] = cc / TW;
+    vc[i] = cc - vb[i] * TW;
+    voff[i] = vb[i] * (int)p.ys.n + r * yh + vc[i] * yw;
+  }
+  // Staged columns lane + 32 u: image ub, column uj of its window (uj = IN_COLS: the zero column between images).
+  int ub[NU], uj[NU];
+#pragma unroll
+  for (int u = 0; u < NU; ++u) {
+    ub[u] = (lane + 32 * u) / G::JS;
+    uj[u] = lane + 32 * u - ub[u] * G::JS;
+  }
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  T* __restrict__ y = static_cast<T*>(p.y);
+
+  const int64_t first = (int64_t)blockIdx.x * t.per_block;
+  const int64_t last = first + t.per_block < t.tiles ? first + t.per_block : t.tiles;
+#pragma unroll 1
+  for (int64_t tile = first; tile < last; ++tile) {
+    const uint32_t rest = div_of(t.col_div, (uint32_t)tile), tc = (uint32_t)tile - rest * t.col_tiles;
+    const uint32_t ng = div_of(t.row_div, rest), tr = rest - ng * t.row_tiles, n = ng * G::IMG;
+    const int images = (int)(p.N - n);  // images of the group inside the batch (>= IMG: all)
+    const int oh0 = (int)tr * G::TH, ow0 = (int)tc * TW, ih0 = 2 * oh0 - p.pad, iw0 = 2 * ow0 - p.pad;
+
+    // One pointer per column this lane stages, stepped by rows (a 64-bit add per row and column).
+    const T* src[NU];
+    bool col_in[NU];
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      src[u] = x + (int64_t)(n + ub[u]) * p.xs.n + mul_wide(ih0, xh) + mul_wide(iw0 + uj[u], xw) + c0;
+      col_in[u] = (unsigned)(iw0 + uj[u]) < (unsigned)p.W && uj[u] < G::IN_COLS && ub[u] < G::IMG && ub[u] < images;
+    }
+#pragma unroll
+    for (int i = 0; i < G::IN_ROWS; ++i) {
+      const bool row_in = (unsigned)(ih0 + i) < (unsigned)p.H;
+#pragma unroll
+      for (int u = 0; u < NU; ++u) {
+        if (u < NU - 1 || lane + 32 * u < G::IMG * G::JS)  // the last column of lanes: the window's end
+          cp_async_16(s_lane + (SmemAddr)((G::slot(i, 0) + 16 * u) * 16), src[u], row_in && col_in[u]);
+        src[u] += xh;
+      }
+    }
+    cp_async_wait_all();
+    syncwarp();  // the plane is the warp's own: every lane's copies landed
+
+    float d[NM][4];
+#pragma unroll
+    for (int mt = 0; mt < NM; ++mt) {
+      const int origin = G::origin(mt);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) d[mt][j] = 0.0f;
+#pragma unroll
+      for (int pr = 0; pr < NP; ++pr) {
+        const int t0 = G::tap(2 * pr), t1 = G::tap(2 * pr + 1);
+        uint32_t a[4];
+        ldmatrix<4>(a, a_lane + (SmemAddr)(hi * (t1 - t0) * 16) + (SmemAddr)((origin + t0) * 16));
+        const uint32_t b[2] = {bw[2 * pr], bw[2 * pr + 1]};
+        mma<T, 16>(d[mt], a, b);
+      }
+      uint32_t a[2];  // the last tap alone (K*K is odd): lanes 0-15's rows, m16n8k8
+      ldmatrix<2>(a, a_lane + (SmemAddr)((origin + G::tap(K * K - 1)) * 16));
+      const uint32_t b[1] = {bw[K * K - 1]};
+      mma<T, 8>(d[mt], a, b);
+    }
+    syncwarp();  // every ldmatrix of the tile precedes the outputs' stores into the plane
+    uint32_t out[NM][2];  // the switch computes only: its stores stay outside (one store path for every act)
+    MNET_DISPATCH_CONV_ACT(p.act, A, [&] {
+#pragma unroll
+      for (int mt = 0; mt < NM; ++mt) {
+        out[mt][0] = mma_out_pair<A, T>(d[mt][0], d[mt][1], scale, shift);
+        out[mt][1] = mma_out_pair<A, T>(d[mt][2], d[mt][3], scale, shift);
+      }
+    });
+#pragma unroll
+    for (int mt = 0; mt < NM; ++mt) {
+      uint32_t* dst = d_lane + ((mt / G::MC) * 4 * G::OP + (mt % G::MC) * 4) * 4;
+      dst[0] = out[mt][0];
+      dst[2 * G::OP * 4] = out[mt][1];
+    }
+    syncwarp();  // the tile's outputs are in the plane
+    T* yt = y + (int64_t)n * p.ys.n + mul_wide(oh0, yh) + mul_wide(ow0, yw) + c0;
+    const int rows_left = (int)p.Ho - oh0, cols_left = (int)p.Wo - ow0;
+#pragma unroll
+    for (int i = 0; i < G::NV; ++i)
+      if (vr[i] < rows_left && vc[i] < cols_left && vb[i] < images)
+        *reinterpret_cast<float4*>(yt + voff[i]) = plane[vr[i] * G::OP + vb[i] * TW + vc[i]];
+    syncwarp();  // the plane's outputs are read before the next tile's copies land
+  }
+#endif
+}
+
+// Whether fwd.cu runs the tensor-core forward: its shape domain (mma_tile.h: mma_fwd_shape), 16-byte aligned x and y,
+// and a device of compute capability 8.0 or newer (the kernel's body is empty below sm_80).
+template <typename T>
+inline bool use_mma_fwd(const DwParams& p) {
+  if (!mma_fwd_shape(p) || !full_vectors<T>(p, {p.x, p.y})) return false;
+  int device = 0, major = 0;
+  MNET_CUDA_CHECK(cudaGetDevice(&device));
+  MNET_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
+template <typename T, int K>
+inline void launch_mma_fwd(const DwParams& p, cudaStream_t stream) {
+  const MmaTilePlan t = mma_tile_plan(p);
+  if (t.tiles >= (int64_t(1) << 31) || t.blocks >= (int64_t(1) << 31))
+    throw std::runtime_error("mnet_ext: the activation is too large for the CUDA kernels (N * tiles >= 2^31); split "
+                             "the batch");
+  if (t.cblocks > 65535)
+    throw std::runtime_error("mnet_ext: too many channels for the CUDA kernels (more than 65535 channel blocks)");
+  check_strides(p, 28);  // 32-bit row and column offsets within a tile (IN_ROWS, IN_COLS < the strips' span)
+  if (3 * (p.ys.n < 0 ? -p.ys.n : p.ys.n) >= (int64_t(1) << 31))  // voff: images of a tile apart, 32-bit
+    throw std::runtime_error("mnet_ext: an image stride is too large for the CUDA kernels");
+  const auto go = [&](auto tw) {
+    constexpr int TW = decltype(tw)::value;
+    const size_t smem = (size_t)mma_smem_bytes(K, TW, t.GB);
+    allow_smem(fwd_mma_kernel<T, K, TW>, smem);
+    fwd_mma_kernel<T, K, TW><<<dim3((unsigned)t.blocks, (unsigned)t.cblocks), (unsigned)(32 * t.GB), smem, stream>>>(
+        p, t);
+  };
+  if (t.TW == 8) go(std::integral_constant<int, 8>{});
+  else if (t.TW == 16) go(std::integral_constant<int, 16>{});
+  else go(std::integral_constant<int, 28>{});
+}
+
+}  // namespace dev
+}  // namespace mnet
