@@ -130,16 +130,19 @@ def _csrc_digest() -> str:
     return h.hexdigest()
 
 
-def cuda_jobs(build: CudaBuild, tools: Tools, archs: Iterable[int]) -> list[dict[str, Any]]:
-    """One job per (.cu file, architecture)."""
+def cuda_jobs(build: CudaBuild, tools: Tools, archs: Iterable[int],
+              sources: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """One job per (.cu file, architecture): setup.py's sources, or ``sources`` (relative to ROOT; a file outside
+    csrc/ enters the cache key with its own bytes)."""
     if tools.nvcc is None:
         return []
     digest = _csrc_digest()
     jobs = []
     for arch in archs:
-        for src in build.sources:
+        for src in build.sources if sources is None else sources:
+            own = "" if src.startswith("csrc/") else hashlib.sha256((ROOT / src).read_bytes()).hexdigest()
             key = hashlib.sha256("\0".join([REPORT_VERSION, tools.nvcc_version, *build.flags, str(arch), src,
-                                            digest]).encode()).hexdigest()
+                                            digest, *([own] if own else [])]).encode()).hexdigest()
             jobs.append({"kind": "cuda", "key": key, "source": src, "arch": arch, "nvcc": tools.nvcc,
                          "flags": list(build.flags), "nvdisasm": tools.nvdisasm, "demangler": tools.demangler})
     return jobs

@@ -34,9 +34,13 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   thread holds (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path visits every block
   with a load or store on its way (all K*K taps, the store) and takes the cheaper side of a branch that only computes;
   a subroutine call counts its callee's path, so an int64 division counts its inline 32-bit fast path, not the call of
-  the 64-bit routine. A runtime activation switch (the CUDA kernels) counts its cheapest case, ``none``: relu adds ~1
-  instruction per output, relu6 ~2, hardswish ~5, silu ~30. ``fma_per_output_elem`` and ``gmem_per_output_elem``
-  (global load/store instructions) split the same count.
+  the 64-bit routine. The activation counted is the layer's own (``act`` in the record), in both backends: a Triton
+  kernel is compiled for its activation; a CUDA kernel picks it with a runtime switch, whose cheapest case (``none``)
+  the path takes, so the forward's records add ``act_sass_per_elem``, what the activation adds per output element,
+  measured on a probe kernel that applies the same ``act_fwd`` (``bench/act_cost.cu``, compiled with the same
+  flags: sm_90 relu 1, relu6 2, hardswish 5, silu ~30). The CUDA backward kernels still count ``none`` for their
+  activation derivative. ``fma_per_output_elem`` and ``gmem_per_output_elem`` (global load/store instructions)
+  split the same count.
 
   Checked by hand on the CUDA ``fwd_kernel<__nv_bfloat16, 3, 1, true, true, 14>`` (sm_90, nvcc 13.0) for
   dw_c144_56x56 at batch 256 (blocks of 18 lanes x 7 walkers, 8 strips of 14 outputs x 8 channels per thread):
@@ -611,12 +615,15 @@ def per_elem(path: sass.PathSummary, trips: float | None, outputs_per_iter: floa
 
 def make_record(arch: int, backend: str, kernel: str, role: str, dtype: str | None, layout: str | None,
                 k: int | None, case: Case | None, batch: int, res: dict[str, Any], plan: Plan | None,
-                threads: int, extra: dict[str, Any]) -> dict[str, Any]:
-    """One JSON record. ``res``: the build summary (resources, path); ``plan``: None for kernels without one."""
+                threads: int, extra: dict[str, Any], act_sass: float | None = None) -> dict[str, Any]:
+    """One JSON record. ``res``: the build summary (resources, path); ``plan``: None for kernels without one;
+    ``act_sass``: instructions per output element the layer's activation adds to the counted path (CUDA forward:
+    the path counts the runtime switch's ``none`` case)."""
     rec: dict[str, Any] = {
         "arch": arch, "backend": backend, "kernel": kernel, "role": role, "primitive": ROLES[role].primitive,
         "hot": ROLES[role].hot, "dtype": dtype, "layout": layout, "k": k,
         "layer": case.layer.name if case else None, "layer_source": case.source if case else None,
+        "act": case.layer.act if case else None, "act_sass_per_elem": act_sass,
         "stride": case.layer.stride if case else None, "batch": batch if case else None, **extra,
         "threads": threads, "regs": None, "spill_bytes": None, "spill_load_bytes": None, "stack_bytes": None,
         "smem_bytes": None, "blocks_per_sm": None, "trips": plan.trips if plan else None,
@@ -637,6 +644,8 @@ def make_record(arch: int, backend: str, kernel: str, role: str, dtype: str | No
     except ValueError as exc:
         rec["error"] = str(exc)
         return rec
+    if act_sass is not None:
+        rec["sass_per_output_elem"] += act_sass
     bytes_fn = ROLES[role].bytes_per_elem
     if bytes_fn and dtype:
         es = ELEM_SIZE[dtype]
@@ -653,7 +662,30 @@ def _op_of(role: str) -> str:
     return "squeeze_excite" if role.startswith("se_") else "dwconv_bn_act"
 
 
-def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], batch: int) -> list[dict]:
+ACT_PROBE = "bench/act_cost.cu"
+ACT_NAMES = ("none", "relu", "relu6", "hardswish", "silu", "hardsigmoid", "sigmoid")  # activations.h: enum Act
+
+
+def act_costs(jobs: list[dict], results: dict[str, dict]) -> dict[int, dict[str, float]]:
+    """arch -> {activation: SASS instructions per output element it adds}: the probe kernels ``act_cost<A>`` of
+    ``ACT_PROBE`` (8 values per thread), each one's counted path minus ``act_cost<None>``'s, over 8."""
+    costs: dict[int, dict[str, float]] = {}
+    for job in jobs:
+        lengths = {}
+        for fn in results[job["key"]]["functions"].values():
+            m = re.search(r"act_cost<\(mnet::Act\)(\d+)>", fn["name"])
+            if m is None:
+                raise ValueError(f"unexpected kernel in {ACT_PROBE}: {fn['name']}")
+            lengths[ACT_NAMES[int(m.group(1))]] = sass.PathSummary.from_dict(fn["path"]).straight.instrs
+        if set(lengths) != set(ACT_NAMES):
+            raise ValueError(f"{ACT_PROBE} (sm_{job['arch']}): kernels for {sorted(lengths)}, expected {ACT_NAMES}")
+        costs[job["arch"]] = {a: (n - lengths["none"]) / 8 for a, n in lengths.items()}
+    return costs
+
+
+def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], batch: int,
+                 acts: dict[int, dict[str, float]]) -> list[dict]:
+    """Records of the CUDA kernels; ``acts``: ``act_costs``, added to the forward's count for each layer's act."""
     records = []
     for job in jobs:
         res = results[job["key"]]
@@ -690,8 +722,9 @@ def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], 
                 if spec.serves is not None and not spec.serves(case, shape_of(case, batch), targs):
                     continue
                 plan = spec.plan(shape_of(case, batch), targs)
+                act_sass = acts[job["arch"]][case.layer.act] if role == "fwd" else None
                 records.append(make_record(job["arch"], "cuda", name, role, dtype, layout, k, case, batch, fn, plan,
-                                           plan.threads, extra))
+                                           plan.threads, extra, act_sass))
                 planned += 1
             if not planned and targs.get("FULL") is False and layout == "NHWC":
                 # The channels_last variant for C % V != 0: no MobileNet layer runs it; its resources are listed
@@ -820,6 +853,25 @@ def _bytes_rows(dtypes: list[str]) -> tuple[list[str], list[list[str]]]:
     return ["op", "mode", "kernels (roles)", *dtypes, "fused minimum"], rows
 
 
+# Issues 12/13, item "budgets": eval forward, bf16, channels_last, every MobileNet layer: SASS per output element.
+FWD_BUDGETS = {3: 20.0, 5: 36.0}
+
+
+def _budget_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The eval forward's budget per (backend, K, stride, activation): the layers' range and how many exceed it."""
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        if (r["role"] == "fwd" and r["hot"] and r["dtype"] == "bf16" and r["layout"] == "NHWC" and r["arch"] == 90
+                and r["k"] in FWD_BUDGETS and r["sass_per_output_elem"] is not None):
+            groups.setdefault((r["backend"], r["k"], r["stride"], r["act"]), []).append(r["sass_per_output_elem"])
+    rows = []
+    for (backend, k, stride, act), vals in sorted(groups.items()):
+        over = sum(v > FWD_BUDGETS[k] for v in vals)
+        rows.append([backend, str(k), str(stride), act, str(len(vals)), _span(vals), f"<= {FWD_BUDGETS[k]:g}",
+                     "met" if not over else f"**missed on {over}**"])
+    return ["backend", "k", "stride", "act", "layers", "SASS/elem", "budget", "verdict"], rows
+
+
 def markdown(records: list[dict[str, Any]], meta: dict[str, Any], per_layer: bool) -> str:
     out = ["# Static kernel report\n",
            f"`python -m bench.kernel_report {meta['argv']}` at commit {meta['commit']}: {meta['tools']}. "
@@ -838,6 +890,10 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any], per_layer: boo
         if other:
             out.append(f"## sm_{arch}: other kernels (second stages, unplanned)\n")
             out.append(_table(*_other_rows(other)))
+    budget = _budget_rows(records)
+    if budget[1]:
+        out.append("## sm_90: eval forward budgets (bf16, channels_last; each layer counted with its own activation)\n")
+        out.append(_table(*budget))
     dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in records)] or list(DTYPES)
     out.append("## Planned DRAM bytes per mode, stride 1 (units of A = one activation tensor)\n")
     out.append("Both backends plan the same passes today; the fused minimum is `mnet_ext.layers.fused_bytes`.\n")
@@ -913,17 +969,19 @@ def main(argv: list[str] | None = None) -> int:
     cuda_jobs = kernel_builds.cuda_jobs(build, tools, args.arch) if "cuda" in args.backend else []
     if "cuda" in args.backend and not cuda_jobs:
         raise SystemExit("kernel_report: no CUDA toolkit (or torch without CUDA): use --backend triton")
+    act_jobs = kernel_builds.cuda_jobs(build, tools, args.arch, (ACT_PROBE,)) if cuda_jobs else []
     launches = []
     if "triton" in args.backend:
         for arch in args.arch:
             for case in cases:
                 module, calls = launcher_calls(case, args.batch)
                 launches += [(case, arch, launch) for launch in kernel_builds.triton_launches(module, calls, arch)]
-    jobs = cuda_jobs + [j for _, _, launch in launches for j in launch.jobs]
+    jobs = cuda_jobs + act_jobs + [j for _, _, launch in launches for j in launch.jobs]
     print(f"kernel_report: {len(cases)} layer cases, {len({j['key'] for j in jobs})} unique kernels to compile or "
           f"read from {cache}", file=sys.stderr)
     results = kernel_builds.run_jobs(jobs, tools, cache, args.jobs, args.sass_dir, not args.no_progress)
-    records = cuda_records(cuda_jobs, results, cases, args.batch) + triton_records(launches, results, args.batch)
+    records = (cuda_records(cuda_jobs, results, cases, args.batch, act_costs(act_jobs, results)) +
+               triton_records(launches, results, args.batch))
     records.sort(key=_sort_key)
     import triton
 

@@ -249,6 +249,9 @@ def test_quick_report_covers_every_kernel_with_sane_values(quick_records):
             if r["k"]:  # the counted path walks every tap: at least K*K FMAs per output element
                 assert r["fma_per_output_elem"] >= min_taps(r) - 1e-6, r
             assert r["planned_bytes_per_elem"] in (1.0, 2.0, 3.0, 4.0), r  # stride 1; bf16 (fp32 dz: 2 units)
+            if r["backend"] == "cuda" and r["role"] == "fwd":  # the runtime switch's count + the layer's activation
+                assert r["act"] in kernel_report.ACT_NAMES and r["act_sass_per_elem"] is not None, r
+                assert (r["act_sass_per_elem"] > 0) == (r["act"] != "none"), r
             assert r["bound_h200"] in ("issue", "memory") and r["issue_over_mem_h200"] > 0
 
 

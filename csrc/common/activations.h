@@ -18,16 +18,37 @@ enum class Act : int { None = 0, Relu = 1, Relu6 = 2, Hardswish = 3, Silu = 4, H
 
 MNET_HD float sigmoidf_(float u) { return 1.0f / (1.0f + expf(-u)); }
 
-// clamp written with comparisons (not fminf/fmaxf): vectorises on the host without -ffast-math, and a NaN
-// input stays NaN as with torch.clamp.
-MNET_HD float clampf_(float u, float lo, float hi) { return u < lo ? lo : (u > hi ? hi : u); }
+// max / min that return NaN when an operand is NaN (torch.clamp and torch.relu keep a NaN; fmaxf/fminf drop it).
+// On sm_80+ one instruction each (`max.NaN.f32`: FMNMX.NAN); elsewhere, and on the host, comparisons, which
+// vectorise without -ffast-math. A comparison pair costs two SASS instructions (FSETP + FSEL) per bound: the
+// static report's activation probe (bench/act_cost.cu) measures relu 1, relu6 2, hardswish 5 per element on sm_90
+// (2, 3, 6 with comparisons).
+MNET_HD float max_nan_(float u, float lo) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(u), "f"(lo));
+  return r;
+#else
+  return u < lo ? lo : u;
+#endif
+}
+MNET_HD float min_nan_(float u, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(u), "f"(hi));
+  return r;
+#else
+  return u > hi ? hi : u;
+#endif
+}
+MNET_HD float clampf_(float u, float lo, float hi) { return min_nan_(max_nan_(u, lo), hi); }
 
 template <Act A>
 MNET_HD float act_fwd(float u) {
   if constexpr (A == Act::None) {
     return u;
   } else if constexpr (A == Act::Relu) {
-    return u < 0.0f ? 0.0f : u;  // NaN stays NaN, as torch.relu
+    return max_nan_(u, 0.0f);  // NaN stays NaN, as torch.relu
   } else if constexpr (A == Act::Relu6) {
     return clampf_(u, 0.0f, 6.0f);
   } else if constexpr (A == Act::Hardswish) {
