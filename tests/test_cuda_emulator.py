@@ -216,6 +216,23 @@ def test_emulated_mma_forward(request, case):
     check(exe, shape, k, 2, 1, dtype, "nhwc", order=MMA_CASES.index(case) % 3, prims=("dwconv_bn_act_fwd",))
 
 
+# Non-finite inputs stay in their own channel, as in the reference: the tensor-core forward contracts 8 channels
+# against block-diagonal weights, where a lone Inf or NaN meets zeros (0 * Inf = NaN) and would reach the other 7
+# channels of its group; the band kernel (stride 1) as the control.
+NONFINITE_CASES = [((2, 16, 15, 17), 3, 2), ((1, 24, 9, 11), 5, 2), ((1, 16, 9, 10), 3, 1)]
+
+
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-k{c[1]}s{c[2]}")
+def test_emulated_forward_keeps_non_finite_in_its_channel(emulator, case):
+    shape, k, stride = case
+    args = _args("dwconv_bn_act_fwd", shape, k, stride, 1, BF16, "nhwc")
+    x = args[0]
+    x[0, 3, 4, 5], x[0, 9, 2, 2], x[-1, 5, 7, 6] = float("inf"), float("nan"), float("-inf")
+    out, launched = run_emulated(emulator, "dwconv_bn_act_fwd", args, order=0)
+    assert launched == expected_kernels("dwconv_bn_act_fwd", x, stride, 1)
+    assert_matches_fp64_reference("dwconv_bn_act_fwd", out[0], args, f"{shape} k{k} s{stride} with Inf/NaN inputs")
+
+
 @pytest.mark.parametrize(
     "kernel, message",
     [

@@ -36,6 +36,19 @@ MNET_DEVICE uint32_t mma_out_pair(float z0, float z1, const float (&scale)[2], c
   }
 }
 
+// One output of the tile recomputed tap by tap on the CUDA cores, in the taps' (kh, kw) order: `pos` the staged
+// slot of its position under tap 0, `e` its channel within the 8 of the slot, `w` that channel's K*K weights.
+// Why: the block-diagonal contraction multiplies every x of the slot by the other channels' zeros too, and
+// 0 * Inf = 0 * NaN = NaN, so one non-finite x turns the outputs of all 8 channels of its group NaN where the
+// reference keeps it to its own channel. Such outputs are NaN, so a NaN in D (rare) is recomputed here.
+template <typename T, int K, typename G>
+MNET_DEVICE float mma_exact_output(const float4* pos, int e, const T* w) {
+  float z = 0.0f;
+#pragma unroll 1
+  for (int t = 0; t < K * K; ++t) z = fmaf(to_f(reinterpret_cast<const T*>(pos + G::tap(t))[e]), to_f(w[t]), z);
+  return z;
+}
+
 // Grid (t.blocks, t.cblocks), t.GB warps; dynamic shared memory mma_smem_bytes(K, TW, t.GB): one plane per warp.
 // p: x [N, H, W, C] and y [N, Ho, Wo, C] channels_last (element strides p.xs / p.ys, 16-byte aligned bases),
 // weight [C, K*K], mean / invstd / gamma / beta [C] fp32.
@@ -141,6 +154,14 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
       ldmatrix<2>(a, a_lane + (SmemAddr)((origin + G::tap(K * K - 1)) * 16));
       const uint32_t b[1] = {bw[K * K - 1]};
       mma<T, 8>(d[mt], a, b);
+      if (d[mt][0] != d[mt][0] || d[mt][1] != d[mt][1] || d[mt][2] != d[mt][2] || d[mt][3] != d[mt][3]) {
+#pragma unroll  // d stays in registers: constant indices
+        for (int j = 0; j < 4; ++j) {  // rows g and g + 8 of the m-tile, channels 2 tq and 2 tq + 1
+          const int row = g + 8 * (j >> 1), e = 2 * tq + (j & 1);
+          d[mt][j] = mma_exact_output<T, K, G>(plane + origin + mma_pos_row(row) * G::P + mma_pos_col(row), e,
+                                               static_cast<const T*>(p.weight) + (int64_t)(c0 + e) * (K * K));
+        }
+      }
     }
     syncwarp();  // every ldmatrix of the tile precedes the outputs' stores into the plane
     uint32_t out[NM][2];  // the switch computes only: its stores stay outside (one store path for every act)
