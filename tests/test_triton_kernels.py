@@ -190,14 +190,15 @@ def test_dwconv_multi_block(small_tiles, k, stride, dilation, act, channels_last
         assert_close_scaled(got, want, torch.float32, "bwd_apply")
 
 
-@pytest.mark.parametrize("k, act, dtype", [(3, "relu6", torch.float32), (5, "hardswish", torch.bfloat16)])
+@pytest.mark.parametrize("k, act, dtype", [(3, "relu6", torch.float16), (5, "hardswish", torch.bfloat16)])
 def test_fwd_shared_rows(small_tiles, monkeypatch, k, act, dtype):
     """The forward's groups of two output rows (channels_last, stride 1: each converted input row feeds both rows)
     on an odd number of rows (the last group's second row lies past Ho and must not be stored), several group and
     channel blocks, C = 20 (VEC 4) and a partial last group per row: y matches the reference, and matches bitwise
     the one-row groups (per output the taps add in the same (kh, kw) order, so bwd_reduce and the backward apply,
-    which recompute z with one-row groups, see the same z). bf16 runs ``_load_f32``'s bit-level widening."""
-    c, h, w = 20, 7, 11
+    which recompute z with one-row groups, see the same z). bf16 runs ``_load_f32``'s bit-level widening. (fp32
+    keeps one-row groups: no conversion to share.)"""
+    c, h, w = 20, 7, 17
     ho, wo = ref.output_hw(h, w, k, 1, 1)
     t = triton_kernels.dw_tile(ho, wo, c, True, k, shared_rows=True)
     assert t.rows == 2 and ho % 2 and wo % t.ow and t.num_gb > 1 and -(-c // t.block_c) > 1, t

@@ -51,13 +51,15 @@ _DW_NCHW_SLOTS = 256
 _DW_OW_MAX = {"fwd": {3: 8, 5: 6, 7: 4}, "reduce": {3: 4, 5: 4, 7: 2}, "apply": {3: 4, 5: 4, 7: 2}}
 # Most outputs per row of a forward group of _DW_FWD_ROWS output rows (``dw_tile(shared_rows=True)``: channels_last,
 # stride 1, dilation 1), by K: each converted input row feeds the group's rows, so a thread holds ROWS x OW x 8
-# accumulators. Measured on sm_90 (bf16, every MobileNet layer): K = 3 at 2 x 6 uses 244-249 registers without spill,
-# 2 x 8 spills 116-164 bytes and 2 x 7 36-64 on the 112- and 56-wide outputs (none on the 14- and 7-wide ones, which
-# take OW = 7: _DW_FWD_ROWS_OW_NARROW); K = 5 at 2 x 4 236-245 registers (2 x 6 and 3 x 3 spill); K = 7 keeps one-row
-# groups.
+# accumulators. Measured (bf16 and fp16; the launcher takes one-row groups for fp32, which has no conversion to
+# share): K = 3 at 2 x 6 uses 238-254 registers without spill on sm_90 and sm_80, 2 x 8 spills 116-164 bytes and
+# 2 x 7 36-64 on the 112- and 56-wide outputs; on the 14-wide ones 2 x 5 spills 24 bytes on sm_80
+# (_DW_FWD_ROWS_SKIP_WO: one-row groups there); the 7-wide ones take OW = 7 without spill (_DW_FWD_ROWS_OW_NARROW);
+# K = 5 at 2 x 4 236-254 registers (2 x 6 and 3 x 3 spill); K = 7 keeps one-row groups.
 _DW_FWD_ROWS = 2
 _DW_FWD_ROWS_OW_MAX = {3: 6, 5: 4}
-_DW_FWD_ROWS_OW_NARROW = {3: (14, 7)}  # K: (outputs of at most this many columns, OW up to this)
+_DW_FWD_ROWS_OW_NARROW = {3: (7, 7)}  # K: (outputs of at most this many columns, OW up to this)
+_DW_FWD_ROWS_SKIP_WO = {3: (8, 14)}  # K: output widths (inclusive range) that keep one-row groups
 
 
 def interpreting() -> bool:
@@ -144,8 +146,9 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
     layers (7 x 7 outputs) to 1-warp tiles of 128 channels that spill 4-12 bytes. Those keep the former choice.
 
     ``shared_rows`` (the forward at stride 1 and dilation 1; channels_last, K <= 5): groups of _DW_FWD_ROWS output
-    rows x OW <= _DW_FWD_ROWS_OW_MAX[k] columns are preferred when their lanes are busy enough: each input row is
-    loaded and converted once for both rows (at K = 3, OW = 8: 4 input rows per 2 output rows instead of 6)."""
+    rows x OW <= _DW_FWD_ROWS_OW_MAX[k] columns (see _DW_FWD_ROWS_OW_NARROW, _SKIP_WO) compete with one-row
+    groups by outputs per converted input value of the group's window: each input row is loaded and converted once
+    for both rows (at K = 3, OW = 6: 4 input rows per 2 output rows instead of 6)."""
     # the backward apply (its K*K dweight sums per slot live in registers) and the K = 7 reductions: 2 slots per
     # thread in both layouts; the backward apply at K = 7: 1
     narrow = not channels_last or kind == "apply" or (kind == "reduce" and k == 7)
@@ -165,7 +168,8 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
     warp = max(1, slots // per_thread // NUM_WARPS)  # threads of one warp: 32 (1 under the tests' small tiles)
     multi = shared_rows and channels_last and kind == "fwd" and k in _DW_FWD_ROWS_OW_MAX
     shapes = [(1, ow) for ow in range(1, ow_max + 1)]
-    if multi:
+    skip_lo, skip_hi = _DW_FWD_ROWS_SKIP_WO.get(k, (0, -1))
+    if multi and not skip_lo <= wo <= skip_hi:
         narrow_wo, narrow_ow = _DW_FWD_ROWS_OW_NARROW.get(k, (0, 0))
         ow_rows = narrow_ow if wo <= narrow_wo else _DW_FWD_ROWS_OW_MAX[k]
         shapes += [(_DW_FWD_ROWS, ow) for ow in range(1, min(ow_rows, wo) + 1)]

@@ -8,13 +8,13 @@ the shape, OW bounded per kind and K so that nothing spills). ``_conv_groups`` c
 row 0, then a runtime loop over rows 1 ... K - 1; per row the K weights (fp32 taps [K*K, CP], a copy the launcher
 makes: one 16-byte load per 4 channels, no conversion) and the NJ input columns of the group's window, each loaded
 and converted once and used by every output that reads it. channels_last tiles hold 8 channels (a 16-byte bf16
-vector) per thread. The forward at stride 1 and dilation 1 (channels_last) takes groups of ROWS = 2 output rows
-(``dw_tile(shared_rows=True)``, ``_conv_input_row``): it walks the group's ROWS + K - 1 input rows (the first and
-last unrolled, the rows every output row reads in a runtime loop) and multiplies each converted input row into
-both output rows, so an x value is loaded and converted (K + 1) / 2 instead of K times per output row. Per output
-the taps add in (kh, kw) order whatever the tile, so every kernel recomputes the same z bit for bit (bwd_reduce and
-dz see the same g). Per-image offsets are int32, the image base
-``n * stride_n`` is int64 (the launchers check that one image stays below 2^31 elements).
+vector) per thread. The forward at stride 1 and dilation 1 (channels_last, bf16/fp16) takes groups of ROWS = 2
+output rows (``dw_tile(shared_rows=True)``, ``_conv_input_row``): it walks the group's ROWS + K - 1 input rows
+(the first and last unrolled, the rows every output row reads in a runtime loop) and multiplies each converted
+input row into both output rows, so an x value is loaded and converted (K + 1) / 2 instead of K times per output
+row. Per output the taps add in (kh, kw) order whatever the tile, so every kernel recomputes the same z bit for
+bit (bwd_reduce and dz see the same g). Per-image offsets are int32, the image base ``n * stride_n`` is int64
+(the launchers check that one image stays below 2^31 elements).
 
 Launches per primitive: fwd 1 (one tile per program); stats 2 (per program: shifted sums over ITERS tiles, then
 one (count, mean, M2) row; a deterministic Chan combine); bwd_reduce 2 (sums over ITERS tiles; deterministic column
@@ -932,7 +932,8 @@ def dwconv_bn_act_fwd(
     k = _check(x, weight, stride, dilation, (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)))
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
     y = _new_like(x, (n, c, ho, wo))
-    t = dw_tile(ho, wo, c, cl, k, shared_rows=stride == 1 and dilation == 1)
+    # multi-row groups share converted input rows: fp32 has no conversion, and its 8-channel loads are two vectors
+    t = dw_tile(ho, wo, c, cl, k, shared_rows=stride == 1 and dilation == 1 and x.element_size() == 2)
     taps = _weight_taps(weight, t.block_c)
     num_cb = triton.cdiv(c, t.block_c)
     _fwd_kernel[(n * t.num_gb * num_cb,)](
