@@ -11,6 +11,11 @@ native NCHW, native channels_last, ``mnet_ext.fuse`` of the channels_last model,
 own eval conv + BN fold (``torch.fx.experimental.optimization.fuse``: ``native_cl_fold_ms``, ``speedup_fold``),
 interleaved the same way.
 
+Where a layer stands against the machine: each eval case also times a copy of its input into a preallocated tensor
+(``copy_ms``, interleaved with the others), and reports the fused layer's bytes (input read + output written, fp32)
+per second (``fused_gbs``) as a percentage of that copy's rate (``pct_copy_bw``). A layer near 100 % is
+memory-bound: no kernel can make it much faster, and its speedup is set by how far from the copy rate native is.
+
     python -m bench.bench_cpu [--batches 1,8] [--threads 1,0] [--modes eval,fwd_bwd] [--kinds dw,se,model]
                                 [--rounds 15] [--out bench/results/cpu/NAME]
 
@@ -34,7 +39,7 @@ from collections.abc import Callable
 import torch
 
 import mnet_ext
-from bench.common import Setup, build_module, build_native, make_call, make_inputs
+from bench.common import Setup, activation_bytes, build_module, build_native, make_call, make_inputs, mode_bytes
 from mnet_ext import functional as MF
 from mnet_ext.backends import cuda as B
 from mnet_ext.layers import MODEL_BUILDERS, LayerConfig, unique_layers
@@ -42,7 +47,7 @@ from mnet_ext.layers import MODEL_BUILDERS, LayerConfig, unique_layers
 MODELS = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
 PROVIDERS = ("eager_nchw", "eager_channels_last", "mnet_ext_cuda")
 COLUMNS = ["layer", "kind", "mode", "batch", "threads", "native_nchw_ms", "native_cl_ms", "fused_ms", "speedup",
-           "op_ms", "speedup_op", "native_cl_fold_ms", "speedup_fold"]
+           "op_ms", "speedup_op", "native_cl_fold_ms", "speedup_fold", "copy_ms", "fused_gbs", "pct_copy_bw"]
 
 
 def time_interleaved(calls: list[Callable[[], object]], rounds: int, budget_s: float) -> list[float]:
@@ -74,8 +79,15 @@ def op_call(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
+def copy_call(x: torch.Tensor) -> Callable[[], object]:
+    """A copy of x into a preallocated tensor: the machine's rate of reading and writing this many bytes."""
+    out = torch.empty_like(x)
+    return lambda: out.copy_(x)
+
+
 def run_case(cfg: LayerConfig, mode: str, batch: int, rounds: int, budget_s: float) -> list[float]:
-    """Times in ms: native NCHW, native channels_last, fused, and (eval dwconv only, else NaN) the bare op."""
+    """Times in ms: native NCHW, native channels_last, fused, the bare op (eval dwconv only, else NaN) and the copy
+    of the input (eval only, else NaN)."""
     calls = []
     for provider in PROVIDERS:
         fmt = torch.contiguous_format if provider == "eager_nchw" else torch.channels_last
@@ -87,8 +99,12 @@ def run_case(cfg: LayerConfig, mode: str, batch: int, rounds: int, budget_s: flo
     with_op = mode == "eval" and cfg.kind == "dwconv_bn_act"
     if with_op:
         calls.append(op_call(module, x))
+    if mode == "eval":
+        calls.append(copy_call(x))
     times = time_interleaved(calls, rounds, budget_s)
-    return times if with_op else [*times, math.nan]
+    if not with_op:
+        times.insert(3, math.nan)
+    return times if mode == "eval" else [*times, math.nan]
 
 
 def run_model(name: str, batch: int, rounds: int, budget_s: float) -> list[float]:
@@ -170,7 +186,7 @@ def _category(evt: object) -> str:
         return "fused SE"
     if name in ("aten::conv2d", "aten::convolution", "aten::_convolution"):
         weight = evt.input_shapes[1] if len(evt.input_shapes) > 1 else []
-        return "1x1 convolutions (oneDNN)" if list(weight[2:]) == [1, 1] else "other convolutions (stem)"
+        return "1x1 convolutions (ATen: GEMM or oneDNN)" if list(weight[2:]) == [1, 1] else "other convolutions (stem)"
     if name == "aten::batch_norm":
         return "BatchNorm of the 1x1 convs (native, eval)"
     if name in ("aten::hardswish", "aten::hardswish_", "aten::relu_", "aten::relu", "aten::hardtanh_",
@@ -223,6 +239,20 @@ def profile(models: list[str], batch: int, rounds: int) -> str:
     return "\n".join([*lines, "", *(f"- {n}" for n in notes)]) + "\n"
 
 
+def bandwidth(cfg: LayerConfig | None, batch: int, fused_ms: float, copy_ms: float) -> dict[str, str]:
+    """The copy_ms / fused_gbs / pct_copy_bw columns (empty where no copy was timed). The fused layer's bytes are
+    the kernels' planned traffic (``mode_bytes``: dwconv reads x and writes y; SE reads x twice and writes y) plus,
+    for SE, its two FC weights and biases (at batch 1 they outweigh the activation)."""
+    if cfg is None or math.isnan(copy_ms):
+        return dict(copy_ms="", fused_gbs="", pct_copy_bw="")
+    nbytes = mode_bytes(cfg, "eval", batch, torch.float32)
+    if cfg.kind == "squeeze_excite":
+        nbytes += 4 * (2 * cfg.channels * cfg.squeeze + cfg.channels + cfg.squeeze)
+    fused_gbs = nbytes / fused_ms / 1e6
+    copy_gbs = 2 * activation_bytes(cfg, batch, torch.float32)[0] / copy_ms / 1e6
+    return dict(copy_ms=f"{copy_ms:.4f}", fused_gbs=f"{fused_gbs:.2f}", pct_copy_bw=f"{100 * fused_gbs / copy_gbs:.1f}")
+
+
 def geomean(v: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in v) / len(v)) if v else math.nan
 
@@ -239,6 +269,16 @@ def markdown(rows: list[dict[str, object]], header: str) -> str:
         op = f"{geomean(o):.2f}x | {min(o):.2f}x" if o else "- | -"
         lines.append(f"| {kind} | {mode} | {batch} | {threads} | {len(v)} | {geomean(v):.2f}x | {min(v):.2f}x | "
                      f"{max(v):.2f}x | {op} |")
+    layers = [r for r in rows if r["pct_copy_bw"]]
+    if layers:
+        lines += ["", "Eval per layer: the fused layer's bytes per second against a copy of its input, weakest speedup "
+                  "first.", "", "| layer | batch | threads | better native ms | fused ms | speedup | op alone "
+                  "| fused GB/s | % of copy rate |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(layers, key=lambda r: float(r["speedup"])):
+            native = min(float(r["native_nchw_ms"]), float(r["native_cl_ms"]))
+            op = f"{float(r['speedup_op']):.2f}x" if r["speedup_op"] else "-"
+            lines.append(f"| {r['layer']} | {r['batch']} | {r['threads']} | {native:.3f} | {float(r['fused_ms']):.3f} "
+                         f"| {float(r['speedup']):.2f}x | {op} | {r['fused_gbs']} | {r['pct_copy_bw']} |")
     models = [r for r in rows if r["kind"] == "model"]
     if models:
         lines += ["", "| model | batch | threads | native NCHW ms | native channels_last ms | native channels_last, "
@@ -266,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--filter", default="", help="only layers whose name contains this")
     ap.add_argument("--out", type=pathlib.Path, help="write OUT.csv and OUT.md")
     args = ap.parse_args(argv)
+    before = torch.get_num_threads()
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(before)  # main() is called from Python too (tests): leave the thread count as found
+
+
+def run(args: argparse.Namespace) -> int:
     kinds = {"dw": "dwconv_bn_act", "se": "squeeze_excite"}
     want = {kinds[k] for k in args.kinds.split(",") if k in kinds}
     models = args.models.split(",") if {"model", "profile"} & set(args.kinds.split(",")) else []
@@ -296,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                 for name, kind, cfg in cases:
                     if cfg is None:
                         nchw, cl, fused, op, cl_fold = run_model(name, batch, args.rounds, args.model_budget_s)
+                        copy_ms = math.nan
                     else:
-                        nchw, cl, fused, op = run_case(cfg, mode, batch, args.rounds, args.budget_s)
+                        nchw, cl, fused, op, copy_ms = run_case(cfg, mode, batch, args.rounds, args.budget_s)
                         cl_fold = math.nan
                     row = dict(layer=name, kind=kind, mode=mode, batch=batch, threads=nt,
                                native_nchw_ms=f"{nchw:.4f}", native_cl_ms=f"{cl:.4f}", fused_ms=f"{fused:.4f}",
@@ -305,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                                op_ms="" if math.isnan(op) else f"{op:.4f}",
                                speedup_op="" if math.isnan(op) else f"{min(nchw, cl) / op:.3f}",
                                native_cl_fold_ms="" if math.isnan(cl_fold) else f"{cl_fold:.4f}",
-                               speedup_fold="" if math.isnan(cl_fold) else f"{cl_fold / fused:.3f}")
+                               speedup_fold="" if math.isnan(cl_fold) else f"{cl_fold / fused:.3f}",
+                               **bandwidth(cfg, batch, fused, copy_ms))
                     rows.append(row)
                     print(",".join(str(row[c]) for c in COLUMNS), flush=True)
     print(markdown(rows, header))

@@ -260,6 +260,11 @@ def _strip_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, 
 _BAND_LANE_SLOTS, _BAND_ROWS_MAX, _BAND_STAGE_BYTES = 8, 16, 84 * 1024
 
 
+def band_whole(s: Shape, stride: int, tw: int) -> bool:
+    """tile.h: BandTilePlan::whole (dilation 1): each strip is its whole row."""
+    return stride == 1 and s.w == tw and s.wo == tw
+
+
 def _band_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, Any]], Plan]:
     """fwd_band_kernel / stats_band_kernel (dilation 1): per thread, the tile loop (tiles per block) with the two
     staging loops (staged rows inside the image, then padding rows of zeros, per walker: means over the bands) and
@@ -329,15 +334,17 @@ class Shape:
 # channels_last variant serves other C and is reported without a layer plan); fwd, stats and bwd_reduce add TW, the
 # strip width (tile.h: strip_tile_width), matched to each layer.
 _STRIP_PARAMS = ("T", "K", "J", "CL", "FULL")
-# The staged band kernels (fwd_band_kernel, stats_band_kernel) serve exactly channels_last with 16-byte vectors.
+# The staged band kernels (fwd_band_kernel, stats_band_kernel) serve exactly channels_last with 16-byte vectors;
+# WHOLE: whole-row tiles (tile.h: BandTilePlan::whole, band_whole here).
 _BAND_FIXED = (("CL", True), ("FULL", True))
+_BAND_PARAMS = ("T", "K", "J", "TW", "WHOLE")
 
 
 CUDA_KERNELS: dict[str, CudaKernel] = {
     "fwd_kernel": CudaKernel("fwd", (*_STRIP_PARAMS, "TW"), _strip_plan(False, 2)),  # weights, BN scale, shift
-    "fwd_band_kernel": CudaKernel("fwd", ("T", "K", "J", "TW"), _band_plan(False, 2), _BAND_FIXED),
+    "fwd_band_kernel": CudaKernel("fwd", _BAND_PARAMS, _band_plan(False, 2), _BAND_FIXED),
     "stats_partial_kernel": CudaKernel("stats", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 0)),
-    "stats_band_kernel": CudaKernel("stats", ("T", "K", "J", "TW"), _band_plan(True, 0), _BAND_FIXED),
+    "stats_band_kernel": CudaKernel("stats", _BAND_PARAMS, _band_plan(True, 0), _BAND_FIXED),
     "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 4)),
     "bwd_apply_kernel": CudaKernel("bwd_apply", _STRIP_PARAMS, _bwd_apply_plan),
     "stats_final_kernel": CudaKernel("stats_combine", ()),
@@ -625,6 +632,9 @@ def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], 
                 if "FULL" in targs and targs["FULL"] != (layout == "NHWC"):
                     continue
                 if "TW" in targs and targs["TW"] != strip_tile_width(targs, shape_of(case, batch).wo):
+                    continue
+                if "WHOLE" in targs and targs["WHOLE"] != band_whole(shape_of(case, batch), case.layer.stride,
+                                                                     targs["TW"]):
                     continue
                 plan = spec.plan(shape_of(case, batch), targs)
                 records.append(make_record(job["arch"], "cuda", name, role, dtype, layout, k, case, batch, fn, plan,

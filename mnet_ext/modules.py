@@ -170,8 +170,14 @@ class FusedSqueezeExcitation(nn.Module):
         object.__setattr__(self, "_original", original)
         self.train(original.training)
 
+    def _fc(self, name: str) -> nn.Module:
+        # Looked up on every call (a replaced child is used), by a dict lookup where the path is a direct child:
+        # get_submodule costs ~10 us, a tenth of a small SE layer's work on a CPU.
+        fc = self._modules.get(name)
+        return self.get_submodule(name) if fc is None else fc
+
     def forward(self, x: Tensor) -> Tensor:
-        fc1, fc2 = (self.get_submodule(name) for name in self.fused_fcs)
+        fc1, fc2 = self._fc(self.fused_fcs[0]), self._fc(self.fused_fcs[1])
         return MF.squeeze_excite(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.fused_act, self.fused_gate,
                                  self.backend)
 

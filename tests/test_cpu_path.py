@@ -20,10 +20,12 @@ from tests.helpers import assert_matches_fp64_reference, backend_param
 
 pytestmark = pytest.mark.parametrize("backend", [backend_param("cuda")])
 
-# C: 1, 5 (< 8 lanes), 13 = 8 + 5, 24 = 16 + 8, 61 = 3 x 16 + 8 + 5; W: 1, 2, 3 (<= every tap window), 10, 19
+# C: 1, 5 (< 8 lanes), 13 = 8 + 5, 24 = 16 + 8, 61 = 3 x 16 + 8 + 5; W: 1, 2, 3 (<= every tap window), 10, 19;
+# W 7, 14, 28 and 42: rows in blocks of 7 or 14 pixels (K 3/5, stride 1 and 2: one block, first + last, first +
+# middle + last), every channel block
 GEOMETRIES = [
     (2, 1, 5, 5), (1, 5, 3, 2), (2, 13, 2, 1), (2, 24, 10, 10), (1, 61, 9, 19), (1, 40, 19, 3), (1, 16, 7, 7),
-    (1, 29, 3, 37),
+    (1, 29, 3, 37), (1, 61, 7, 7), (2, 61, 14, 14), (1, 45, 6, 28), (1, 61, 4, 42),
 ]
 
 
@@ -97,7 +99,8 @@ def test_nhwc_fwd_independent_of_threads(backend):
 def test_narrower_isa_copies(backend, isa):
     """The host twin is compiled once per ISA and the widest the CPU has runs; MNET_EXT_CPU_ISA caps it, so the AVX2
     and baseline copies are checked here too (on a CPU without them the cap changes nothing and this repeats)."""
-    cases = "geometry and (1x61x9x19 or 2x24x10x10 or 2x13x2x1 or 1x29x3x37 or 1x300x5x3 or 2x7x37x29)"
+    cases = ("geometry and (1x61x9x19 or 2x24x10x10 or 2x13x2x1 or 1x29x3x37 or 1x300x5x3 or 2x7x37x29 or 1x61x7x7 "
+             "or 1x45x6x28 or 1x61x4x42)")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", cases],
                          env={**os.environ, "MNET_EXT_CPU_ISA": isa}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

@@ -90,6 +90,14 @@ DW_CASES = {
     "b2_c36_15x15_k3_relu6_bf16_nhwc": ((2, 36, 15, 15), 3, 1, 1, "relu6", "bf16", "nhwc"),
     "b2_c32_23x33_k5_relu_bf16_nhwc": ((2, 32, 23, 33), 5, 1, 1, "relu", "bf16", "nhwc"),
     "b2_c16_19x33_k3_d2_relu6_bf16_nhwc": ((2, 16, 19, 33), 3, 1, 2, "relu6", "bf16", "nhwc"),
+    # Whole-row band tiles (tile.h: BandTilePlan::whole; stride 1, dilation 1, W = TW = 7 or 14: the kernels skip
+    # the window's padding columns): K = 3 with 3 lanes, K = 5 on 14 x 14 in one band, K = 7 with fp32 vectors of
+    # 4, and rows split into bands (H 37: padding rows differ per tile) at K = 5; dilation 2 on 7 x 7 is not whole.
+    "b4_c24_7x7_k3_relu6_bf16_nhwc": ((4, 24, 7, 7), 3, 1, 1, "relu6", "bf16", "nhwc"),
+    "b4_c40_14x14_k5_hardswish_fp16_nhwc": ((4, 40, 14, 14), 5, 1, 1, "hardswish", "fp16", "nhwc"),
+    "b2_c16_7x7_k7_silu_fp32_nhwc": ((2, 16, 7, 7), 7, 1, 1, "silu", "fp32", "nhwc"),
+    "b2_c32_37x7_k5_relu_bf16_nhwc": ((2, 32, 37, 7), 5, 1, 1, "relu", "bf16", "nhwc"),
+    "b2_c32_7x7_k3_d2_none_bf16_nhwc": ((2, 32, 7, 7), 3, 1, 2, "none", "bf16", "nhwc"),
 }
 SE_CASES = {
     "b32_c72_28x28_bf16_nhwc": ((32, 72, 28, 28), "bf16", "nhwc"),

@@ -12,6 +12,14 @@
 #include "common/macros.h"
 #include "dwconv_bn_act/params.h"
 
+// Shared memory of a kernel: `MNET_DYNAMIC_SMEM(float4, stage);` declares `stage` as the block's dynamic buffer,
+// `MNET_SHARED_ARRAY(Welford, tree, n);` a static array of n. Macros so that the host emulator of the kernels
+// (tests/cuda_emu/emu.h) can map them to its own per-block buffers; nvcc sees the plain declarations.
+#ifndef MNET_DYNAMIC_SMEM
+#define MNET_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#define MNET_SHARED_ARRAY(T, name, n) __shared__ T name[n]
+#endif
+
 namespace mnet {
 namespace dev {
 

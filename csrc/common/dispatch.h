@@ -23,13 +23,21 @@ namespace mnet {
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 }  // namespace mnet
 
+// The fp16 arm of MNET_DISPATCH_DTYPE, a macro of its own so that a build can leave fp16 out (the CUDA emulator's
+// default build, tests/cuda_emu/emu.h, defines it first).
+#ifndef MNET_DISPATCH_F16_ARM
+#define MNET_DISPATCH_F16_ARM(HalfT, T, ...) \
+  {                                          \
+    using T = HalfT;                         \
+    return __VA_ARGS__();                    \
+  }
+#endif
+
 #define MNET_DISPATCH_DTYPE(dtype, HalfT, BF16T, T, ...) \
   [&] {                                                  \
     switch (dtype) {                                     \
-      case ::mnet::DType::F16: {                         \
-        using T = HalfT;                                 \
-        return __VA_ARGS__();                            \
-      }                                                  \
+      case ::mnet::DType::F16:                           \
+        MNET_DISPATCH_F16_ARM(HalfT, T, __VA_ARGS__)     \
       case ::mnet::DType::BF16: {                        \
         using T = BF16T;                                 \
         return __VA_ARGS__();                            \

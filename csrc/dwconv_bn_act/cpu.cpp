@@ -30,8 +30,10 @@ namespace mnet {
 // The baseline copy passes 256/512-bit GCC vectors between inlined helpers only: no ABI concern.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-// The NHWC kernels' vector width in floats (cpu_nhwc_fwd.h), per ISA copy.
+// The NHWC kernels' vector width in floats and the widest row block in pixels (cpu_nhwc_fwd.h: 0 = no row
+// blocks), per ISA copy.
 #define MNET_TWIN_VEC 8
+#define MNET_TWIN_ROW_PIXELS 0
 namespace twin_base {
 namespace {
 #include "dwconv_bn_act/cpu_impl.h"
@@ -40,6 +42,8 @@ namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MNET_AVX2_TWIN 1
+#undef MNET_TWIN_ROW_PIXELS
+#define MNET_TWIN_ROW_PIXELS 7
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace twin_avx2 {
@@ -51,6 +55,8 @@ namespace {
 
 #undef MNET_TWIN_VEC
 #define MNET_TWIN_VEC 16
+#undef MNET_TWIN_ROW_PIXELS
+#define MNET_TWIN_ROW_PIXELS 14
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
 namespace twin_avx512 {

@@ -15,13 +15,8 @@ void dw_fwd_cuda(const DwParams& p, void* stream) {
       MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
         constexpr int J = J2 ? 2 : 1;
         if (dev::full_vectors<T>(p, {p.x, p.y})) {  // channels_last, 16-byte vectors: staged band tiles
-          const BandTilePlan b = dev::band_launch_plan(p, (int)sizeof(T), false);
-          const size_t smem = dev::band_smem_bytes(b, K, 2);  // band, weights, scale, shift
-          dev::launch_strips<true, J, K>(b, [&](auto tw) {
-            constexpr int TW = decltype(tw)::value;
-            dev::allow_smem(dev::fwd_band_kernel<T, K, J, TW>, smem);
-            dev::fwd_band_kernel<T, K, J, TW>
-                <<<dim3((unsigned)b.nchunks, (unsigned)b.groups), (unsigned)b.threads(), smem, s>>>(p, b);
+          dev::launch_band_kernel<T, J, K>(p, false, 2, s, [&](auto tw, auto whole) {  // 2 rows: scale, shift
+            return dev::fwd_band_kernel<T, K, J, decltype(tw)::value, decltype(whole)::value>;
           });
           return;
         }

@@ -127,19 +127,25 @@ MNET_DEVICE void load_shared(const float* src, float (&out)[V]) {
 // a * b for 32-bit a, b as one widening multiply (nvcc emits a full 64 x 64 product for int64 * int).
 MNET_DEVICE int64_t mul_wide(int a, int b) {
   int64_t r;
+#ifdef __CUDA_ARCH__
   asm("mul.wide.s32 %0, %1, %2;" : "=l"(r) : "r"(a), "r"(b));
+#else  // host compilers (the emulator, tests/cuda_emu) have no PTX
+  r = (int64_t)a * b;
+#endif
   return r;
 }
 
 // The register window of one input row: load(j, xv) fetches window column j (V fp32) once, then f(m, kw, xv) runs
 // for every output m of the strip that reads column j through kernel column kw (j = J * m + kw). m and kw are
 // compile-time after unrolling, so the callers' register arrays stay in registers. Shared by the conv (conv_row:
-// global loads; band_conv_strip: the staged band).
-template <int K, int J, int TW, int V, typename L, typename F>
+// global loads; band_conv_strip: the staged band). Only columns [JLO, JHI) are walked: the others are padding
+// known at compile time (whole-row strips, tile.h: BandTilePlan::whole), whose products are zero.
+template <int K, int J, int TW, int V, int JLO = 0, int JHI = strip_cols(J, TW, K), typename L, typename F>
 MNET_DEVICE void window_walk(L&& load, F&& f) {
   constexpr int NCOL = strip_cols(J, TW, K);
 #pragma unroll
   for (int j = 0; j < NCOL; ++j) {
+    if (j < JLO || j >= JHI) continue;
     float xv[V];
     load(j, xv);
 #pragma unroll
@@ -150,17 +156,18 @@ MNET_DEVICE void window_walk(L&& load, F&& f) {
   }
 }
 
-// acc (+)= the products of one kernel row (weights wr: [K][V] of this lane; load: window_walk's loader). FIRST:
-// the row initialises the sums (output m's first product is its kw = 0 tap, the first the window walk reaches), so
-// no zero fill.
-template <int K, int J, int TW, int V, bool FIRST, typename L>
+// acc (+)= the products of one kernel row (weights wr: [K][V] of this lane; load: window_walk's loader, columns
+// [JLO, JHI)). FIRST: the row initialises the sums (output m's first product is the first tap the window walk
+// reaches: kw = 0, or the first at column JLO), so no zero fill.
+template <int K, int J, int TW, int V, bool FIRST, int JLO = 0, int JHI = strip_cols(J, TW, K), typename L>
 MNET_DEVICE void conv_row_with(L&& load, const float* wr, float (&acc)[TW][V]) {
   float w[K][V];
 #pragma unroll
   for (int kw = 0; kw < K; ++kw) load_shared<V>(wr + kw * V, w[kw]);
-  window_walk<K, J, TW, V>(load, [&](int m, int kw, const float(&xv)[V]) {
+  window_walk<K, J, TW, V, JLO, JHI>(load, [&](int m, int kw, const float(&xv)[V]) {
+    const bool first = FIRST && kw == (JLO > J * m ? JLO - J * m : 0);
 #pragma unroll
-    for (int v = 0; v < V; ++v) acc[m][v] = FIRST && kw == 0 ? w[kw][v] * xv[v] : fmaf(w[kw][v], xv[v], acc[m][v]);
+    for (int v = 0; v < V; ++v) acc[m][v] = first ? w[kw][v] * xv[v] : fmaf(w[kw][v], xv[v], acc[m][v]);
   });
 }
 
@@ -227,7 +234,7 @@ template <typename T, int K, int J, bool CL, bool FULL, int TW>
 __global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
     fwd_kernel(const DwParams p, const TilePlan t) {
   constexpr int V = tile_vec((int)sizeof(T), CL);
-  extern __shared__ float sh[];
+  MNET_DYNAMIC_SMEM(float, sh);
   const Lane l = lane_of(p, t);
   stage_params<T, K, V, true>(p, t.lg.lanes, lane_c0(t, blockIdx.y, 0), sh, p.mean, p.invstd, p.gamma, p.beta);
   if (l.valid <= 0) return;
@@ -285,21 +292,23 @@ static_assert(kBandStageBytes + param_smem_bytes(7, 8, 2, kBandLaneSlots) +
 // The tile's input band -> stage (this thread's lane slot of staged row 0; tile.h: staged row r = input row
 // ih_base + r * row_step, column j = iw0 + j * in_step): the staged rows inside the image (band_rows_inside) one
 // per walker in turn from the first, one 16-byte load of the lane's V channels per column (zero outside the image's
-// columns) and V / 4 16-byte stores; then the rows above and below the image as zeros only.
-template <typename T, int V, int NCOL>
+// columns) and V / 4 16-byte stores; then the rows above and below the image as zeros only. WHOLE (whole-row
+// strips, tile.h: BandTilePlan::whole): the columns inside are [P, NCOL - P) in every tile, loaded without a test;
+// the padding columns are neither loaded nor stored (the conv skips them).
+template <typename T, int V, int NCOL, bool WHOLE, int P>
 MNET_DEVICE void stage_band(const DwParams& p, const BandTilePlan& b, const T* xn, int ih_base, int iw0, int in_step,
                             int walker, float4* stage) {
-  constexpr int NQ = V / 4;
-  const uint32_t cols = column_mask(iw0, in_step, (int)p.W, NCOL);
+  constexpr int NQ = V / 4, JLO = WHOLE ? P : 0, JHI = WHOLE ? NCOL - P : NCOL;
+  const uint32_t cols = WHOLE ? ~0u : column_mask(iw0, in_step, (int)p.W, NCOL);
   const uint32_t col = (uint32_t)(in_step * (int)p.xs.w);  // unsigned: no sign extension per column offset
   int lo, hi;
-  band_rows_inside(b, p.H, ih_base, lo, hi);
+  band_rows_inside(b, (int)p.H, ih_base, lo, hi);
 #pragma unroll 1
   for (int r = lo + walker; r < hi; r += b.R) {
     const T* src = xn + mul_wide(ih_base + r * b.row_step, (int)p.xs.h) + mul_wide(iw0, (int)p.xs.w);
     float4* dst = stage + r * b.pitch;
 #pragma unroll
-    for (int j = 0; j < NCOL; ++j) {
+    for (int j = JLO; j < JHI; ++j) {
       float xv[V];
       load_vec<T, V, true>(src + (uint32_t)j * col, (cols >> j) & 1u, V, xv);
 #pragma unroll
@@ -312,14 +321,15 @@ MNET_DEVICE void stage_band(const DwParams& p, const BandTilePlan& b, const T* x
   for (int z = walker; z < zeros; z += b.R) {
     float4* dst = stage + (z < lo ? z : z - lo + hi) * b.pitch;
 #pragma unroll
-    for (int j = 0; j < NCOL * NQ; ++j) dst[j * kBandLaneSlots] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int j = JLO * NQ; j < JHI * NQ; ++j) dst[j * kBandLaneSlots] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
 }
 
 // z of one strip from the staged band: srow = this thread's lane slot of its staged row for kernel row 0
 // (walker * row_a), kernel rows row_b staged rows apart; wl: this lane's weights ([K*K][V] in shared memory). Each
 // window column is V / 4 LDS.128 at compile-time offsets (bank pattern: tile.h). Row 0 peeled, as in conv_strip.
-template <int K, int J, int TW, int V>
+// WHOLE: the window's first and last (K - 1) / 2 columns are padding in every tile and are skipped.
+template <int K, int J, int TW, int V, bool WHOLE>
 MNET_DEVICE void band_conv_strip(const BandTilePlan& b, const float4* srow, const float* wl, float (&acc)[TW][V]) {
   constexpr int NQ = V / 4;
   const auto load = [&](int j, float(&xv)[V]) {
@@ -332,20 +342,21 @@ MNET_DEVICE void band_conv_strip(const BandTilePlan& b, const float4* srow, cons
       xv[4 * q + 3] = f.w;
     }
   };
-  conv_row_with<K, J, TW, V, true>(load, wl, acc);
+  constexpr int NCOL = strip_cols(J, TW, K), P = WHOLE ? (K - 1) / 2 : 0;
+  conv_row_with<K, J, TW, V, true, P, NCOL - P>(load, wl, acc);
   const int rstep = b.row_b * b.pitch;
 #pragma unroll 1
   for (int kh = 1; kh < K; ++kh) {
     srow += rstep;
     wl += K * V;
-    conv_row_with<K, J, TW, V, false>(load, wl, acc);
+    conv_row_with<K, J, TW, V, false, P, NCOL - P>(load, wl, acc);
   }
 }
 
 // The block's tiles (chunk blockIdx.x of the plan's tiles, in order): stage the band, one strip per walker, then
 // f(sp, acc) with sp.count = 0 for a walker past Ho or an inactive lane (every thread of the block must call this:
-// it synchronises). stage: the dynamic shared memory (the band), wl: this lane's weights.
-template <typename T, int K, int J, int TW, typename F>
+// it synchronises). stage: the dynamic shared memory (the band), wl: this lane's weights. WHOLE = b.whole.
+template <typename T, int K, int J, int TW, bool WHOLE, typename F>
 MNET_DEVICE void band_tiles(const DwParams& p, const BandTilePlan& b, const BandThread& th, float4* stage,
                             const float* wl, F&& f) {
   constexpr int V = tile_vec((int)sizeof(T), true), NCOL = strip_cols(J, TW, K);
@@ -360,8 +371,8 @@ MNET_DEVICE void band_tiles(const DwParams& p, const BandTilePlan& b, const Band
     band_tile_origin(b, tile, n, oh0, ow0);
     const int iw0 = (int)ow0 * p.stride - p.pad;
     if (th.active)
-      stage_band<T, V, NCOL>(p, b, xl + (int64_t)n * p.xs.n, (int)oh0 * p.stride - p.pad, iw0, in_step, th.walker,
-                             stage + th.lane);
+      stage_band<T, V, NCOL, WHOLE, (K - 1) / 2>(p, b, xl + (int64_t)n * p.xs.n, (int)oh0 * p.stride - p.pad, iw0,
+                                                 in_step, th.walker, stage + th.lane);
     __syncthreads();  // the band is staged
     StripPos sp;
     sp.n = n;
@@ -369,23 +380,23 @@ MNET_DEVICE void band_tiles(const DwParams& p, const BandTilePlan& b, const Band
     sp.ow0 = (int)ow0;
     sp.count = th.active && sp.oh < p.Ho ? strip_count(b.sg, (int)p.Wo, (int)ow0, TW) : 0;
     float acc[TW][V];
-    band_conv_strip<K, J, TW, V>(b, srow, wl, acc);
+    band_conv_strip<K, J, TW, V, WHOLE>(b, srow, wl, acc);
     f(sp, acc);
     __syncthreads();  // every walker is done with the band before the next tile overwrites it
   }
 }
 
-template <typename T, int K, int J, int TW>
+template <typename T, int K, int J, int TW, bool WHOLE>
 __global__ void __launch_bounds__(kBandLaneSlots* kBandRowsMax, 2)
     fwd_band_kernel(const DwParams p, const BandTilePlan b) {
   constexpr int V = tile_vec((int)sizeof(T), true), WL = weight_lane_floats(K, V);
-  extern __shared__ float4 stage[];
+  MNET_DYNAMIC_SMEM(float4, stage);
   float* sh = reinterpret_cast<float*>(stage) + b.stage_floats();
   const BandThread th = band_thread(p, b, V);
   stage_params<T, K, V, true>(p, b.lanes, (int64_t)blockIdx.y * b.lanes * V, sh, p.mean, p.invstd, p.gamma, p.beta);
   const float* shv = sh + b.lanes * WL + th.lane * 2 * V;  // scale, shift
   const int ystep = b.sg.out_step * (int)p.ys.w;
-  band_tiles<T, K, J, TW>(p, b, th, stage, sh + th.lane * WL, [&](const StripPos& sp, const float(&acc)[TW][V]) {
+  band_tiles<T, K, J, TW, WHOLE>(p, b, th, stage, sh + th.lane * WL, [&](const StripPos& sp, const float(&acc)[TW][V]) {
     T* y = static_cast<T*>(p.y) + out_offset(p.ys, sp, 0, b.sg.out_step, th.c0);
     float scale[V], shift[V];
     load_shared<V>(shv, scale);
@@ -397,19 +408,19 @@ __global__ void __launch_bounds__(kBandLaneSlots* kBandRowsMax, 2)
 }
 
 // Welford partials per (chunk, channel) as stats_partial_kernel's, over the chunk's tiles.
-template <typename T, int K, int J, int TW>
+template <typename T, int K, int J, int TW, bool WHOLE>
 __global__ void __launch_bounds__(kBandLaneSlots* kBandRowsMax, 2)
     stats_band_kernel(const DwParams p, const BandTilePlan b) {
   constexpr int V = tile_vec((int)sizeof(T), true), WL = weight_lane_floats(K, V);
-  extern __shared__ float4 stage[];
-  __shared__ Welford tree[kBandLaneSlots * kBandRowsMax];
+  MNET_DYNAMIC_SMEM(float4, stage);
+  MNET_SHARED_ARRAY(Welford, tree, kBandLaneSlots * kBandRowsMax);
   float* sh = reinterpret_cast<float*>(stage) + b.stage_floats();
   const BandThread th = band_thread(p, b, V);
   stage_params<T, K, V>(p, b.lanes, (int64_t)blockIdx.y * b.lanes * V, sh);
   float count = 0.0f, mean[V], m2[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) mean[v] = m2[v] = 0.0f;
-  band_tiles<T, K, J, TW>(p, b, th, stage, sh + th.lane * WL, [&](const StripPos& sp, const float(&z)[TW][V]) {
+  band_tiles<T, K, J, TW, WHOLE>(p, b, th, stage, sh + th.lane * WL, [&](const StripPos& sp, const float(&z)[TW][V]) {
     welford_add_strip<TW, V>(count, mean, m2, z, sp.count);
   });
   const int64_t nc = b.nchunks * p.C;
@@ -433,8 +444,8 @@ template <typename T, int K, int J, bool CL, bool FULL, int TW>
 __global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
     stats_partial_kernel(const DwParams p, const TilePlan t) {
   constexpr int V = tile_vec((int)sizeof(T), CL);
-  extern __shared__ float sh[];
-  __shared__ Welford tree[kThreads];
+  MNET_DYNAMIC_SMEM(float, sh);
+  MNET_SHARED_ARRAY(Welford, tree, kThreads);
   const Lane l = lane_of(p, t);
   stage_params<T, K, V>(p, t.lg.lanes, lane_c0(t, blockIdx.y, 0), sh);
   int64_t begin, end;
@@ -496,8 +507,8 @@ template <typename T, int K, int J, bool CL, bool FULL, int TW>
 __global__ void __launch_bounds__(plan_threads(kThreads, strip_wide(CL)), 2)
     bwd_reduce_partial_kernel(const DwParams p, const TilePlan t) {
   constexpr int V = tile_vec((int)sizeof(T), CL);
-  extern __shared__ float sh[];
-  __shared__ Sum2 tree[kThreads];
+  MNET_DYNAMIC_SMEM(float, sh);
+  MNET_SHARED_ARRAY(Sum2, tree, kThreads);
   const Lane l = lane_of(p, t);
   stage_params<T, K, V>(p, t.lg.lanes, lane_c0(t, blockIdx.y, 0), sh, p.mean, p.invstd, p.gamma, p.beta);
   int64_t begin, end;
@@ -591,7 +602,7 @@ template <typename T, int K, int J, bool CL, bool FULL>
 __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p, const BandPlan b) {
   constexpr int V = tile_vec((int)sizeof(T), CL), TW = narrow_tile_width(CL, J), KK = K * K;
   constexpr int NCOL = strip_cols(J, TW, K);
-  extern __shared__ float sh[];
+  MNET_DYNAMIC_SMEM(float, sh);
   const int cb = b.cb, lanes = b.lanes, lshift = ilog2(b.lanes);
   float* dzt = sh;                               // [dz_rows][Wo][cb]
   float* dws = sh + bwd_apply_tile_floats(p, b);  // [walker][kh][kw][cb] dweight sums, one slot per thread
@@ -762,7 +773,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
 template <typename T>
 __global__ void __launch_bounds__(kFinalLanes* kFinalWalkers)
     dweight_final_kernel(const float* __restrict__ part, int64_t nchunks, int64_t C, int kk, T* dweight) {
-  __shared__ double tree[kFinalLanes * kFinalWalkers];
+  MNET_SHARED_ARRAY(double, tree, kFinalLanes * kFinalWalkers);
   const int lane = threadIdx.x % kFinalLanes, walker = threadIdx.x / kFinalLanes;
   const int64_t q = (int64_t)blockIdx.x * kFinalLanes + lane, total = C * kk;
   double acc = 0.0;
@@ -814,6 +825,8 @@ inline BandTilePlan band_launch_plan(const DwParams& p, int elem_size, bool redu
                              ">= 2^31); split the batch");
   if (b.groups > 65535)
     throw std::runtime_error("mnet_ext: too many channels for the CUDA kernels (more than 65535 channel groups)");
+  if (p.H >= (int64_t(1) << 30))  // band_rows_inside's 32-bit row arithmetic
+    throw std::runtime_error("mnet_ext: the input is too tall for the CUDA kernels (H >= 2^30)");
   check_strides(p, b.TW);
   return b;
 }
@@ -837,11 +850,43 @@ inline void launch_strips(const P& t, F&& launch) {
   }
 }
 
+// The staged kernels' launch: launch(tw, whole) with the plan's strip width (launch_strips) and whole-row flag
+// (std::true_type / std::false_type; tile.h: BandTilePlan::whole, instantiated only at J = 1, where it can hold).
+template <int J, int K, typename F>
+inline void launch_band(const BandTilePlan& b, F&& launch) {
+  launch_strips<true, J, K>(b, [&](auto tw) {
+    if constexpr (J == 1) {
+      if (b.whole) launch(tw, std::true_type{});
+      else launch(tw, std::false_type{});
+    } else {
+      if (b.whole) throw std::logic_error("mnet_ext: whole-row band tiles need the column pattern J = 1");
+      launch(tw, std::false_type{});
+    }
+  });
+}
+
 // Dynamic shared memory above the 48 KB default needs an opt-in per kernel.
 template <typename F>
 inline void allow_smem(F kernel, size_t bytes) {
   if (bytes > 48 * 1024) MNET_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                               (int)bytes));
+}
+
+// The staged kernels' launch preamble, shared by fwd.cu and stats.cu: plan (band_launch_plan; `reduction`: the
+// stats' chunks), shared memory (the band and `param_rows` per-channel rows besides the weights), the opt-in, and a
+// launch of kernel_of(tw, whole) (the instantiation for launch_band's strip width and whole-row flag) on grid
+// (chunks, channel groups). Returns the plan (stats sizes its final combine by its chunks).
+template <typename T, int J, int K, typename KernelOf>
+inline BandTilePlan launch_band_kernel(const DwParams& p, bool reduction, int param_rows, cudaStream_t stream,
+                                       KernelOf&& kernel_of) {
+  const BandTilePlan b = band_launch_plan(p, (int)sizeof(T), reduction);
+  const size_t smem = band_smem_bytes(b, K, param_rows);
+  launch_band<J, K>(b, [&](auto tw, auto whole) {
+    const auto kernel = kernel_of(tw, whole);
+    allow_smem(kernel, smem);
+    kernel<<<dim3((unsigned)b.nchunks, (unsigned)b.groups), (unsigned)b.threads(), smem, stream>>>(p, b);
+  });
+  return b;
 }
 
 // fwd: blocks along the strips so that each thread walks 16, 8 or 4 strips: the most that leaves at least

@@ -50,15 +50,9 @@ void dw_stats_cuda(const DwParams& p, void* stream) {
       MNET_DISPATCH_BOOL(strip_j(p.stride, p.dilation) == 2, J2, [&] {
         constexpr int J = J2 ? 2 : 1;
         if (dev::full_vectors<T>(p, {p.x})) {  // channels_last, 16-byte vectors: staged band tiles
-          const BandTilePlan b = dev::band_launch_plan(p, (int)sizeof(T), true);
-          nchunks = b.nchunks;
-          const size_t smem = dev::band_smem_bytes(b, K, 0);  // band, weights
-          dev::launch_strips<true, J, K>(b, [&](auto tw) {
-            constexpr int TW = decltype(tw)::value;
-            dev::allow_smem(dev::stats_band_kernel<T, K, J, TW>, smem);
-            dev::stats_band_kernel<T, K, J, TW>
-                <<<dim3((unsigned)b.nchunks, (unsigned)b.groups), (unsigned)b.threads(), smem, s>>>(p, b);
-          });
+          nchunks = dev::launch_band_kernel<T, J, K>(p, true, 0, s, [&](auto tw, auto whole) {  // weights only
+                      return dev::stats_band_kernel<T, K, J, decltype(tw)::value, decltype(whole)::value>;
+                    }).nchunks;
           return;
         }
         const TilePlan t = dev::launch_plan(p, (int)sizeof(T));

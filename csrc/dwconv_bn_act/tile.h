@@ -233,6 +233,10 @@ struct BandTilePlan {
   int64_t tiles = 1;    // N * bands * sg.per_row
   int row_step = 1, row_a = 1, row_b = 1;
   int rows_in = 1, cols_in = 1;  // staged rows and columns
+  // Whole-row strips: stride 1, dilation 1 and W = Wo = TW (the 7x7 and 14x14 layers), so every tile's strip is
+  // its whole row, its window starts at column -P (P = (k - 1) / 2 = pad) and the window columns [0, P) and
+  // [cols_in - P, cols_in) are padding in every tile: the kernels (template WHOLE) neither stage nor read them.
+  bool whole = false;
   int pitch = 1;        // 16-byte chunks between staged rows
   FastDiv per_row;      // tile -> (image * bands + band, strip column)
   FastDiv bands_div;    // image * bands + band -> (image, band)
@@ -267,6 +271,7 @@ MNET_HD BandTilePlan band_tile_plan(const DwParams& p, int elem_size, bool reduc
   b.row_a = p.stride / b.row_step;
   b.row_b = p.dilation / b.row_step;
   b.cols_in = strip_cols(b.J, b.TW, p.k);
+  b.whole = p.stride == 1 && p.dilation == 1 && p.W == b.TW && p.Wo == b.TW;
   b.pitch = band_pitch(b.cols_in, b.nq, b.lanes, b.row_a);
   // Rows per tile: as many as fit (up to 16, 8 when input rows advance by 2), split evenly over the image's rows.
   const int most = b.row_a == 1 ? kBandRowsMax : kBandRowsMax / 2;
@@ -313,12 +318,13 @@ MNET_HD void band_tile_origin(const BandTilePlan& b, uint32_t tile, uint32_t& n,
 }
 
 // Staged rows inside the image, [lo, hi): staged row r (input row ih_base + r * row_step) is in [0, H) exactly for
-// lo <= r < hi (lo = hi when none is). The staging copies these and stores zeros for the others (padding).
-MNET_HD void band_rows_inside(const BandTilePlan& b, int64_t H, int ih_base, int& lo, int& hi) {
-  const int st = b.row_step;
-  lo = ih_base >= 0 ? 0 : (-ih_base + st - 1) / st;
-  const int64_t end = H - ih_base <= 0 ? 0 : (H - ih_base + st - 1) / st;  // first r with ih >= H
-  hi = end < b.rows_in ? (int)end : b.rows_in;
+// lo <= r < hi (lo = hi when none is). The staging copies these and stores zeros for the others (padding). 32-bit
+// (band_launch_plan checks H < 2^30).
+MNET_HD void band_rows_inside(const BandTilePlan& b, int H, int ih_base, int& lo, int& hi) {
+  const int st = b.row_step, sh = st == 2 ? 1 : 0;  // row_step is 1 or 2: a shift, not a division
+  lo = ih_base >= 0 ? 0 : (-ih_base + st - 1) >> sh;
+  const int end = H - ih_base <= 0 ? 0 : (H - ih_base + st - 1) >> sh;  // first r with ih >= H
+  hi = end < b.rows_in ? end : b.rows_in;
   lo = lo < hi ? lo : hi;
 }
 

@@ -48,12 +48,14 @@ void check_bands(const DwParams& p, int elem_size) {
 // Staged band tiles (fwd_band_kernel, stats_band_kernel): the chunks partition the tiles in order, every output is
 // computed by exactly one (tile, walker, m), every tap a strip reads lies inside the staged band at the staged
 // row and column of the conv's own input coordinates (zero there exactly when the conv pads), the band fits its
-// shared-memory budget and the block its threads, and the conv's LDS.128 pattern is conflict-free where the
-// pitch can make it so (tile.h).
+// shared-memory budget and the block its threads, the conv's LDS.128 pattern is conflict-free where the pitch can
+// make it so, and whole-row tiles leave unstaged and unread only columns that are padding in every tile (tile.h).
 void check_band_tiles(const DwParams& p, int elem_size) {
   const BandTilePlan b = band_tile_plan(p, elem_size, false);
   const BandTilePlan br = band_tile_plan(p, elem_size, true);
-  if (br.tiles != b.tiles || br.R != b.R || br.pitch != b.pitch) plan_error("the staged kernels' plans differ");
+  if (br.tiles != b.tiles || br.R != b.R || br.pitch != b.pitch || br.whole != b.whole)
+    plan_error("the staged kernels' plans differ");
+  if (b.whole && b.J != 1) plan_error("whole-row band tiles need the column pattern J = 1");
   if (b.lanes < 1 || b.lanes > kBandLaneSlots || b.groups * b.lanes * b.V < p.C) plan_error("band lanes miss channels");
   if (b.R < 1 || b.threads() > kBandLaneSlots * kBandRowsMax) plan_error("band block shape does not fit 128 threads");
   if (b.R > 1 && b.stage_floats() * 4 > kBandStageBytes) plan_error("the staged band exceeds its shared memory");
@@ -101,8 +103,14 @@ void check_band_tiles(const DwParams& p, int elem_size) {
       plan_error("band tile origin differs from plain division");
     const int64_t oh0 = oh032, ow0 = ow032, ih_base = oh0 * p.stride - p.pad, iw0 = strip_iw0(ow0, p.stride, p.pad);
     const uint32_t mask = column_mask((int)iw0, in_step, (int)p.W, b.cols_in);
+    if (b.whole) {  // whole-row tiles: the kernels skip window columns [0, P) and [cols_in - P, cols_in) unread
+      const int P = (p.k - 1) / 2;
+      const uint32_t inside = ((1u << (b.cols_in - P)) - 1u) & ~((1u << P) - 1u);
+      if (b.cols_in - 2 * P != b.TW || mask != inside)
+        plan_error("whole-row band tiles: the window's columns inside the image are not [P, cols_in - P)");
+    }
     int lo, hi;
-    band_rows_inside(b, p.H, (int)ih_base, lo, hi);
+    band_rows_inside(b, (int)p.H, (int)ih_base, lo, hi);
     for (int r = 0; r < b.rows_in; ++r) {
       const int64_t ih = ih_base + (int64_t)r * b.row_step;
       if ((r >= lo && r < hi) != (ih >= 0 && ih < p.H)) plan_error("staged rows inside the image differ");
