@@ -90,9 +90,11 @@ def _load_f32(ptr, mask):
 
 
 @triton.jit
-def _group_tile(offs_g, gpr, Ho, Wo, OW: tl.constexpr, ROWS: tl.constexpr):
+def _group_tile(offs_g, gpr, Ho, Wo, OW: tl.constexpr, ROWS: tl.constexpr = 1):
     """(ho, wo0, gmask) of the groups ``offs_g`` (indices into the cdiv(Ho, ROWS) * gpr groups of an image): first
     output row, first output column, and whether the group exists (its first row is inside the image)."""
+    if ROWS == 1:
+        return offs_g // gpr, (offs_g % gpr) * OW, offs_g < Ho * gpr
     ho = (offs_g // gpr) * ROWS
     return ho, (offs_g % gpr) * OW, ho < Ho
 
@@ -111,8 +113,7 @@ def _conv_row(
     kh,  # kernel row
     x_c,  # x of the image, advanced by the channel offsets
     wt_ptr,
-    offs_c,
-    offs_w,  # offs_c broadcast to the tile: the weight loads take the tile's layout (no shared-memory shuffle)
+    offs_c,  # channel offsets of the weight loads (FWD_LOADS: broadcast to the tile's shape)
     cmask,
     ho,
     wi0,  # first input column of each group's window: wo0 * STRIDE - PAD
@@ -126,6 +127,7 @@ def _conv_row(
     STRIDE: tl.constexpr,
     DIL: tl.constexpr,
     OW: tl.constexpr,
+    FWD_LOADS: tl.constexpr = False,  # the forward's loads (see _conv_groups)
 ):
     """accs + the taps of kernel row ``kh``: the K weight vectors of the row, then each of the NJ input columns the
     group's window spans, loaded and converted once and multiplied into every output that reads it."""
@@ -133,14 +135,19 @@ def _conv_row(
     NJ: tl.constexpr = (OW - 1) * STRIDE + (K - 1) * DIL + 1
     hi = ho * STRIDE + (kh * DIL - PAD)
     row_ok = gmask & (hi >= 0) & (hi < H) & cmask
-    x_w = x_c + hi * stride_xh + wi0 * stride_xw  # column j at x_w + j * stride_xw: a pointer add per column
-    w_row = wt_ptr + kh * (K * CP) + offs_w
+    x_row = x_c + hi * stride_xh
+    if FWD_LOADS:
+        x_row += wi0 * stride_xw  # column j at x_row + j * stride_xw: a pointer add per column
+    w_row = wt_ptr + kh * (K * CP) + offs_c
     ws = ()
     for kw in tl.static_range(K):
         ws = ws + (tl.load(w_row + kw * CP),)  # padded to CP channels: no mask
     for j in tl.static_range(NJ):
         wi = wi0 + j
-        xj = _load_f32(x_w + j * stride_xw, row_ok & (wi >= 0) & (wi < W))
+        if FWD_LOADS:
+            xj = _load_f32(x_row + j * stride_xw, row_ok & (wi >= 0) & (wi < W))
+        else:
+            xj = tl.load(x_row + wi * stride_xw, mask=row_ok & (wi >= 0) & (wi < W), other=0.0).to(tl.float32)
         # column j feeds output i through tap kw where j = i * STRIDE + kw * DIL (consumed at once: one column live)
         new_accs = ()
         for i in tl.static_range(OW):
@@ -158,7 +165,6 @@ def _conv_input_row(
     r,  # input row of the group's window (image row ho - PAD + r): a constexpr, or the runtime loop's index
     x_c,
     wt_ptr,
-    offs_c,
     offs_w,
     cmask,
     ho,  # first output row of each group
@@ -225,47 +231,57 @@ def _conv_groups(
     STRIDE: tl.constexpr,
     DIL: tl.constexpr,
     OW: tl.constexpr,
-    ROWS: tl.constexpr,  # output rows per group: 1, or several sharing each converted input row
+    ROWS: tl.constexpr = 1,  # output rows per group: 1, or several sharing each converted input row (FWD_LOADS)
+    FWD_LOADS: tl.constexpr = False,
 ):
     """init + z at the OW outputs (ho, wo0 + i) of every group: a tuple of OW fp32 tiles in the orientation of the
     tile. Kernel row 0, then a runtime loop over rows 1 ... K - 1, so the live set is one row's: its K weight
     vectors and NJ = (OW - 1) * STRIDE + (K - 1) * DIL + 1 input columns, each x value loaded and converted once
     for the OW * K / NJ outputs and taps that read it (2.4x at K = 3, OW = 8, stride 1). Row 0 adds onto ``init``
     itself, so the accumulators need no initialising moves. Taps outside the image read 0; per output the taps
-    add in (kh, kw) order."""
+    add in (kh, kw) order.
+
+    FWD_LOADS (the forward at dilation 1 only): weight vectors loaded in the tile's own layout (no shared-memory
+    shuffle), x addressed by one pointer add per column, bf16 widened by a shift (``_load_f32``). Fewer
+    instructions in the forward (sm_90 bf16 NHWC K = 7: 118-169 -> 98-136 SASS/elem), but in the reduction and
+    backward-apply kernels ptxas then budgets 72-128 registers and spills (measured, session 6: bwd_apply NCHW
+    K = 7 20-28 B on every layer), and the forward at dilation 2 spills 12 B (K = 7, stride 2, silu, sm_90), so
+    those keep the plain loads."""
     PAD: tl.constexpr = (K - 1) // 2 * DIL
     init_t = init + tl.zeros((gmask & cmask).shape, dtype=tl.float32)
     wi0 = wo0 * STRIDE - PAD
     x_c = x_img + offs_c * stride_xc
-    offs_w = offs_c + tl.zeros_like(ho)
+    offs_w = offs_c
+    if FWD_LOADS:
+        offs_w = offs_c + tl.zeros_like(ho)
     if ROWS == 1:
         accs = _conv_row(
-            (init_t,) * OW, 0, x_c, wt_ptr, offs_c, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
-            K, STRIDE, DIL, OW,
+            (init_t,) * OW, 0, x_c, wt_ptr, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
+            K, STRIDE, DIL, OW, FWD_LOADS,
         )  # fmt: skip
         for kh in range(1, K):
             accs = _conv_row(
-                accs, kh, x_c, wt_ptr, offs_c, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
-                K, STRIDE, DIL, OW,
+                accs, kh, x_c, wt_ptr, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
+                K, STRIDE, DIL, OW, FWD_LOADS,
             )  # fmt: skip
     else:
-        tl.static_assert(STRIDE == 1 and DIL == 1 and ROWS <= K)
+        tl.static_assert(STRIDE == 1 and DIL == 1 and ROWS <= K and FWD_LOADS)
         # input rows 0 ... ROWS - 2 feed only the first rows, ROWS - 1 ... K - 1 every row (a runtime loop: its
         # weight loads stay in the loop), K ... K + ROWS - 2 only the last rows
         accs = (init_t,) * (ROWS * OW)
         for r in tl.static_range(ROWS - 1):
             accs = _conv_input_row(
-                accs, r, x_c, wt_ptr, offs_c, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
+                accs, r, x_c, wt_ptr, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
                 K, OW, ROWS, 0, r + 1,
             )  # fmt: skip
         for r in range(ROWS - 1, K):
             accs = _conv_input_row(
-                accs, r, x_c, wt_ptr, offs_c, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
+                accs, r, x_c, wt_ptr, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
                 K, OW, ROWS, 0, ROWS,
             )  # fmt: skip
         for r in tl.static_range(K, K + ROWS - 1):
             accs = _conv_input_row(
-                accs, r, x_c, wt_ptr, offs_c, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
+                accs, r, x_c, wt_ptr, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
                 K, OW, ROWS, r - K + 1, ROWS,
             )  # fmt: skip
     return accs
@@ -331,7 +347,7 @@ def _fwd_kernel(
     beta = _load_vec(beta_ptr, offs_t, cmask)
     zs = _conv_groups(
         x_ptr + n.to(tl.int64) * stride_xn, wt_ptr, -_load_vec(mean_ptr, offs_t, cmask), offs_c, cmask, ho, wo0,
-        gmask, CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW, ROWS,
+        gmask, CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW, ROWS, DIL == 1,
     )  # fmt: skip
     y_img = y_ptr + n.to(tl.int64) * stride_yn + offs_c * stride_yc
     for q in tl.static_range(ROWS):
@@ -397,11 +413,11 @@ def _stats_partial_kernel(
         t = row * ITERS + it
         n = t // num_gb
         g0 = (t % num_gb) * BLOCK_G
-        ho, wo0, gmask = _group_tile(g0 + offs_g0, gpr, Ho, Wo, OW, 1)
+        ho, wo0, gmask = _group_tile(g0 + offs_g0, gpr, Ho, Wo, OW)
         gmask = gmask & (t < num_tiles)
         zs = _conv_groups(
             x_ptr + n.to(tl.int64) * stride_xn, wt_ptr, zero_c, offs_c, cmask, ho, wo0, gmask,
-            CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW, 1,
+            CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW,
         )  # fmt: skip
         if it == 0:  # the first tile always lies inside the image and has outputs
             first = tl.zeros_like(s1)
@@ -529,11 +545,11 @@ def _bwd_reduce_partial_kernel(
     for it in range(0, ITERS):
         t = row * ITERS + it
         n = t // num_gb
-        ho, wo0, gmask = _group_tile((t % num_gb) * BLOCK_G + offs_g0, gpr, Ho, Wo, OW, 1)
+        ho, wo0, gmask = _group_tile((t % num_gb) * BLOCK_G + offs_g0, gpr, Ho, Wo, OW)
         gmask = gmask & (t < num_tiles)
         zs = _conv_groups(
             x_ptr + n.to(tl.int64) * stride_xn, wt_ptr, neg_mean, offs_c, cmask, ho, wo0, gmask,
-            CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW, 1,
+            CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW,
         )  # fmt: skip
         gy_row = gy_ptr + n.to(tl.int64) * stride_gn + offs_c * stride_gc + ho * stride_gh
         for i in tl.static_range(OW):
@@ -752,7 +768,7 @@ def _bwd_apply_kernel(
             gmask = ho < h_hi
             zs = _conv_groups(
                 x_img, wt_ptr, neg_mean, offs_c, cmask, ho, wo0, gmask,
-                CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW, 1,
+                CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW,
             )  # fmt: skip
             gy_row = gy_c + ho * stride_gh
             slot_row = slot_c_ptr + (ho - h_lo) * slot_h
