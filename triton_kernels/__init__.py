@@ -53,13 +53,15 @@ _DW_OW_MAX = {"fwd": {3: 8, 5: 6, 7: 4}, "reduce": {3: 4, 5: 4, 7: 2}, "apply": 
 # stride 1, dilation 1), by K: each converted input row feeds the group's rows, so a thread holds ROWS x OW x 8
 # accumulators. Measured (bf16 and fp16; the launcher takes one-row groups for fp32, which has no conversion to
 # share): K = 3 at 2 x 6 uses 238-254 registers without spill on sm_90 and sm_80, 2 x 8 spills 116-164 bytes and
-# 2 x 7 36-64 on the 112- and 56-wide outputs; on the 14-wide ones 2 x 5 spills 24 bytes on sm_80
-# (_DW_FWD_ROWS_SKIP_WO: one-row groups there); the 7-wide ones take OW = 7 without spill (_DW_FWD_ROWS_OW_NARROW);
-# K = 5 at 2 x 4 236-254 registers (2 x 6 and 3 x 3 spill); K = 7 keeps one-row groups.
+# 2 x 7 12-64 on the 112-, 56- and 28-wide outputs (sm_90 bf16 relu6, sm_80 fp16 relu); the 7- and 14-wide ones
+# take 2 x 7 without spill (_DW_FWD_ROWS_OW_NARROW; 245-255 registers, sm_90 and sm_80, bf16 and fp16: the 14-wide
+# K = 3 layers 23.7-28.6 -> 19.9-24.9 SASS/elem, sm_90 bf16), but 2 x 5 spilled 24 bytes on 14-wide outputs on
+# sm_80, so the unmeasured widths 8-13 keep one-row groups (_DW_FWD_ROWS_SKIP_WO); K = 5 at 2 x 4 236-254
+# registers (2 x 6 and 3 x 3 spill); K = 7 keeps one-row groups.
 _DW_FWD_ROWS = 2
 _DW_FWD_ROWS_OW_MAX = {3: 6, 5: 4}
-_DW_FWD_ROWS_OW_NARROW = {3: (7, 7)}  # K: (outputs of at most this many columns, OW up to this)
-_DW_FWD_ROWS_SKIP_WO = {3: (8, 14)}  # K: output widths (inclusive range) that keep one-row groups
+_DW_FWD_ROWS_OW_NARROW = {3: (14, 7)}  # K: (outputs of at most this many columns, OW up to this)
+_DW_FWD_ROWS_SKIP_WO = {3: (8, 13)}  # K: output widths (inclusive range) that keep one-row groups
 
 
 def interpreting() -> bool:
