@@ -446,7 +446,10 @@ class TritonKernel:
 
 
 def _conv_rows(v: dict[str, Any]) -> float:
-    return v["K"] - 1  # _conv_groups peels kernel row 0 before its loop
+    """Trips of ``_conv_groups``' runtime row loop: kernel rows 1 ... K - 1 (row 0 peeled); with multi-row groups
+    (ROWS > 1) the input rows ROWS - 1 ... K - 1 that every output row of the group reads (the others unrolled)."""
+    rows = v.get("ROWS", 1)
+    return v["K"] - 1 if rows == 1 else v["K"] - rows + 1
 
 
 def _triton_apply_plan(v: dict[str, Any], threads: int) -> Plan:
@@ -486,7 +489,7 @@ def triton_plan(spec: TritonKernel, v: dict[str, Any], threads: int, path: dict[
     the SASS (``path``, the build summary) has that loop's rows inline and the plan counts them as they stand."""
     if spec.plan is not None:
         return spec.plan(v, threads)
-    outputs = v.get("BLOCK_P", v.get("BLOCK_G", 0) * v.get("OW", 1)) * v["BLOCK_C"] / threads
+    outputs = v.get("BLOCK_P", v.get("BLOCK_G", 0) * v.get("OW", 1) * v.get("ROWS", 1)) * v["BLOCK_C"] / threads
     trips = spec.trips(v) if spec.trips else None
     rows = spec.rows(v) if spec.rows else None
     if rows is not None and path is not None:
@@ -749,7 +752,8 @@ def triton_records(launches: list[tuple[Case, int, kernel_builds.TritonLaunch]],
             if spec is not None and spec.hot and ("BLOCK_P" in v or "BLOCK_G" in v) and "BLOCK_C" in v:
                 plan = triton_plan(spec, v, threads, results[job["key"]].get("path"))
             extra = {"num_warps": job["num_warps"], "launcher": launch.primitive,
-                     "constexprs": {n: v[n] for n in ("BLOCK_P", "BLOCK_G", "OW", "BLOCK_C", "VEC", "ITERS") if n in v}}
+                     "constexprs": {n: v[n] for n in ("BLOCK_P", "BLOCK_G", "OW", "ROWS", "BLOCK_C", "VEC", "ITERS")
+                                    if n in v}}
             records.append(make_record(arch, "triton", launch.kernel, role, case.dtype, case.layout, case.k, case,
                                        batch, results[job["key"]], plan, threads, extra))
     return records

@@ -286,6 +286,10 @@ TRITON_CI_CASES = [
     (960, 7, 7, 7, 1, 1, "hardswish", "fp32", "NHWC", 80),
     (72, 56, 56, 3, 1, 2, "relu", "fp16", "NCHW", 80),
     (120, 28, 28, 7, 2, 2, "silu", "bf16", "NHWC", 90),
+    # the forward's 2-row groups at their register edge (2 x 4 at K = 5: 244 registers on sm_80, fp16, hardswish)
+    (120, 14, 14, 5, 1, 1, "hardswish", "fp16", "NHWC", 80),
+    # and 2 x 7 at K = 3 on a 14-wide output (254 registers on sm_80)
+    (672, 14, 14, 3, 1, 1, "hardswish", "fp16", "NHWC", 80),
 ]
 
 _TRITON_CASES_SCRIPT = """

@@ -86,16 +86,23 @@ def test_stage1_rows(small_tiles):
 @pytest.mark.parametrize("channels", [16, 72, 120, 960])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("k", [3, 5, 7])
-def test_dw_tile_keeps_lanes_busy(hw, channels, channels_last, k):
-    t = triton_kernels.dw_tile(hw, hw, channels, channels_last, k)
-    ow_max = hw if hw <= 7 and k <= 5 else triton_kernels._DW_OW_MAX["fwd"][k]  # one group per row of 7 columns
+@pytest.mark.parametrize("shared_rows", [False, True], ids=["rows1", "shared_rows"])
+def test_dw_tile_keeps_lanes_busy(hw, channels, channels_last, k, shared_rows):
+    t = triton_kernels.dw_tile(hw, hw, channels, channels_last, k, shared_rows=shared_rows)
+    if t.rows == 1:
+        ow_max = hw if hw <= 7 and k <= 5 else triton_kernels._DW_OW_MAX["fwd"][k]  # one group per row of 7 columns
+    else:  # multi-row groups: the forward at stride 1, channels_last, K <= 5 only
+        assert shared_rows and channels_last and t.rows == triton_kernels._DW_FWD_ROWS, t
+        narrow_wo, narrow_ow = triton_kernels._DW_FWD_ROWS_OW_NARROW.get(k, (0, 0))
+        ow_max = narrow_ow if hw <= narrow_wo else triton_kernels._DW_FWD_ROWS_OW_MAX[k]
     assert 1 <= t.ow <= ow_max and t.groups_per_row == -(-hw // t.ow)
-    assert t.num_gb == -(-hw * t.groups_per_row // t.block_g)
+    row_groups = -(-hw // t.rows)
+    assert t.num_gb == -(-row_groups * t.groups_per_row // t.block_g)
     slots = t.block_g * t.block_c
     assert slots <= (triton_kernels._DW_NHWC_SLOTS if channels_last else triton_kernels._DW_NCHW_SLOTS)
     if channels_last:
         assert t.block_c % 8 == 0  # 16-byte bf16 vectors
-    busy = hw * hw * channels / (t.num_gb * t.block_g * t.ow * -(-channels // t.block_c) * t.block_c)
+    busy = hw * hw * channels / (t.num_gb * t.block_g * t.rows * t.ow * -(-channels // t.block_c) * t.block_c)
     if k <= 5:  # the forward counts the lanes of a warp without a slot as idle too (K = 7: see dw_tile)
         busy *= min(1.0, slots / (8 if channels_last else 2) / 32)
     # no quarter of the lanes idle, 28x28 and 14x14 NCHW included; a 7 x 7 image of 16 channels holds 14 8-channel
@@ -103,7 +110,7 @@ def test_dw_tile_keeps_lanes_busy(hw, channels, channels_last, k):
     floor = 0.8 if hw > 7 or channels >= 120 or not channels_last else 0.4
     assert busy >= floor, t
     assert t.num_warps == max(1, min(4, slots // (8 if channels_last else 2) // 32))
-    assert triton_kernels.dw_tile(hw, hw, channels, channels_last, k) == t  # a function of the shape
+    assert triton_kernels.dw_tile(hw, hw, channels, channels_last, k, shared_rows=shared_rows) == t  # of the shape
 
 
 def _mobilenet_dw_outputs() -> list[tuple[int, int, int, int]]:
@@ -181,6 +188,27 @@ def test_dwconv_multi_block(small_tiles, k, stride, dilation, act, channels_last
     app = (grad_y, x, weight, *bn, v["mean_g"], v["mean_g_xhat"], stride, dilation, act)
     for got, want in zip(tdw.dwconv_bn_act_bwd_apply(*app), ref.dwconv_bn_act_bwd_apply(*app), strict=True):
         assert_close_scaled(got, want, torch.float32, "bwd_apply")
+
+
+@pytest.mark.parametrize("k, act, dtype", [(3, "relu6", torch.float16), (5, "hardswish", torch.bfloat16)])
+def test_fwd_shared_rows(small_tiles, monkeypatch, k, act, dtype):
+    """The forward's groups of two output rows (channels_last, stride 1: each converted input row feeds both rows)
+    on an odd number of rows (the last group's second row lies past Ho and must not be stored), several group and
+    channel blocks, C = 20 (VEC 4) and a partial last group per row: y matches the reference, and matches bitwise
+    the one-row groups (per output the taps add in the same (kh, kw) order, so bwd_reduce and the backward apply,
+    which recompute z with one-row groups, see the same z). bf16 runs ``_load_f32``'s bit-level widening. (fp32
+    keeps one-row groups: no conversion to share.)"""
+    c, h, w = 20, 7, 17
+    ho, wo = ref.output_hw(h, w, k, 1, 1)
+    t = triton_kernels.dw_tile(ho, wo, c, True, k, shared_rows=True)
+    assert t.rows == 2 and ho % 2 and wo % t.ow and t.num_gb > 1 and -(-c // t.block_c) > 1, t
+    x, weight, _, v = _inputs(2, c, h, w, k, 1, 1, dtype, True)
+    args = (x, weight, v["mean"], v["invstd"], v["gamma"], v["beta"], 1, 1, act)
+    got = tdw.dwconv_bn_act_fwd(*args)
+    assert_close_scaled(got, ref.dwconv_bn_act_fwd(*args), dtype, "fwd")
+    real_tile = tdw.dw_tile
+    monkeypatch.setattr(tdw, "dw_tile", lambda *a, shared_rows=False: real_tile(*a))
+    assert torch.equal(got, tdw.dwconv_bn_act_fwd(*args))
 
 
 # Backward apply (``_bwd_apply_kernel``): bands of TB output rows whose dz is recomputed with HALO_LO/HALO_HI rows

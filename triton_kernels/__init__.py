@@ -49,6 +49,19 @@ _DW_NCHW_SLOTS = 256
 # at 2 slots: 28 bytes of spill in fp32 in the former dz kernel; NCHW K = 3, stride 2, OW = 8: 12 bytes). The
 # forward at K <= 5 takes OW = Wo on outputs of <= 7 columns (``dw_tile``).
 _DW_OW_MAX = {"fwd": {3: 8, 5: 6, 7: 4}, "reduce": {3: 4, 5: 4, 7: 2}, "apply": {3: 4, 5: 4, 7: 2}}
+# Most outputs per row of a forward group of _DW_FWD_ROWS output rows (``dw_tile(shared_rows=True)``: channels_last,
+# stride 1, dilation 1), by K: each converted input row feeds the group's rows, so a thread holds ROWS x OW x 8
+# accumulators. Measured (bf16 and fp16; the launcher takes one-row groups for fp32, which has no conversion to
+# share): K = 3 at 2 x 6 uses 238-254 registers without spill on sm_90 and sm_80, 2 x 8 spills 116-164 bytes and
+# 2 x 7 12-64 on the 112-, 56- and 28-wide outputs (sm_90 bf16 relu6, sm_80 fp16 relu); the 7- and 14-wide ones
+# take 2 x 7 without spill (_DW_FWD_ROWS_OW_NARROW; 245-255 registers, sm_90 and sm_80, bf16 and fp16: the 14-wide
+# K = 3 layers 23.7-28.6 -> 19.9-24.9 SASS/elem, sm_90 bf16), but 2 x 5 spilled 24 bytes on 14-wide outputs on
+# sm_80, so the unmeasured widths 8-13 keep one-row groups (_DW_FWD_ROWS_SKIP_WO); K = 5 at 2 x 4 236-254
+# registers (2 x 6 and 3 x 3 spill); K = 7 keeps one-row groups.
+_DW_FWD_ROWS = 2
+_DW_FWD_ROWS_OW_MAX = {3: 6, 5: 4}
+_DW_FWD_ROWS_OW_NARROW = {3: (14, 7)}  # K: (outputs of at most this many columns, OW up to this)
+_DW_FWD_ROWS_SKIP_WO = {3: (8, 13)}  # K: output widths (inclusive range) that keep one-row groups
 
 
 def interpreting() -> bool:
@@ -111,10 +124,11 @@ class DwTile(NamedTuple):
     block_c: int
     num_gb: int
     num_warps: int
+    rows: int = 1  # output rows per group (the forward's multi-row groups; 1 elsewhere)
 
 
 def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: str = "fwd",
-            max_block_c: int = 128) -> DwTile:
+            max_block_c: int = 128, shared_rows: bool = False) -> DwTile:
     """The depthwise tile for an output of ``ho`` x ``wo`` pixels and ``channels`` channels: a pure function of the
     shape (no timing, so every reduction over it is reproducible). Among OW <= _DW_OW_MAX[kind][k] (fwd, reduce for
     stats and bwd_reduce, apply for the backward apply) and power-of-two blocks of at most _DW_*_SLOTS groups x channels
@@ -131,7 +145,12 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
     kept 8-16 of 32 lanes busy (NHWC K = 5: 102-162 SASS instructions per output; 51-68 with this rule, no spill in bf16
     or fp32 on sm_90). At K = 7 the same rule spilled 24 bytes in fp32 (a 1-warp tile at 168 registers), and OW = 7 on
     wider outputs spilled in fp32 (stride 2, 255 registers); counted in the reductions, idle lanes moved two K = 5
-    layers (7 x 7 outputs) to 1-warp tiles of 128 channels that spill 4-12 bytes. Those keep the former choice."""
+    layers (7 x 7 outputs) to 1-warp tiles of 128 channels that spill 4-12 bytes. Those keep the former choice.
+
+    ``shared_rows`` (the forward at stride 1 and dilation 1; channels_last, K <= 5): groups of _DW_FWD_ROWS output
+    rows x OW <= _DW_FWD_ROWS_OW_MAX[k] columns (see _DW_FWD_ROWS_OW_NARROW, _SKIP_WO) compete with one-row
+    groups by outputs per converted input value of the group's window: each input row is loaded and converted once
+    for both rows (at K = 3, OW = 6: 4 input rows per 2 output rows instead of 6)."""
     # the backward apply (its K*K dweight sums per slot live in registers) and the K = 7 reductions: 2 slots per
     # thread in both layouts; the backward apply at K = 7: 1
     narrow = not channels_last or kind == "apply" or (kind == "reduce" and k == 7)
@@ -149,25 +168,36 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
     # channels that no block can use (C = 5 in blocks of 8) are not the tile's fault: measure against the best
     c_eff = max(channels / (-(-channels // b) * b) for b in block_cs)
     warp = max(1, slots // per_thread // NUM_WARPS)  # threads of one warp: 32 (1 under the tests' small tiles)
+    multi = shared_rows and channels_last and kind == "fwd" and k in _DW_FWD_ROWS_OW_MAX
+    shapes = [(1, ow) for ow in range(1, ow_max + 1)]
+    skip_lo, skip_hi = _DW_FWD_ROWS_SKIP_WO.get(k, (0, -1))
+    if multi and not skip_lo <= wo <= skip_hi:
+        narrow_wo, narrow_ow = _DW_FWD_ROWS_OW_NARROW.get(k, (0, 0))
+        ow_rows = narrow_ow if wo <= narrow_wo else _DW_FWD_ROWS_OW_MAX[k]
+        shapes += [(_DW_FWD_ROWS, ow) for ow in range(1, min(ow_rows, wo) + 1)]
     best, best_key = None, None
-    for ow in range(1, ow_max + 1):
+    for rows, ow in shapes:
         gpr = -(-wo // ow)
-        groups = ho * gpr
+        groups = -(-ho // rows) * gpr
         for block_c in block_cs:
             block_g = 1
             while block_g <= min(next_pow2(groups), max(1, slots // block_c)):
                 threads = block_g * block_c // per_thread
                 if kind == "reduce" and not narrow and block_c > 64 and threads > 32:
                     break  # measured (sm_90): 128-channel reduction tiles of more than one warp spill
-                eff = ho * wo * channels / (-(-groups // block_g) * block_g * ow * -(-channels // block_c) * block_c)
+                eff = ho * wo * channels / (-(-groups // block_g) * block_g * rows * ow * -(-channels // block_c)
+                                            * block_c)
                 if fill_warp:  # a tile of fewer threads than a warp leaves lanes idle
                     eff *= min(1.0, threads / warp)
                 good = eff >= 0.8 * c_eff
-                key = (good, min(ow, 4) * min(block_g * block_c, 512) if good else 0, ow, eff, block_g * block_c)
+                # x values reused by more outputs: OW (capped: OW = 1 costs 2.5x the instructions of OW = 4 at
+                # K = 7); with shared rows, outputs per converted input value of the group's window
+                reuse = rows * ow / ((rows + k - 1) * (ow + k - 1)) if multi else min(ow, 4)
+                key = (good, reuse * min(block_g * block_c, 512) if good else 0, ow, eff, block_g * block_c)
                 if best_key is None or key > best_key:
                     best_key = key
                     best = DwTile(ow, gpr, block_g, block_c, -(-groups // block_g),
-                                  max(1, min(NUM_WARPS, block_g * block_c // per_thread // 32)))
+                                  max(1, min(NUM_WARPS, block_g * block_c // per_thread // 32)), rows)
                 block_g *= 2
     assert best is not None
     return best

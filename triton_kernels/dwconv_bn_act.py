@@ -8,9 +8,13 @@ the shape, OW bounded per kind and K so that nothing spills). ``_conv_groups`` c
 row 0, then a runtime loop over rows 1 ... K - 1; per row the K weights (fp32 taps [K*K, CP], a copy the launcher
 makes: one 16-byte load per 4 channels, no conversion) and the NJ input columns of the group's window, each loaded
 and converted once and used by every output that reads it. channels_last tiles hold 8 channels (a 16-byte bf16
-vector) per thread. Per output the taps add in (kh, kw) order whatever the tile, so every kernel recomputes the
-same z bit for bit (bwd_reduce and dz see the same g). Per-image offsets are int32, the image base
-``n * stride_n`` is int64 (the launchers check that one image stays below 2^31 elements).
+vector) per thread. The forward at stride 1 and dilation 1 (channels_last, bf16/fp16) takes groups of ROWS = 2
+output rows (``dw_tile(shared_rows=True)``, ``_conv_input_row``): it walks the group's ROWS + K - 1 input rows
+(the first and last unrolled, the rows every output row reads in a runtime loop) and multiplies each converted
+input row into both output rows, so an x value is loaded and converted (K + 1) / 2 instead of K times per output
+row. Per output the taps add in (kh, kw) order whatever the tile, so every kernel recomputes the same z bit for
+bit (bwd_reduce and dz see the same g). Per-image offsets are int32, the image base ``n * stride_n`` is int64
+(the launchers check that one image stays below 2^31 elements).
 
 Launches per primitive: fwd 1 (one tile per program); stats 2 (per program: shifted sums over ITERS tiles, then
 one (count, mean, M2) row; a deterministic Chan combine); bwd_reduce 2 (sums over ITERS tiles; deterministic column
@@ -75,10 +79,24 @@ def _load_vec(ptr, offs_c, cmask):
 
 
 @triton.jit
-def _group_tile(offs_g, gpr, Ho, Wo, OW: tl.constexpr):
-    """(ho, wo0, gmask) of the groups ``offs_g`` (indices into the Ho * gpr groups of an image): output row, first
-    output column, and whether the group exists."""
-    return offs_g // gpr, (offs_g % gpr) * OW, offs_g < Ho * gpr
+def _load_f32(ptr, mask):
+    """x values at ``ptr`` (zero where ``mask`` is false) as fp32. bf16 is widened by moving its 16 bits into the
+    top half of an int32 (exact: bf16 is fp32's top half): one shift or AND per value, where the compiler's own
+    conversion spends a PRMT and a shift on every odd lane of a packed pair."""
+    x = tl.load(ptr, mask=mask, other=0.0)
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _group_tile(offs_g, gpr, Ho, Wo, OW: tl.constexpr, ROWS: tl.constexpr = 1):
+    """(ho, wo0, gmask) of the groups ``offs_g`` (indices into the cdiv(Ho, ROWS) * gpr groups of an image): first
+    output row, first output column, and whether the group exists (its first row is inside the image)."""
+    if ROWS == 1:
+        return offs_g // gpr, (offs_g % gpr) * OW, offs_g < Ho * gpr
+    ho = (offs_g // gpr) * ROWS
+    return ho, (offs_g % gpr) * OW, ho < Ho
 
 
 @triton.jit
@@ -95,7 +113,7 @@ def _conv_row(
     kh,  # kernel row
     x_c,  # x of the image, advanced by the channel offsets
     wt_ptr,
-    offs_c,
+    offs_c,  # channel offsets of the weight loads (FWD_LOADS: broadcast to the tile's shape)
     cmask,
     ho,
     wi0,  # first input column of each group's window: wo0 * STRIDE - PAD
@@ -109,6 +127,7 @@ def _conv_row(
     STRIDE: tl.constexpr,
     DIL: tl.constexpr,
     OW: tl.constexpr,
+    FWD_LOADS: tl.constexpr = False,  # the forward's loads (see _conv_groups)
 ):
     """accs + the taps of kernel row ``kh``: the K weight vectors of the row, then each of the NJ input columns the
     group's window spans, loaded and converted once and multiplied into every output that reads it."""
@@ -117,13 +136,18 @@ def _conv_row(
     hi = ho * STRIDE + (kh * DIL - PAD)
     row_ok = gmask & (hi >= 0) & (hi < H) & cmask
     x_row = x_c + hi * stride_xh
+    if FWD_LOADS:
+        x_row += wi0 * stride_xw  # column j at x_row + j * stride_xw: a pointer add per column
     w_row = wt_ptr + kh * (K * CP) + offs_c
     ws = ()
     for kw in tl.static_range(K):
         ws = ws + (tl.load(w_row + kw * CP),)  # padded to CP channels: no mask
     for j in tl.static_range(NJ):
         wi = wi0 + j
-        xj = tl.load(x_row + wi * stride_xw, mask=row_ok & (wi >= 0) & (wi < W), other=0.0).to(tl.float32)
+        if FWD_LOADS:
+            xj = _load_f32(x_row + j * stride_xw, row_ok & (wi >= 0) & (wi < W))
+        else:
+            xj = tl.load(x_row + wi * stride_xw, mask=row_ok & (wi >= 0) & (wi < W), other=0.0).to(tl.float32)
         # column j feeds output i through tap kw where j = i * STRIDE + kw * DIL (consumed at once: one column live)
         new_accs = ()
         for i in tl.static_range(OW):
@@ -131,6 +155,58 @@ def _conv_row(
                 new_accs = new_accs + (accs[i] + ws[(j - i * STRIDE) // DIL] * xj,)
             else:
                 new_accs = new_accs + (accs[i],)
+        accs = new_accs
+    return accs
+
+
+@triton.jit
+def _conv_input_row(
+    accs,  # tuple of ROWS * OW fp32 accumulator tiles: output (ho + q, wo0 + i) at q * OW + i
+    r,  # input row of the group's window (image row ho - PAD + r): a constexpr, or the runtime loop's index
+    x_c,
+    wt_ptr,
+    offs_w,
+    cmask,
+    ho,  # first output row of each group
+    wi0,
+    gmask,
+    CP,
+    H,
+    W,
+    stride_xh,
+    stride_xw,
+    K: tl.constexpr,
+    OW: tl.constexpr,
+    ROWS: tl.constexpr,
+    Q_LO: tl.constexpr,  # the output rows q in [Q_LO, Q_HI) read input row r (through kernel row r - q)
+    Q_HI: tl.constexpr,
+):
+    """accs + the taps of input row ``r`` of a multi-row group (stride 1, dilation 1): the K weight vectors of each
+    reading output row's kernel row, then each of the row's NJ columns, loaded and converted once and multiplied
+    into every output of every reading row that reads the column."""
+    PAD: tl.constexpr = (K - 1) // 2
+    NJ: tl.constexpr = OW + K - 1
+    hi = ho + (r - PAD)
+    row_ok = gmask & (hi >= 0) & (hi < H) & cmask
+    x_w = x_c + hi * stride_xh + wi0 * stride_xw  # column j at x_w + j * stride_xw
+    wss = ()  # per output row q: the K weight vectors of kernel row r - q (empty outside [Q_LO, Q_HI))
+    for q in tl.static_range(ROWS):
+        ws = ()
+        if q >= Q_LO and q < Q_HI:
+            w_row = wt_ptr + (r - q) * (K * CP) + offs_w
+            for kw in tl.static_range(K):
+                ws = ws + (tl.load(w_row + kw * CP),)  # padded to CP channels: no mask
+        wss = wss + (ws,)
+    for j in tl.static_range(NJ):
+        wi = wi0 + j
+        xj = _load_f32(x_w + j * stride_xw, row_ok & (wi >= 0) & (wi < W))
+        new_accs = ()
+        for q in tl.static_range(ROWS):
+            for i in tl.static_range(OW):
+                if q >= Q_LO and q < Q_HI and j >= i and j - i < K:
+                    new_accs = new_accs + (accs[q * OW + i] + wss[q][j - i] * xj,)
+                else:
+                    new_accs = new_accs + (accs[q * OW + i],)
         accs = new_accs
     return accs
 
@@ -155,26 +231,59 @@ def _conv_groups(
     STRIDE: tl.constexpr,
     DIL: tl.constexpr,
     OW: tl.constexpr,
+    ROWS: tl.constexpr = 1,  # output rows per group: 1, or several sharing each converted input row (FWD_LOADS)
+    FWD_LOADS: tl.constexpr = False,
 ):
     """init + z at the OW outputs (ho, wo0 + i) of every group: a tuple of OW fp32 tiles in the orientation of the
     tile. Kernel row 0, then a runtime loop over rows 1 ... K - 1, so the live set is one row's: its K weight
     vectors and NJ = (OW - 1) * STRIDE + (K - 1) * DIL + 1 input columns, each x value loaded and converted once
     for the OW * K / NJ outputs and taps that read it (2.4x at K = 3, OW = 8, stride 1). Row 0 adds onto ``init``
     itself, so the accumulators need no initialising moves. Taps outside the image read 0; per output the taps
-    add in (kh, kw) order."""
+    add in (kh, kw) order.
+
+    FWD_LOADS (the forward at dilation 1 only): weight vectors loaded in the tile's own layout (no shared-memory
+    shuffle), x addressed by one pointer add per column, bf16 widened by a shift (``_load_f32``). Fewer
+    instructions in the forward (sm_90 bf16 NHWC K = 7: 118-169 -> 98-136 SASS/elem), but in the reduction and
+    backward-apply kernels ptxas then budgets 72-128 registers and spills (measured, session 6: bwd_apply NCHW
+    K = 7 20-28 B on every layer), and the forward at dilation 2 spills 12 B (K = 7, stride 2, silu, sm_90), so
+    those keep the plain loads."""
     PAD: tl.constexpr = (K - 1) // 2 * DIL
     init_t = init + tl.zeros((gmask & cmask).shape, dtype=tl.float32)
     wi0 = wo0 * STRIDE - PAD
     x_c = x_img + offs_c * stride_xc
-    accs = _conv_row(
-        (init_t,) * OW, 0, x_c, wt_ptr, offs_c, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
-        K, STRIDE, DIL, OW,
-    )  # fmt: skip
-    for kh in range(1, K):
+    offs_w = offs_c
+    if FWD_LOADS:
+        offs_w = offs_c + tl.zeros_like(ho)
+    if ROWS == 1:
         accs = _conv_row(
-            accs, kh, x_c, wt_ptr, offs_c, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
-            K, STRIDE, DIL, OW,
+            (init_t,) * OW, 0, x_c, wt_ptr, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
+            K, STRIDE, DIL, OW, FWD_LOADS,
         )  # fmt: skip
+        for kh in range(1, K):
+            accs = _conv_row(
+                accs, kh, x_c, wt_ptr, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
+                K, STRIDE, DIL, OW, FWD_LOADS,
+            )  # fmt: skip
+    else:
+        tl.static_assert(STRIDE == 1 and DIL == 1 and ROWS <= K and FWD_LOADS)
+        # input rows 0 ... ROWS - 2 feed only the first rows, ROWS - 1 ... K - 1 every row (a runtime loop: its
+        # weight loads stay in the loop), K ... K + ROWS - 2 only the last rows
+        accs = (init_t,) * (ROWS * OW)
+        for r in tl.static_range(ROWS - 1):
+            accs = _conv_input_row(
+                accs, r, x_c, wt_ptr, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
+                K, OW, ROWS, 0, r + 1,
+            )  # fmt: skip
+        for r in range(ROWS - 1, K):
+            accs = _conv_input_row(
+                accs, r, x_c, wt_ptr, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
+                K, OW, ROWS, 0, ROWS,
+            )  # fmt: skip
+        for r in tl.static_range(K, K + ROWS - 1):
+            accs = _conv_input_row(
+                accs, r, x_c, wt_ptr, offs_w, cmask, ho, wi0, gmask, CP, H, W, stride_xh, stride_xw,
+                K, OW, ROWS, r - K + 1, ROWS,
+            )  # fmt: skip
     return accs
 
 
@@ -197,7 +306,7 @@ def _fwd_kernel(
     Ho,  # output height
     Wo,  # output width
     gpr,  # groups per output row: cdiv(Wo, OW)
-    num_gb,  # group blocks per image: cdiv(Ho * gpr, BLOCK_G)
+    num_gb,  # group blocks per image: cdiv(cdiv(Ho, ROWS) * gpr, BLOCK_G)
     num_cb,  # channel blocks: cdiv(C, BLOCK_C)
     stride_xn,  # x strides in elements: image, channel, row, column
     stride_xc,
@@ -213,7 +322,8 @@ def _fwd_kernel(
     ACT: tl.constexpr,  # activations.ACT_IDS
     CHANNELS_LAST: tl.constexpr,  # tile orientation (contiguous axis last)
     VEC: tl.constexpr,  # host-checked power of two dividing C and the n/h/w strides (1 for NCHW)
-    OW: tl.constexpr,  # outputs per group
+    OW: tl.constexpr,  # outputs per group and output row
+    ROWS: tl.constexpr,  # output rows per group (sharing each converted input row)
     BLOCK_G: tl.constexpr,  # groups per tile
     BLOCK_C: tl.constexpr,  # channels per tile
 ):
@@ -230,18 +340,23 @@ def _fwd_kernel(
     n, gb, cb, row = program_tile(num_gb, num_cb)
     offs_g, offs_c = tile_offsets(gb, cb, BLOCK_G, BLOCK_C, CHANNELS_LAST)
     cmask = offs_c < C
-    ho, wo0, gmask = _group_tile(offs_g, gpr, Ho, Wo, OW)
-    scale = _load_vec(gamma_ptr, offs_c, cmask) * _load_vec(invstd_ptr, offs_c, cmask)
-    beta = _load_vec(beta_ptr, offs_c, cmask)
+    ho, wo0, gmask = _group_tile(offs_g, gpr, Ho, Wo, OW, ROWS)
+    # per-channel vectors loaded tile-shaped: in the tile's layout, not shuffled into it through shared memory
+    offs_t = offs_c + tl.zeros_like(ho)
+    scale = _load_vec(gamma_ptr, offs_t, cmask) * _load_vec(invstd_ptr, offs_t, cmask)
+    beta = _load_vec(beta_ptr, offs_t, cmask)
     zs = _conv_groups(
-        x_ptr + n.to(tl.int64) * stride_xn, wt_ptr, -_load_vec(mean_ptr, offs_c, cmask), offs_c, cmask, ho, wo0,
-        gmask, CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW,
+        x_ptr + n.to(tl.int64) * stride_xn, wt_ptr, -_load_vec(mean_ptr, offs_t, cmask), offs_c, cmask, ho, wo0,
+        gmask, CP, H, W, stride_xc, stride_xh, stride_xw, K, STRIDE, DIL, OW, ROWS, DIL == 1,
     )  # fmt: skip
-    y_row = y_ptr + n.to(tl.int64) * stride_yn + offs_c * stride_yc + ho * stride_yh
-    for i in tl.static_range(OW):
-        wo = wo0 + i
-        y = act_fwd(zs[i] * scale + beta, ACT)
-        tl.store(y_row + wo * stride_yw, y.to(y_ptr.dtype.element_ty), mask=gmask & (wo < Wo) & cmask)
+    y_img = y_ptr + n.to(tl.int64) * stride_yn + offs_c * stride_yc
+    for q in tl.static_range(ROWS):
+        y_row = y_img + (ho + q) * stride_yh
+        row_ok = gmask & (ho + q < Ho) & cmask
+        for i in tl.static_range(OW):
+            wo = wo0 + i
+            y = act_fwd(zs[q * OW + i] * scale + beta, ACT)
+            tl.store(y_row + wo * stride_yw, y.to(y_ptr.dtype.element_ty), mask=row_ok & (wo < Wo))
 
 
 @triton.jit
@@ -833,14 +948,15 @@ def dwconv_bn_act_fwd(
     k = _check(x, weight, stride, dilation, (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)))
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
     y = _new_like(x, (n, c, ho, wo))
-    t = dw_tile(ho, wo, c, cl, k)
+    # multi-row groups share converted input rows: fp32 has no conversion, and its 8-channel loads are two vectors
+    t = dw_tile(ho, wo, c, cl, k, shared_rows=stride == 1 and dilation == 1 and x.element_size() == 2)
     taps = _weight_taps(weight, t.block_c)
     num_cb = triton.cdiv(c, t.block_c)
     _fwd_kernel[(n * t.num_gb * num_cb,)](
         x, taps, mean, invstd, gamma, beta, y,
         c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, *x.stride(), *y.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl,
-        VEC=vec_width(cl, c, x, y), OW=t.ow, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
+        VEC=vec_width(cl, c, x, y), OW=t.ow, ROWS=t.rows, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
     )  # fmt: skip
     return y
 
