@@ -499,7 +499,6 @@ def _bwd_reduce_partial_kernel(
     Wo,  # output width
     gpr,  # groups per output row: cdiv(Wo, OW)
     num_gb,  # group blocks per image: cdiv(Ho * gpr, BLOCK_G)
-    num_cb,  # channel blocks: cdiv(C, BLOCK_C)
     num_tiles,  # N * num_gb
     ITERS,  # tiles per program (as in _stats_partial_kernel)
     stride_gn,  # grad_y strides
@@ -531,9 +530,10 @@ def _bwd_reduce_partial_kernel(
     stride_xn = hint_multiple(stride_xn, VEC)
     stride_xh = hint_multiple(stride_xh, VEC)
     stride_xw = hint_multiple(stride_xw, VEC)
-    pid = tl.program_id(0)
-    cb = pid % num_cb
-    row = pid // num_cb
+    # a 2-D grid (channel block, stage-1 row): no division, and ptxas re-reads the block index where the epilogue
+    # needs it (as it re-reads SR_TID) instead of keeping cb * BLOCK_C in local memory around the loop
+    cb = tl.program_id(0)
+    row = tl.program_id(1)
     offs_g0, offs_c = tile_offsets(0, cb, BLOCK_G, BLOCK_C, CHANNELS_LAST)
     cmask = offs_c < C
     neg_mean = -_load_vec(mean_ptr, offs_c, cmask)
@@ -567,11 +567,12 @@ def _bwd_reduce_partial_kernel(
 
 @triton.jit
 def _sum_rows_kernel(
-    part_ptr,  # [R, L] fp32, contiguous
+    part_ptr,  # [R, L] fp32, unit column stride
     out_ptr,  # out: [SPLIT] contiguous, any float dtype (the store casts): columns j < SPLIT
     out2_ptr,  # out: [L - SPLIT] contiguous: columns j >= SPLIT (unused when SPLIT == L)
     R,  # rows of the partial buffer
     L,  # columns of the partial buffer
+    stride_r,  # row stride of the partial buffer (>= L)
     SPLIT,
     BLOCK_R: tl.constexpr,  # partial rows folded per step
     BLOCK_L: tl.constexpr,  # columns per program
@@ -584,7 +585,7 @@ def _sum_rows_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_L], dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        ptrs = part_ptr + r.to(tl.int64)[:, None] * L + j[None, :]
+        ptrs = part_ptr + r.to(tl.int64)[:, None] * stride_r + j[None, :]
         acc += tl.load(ptrs, mask=(r < R)[:, None] & jmask[None, :], other=0.0)
     total = tl.sum(acc, axis=0)
     tl.store(out_ptr + j, total.to(out_ptr.dtype.element_ty), mask=j < SPLIT)
@@ -649,7 +650,7 @@ def _bwd_apply_kernel(
     mean_g_ptr,  # [C] fp32: sum g / M (zeros in eval)
     mean_gx_ptr,  # [C] fp32: sum g * xhat / M (zeros in eval)
     dx_ptr,  # out: dx [N, C, H, W], dtype and memory format of x
-    dw_part_ptr,  # out: [R, C, K*K] fp32 contiguous: row r's sums of dz * x(shifted by the tap) over its bands
+    dw_part_ptr,  # out: [R, CP, K*K] fp32 contiguous: row r's sums of dz * x(shifted by the tap) over its bands
     slot_ptr,  # scratch [programs, SLOT] fp32: program p's dz of one haloed band (written, then read, by p only)
     C,  # channels
     CP,  # channels of the weight taps: C padded to a multiple of BLOCK_C
@@ -721,9 +722,8 @@ def _bwd_apply_kernel(
     PAD: tl.constexpr = (K - 1) // 2 * DIL
     LO: tl.constexpr = (PAD - (K - 1) * DIL) // STRIDE  # lowest dz column offset (floor), relative to wi0 / STRIDE
     NJX: tl.constexpr = (OWX - 1 + PAD) // STRIDE - LO + 1  # dz columns a dx group's taps reach per kernel row
-    pid = tl.program_id(0)
-    cb = pid % num_cb
-    row = pid // num_cb
+    cb = tl.program_id(0)  # a 2-D grid, as in _bwd_reduce_partial_kernel
+    row = tl.program_id(1)
     offs_g0, offs_c = tile_offsets(0, cb, BLOCK_G, BLOCK_C, CHANNELS_LAST)
     cmask = offs_c < C
     neg_mean = -_load_vec(mean_ptr, offs_c, cmask)
@@ -745,14 +745,16 @@ def _bwd_apply_kernel(
         slot_w = 1
         slot_h = Wo
         slot_c = SR * Wo
-    slot_c_ptr = slot_ptr + pid.to(tl.int64) * (SR * Wo * BLOCK_C) + (offs_c - cb * BLOCK_C) * slot_c
+    slot_c_ptr = slot_ptr + (row * num_cb + cb).to(tl.int64) * (SR * Wo * BLOCK_C)
+    slot_c_ptr += (offs_c - cb * BLOCK_C) * slot_c
     zero = tl.zeros((offs_g0 + offs_c).shape, dtype=tl.float32)
     parts = ((zero,) * K,) * K  # parts[kh][kw]
-    for it in range(0, ITERS):
-        t = row * ITERS + it
+    # the loop runs over the band index itself (the tail row stops at num_tiles): one loop-carried value, which ptxas
+    # kept in local memory when it was a counter beside row * ITERS
+    t0 = row * ITERS
+    for t in range(t0, tl.minimum(t0 + ITERS, num_tiles)):
         n = t // num_bands
         b = t % num_bands
-        valid = t < num_tiles
         band0 = b * TB
         band1 = tl.minimum(band0 + TB, Ho)
         h_lo = tl.maximum(band0 - HALO_LO, 0)  # image rows of the slot: [h_lo, h_hi)
@@ -761,7 +763,7 @@ def _bwd_apply_kernel(
         x_c = x_img + offs_c * stride_xc
         gy_c = gy_ptr + n.to(tl.int64) * stride_gn + offs_c * stride_gc
         tl.debug_barrier()  # the previous band's dx reads of the slot are done
-        for g0 in range(0, tl.where(valid, h_hi - h_lo, 0) * gpr, BLOCK_G):
+        for g0 in range(0, (h_hi - h_lo) * gpr, BLOCK_G):
             offs_g = g0 + offs_g0
             ho = h_lo + offs_g // gpr
             wo0 = (offs_g % gpr) * OW
@@ -789,7 +791,7 @@ def _bwd_apply_kernel(
         tl.debug_barrier()  # every dz of the band is in the slot
         hx0 = band0 * STRIDE
         hx1 = tl.minimum(band1 * STRIDE, H)  # the last band reaches H: Ho * STRIDE >= H
-        for g0 in range(0, tl.where(valid, hx1 - hx0, 0) * gprx, BLOCK_G):
+        for g0 in range(0, (hx1 - hx0) * gprx, BLOCK_G):
             offs_g = g0 + offs_g0
             hi = hx0 + offs_g // gprx
             wi0 = (offs_g % gprx) * OWX
@@ -821,10 +823,11 @@ def _bwd_apply_kernel(
             for i in tl.static_range(OWX):
                 wi = wi0 + i
                 tl.store(dx_row + wi * stride_dw, accs[i].to(dx_ptr.dtype.element_ty), mask=gmask & (wi < W) & cmask)
-    dw_row = dw_part_ptr + row.to(tl.int64) * (C * K * K) + offs_c * (K * K)
+    # CP channels per row (zero sums past C): no channel mask, which ptxas kept in local memory around the band loop
+    dw_row = dw_part_ptr + row.to(tl.int64) * (CP * K * K) + offs_c * (K * K)
     for kh in tl.static_range(K):
         for kw in tl.static_range(K):
-            tl.store(dw_row + (kh * K + kw), sum_pixels(parts[kh][kw], CHANNELS_LAST), mask=cmask)
+            tl.store(dw_row + (kh * K + kw), sum_pixels(parts[kh][kw], CHANNELS_LAST))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -924,12 +927,13 @@ def _band_rows(ho: int, wo: int, block_c: int, halo: int) -> int:
 
 
 def _sum_rows(part: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None = None) -> None:
-    """out (and out2) <- column sums of ``part`` [R, L]: out takes the first out.numel() columns, out2 the rest."""
+    """out (and out2) <- column sums of ``part`` [R, L] (unit column stride): out takes the first out.numel()
+    columns, out2 the rest."""
     rows, length = part.shape
     block_l = 32 if not interpreting() else min(1024, triton.next_power_of_2(length))
     _sum_rows_kernel[(triton.cdiv(length, block_l),)](
-        part, out, out if out2 is None else out2, rows, length, out.numel(), BLOCK_R=_SUM_BLOCK_R, BLOCK_L=block_l,
-        num_warps=NUM_WARPS,
+        part, out, out if out2 is None else out2, rows, length, part.stride(0), out.numel(), BLOCK_R=_SUM_BLOCK_R,
+        BLOCK_L=block_l, num_warps=NUM_WARPS,
     )
 
 
@@ -1011,9 +1015,9 @@ def dwconv_bn_act_bwd_reduce(
     rows, iters = _stage1_rows(n * t.num_gb, c, t.block_c)
     part = torch.empty((rows, 2 * c), dtype=torch.float32, device=x.device)
     taps = _weight_taps(weight, t.block_c)
-    _bwd_reduce_partial_kernel[(rows * num_cb,)](
+    _bwd_reduce_partial_kernel[(num_cb, rows)](
         grad_y, x, taps, mean, invstd, gamma, beta, part,
-        c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, n * t.num_gb, iters,
+        c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, n * t.num_gb, iters,
         *grad_y.stride(), *x.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl,
         VEC=vec_width(cl, c, grad_y, x), OW=t.ow, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
@@ -1059,11 +1063,11 @@ def dwconv_bn_act_bwd_apply(
     taps = _weight_taps(weight, t.block_c)
     num_cb = triton.cdiv(c, t.block_c)
     rows, iters = _stage1_rows(n * num_bands, c, t.block_c)
-    dw_part = torch.empty((rows, c * k * k), dtype=torch.float32, device=x.device)
+    dw_part = torch.empty((rows, taps.shape[1] * k * k), dtype=torch.float32, device=x.device)
     slots = torch.empty((rows * num_cb, sr * wo * t.block_c), dtype=torch.float32, device=x.device)
     dx = _new_like(x, (n, c, h, w))
     owx = triton.cdiv(t.ow, stride) * stride
-    _bwd_apply_kernel[(rows * num_cb,)](
+    _bwd_apply_kernel[(num_cb, rows)](
         grad_y, x, taps, mean, invstd, gamma, beta, mean_g, mean_g_xhat, dx, dw_part, slots,
         c, taps.shape[1], h, w, ho, wo, t.groups_per_row, triton.cdiv(w, owx), tb, sr, num_bands, num_cb,
         n * num_bands, iters, *grad_y.stride(), *x.stride(), *dx.stride(),
@@ -1071,7 +1075,7 @@ def dwconv_bn_act_bwd_apply(
         OW=t.ow, OWX=owx, HALO_LO=halo_lo, HALO_HI=halo_hi, BLOCK_G=t.block_g, BLOCK_C=t.block_c,
         num_warps=t.num_warps,
     )  # fmt: skip
-    # dweight stage 2: deterministic column sums of the [R, C*K*K] partials, stored in weight's dtype.
+    # dweight stage 2: deterministic column sums of the partials' first C*K*K columns, stored in weight's dtype.
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    _sum_rows(dw_part, dweight.view(-1))
+    _sum_rows(dw_part[:, : c * k * k], dweight.view(-1))
     return dx, dweight
