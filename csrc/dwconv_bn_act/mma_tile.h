@@ -29,7 +29,7 @@
 namespace mnet {
 
 // Output rows of a tile at stride S and tile width TW (8, 16 or 28), and images side by side: tiles of 192, 256 and
-// 224 (S = 1) or 112 (S = 2: the staged rows of 8 would be 4 times the outputs' span) outputs.
+// 224 (S = 1) or 112 (S = 2, as first designed; TH 8 there is untried) outputs.
 MNET_HD constexpr int mma_tile_rows(int S, int TW) { return TW == 28 && S == 2 ? 4 : 8; }
 MNET_HD constexpr int mma_tile_images(int TW) { return TW == 8 ? 3 : TW == 16 ? 2 : 1; }
 // Staged columns per phase (slots): the IMG * JS columns of a staged row over the S column phases.
