@@ -22,7 +22,7 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   the CUDA strip loops (fwd: strips per thread; stats/bwd_reduce: the strips of a chunk per walker; SE: pixels per
   walker; the staged band kernels ``fwd_band_kernel`` / ``stats_band_kernel`` of channels_last: the band tiles of a
   block, with the two staging loops (staged rows inside the image, padding rows) and the kernel-row loop inside; the
-  tensor-core forward ``fwd_mma_kernel`` of bf16/fp16 channels_last at stride 2: the tiles of a block, everything
+  tensor-core forward ``fwd_mma_kernel`` of bf16/fp16 channels_last at stride 1 and 2: the tiles of a block, everything
   inside unrolled), the CUDA backward apply's (image, band) item loop, Triton's ``for i in range(ITERS)``),
   ``outside`` the counted path from entry to exit around it (prologue, epilogue, other loops once), and ``trips`` the
   loop's mean trip count per thread from the launch plan (CUDA: the geometry of ``csrc/dwconv_bn_act/tile.h``,
@@ -51,7 +51,7 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   epilogue: 112 FFMA of the BN fold, 56 F2FP, 14 STG.E.128); outside, 161 (parameter staging, prologue). Per
   thread 161 + 8 x (1,461 + 564) = 16,361 instructions for 896 outputs: 18.3 per output element, what the tool
   counts. (Session 3's strips of 4: 30.2; before the redesign: 414 for the one-thread-per-output kernel.)
-  And on the CUDA ``fwd_mma_kernel<__nv_bfloat16, 3, 28>`` (sm_90, nvcc 13.0; 4 warps of one channel group each,
+  And on the CUDA ``fwd_mma_kernel<__nv_bfloat16, 3, 2, 28>`` (sm_90, nvcc 13.0; 4 warps of one channel group each,
   tiles of 4 x 28 outputs, 28 outputs x 8 channels / 32 lanes = 28 elements per lane and tile): from the tile loop's
   head to the activation switch's first test 223 instructions (tile indices: 2 multiply-high divisions; staging:
   18 LDGSTS.128 with their pointer steps and zero-fill predicates; 7 m-tiles of 4 LDSM.x4 + 4 HMMA.16816 +
@@ -317,16 +317,16 @@ def _band_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, A
     return plan
 
 
-# csrc/dwconv_bn_act/mma_tile.h: the tensor-core forward at stride 2 (fwd_mma_kernel; mma_tile_plan, MmaGeom).
+# csrc/dwconv_bn_act/mma_tile.h: the tensor-core forward at stride 1 or 2 (fwd_mma_kernel; mma_tile_plan, MmaGeom).
 _MMA_MIN_BLOCKS, _MMA_SMEM_MAX = 512, 99 * 1024
 
 
 def mma_fwd_serves(case: Case) -> bool:
     """fwd.cu: use_mma_fwd (mma_tile.h: mma_fwd_shape) on an sm_80+ device: bf16/fp16 channels_last, C % 8 == 0,
-    stride 2, dilation 1 (every MobileNet stride-2 depthwise layer in bf16/fp16 NHWC)."""
+    stride 1 or 2, dilation 1 (every MobileNet depthwise layer in bf16/fp16 NHWC)."""
     cfg = case.layer
-    return (case.dtype in ("bf16", "fp16") and case.layout == "NHWC" and cfg.channels % 8 == 0 and cfg.stride == 2
-            and cfg.dilation == 1)
+    return (case.dtype in ("bf16", "fp16") and case.layout == "NHWC" and cfg.channels % 8 == 0
+            and cfg.stride in (1, 2) and cfg.dilation == 1)
 
 
 def mma_tile_width(wo: int) -> int:
@@ -337,14 +337,15 @@ def _mma_plan(s: Shape, t: dict[str, Any]) -> Plan:
     """fwd_mma_kernel: per thread, the tile loop (tiles per block); each tile is TH x TW outputs of IMG images x 8
     channels per warp (staging and m-tiles unrolled), IMG * TH * TW / 4 elements per lane of which the part inside
     the batch's N x Ho x Wo counts."""
-    k, tw = t["K"], t["MTW"]
-    th, img = (4, 1) if tw == 28 else (8, 2) if tw == 16 else (8, 3)
+    k, stride, tw = t["K"], t["S"], t["MTW"]
+    th = 4 if tw == 28 and stride == 2 else 8
+    img = 1 if tw == 28 else 2 if tw == 16 else 3
     col_tiles, row_tiles = -(-s.wo // tw), -(-s.ho // th)
     tiles = -(-s.n // img) * row_tiles * col_tiles
     groups = s.c // 8
-    ph = img * (2 * tw + k - 1) // 2
-    pitch = 2 * ph + (4 - 2 * ph) % 8
-    plane = 2 * (th + (k - 1) // 2) * pitch * 16
+    ph = img * (stride * tw + k - 1) // stride
+    pitch = stride * ph + (4 - stride * ph) % 8
+    plane = stride * (th + (k - 1) // stride) * pitch * 16
     gb = next(g for g in (4, 3, 2, 1) if groups % g == 0 and (g == 1 or g * plane <= _MMA_SMEM_MAX))
     cblocks = groups // gb
     per = 8
@@ -399,8 +400,9 @@ CUDA_KERNELS: dict[str, CudaKernel] = {
     # bf16/fp16 at stride 2: the band kernel only below sm_80 (not in this report's sm_80/sm_90 plans)
     "fwd_band_kernel": CudaKernel("fwd", _BAND_PARAMS, _band_plan(False, 2), _BAND_FIXED,
                                   lambda c, s, t: not mma_fwd_serves(c)),
-    "fwd_mma_kernel": CudaKernel("fwd", ("T", "K", "MTW"), _mma_plan, (("CL", True),),
-                                 lambda c, s, t: mma_fwd_serves(c) and t["MTW"] == mma_tile_width(s.wo)),
+    "fwd_mma_kernel": CudaKernel("fwd", ("T", "K", "S", "MTW"), _mma_plan, (("CL", True),),
+                                 lambda c, s, t: mma_fwd_serves(c) and t["S"] == c.layer.stride
+                                 and t["MTW"] == mma_tile_width(s.wo)),
     "stats_partial_kernel": CudaKernel("stats", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 0)),
     "stats_band_kernel": CudaKernel("stats", _BAND_PARAMS, _band_plan(True, 0), _BAND_FIXED),
     "bwd_reduce_partial_kernel": CudaKernel("bwd_reduce", (*_STRIP_PARAMS, "TW"), _strip_plan(True, 4)),
@@ -510,6 +512,7 @@ class Case:
     source: str  # "model:layer, ..." or how a synthetic layer was derived
     dtype: str
     layout: str
+    backends: tuple[str, ...] = ("cuda", "triton")  # the backends whose kernels are reported for it
 
     @property
     def k(self) -> int | None:
@@ -536,12 +539,16 @@ def _activation_elems(cfg: Any) -> int:
 
 def quick_cases(all_layers: list[tuple[Any, str]]) -> list[Case]:
     """The CI subset: bf16; channels_last K = 3 and K = 5 and NCHW K = 3 on the stride-1 depthwise layer with the
-    largest activation of that K; the largest SE layer in both layouts."""
+    largest activation of that K, and for CUDA only (its .cu files are compiled whole: no extra compile) channels_last
+    K = 3 at stride 2 (fwd_mma_kernel's other stride); the largest SE layer in both layouts."""
     cases = []
-    for layout, k in (("NHWC", 3), ("NHWC", 5), ("NCHW", 3)):
-        cands = [(c, s) for c, s in all_layers if c.kind == "dwconv_bn_act" and c.kernel_size == k and c.stride == 1]
+    both = ("cuda", "triton")
+    for layout, k, stride, backends in (("NHWC", 3, 1, both), ("NHWC", 5, 1, both), ("NCHW", 3, 1, both),
+                                        ("NHWC", 3, 2, ("cuda",))):
+        cands = [(c, s) for c, s in all_layers
+                 if c.kind == "dwconv_bn_act" and c.kernel_size == k and c.stride == stride]
         cfg, src = max(cands, key=lambda cs: _activation_elems(cs[0]))
-        cases.append(Case(cfg, src, "bf16", layout))
+        cases.append(Case(cfg, src, "bf16", layout, backends))
     cfg, src = max(((c, s) for c, s in all_layers if c.kind != "dwconv_bn_act"), key=lambda cs: _activation_elems(
         cs[0]))
     cases += [Case(cfg, src, "bf16", layout) for layout in LAYOUTS]
@@ -690,6 +697,7 @@ def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], 
                  acts: dict[int, dict[str, float]]) -> list[dict]:
     """Records of the CUDA kernels; ``acts``: ``act_costs``, added to the forward's count for each layer's act."""
     records = []
+    cases = [c for c in cases if "cuda" in c.backends]
     for job in jobs:
         res = results[job["key"]]
         if "error" in res:
@@ -977,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
     launches = []
     if "triton" in args.backend:
         for arch in args.arch:
-            for case in cases:
+            for case in (c for c in cases if "triton" in c.backends):
                 module, calls = launcher_calls(case, args.batch)
                 launches += [(case, arch, launch) for launch in kernel_builds.triton_launches(module, calls, arch)]
     jobs = cuda_jobs + act_jobs + [j for _, _, launch in launches for j in launch.jobs]

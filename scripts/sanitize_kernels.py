@@ -24,8 +24,9 @@ def main() -> int:
     torch.manual_seed(0)
     runs = 0
     # C = 37: the strip kernels (and channels_last with C % V != 0); C = 40 in channels_last: the staged band kernels
-    # (16-byte vectors), H = 19 > 16 rows per band: two bands, the last one partial; in bf16 at stride 2, dilation 1
-    # the forward runs the tensor-core fwd_mma_kernel instead (Wo = 5: tile width 8, a 3-image group holding 2).
+    # (16-byte vectors), H = 19 > 16 rows per band: two bands, the last one partial; in bf16 at dilation 1 the
+    # forward runs the tensor-core fwd_mma_kernel instead (stride 2, Wo = 5: tile width 8, a 3-image group holding 2;
+    # stride 1, Wo = 9: tile width 16, a 2-image group).
     shapes = ((False, 37, 11), (True, 37, 11), (True, 40, 19))  # (channels_last, C, H)
     for k, stride, dilation, dtype, (cl, c, h) in itertools.product((3, 5, 7), (1, 2), (1, 2),
                                                                     (torch.float32, torch.bfloat16), shapes):

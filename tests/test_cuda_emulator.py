@@ -135,9 +135,10 @@ def run_emulated(exe: Path, name: str, args: tuple, order: int) -> tuple[tuple[t
 def expected_kernels(name: str, x: torch.Tensor, stride: int, dilation: int) -> list[str]:
     """The kernels the launcher runs for x (csrc/dwconv_bn_act/*.cu): the staged band kernels for channels_last
     with 16-byte channel vectors (C a multiple of 16 bytes' worth), the strip kernels otherwise; the forward on the
-    tensor cores for bf16/fp16 of those at stride 2, dilation 1 (fwd.cu: use_mma_fwd; the emulator is an sm_90)."""
+    tensor cores for bf16/fp16 of those at stride 1 or 2, dilation 1 (fwd.cu: use_mma_fwd; the emulator is an
+    sm_90)."""
     band = R.memory_format_of(x) == torch.channels_last and x.shape[1] * x.element_size() % 16 == 0
-    mma = band and x.element_size() == 2 and stride == 2 and dilation == 1
+    mma = band and x.element_size() == 2 and stride in (1, 2) and dilation == 1
     return {
         "dwconv_bn_act_fwd": ["fwd_mma_kernel" if mma else "fwd_band_kernel" if band else "fwd_kernel"],
         "dwconv_bn_stats": ["stats_band_kernel" if band else "stats_partial_kernel", "stats_final_kernel"],
@@ -192,34 +193,43 @@ def test_emulated_kernels_match_reference(emulator, case):
     check(emulator, shape, k, stride, dilation, dtype, layout, order=CASES.index(case) % 3)
 
 
-# The tensor-core forward at stride 2 (csrc/dwconv_bn_act/mma_fwd.cuh; mma_tile.h): tile widths 8 / 16 / 28
+# The tensor-core forward at stride 2 and 1 (csrc/dwconv_bn_act/mma_fwd.cuh; mma_tile.h): tile widths 8 / 16 / 28
 # (Wo <= 8, <= 16, more; 3 / 2 / 1 images side by side, the last group of a batch partial), odd sizes (partial
 # tiles: outputs masked, padding on every side of the staged input), C = 8, 16, 24 (1, 2, 3 warps per block), 40
 # (5 channel blocks of one warp), several tiles per block (the emulator build lowers kMmaMinBlocks: build.py),
 # K 3 / 5 / 7. fp16 needs the full build (a second compile).
 HALF = torch.float16
 MMA_CASES = [
-    ((1, 8, 15, 17), 3, BF16),  # Ho 8, Wo 9: TW 16, 7 columns of the tile past Wo
-    ((2, 24, 29, 31), 5, BF16),  # TW 16, two row tiles per image (the second 7 of 8 rows), 3 warps per block
-    ((3, 16, 57, 56), 5, BF16),  # TW 28, Ho 29: 8 row tiles (the last 1 of 4 rows), 12 tiles per image
-    ((4, 40, 9, 9), 3, BF16),  # 5x5 outputs (TW 8, 3 images per tile: groups of 3 and 1), 5 blocks of one warp
-    ((2, 16, 14, 14), 7, BF16),  # K 7: 24 pairs and the lone tap, padding 3
-    ((1, 24, 9, 11), 5, HALF),  # fp16 (full build), Ho 5, Wo 6
-    ((2, 16, 30, 29), 3, HALF),  # fp16, TW 16 at Wo 15
+    ((1, 8, 15, 17), 3, 2, BF16),  # Ho 8, Wo 9: TW 16, 7 columns of the tile past Wo
+    ((2, 24, 29, 31), 5, 2, BF16),  # TW 16, two row tiles per image (the second 7 of 8 rows), 3 warps per block
+    ((3, 16, 57, 56), 5, 2, BF16),  # TW 28, Ho 29: 8 row tiles (the last 1 of 4 rows), 12 tiles per image
+    ((4, 40, 9, 9), 3, 2, BF16),  # 5x5 outputs (TW 8, 3 images per tile: groups of 3 and 1), 5 blocks of one warp
+    ((2, 16, 14, 14), 7, 2, BF16),  # K 7: 24 pairs and the lone tap, padding 3
+    ((1, 24, 9, 11), 5, 2, HALF),  # fp16 (full build), Ho 5, Wo 6
+    ((2, 16, 30, 29), 3, 2, HALF),  # fp16, TW 16 at Wo 15
+    # stride 1: one stride phase, the window TH + K - 1 rows x TW + K - 1 columns per image
+    ((1, 8, 9, 17), 3, 1, BF16),  # TW 28 at Wo 17 (11 columns past Wo), two row tiles (the second 1 of 8 rows)
+    ((2, 24, 13, 14), 5, 1, BF16),  # TW 16, 2 images per tile, 2 row tiles (the second 5 rows), 3 warps per block
+    ((4, 40, 7, 7), 3, 1, BF16),  # a 7x7 layer: TW 8, 3 images per tile (groups of 3 and 1), 5 blocks of one warp
+    ((2, 16, 11, 30), 7, 1, BF16),  # K 7: padding 3, 2 column tiles (the second 2 of 28 columns)
+    ((5, 8, 3, 4), 7, 1, BF16),  # narrow images: most taps in the padding, groups of 3 and 2
+    ((1, 24, 6, 5), 5, 1, HALF),  # fp16, Ho 6, Wo 5
+    ((3, 16, 16, 16), 3, 1, HALF),  # fp16, TW 16 exact, image groups of 2 and 1
 ]
 
 
-@pytest.mark.parametrize("case", MMA_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-k{c[1]}-{str(c[2])[6:]}")
+@pytest.mark.parametrize("case", MMA_CASES,
+                         ids=lambda c: f"{'x'.join(map(str, c[0]))}-k{c[1]}s{c[2]}-{str(c[3])[6:]}")
 def test_emulated_mma_forward(request, case):
-    shape, k, dtype = case
+    shape, k, stride, dtype = case
     exe = request.getfixturevalue("emulator_full" if dtype == HALF else "emulator")
-    check(exe, shape, k, 2, 1, dtype, "nhwc", order=MMA_CASES.index(case) % 3, prims=("dwconv_bn_act_fwd",))
+    check(exe, shape, k, stride, 1, dtype, "nhwc", order=MMA_CASES.index(case) % 3, prims=("dwconv_bn_act_fwd",))
 
 
 # Non-finite inputs stay in their own channel, as in the reference: the tensor-core forward contracts 8 channels
 # against block-diagonal weights, where a lone Inf or NaN meets zeros (0 * Inf = NaN) and would reach the other 7
-# channels of its group; the band kernel (stride 1) as the control.
-NONFINITE_CASES = [((2, 16, 15, 17), 3, 2), ((1, 24, 9, 11), 5, 2), ((1, 16, 9, 10), 3, 1)]
+# channels of its group. Stride 2 and stride 1.
+NONFINITE_CASES = [((2, 16, 15, 17), 3, 2), ((1, 24, 9, 11), 5, 2), ((1, 16, 9, 10), 3, 1), ((2, 16, 9, 9), 5, 1)]
 
 
 @pytest.mark.parametrize("case", NONFINITE_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-k{c[1]}s{c[2]}")

@@ -1,4 +1,4 @@
-// dwconv_bn_act_fwd: launch. bf16/fp16 channels_last with 16-byte vectors at stride 2, dilation 1 on sm_80+:
+// dwconv_bn_act_fwd: launch. bf16/fp16 channels_last with 16-byte vectors at stride 1 or 2, dilation 1 on sm_80+:
 // fwd_mma_kernel (tensor cores, mma_fwd.cuh; the one switch is use_mma_fwd). Else channels_last with 16-byte
 // vectors: fwd_band_kernel (staged band tiles); otherwise
 // fwd_kernel (NCHW, or channels_last with C % V != 0 / unaligned bases), for 3 dtypes x 3 kernel sizes x 2 column

@@ -1,10 +1,11 @@
-// The tensor-core eval forward at stride 2 (bf16/fp16, channels_last, C % 8 == 0, dilation 1, K 3/5/7; sm_80+):
+// The tensor-core eval forward at stride 1 or 2 (bf16/fp16, channels_last, C % 8 == 0, dilation 1, K 3/5/7; sm_80+):
 // geometry and the contraction in mma_tile.h. Per lane: the weights' B fragments (one 32-bit word per tap, nonzero
 // for the two lanes whose column g holds that row pair) and the BN fold of its two output channels, once per block;
 // per tile, its share of the warp's staging (cp.async, zero-filled outside the image), then per m-tile of 4 x 4
 // outputs ceil(K*K / 2) ldmatrix + mma and the epilogue on its 4 accumulators (2 positions x 2 channels).
 // Why tensor cores: with fp32 CUDA-core FMAs the K5 stride-2 band kernel's floor (~37.6 SASS per output element:
-// 25 FFMA + conversions + memory) is over the issue budget of 36; here one HMMA does 16 x 8 x 16 MACs.
+// 25 FFMA + conversions + memory) is over the issue budget of 36, and at stride 1 the band kernels' (K3 15.7-17.6,
+// K5 32.0-35.1) leave no room for the layer's activation; here one HMMA does 16 x 8 x 16 MACs.
 #pragma once
 
 #include <stdint.h>
@@ -49,13 +50,13 @@ MNET_DEVICE float mma_exact_output(const float4* pos, int e, const T* w) {
   return z;
 }
 
-// Grid (t.blocks, t.cblocks), t.GB warps; dynamic shared memory mma_smem_bytes(K, TW, t.GB): one plane per warp.
+// Grid (t.blocks, t.cblocks), t.GB warps; dynamic shared memory mma_smem_bytes(S, K, TW, t.GB): one plane per warp.
 // p: x [N, H, W, C] and y [N, Ho, Wo, C] channels_last (element strides p.xs / p.ys, 16-byte aligned bases),
-// weight [C, K*K], mean / invstd / gamma / beta [C] fp32.
-template <typename T, int K, int TW>
+// weight [C, K*K], mean / invstd / gamma / beta [C] fp32; p.stride == S.
+template <typename T, int K, int S, int TW>
 __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const MmaTilePlan t) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  using G = MmaGeom<K, TW>;
+  using G = MmaGeom<K, S, TW>;
   constexpr int NP = K * K / 2, NU = G::NU, NM = G::MR * G::MC;
   MNET_DYNAMIC_SMEM(float4, stage);  // the type of the band kernels' (one extern declaration per name)
   const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -80,8 +81,8 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
   // ldmatrix rows: lanes 0-15 give positions 0-15 under the pair's first tap, lanes 16-31 under its second.
   const int m = lane & 15, hi = lane >> 4;
   const SmemAddr a_lane = smem_addr(plane + mma_pos_row(m) * G::P + mma_pos_col(m));
-  // Staging: lane stages input columns lane + 32 u (slot (lane & 1) * PH + (lane >> 1) + 16 u of each row).
-  const SmemAddr s_lane = smem_addr(plane + (lane & 1) * G::PH + (lane >> 1));
+  // Staging: lane stages input columns lane + 32 u (slot (lane % S) * PH + lane / S + (32 / S) u of each row).
+  const SmemAddr s_lane = smem_addr(plane + (lane % S) * G::PH + lane / S);
   // This lane's D fragment positions (g / 4, g % 4) and (g / 4 + 2, g % 4) of an m-tile in the output layout.
   uint32_t* d_lane = reinterpret_cast<uint32_t*>(plane + (g >> 2) * G::OP + (g & 3)) + tq;
   // Output vectors v = lane + 32 i of a tile: row vr, image vb, column vc (vr = TH past the tile: never stored),
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
     vc[i] = cc - vb[i] * TW;
     voff[i] = vb[i] * (int)p.ys.n + r * yh + vc[i] * yw;
   }
-  // Staged columns lane + 32 u: image ub, column uj of its window (uj = IN_COLS: the zero column between images).
+  // Staged columns lane + 32 u: image ub, column uj of its window (uj = IN_COLS at S = 2: the zero column).
   int ub[NU], uj[NU];
 #pragma unroll
   for (int u = 0; u < NU; ++u) {
@@ -113,7 +114,7 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
     const uint32_t rest = div_of(t.col_div, (uint32_t)tile), tc = (uint32_t)tile - rest * t.col_tiles;
     const uint32_t ng = div_of(t.row_div, rest), tr = rest - ng * t.row_tiles, n = ng * G::IMG;
     const int images = (int)(p.N - n);  // images of the group inside the batch (>= IMG: all)
-    const int oh0 = (int)tr * G::TH, ow0 = (int)tc * TW, ih0 = 2 * oh0 - p.pad, iw0 = 2 * ow0 - p.pad;
+    const int oh0 = (int)tr * G::TH, ow0 = (int)tc * TW, ih0 = S * oh0 - p.pad, iw0 = S * ow0 - p.pad;
 
     // One pointer per column this lane stages, stepped by rows (a 64-bit add per row and column).
     const T* src[NU];
@@ -129,7 +130,7 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
 #pragma unroll
       for (int u = 0; u < NU; ++u) {
         if (u < NU - 1 || lane + 32 * u < G::IMG * G::JS)  // the last column of lanes: the window's end
-          cp_async_16(s_lane + (SmemAddr)((G::slot(i, 0) + 16 * u) * 16), src[u], row_in && col_in[u]);
+          cp_async_16(s_lane + (SmemAddr)((G::slot(i, 0) + 32 / S * u) * 16), src[u], row_in && col_in[u]);
         src[u] += xh;
       }
     }
@@ -214,10 +215,13 @@ inline void launch_mma_fwd(const DwParams& p, cudaStream_t stream) {
     throw std::runtime_error("mnet_ext: an image stride is too large for the CUDA kernels");
   const auto go = [&](auto tw) {
     constexpr int TW = decltype(tw)::value;
-    const size_t smem = (size_t)mma_smem_bytes(K, TW, t.GB);
-    allow_smem(fwd_mma_kernel<T, K, TW>, smem);
-    fwd_mma_kernel<T, K, TW><<<dim3((unsigned)t.blocks, (unsigned)t.cblocks), (unsigned)(32 * t.GB), smem, stream>>>(
-        p, t);
+    MNET_DISPATCH_BOOL(p.stride == 2, S2, [&] {
+      constexpr int S = S2 ? 2 : 1;
+      const size_t smem = (size_t)mma_smem_bytes(S, K, TW, t.GB);
+      allow_smem(fwd_mma_kernel<T, K, S, TW>, smem);
+      fwd_mma_kernel<T, K, S, TW><<<dim3((unsigned)t.blocks, (unsigned)t.cblocks), (unsigned)(32 * t.GB), smem,
+                                    stream>>>(p, t);
+    });
   };
   if (t.TW == 8) go(std::integral_constant<int, 8>{});
   else if (t.TW == 16) go(std::integral_constant<int, 16>{});
