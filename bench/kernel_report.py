@@ -34,13 +34,16 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   thread holds (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path visits every block
   with a load or store on its way (all K*K taps, the store) and takes the cheaper side of a branch that only computes;
   a subroutine call counts its callee's path, so an int64 division counts its inline 32-bit fast path, not the call of
-  the 64-bit routine. The activation counted is the layer's own (``act`` in the record), in both backends: a Triton
-  kernel is compiled for its activation; a CUDA kernel picks it with a runtime switch, whose cheapest case (``none``)
-  the path takes, so the forward's records add ``act_sass_per_elem``, what the activation adds per output element,
-  measured on a probe kernel that applies the same ``act_fwd`` (``bench/act_cost.cu``, compiled with the same
+  the 64-bit routine. A rare path kept out of line (``__noinline__``, a separate function in the cubin) is off the
+  counted path: its call site holds no load or store, so its branch only computes; so is the tensor-core forward's
+  recompute of a NaN accumulator (``mma_exact_output_cold``: only non-finite inputs take it), while the NaN test that
+  guards it stays counted. The activation counted is the layer's own (``act`` in the record), in both backends: a
+  Triton kernel is compiled for its activation; a CUDA kernel picks it with a runtime switch, whose cheapest case
+  (``none``) the path takes, so the forward's records add ``act_sass_per_elem``, what the activation adds per output
+  element, measured on a probe kernel that applies the same ``act_fwd`` (``bench/act_cost.cu``, compiled with the same
   flags: sm_90 relu 1, relu6 2, hardswish 5, silu ~30). The CUDA backward kernels still count ``none`` for their
-  activation derivative. ``fma_per_output_elem`` and ``gmem_per_output_elem`` (global load/store instructions)
-  split the same count.
+  activation derivative. ``fma_per_output_elem`` and ``gmem_per_output_elem`` (global load/store instructions) split
+  the same count.
 
   Checked by hand on the CUDA ``fwd_kernel<__nv_bfloat16, 3, 1, true, true, 14>`` (sm_90, nvcc 13.0) for
   dw_c144_56x56 at batch 256 (blocks of 18 lanes x 7 walkers, 8 strips of 14 outputs x 8 channels per thread):

@@ -41,9 +41,11 @@ MNET_DEVICE uint32_t mma_out_pair(float z0, float z1, const float (&scale)[2], c
 // slot of its position under tap 0, `e` its channel within the 8 of the slot, `w` that channel's K*K weights.
 // Why: the block-diagonal contraction multiplies every x of the slot by the other channels' zeros too, and
 // 0 * Inf = 0 * NaN = NaN, so one non-finite x turns the outputs of all 8 channels of its group NaN where the
-// reference keeps it to its own channel. Such outputs are NaN, so a NaN in D (rare) is recomputed here.
+// reference keeps it to its own channel. Such outputs are NaN, so a NaN in D (rare) is recomputed here. Out of
+// line (noinline): the tile loop keeps its registers and stays free of this loop and its loads (no spill, and the
+// static report counts the finite path: bench/kernel_report.py).
 template <typename T, int K, typename G>
-MNET_DEVICE float mma_exact_output(const float4* pos, int e, const T* w) {
+__device__ __noinline__ float mma_exact_output_cold(const float4* pos, int e, const T* w) {
   float z = 0.0f;
 #pragma unroll 1
   for (int t = 0; t < K * K; ++t) z = fmaf(to_f(reinterpret_cast<const T*>(pos + G::tap(t))[e]), to_f(w[t]), z);
@@ -155,11 +157,11 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
       ldmatrix<2>(a, a_lane + (SmemAddr)((origin + G::tap(K * K - 1)) * 16));
       const uint32_t b[1] = {bw[K * K - 1]};
       mma<T, 8>(d[mt], a, b);
-      if (d[mt][0] != d[mt][0] || d[mt][1] != d[mt][1] || d[mt][2] != d[mt][2] || d[mt][3] != d[mt][3]) {
+      if ((d[mt][0] != d[mt][0]) | (d[mt][1] != d[mt][1]) | (d[mt][2] != d[mt][2]) | (d[mt][3] != d[mt][3])) {
 #pragma unroll  // d stays in registers: constant indices
         for (int j = 0; j < 4; ++j) {  // rows g and g + 8 of the m-tile, channels 2 tq and 2 tq + 1
           const int row = g + 8 * (j >> 1), e = 2 * tq + (j & 1);
-          d[mt][j] = mma_exact_output<T, K, G>(plane + origin + mma_pos_row(row) * G::P + mma_pos_col(row), e,
+          d[mt][j] = mma_exact_output_cold<T, K, G>(plane + origin + mma_pos_row(row) * G::P + mma_pos_col(row), e,
                                                static_cast<const T*>(p.weight) + (int64_t)(c0 + e) * (K * K));
         }
       }
