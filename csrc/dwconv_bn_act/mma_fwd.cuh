@@ -45,7 +45,7 @@ MNET_DEVICE uint32_t mma_out_pair(float z0, float z1, const float (&scale)[2], c
 // line (noinline): the tile loop keeps its registers and stays free of this loop and its loads (no spill, and the
 // static report counts the finite path: bench/kernel_report.py).
 template <typename T, int K, typename G>
-__device__ __noinline__ float mma_exact_output_cold(const float4* pos, int e, const T* w) {
+MNET_DEVICE_COLD float mma_exact_output_cold(const float4* pos, int e, const T* w) {
   float z = 0.0f;
 #pragma unroll 1
   for (int t = 0; t < K * K; ++t) z = fmaf(to_f(reinterpret_cast<const T*>(pos + G::tap(t))[e]), to_f(w[t]), z);
