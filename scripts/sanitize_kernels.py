@@ -1,8 +1,8 @@
 """A small run of every CUDA kernel of the ``cuda`` backend, for compute-sanitizer (memcheck, racecheck).
 
 Covers each primitive in fp32 and bf16, NCHW and channels_last (with and without 16-byte channel vectors), every
-kernel size, both strides, dilation 2, and odd sizes; exits non-zero if the backend is unusable so a missing build
-cannot pass as clean.
+kernel size, both strides, dilation 2, odd sizes and non-finite inputs; exits non-zero if the backend is unusable
+so a missing build cannot pass as clean.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ def main() -> int:
         fmt = torch.channels_last if cl else torch.contiguous_format
         n, w = 2, 9
         x = torch.randn(n, c, h, w, device="cuda").to(dtype=dtype, memory_format=fmt)
+        # Non-finite inputs send the tensor-core forward down its out-of-line exact recompute (rare path: its loads
+        # from global x need the sanitizer as much as the fast path's).
+        x[0, c // 2, 1, 1] = float("inf")
+        x[n - 1, c - 1, h - 2, w - 3] = float("nan")
         weight = torch.randn(c, 1, k, k, device="cuda", dtype=dtype)
         vec = [torch.rand(c, device="cuda") + 0.5 for _ in range(6)]
         y = impl.dwconv_bn_act_fwd(x, weight, *vec[:4], stride, dilation, "hardswish")
