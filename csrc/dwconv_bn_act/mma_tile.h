@@ -63,6 +63,11 @@ struct MmaGeom {
   static_assert(OP % 8 == 4 && TH * OP <= PLANE, "the outputs fit the plane, conflict-free");
   MNET_HD static constexpr int slot(int i, int j) { return (i % S) * RP + (i / S) * P + (j % S) * PH + j / S; }
   MNET_HD static constexpr int tap(int t) { return slot(t / K, t % K); }
+  // Output vector v (lane + 32 i: 16 bytes of 8 channels) of a tile, read back from the plane for the store: its
+  // output row (TH: past the tile, never stored), image and column within the image.
+  MNET_HD static constexpr int vec_row(int v) { return v < TH * OW ? v / OW : TH; }
+  MNET_HD static constexpr int vec_image(int v) { return v % OW / TW; }
+  MNET_HD static constexpr int vec_col(int v) { return v % OW % TW; }
   // Slot of m-tile mt's first position (row 0 of the tile, column 0 of its image): images JS / S slots apart.
   MNET_HD static constexpr int origin(int mt) {
     return (mt / MC) * 4 * P + (mt % MC) / (TW / 4) * (JS / S) + (mt % MC) % (TW / 4) * 4;
