@@ -24,17 +24,10 @@
 namespace mnet {
 namespace dev {
 
-// act(z * scale + shift) for this lane's two channels as the 4 bytes of a pair of T.
+// act(z * scale + shift) for this lane's two channels as the 4 bytes of a pair of T (device.cuh: act_pair).
 template <Act A, typename T>
 MNET_DEVICE uint32_t mma_out_pair(float z0, float z1, const float (&scale)[2], const float (&shift)[2]) {
-  const float u = act_fwd<A>(fmaf(z0, scale[0], shift[0])), v = act_fwd<A>(fmaf(z1, scale[1], shift[1]));
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(u, v);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  } else {
-    const __half2 h = __floats2half2_rn(u, v);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
+  return act_pair<A, T>(fmaf(z0, scale[0], shift[0]), fmaf(z1, scale[1], shift[1]));
 }
 
 // Whether either 16-bit half of w is a NaN: exponent all ones and a nonzero mantissa, i.e. |h| above the Inf
