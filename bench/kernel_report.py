@@ -323,7 +323,7 @@ def _band_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, A
 
 
 # csrc/dwconv_bn_act/mma_tile.h: the tensor-core forward at stride 1 or 2 (fwd_mma_kernel; mma_tile_plan, MmaGeom).
-_MMA_MIN_BLOCKS, _MMA_SMEM_MAX = 512, 99 * 1024
+_MMA_MIN_BLOCKS, _MMA_SMEM_MAX = 512, 80 * 1024
 
 
 def mma_fwd_serves(case: Case) -> bool:
