@@ -58,12 +58,14 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   counts. (Session 3's strips of 4: 30.2; before the redesign: 414 for the one-thread-per-output kernel.)
   And on the CUDA ``fwd_mma_kernel<__nv_bfloat16, 3, 2, 28>`` (sm_90, nvcc 13.0; 4 warps of one channel group each,
   tiles of 4 x 28 outputs, 28 outputs x 8 channels / 32 lanes = 28 elements per lane and tile): from the tile loop's
-  head to the activation switch's first test 223 instructions (tile indices: 2 multiply-high divisions; staging:
+  head to the activation switch's first test 205 instructions (tile indices: 2 multiply-high divisions; staging:
   18 LDGSTS.128 with their pointer steps and zero-fill predicates; 7 m-tiles of 4 LDSM.x4 + 4 HMMA.16816 +
-  1 LDSM.x2 + 1 HMMA.1688), 4 of compares to the ``none`` case, the case 43 (28 FFMA of the BN fold, 14 F2FP, the
-  branch), the rest of the loop 140 (14 STS of the D fragments, 4 LDS.128 + 4 STG.128 of the outputs, their
-  addresses and masks, the loop test): 410 per tile, the tool's path; outside 167. For dw_c144_56x56 (8 tiles per
-  block): (167 + 8 x 410) / (8 x 28) = 15.4 per output element, what the tool counts.
+  1 LDSM.x2 + 1 HMMA.1688), 2 of compares to the ``none`` case, the case 43 (28 FFMA of the BN fold, 14 F2FP, the
+  branch), 48 for the 14 STS of the D fragments and their addresses, 50 for the 4 output vectors (each LDS.128 +
+  STG.128, its mask, and the union of its NaNs: 2 HMNMX2 + 1 VHMNMX), 6 for the NaN test of the union, 11 for the
+  loop test: 365 per tile, the tool's path (the NaN recompute's call is off it); outside 214. For dw_c144_56x56
+  (8 tiles per block): (214 + 8 x 365) / (8 x 28) = 14.0 per output element, what the tool counts (session 7,
+  before the non-finite fix: 410 per tile, 15.4).
   And on the Triton ``_fwd_kernel`` (bf16, NHWC, K = 3, dw_c144_56x56, 2 warps, 32 groups of OW = 8 columns x 16
   channels: 64 outputs per thread): 642 instructions to the kernel-row loop (setup, then the peeled row 0: 192 FFMA,
   10 LDG.E.128 of x, 6 of the fp32 weight taps), a 400-instruction loop body taken K - 1 = 2 times (192 FFMA, 120
