@@ -36,14 +36,16 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   a subroutine call counts its callee's path, so an int64 division counts its inline 32-bit fast path, not the call of
   the 64-bit routine. A rare path kept out of line (``__noinline__``, a separate function in the cubin) is off the
   counted path: its call site holds no load or store, so its branch only computes; so is the tensor-core forward's
-  recompute of a NaN accumulator (``mma_exact_output_cold``: only non-finite inputs take it), while the NaN test that
-  guards it stays counted. The activation counted is the layer's own (``act`` in the record), in both backends: a
-  Triton kernel is compiled for its activation; a CUDA kernel picks it with a runtime switch, whose cheapest case
-  (``none``) the path takes, so the forward's records add ``act_sass_per_elem``, what the activation adds per output
-  element, measured on a probe kernel that applies the same ``act_fwd`` (``bench/act_cost.cu``, compiled with the same
-  flags: sm_90 relu 1, relu6 2, hardswish 5, silu ~30). The CUDA backward kernels still count ``none`` for their
-  activation derivative. ``fma_per_output_elem`` and ``gmem_per_output_elem`` (global load/store instructions) split
-  the same count.
+  recompute of its NaN outputs (``mma_recompute_nan_outputs_cold``: only non-finite inputs take it), while the NaN
+  test that guards it (on the tile's stored outputs) stays counted. The activation counted is the layer's own
+  (``act`` in the record), in both backends: a Triton kernel is compiled for its activation; a CUDA kernel picks it
+  with a runtime switch, whose cheapest case (``none``) the path takes, so the forward's records add
+  ``act_sass_per_elem``, what the activation adds per output element, measured on a probe kernel that applies the
+  same code (``bench/act_cost.cu``, compiled with the same flags): ``act_fwd`` on fp32 for the kernels that round
+  after it (sm_90 relu 1, relu6 2, hardswish 2, silu ~30), ``act_pair`` on bf16 pairs for the tensor-core forward,
+  whose relu / relu6 run on the rounded pairs (``PAIR_ACT_KERNELS``: relu 0, relu6 0.5, hardswish 2.1). The CUDA
+  backward kernels still count ``none`` for their activation derivative. ``fma_per_output_elem`` and
+  ``gmem_per_output_elem`` (global load/store instructions) split the same count.
 
   Checked by hand on the CUDA ``fwd_kernel<__nv_bfloat16, 3, 1, true, true, 14>`` (sm_90, nvcc 13.0) for
   dw_c144_56x56 at batch 256 (blocks of 18 lanes x 7 walkers, 8 strips of 14 outputs x 8 channels per thread):
@@ -56,12 +58,14 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   counts. (Session 3's strips of 4: 30.2; before the redesign: 414 for the one-thread-per-output kernel.)
   And on the CUDA ``fwd_mma_kernel<__nv_bfloat16, 3, 2, 28>`` (sm_90, nvcc 13.0; 4 warps of one channel group each,
   tiles of 4 x 28 outputs, 28 outputs x 8 channels / 32 lanes = 28 elements per lane and tile): from the tile loop's
-  head to the activation switch's first test 223 instructions (tile indices: 2 multiply-high divisions; staging:
+  head to the activation switch's first test 205 instructions (tile indices: 2 multiply-high divisions; staging:
   18 LDGSTS.128 with their pointer steps and zero-fill predicates; 7 m-tiles of 4 LDSM.x4 + 4 HMMA.16816 +
-  1 LDSM.x2 + 1 HMMA.1688), 4 of compares to the ``none`` case, the case 43 (28 FFMA of the BN fold, 14 F2FP, the
-  branch), the rest of the loop 140 (14 STS of the D fragments, 4 LDS.128 + 4 STG.128 of the outputs, their
-  addresses and masks, the loop test): 410 per tile, the tool's path; outside 167. For dw_c144_56x56 (8 tiles per
-  block): (167 + 8 x 410) / (8 x 28) = 15.4 per output element, what the tool counts.
+  1 LDSM.x2 + 1 HMMA.1688), 2 of compares to the ``none`` case, the case 43 (28 FFMA of the BN fold, 14 F2FP, the
+  branch), 48 for the 14 STS of the D fragments and their addresses, 50 for the 4 output vectors (each LDS.128 +
+  STG.128, its mask, and the union of its NaNs: 2 HMNMX2 + 1 VHMNMX), 6 for the NaN test of the union, 11 for the
+  loop test: 365 per tile, the tool's path (the NaN recompute's call is off it); outside 214. For dw_c144_56x56
+  (8 tiles per block): (214 + 8 x 365) / (8 x 28) = 14.0 per output element, what the tool counts (session 7,
+  before the non-finite fix: 410 per tile, 15.4).
   And on the Triton ``_fwd_kernel`` (bf16, NHWC, K = 3, dw_c144_56x56, 2 warps, 32 groups of OW = 8 columns x 16
   channels: 64 outputs per thread): 642 instructions to the kernel-row loop (setup, then the peeled row 0: 192 FFMA,
   10 LDG.E.128 of x, 6 of the fp32 weight taps), a 400-instruction loop body taken K - 1 = 2 times (192 FFMA, 120
@@ -321,7 +325,7 @@ def _band_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, A
 
 
 # csrc/dwconv_bn_act/mma_tile.h: the tensor-core forward at stride 1 or 2 (fwd_mma_kernel; mma_tile_plan, MmaGeom).
-_MMA_MIN_BLOCKS, _MMA_SMEM_MAX = 512, 99 * 1024
+_MMA_MIN_BLOCKS, _MMA_SMEM_MAX = 512, 80 * 1024
 
 
 def mma_fwd_serves(case: Case) -> bool:
@@ -677,22 +681,30 @@ def _op_of(role: str) -> str:
 
 ACT_PROBE = "bench/act_cost.cu"
 ACT_NAMES = ("none", "relu", "relu6", "hardswish", "silu", "hardsigmoid", "sigmoid")  # activations.h: enum Act
+# The probe family per epilogue (bench/act_cost.cu): "float" act_cost<A> (act_fwd on fp32, then the rounding), "pair"
+# act_pair_cost<A> (act_pair on bf16 pairs: relu / relu6 after the rounding), and the kernels with the pair epilogue.
+ACT_PROBES = {"act_cost": "float", "act_pair_cost": "pair"}
+PAIR_ACT_KERNELS = ("fwd_mma_kernel",)
 
 
-def act_costs(jobs: list[dict], results: dict[str, dict]) -> dict[int, dict[str, float]]:
-    """arch -> {activation: SASS instructions per output element it adds}: the probe kernels ``act_cost<A>`` of
-    ``ACT_PROBE`` (8 values per thread), each one's counted path minus ``act_cost<None>``'s, over 8."""
-    costs: dict[int, dict[str, float]] = {}
+def act_costs(jobs: list[dict], results: dict[str, dict]) -> dict[int, dict[str, dict[str, float]]]:
+    """arch -> epilogue ("float", "pair") -> {activation: SASS instructions per output element it adds}: the probe
+    kernels of ``ACT_PROBE`` (8 outputs per thread), each one's counted path minus its ``<None>``'s, over 8."""
+    costs: dict[int, dict[str, dict[str, float]]] = {}
     for job in jobs:
-        lengths = {}
+        lengths: dict[str, dict[str, int]] = {family: {} for family in ACT_PROBES.values()}
         for fn in results[job["key"]]["functions"].values():
-            m = re.search(r"act_cost<\(mnet::Act\)(\d+)>", fn["name"])
+            m = re.search(r"(act_cost|act_pair_cost)<\(mnet::Act\)(\d+)>", fn["name"])
             if m is None:
                 raise ValueError(f"unexpected kernel in {ACT_PROBE}: {fn['name']}")
-            lengths[ACT_NAMES[int(m.group(1))]] = sass.PathSummary.from_dict(fn["path"]).straight.instrs
-        if set(lengths) != set(ACT_NAMES):
-            raise ValueError(f"{ACT_PROBE} (sm_{job['arch']}): kernels for {sorted(lengths)}, expected {ACT_NAMES}")
-        costs[job["arch"]] = {a: (n - lengths["none"]) / 8 for a, n in lengths.items()}
+            lengths[ACT_PROBES[m.group(1)]][ACT_NAMES[int(m.group(2))]] = sass.PathSummary.from_dict(
+                fn["path"]).straight.instrs
+        for family, found in lengths.items():
+            if set(found) != set(ACT_NAMES):
+                raise ValueError(f"{ACT_PROBE} (sm_{job['arch']}, {family}): kernels for {sorted(found)}, expected "
+                                 f"{ACT_NAMES}")
+        costs[job["arch"]] = {family: {a: (n - found["none"]) / 8 for a, n in found.items()}
+                              for family, found in lengths.items()}
     return costs
 
 
@@ -736,7 +748,8 @@ def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], 
                 if spec.serves is not None and not spec.serves(case, shape_of(case, batch), targs):
                     continue
                 plan = spec.plan(shape_of(case, batch), targs)
-                act_sass = acts[job["arch"]][case.layer.act] if role == "fwd" else None
+                epilogue = "pair" if name in PAIR_ACT_KERNELS else "float"
+                act_sass = acts[job["arch"]][epilogue][case.layer.act] if role == "fwd" else None
                 records.append(make_record(job["arch"], "cuda", name, role, dtype, layout, k, case, batch, fn, plan,
                                            plan.threads, extra, act_sass))
                 planned += 1

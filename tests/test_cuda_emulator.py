@@ -228,19 +228,26 @@ def test_emulated_mma_forward(request, case):
 
 # Non-finite inputs stay in their own channel, as in the reference: the tensor-core forward contracts 8 channels
 # against block-diagonal weights, where a lone Inf or NaN meets zeros (0 * Inf = NaN) and would reach the other 7
-# channels of its group. Stride 2 and stride 1.
-NONFINITE_CASES = [((2, 16, 15, 17), 3, 2), ((1, 24, 9, 11), 5, 2), ((1, 16, 9, 10), 3, 1), ((2, 16, 9, 9), 5, 1)]
+# channels of its group; the kernel finds those outputs by their NaN after the activation (mma_fwd.cuh) and recomputes
+# them. Stride 2 and stride 1, every conv activation (each must keep the NaN for the test of the outputs to see it;
+# relu / relu6 run on the rounded pairs: device.cuh act_pair), bf16 and fp16 (their NaN tests differ).
+NONFINITE_CASES = [((2, 16, 15, 17), 3, 2, "relu6", BF16), ((1, 24, 9, 11), 5, 2, "hardswish", BF16),
+                   ((1, 16, 9, 10), 3, 1, "relu", BF16), ((2, 16, 9, 9), 5, 1, "silu", BF16),
+                   ((1, 16, 8, 9), 3, 1, "none", BF16), ((1, 16, 9, 10), 3, 2, "relu6", HALF)]
 
 
-@pytest.mark.parametrize("case", NONFINITE_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-k{c[1]}s{c[2]}")
-def test_emulated_forward_keeps_non_finite_in_its_channel(emulator, case):
-    shape, k, stride = case
-    args = _args("dwconv_bn_act_fwd", shape, k, stride, 1, BF16, "nhwc")
+@pytest.mark.parametrize("case", NONFINITE_CASES,
+                         ids=lambda c: f"{'x'.join(map(str, c[0]))}-k{c[1]}s{c[2]}-{c[3]}-{str(c[4])[6:]}")
+def test_emulated_forward_keeps_non_finite_in_its_channel(request, case):
+    shape, k, stride, act, dtype = case
+    exe = request.getfixturevalue("emulator_full" if dtype == HALF else "emulator")
+    args = (*_args("dwconv_bn_act_fwd", shape, k, stride, 1, dtype, "nhwc")[:-1], act)
     x = args[0]
     x[0, 3, 4, 5], x[0, 9, 2, 2], x[-1, 5, 7, 6] = float("inf"), float("nan"), float("-inf")
-    out, launched = run_emulated(emulator, "dwconv_bn_act_fwd", args, order=0)
+    out, launched = run_emulated(exe, "dwconv_bn_act_fwd", args, order=0)
     assert launched == expected_kernels("dwconv_bn_act_fwd", x, stride, 1)
-    assert_matches_fp64_reference("dwconv_bn_act_fwd", out[0], args, f"{shape} k{k} s{stride} with Inf/NaN inputs")
+    assert_matches_fp64_reference("dwconv_bn_act_fwd", out[0], args,
+                                  f"{shape} k{k} s{stride} {act} {dtype} with Inf/NaN inputs")
 
 
 @pytest.mark.parametrize(

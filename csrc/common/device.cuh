@@ -9,6 +9,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "common/activations.h"
 #include "common/macros.h"
 #include "dwconv_bn_act/params.h"
 
@@ -118,6 +119,61 @@ inline bool full_vectors(bool channels_last, int64_t C, std::initializer_list<co
     constexpr bool CL = true, FULL = false;                               \
     return __VA_ARGS__();                                                 \
   }()
+
+// ---- an activated pair rounded to 16 bits -------------------------------------------------------------
+// act(u), act(v) rounded to T (bf16 / fp16) as the 4 bytes of a pair (u low). relu and relu6 are applied after the
+// rounding, on the packed pair: exact, since rounding to nearest is monotonic and 0 and 6 are representable in T
+// (round(max(u, 0)) = max(round(u), 0), the same for min with 6), and NaN stays NaN (cvt's .relu gives the
+// canonical NaN for a NaN, min.NaN keeps it). On sm_80+ relu is then free (cvt.rn.relu: F2FP.RELU) and relu6 one
+// min.NaN per pair (HMNMX2) instead of 1 and 2 FMNMX per element; elsewhere (and in the host emulator) the same
+// order of operations with fp32 comparisons. The tensor-core forward's epilogue (mma_fwd.cuh); its cost per
+// element is what the static report's probe measures (bench/act_cost.cu: act_pair_cost).
+template <typename T>
+MNET_DEVICE uint32_t pack_pair(float u, float v) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(u, v);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(u, v);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+template <typename T>
+MNET_DEVICE float pair_half(uint32_t w, int h) {
+  const uint16_t bits = (uint16_t)(w >> (16 * h));
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __uint_as_float((uint32_t)bits << 16);  // exact
+  else return __half2float(*reinterpret_cast<const __half*>(&bits));
+}
+
+// Each half of pair w clamped by f (NaN kept), through fp32: exact, the halves and the bounds are values of T.
+template <typename T, typename F>
+MNET_DEVICE uint32_t clamp_pair_f32(uint32_t w, F f) {
+  return pack_pair<T>(f(pair_half<T>(w, 0)), f(pair_half<T>(w, 1)));
+}
+
+template <Act A, typename T>
+MNET_DEVICE uint32_t act_pair(float u, float v) {
+  static_assert(sizeof(T) == 2, "pairs of bf16 / fp16");
+  if constexpr (A == Act::Relu || A == Act::Relu6) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    constexpr bool bf = std::is_same<T, __nv_bfloat16>::value;
+    uint32_t w;
+    if constexpr (bf) asm("cvt.rn.relu.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(v), "f"(u));
+    else asm("cvt.rn.relu.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(v), "f"(u));
+    if constexpr (A == Act::Relu6) {
+      const uint32_t six = bf ? 0x40c040c0u : 0x46004600u;  // 6.0 in both halves
+      if constexpr (bf) asm("min.NaN.bf16x2 %0, %1, %2;" : "=r"(w) : "r"(w), "r"(six));
+      else asm("min.NaN.f16x2 %0, %1, %2;" : "=r"(w) : "r"(w), "r"(six));
+    }
+    return w;
+#else
+    return clamp_pair_f32<T>(pack_pair<T>(u, v), [](float h) { return act_fwd<A>(h); });
+#endif
+  } else {
+    return pack_pair<T>(act_fwd<A>(u), act_fwd<A>(v));
+  }
+}
 
 // ---- tensor cores and asynchronous copies (sm_80+) ------------------------------------------------------
 // Inline PTX on the device; on the host, the CUDA emulator's warp collectives (tests/cuda_emu/emu.h defines

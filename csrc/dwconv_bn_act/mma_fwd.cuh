@@ -24,39 +24,105 @@
 namespace mnet {
 namespace dev {
 
-// act(z * scale + shift) for this lane's two channels as the 4 bytes of a pair of T.
+// act(z * scale + shift) for this lane's two channels as the 4 bytes of a pair of T (device.cuh: act_pair).
 template <Act A, typename T>
 MNET_DEVICE uint32_t mma_out_pair(float z0, float z1, const float (&scale)[2], const float (&shift)[2]) {
-  const float u = act_fwd<A>(fmaf(z0, scale[0], shift[0])), v = act_fwd<A>(fmaf(z1, scale[1], shift[1]));
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(u, v);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  } else {
-    const __half2 h = __floats2half2_rn(u, v);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
+  return act_pair<A, T>(fmaf(z0, scale[0], shift[0]), fmaf(z1, scale[1], shift[1]));
 }
 
-// One output of the tile recomputed tap by tap on the CUDA cores, in the taps' (kh, kw) order: `pos` the staged
-// slot of its position under tap 0, `e` its channel within the 8 of the slot, `w` that channel's K*K weights.
-// Why: the block-diagonal contraction multiplies every x of the slot by the other channels' zeros too, and
+// Whether either 16-bit half of w is a NaN: exponent all ones and a nonzero mantissa, i.e. |h| above the Inf
+// pattern (bf16 0x7f80, fp16 0x7c00); adding 0x7f / 0x3ff to |h| carries into bit 15 exactly then (no carry
+// between the halves: |h| + 0x3ff < 0x10000).
+template <typename T>
+MNET_HD bool has_nan2(uint32_t w) {
+  constexpr uint32_t below_nan = std::is_same<T, __nv_bfloat16>::value ? 0x007f007fu : 0x03ff03ffu;
+  return (((w & 0x7fff7fffu) + below_nan) & 0x80008000u) != 0u;
+}
+
+// A word whose two 16-bit halves are NaN where a's or b's are (the union of their NaNs; the non-NaN values are
+// not needed): on sm_80+ one max.NaN (HMNMX2), in the host emulator a select.
+template <typename T>
+MNET_DEVICE uint32_t nan_union2(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t r;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  else
+    asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+#else
+  uint32_t r = 0;
+  for (int h = 0; h < 32; h += 16) {
+    const uint32_t ha = (a >> h) & 0xffffu, hb = (b >> h) & 0xffffu;
+    r |= (has_nan2<T>(ha) ? ha : hb) << h;
+  }
+  return r;
+#endif
+}
+
+// The non-finite fix of the tensor-core forward, out of line (noinline: only non-finite inputs take it; the tile
+// loop keeps its registers and the static report counts the finite path, bench/kernel_report.py).
+// Why: the block-diagonal contraction multiplies every x of a slot by the other 7 channels' zeros too, and
 // 0 * Inf = 0 * NaN = NaN, so one non-finite x turns the outputs of all 8 channels of its group NaN where the
-// reference keeps it to its own channel. Such outputs are NaN, so a NaN in D (rare) is recomputed here. Out of
-// line (noinline): the tile loop keeps its registers and stays free of this loop and its loads (no spill, and the
-// static report counts the finite path: bench/kernel_report.py).
-template <typename T, int K, typename G>
-MNET_DEVICE_COLD float mma_exact_output_cold(const float4* pos, int e, const T* w) {
-  float z = 0.0f;
+// reference keeps it to its own channel. Every output so contaminated is NaN, and a NaN stays NaN through the BN
+// fold (an FMA) and every activation (NaN-keeping max / min, x * NaN, sigmoid(NaN)) and the rounding to T, so
+// testing the tile's stored outputs finds them all. This lane's output vectors (v = lane + 32 i, the kernel's
+// layout) that hold a NaN are recomputed from global x (the plane holds the outputs by now) tap by tap in the
+// taps' (kh, kw) order on the CUDA cores, padding read as zero as staged, then folded, activated and rounded as
+// in the tile (mma_out_pair), and stored over the vector the tile stored.
+// plane: the warp's plane holding the tile's outputs; n, oh0, ow0: the tile's first image, output row and column;
+// c0: the warp's first channel; rows_left, cols_left, images: the tile's outputs inside y (the kernel's masks).
+template <typename T, int K, int S, int TW>
+MNET_DEVICE_COLD void mma_recompute_nan_outputs_cold(const DwParams& p, const float4* plane, int lane, int n,
+                                                     int oh0, int ow0, int c0, int rows_left, int cols_left,
+                                                     int images) {
+  using G = MmaGeom<K, S, TW>;
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.weight) + (int64_t)c0 * (K * K);
 #pragma unroll 1
-  for (int t = 0; t < K * K; ++t) z = fmaf(to_f(reinterpret_cast<const T*>(pos + G::tap(t))[e]), to_f(w[t]), z);
-  return z;
+  for (int i = 0; i < G::NV; ++i) {
+    const int v = lane + 32 * i, r = G::vec_row(v), b = G::vec_image(v), c = G::vec_col(v);
+    if (r >= rows_left || c >= cols_left || b >= images) continue;
+    const uint4 got = reinterpret_cast<const uint4*>(plane)[r * G::OP + b * TW + c];
+    if (!has_nan2<T>(got.x) && !has_nan2<T>(got.y) && !has_nan2<T>(got.z) && !has_nan2<T>(got.w)) continue;
+    const int64_t img = (int64_t)(n + b) * p.xs.n;
+    const int ih0 = S * (oh0 + r) - p.pad, iw0 = S * (ow0 + c) - p.pad;
+    float z[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 1
+    for (int t = 0; t < K * K; ++t) {
+      const int ih = ih0 + t / K, iw = iw0 + t % K;
+      const bool in = (unsigned)ih < (unsigned)p.H && (unsigned)iw < (unsigned)p.W;
+      float xv[8];
+      load_vec<T, 8, true>(x + img + (in ? ih * p.xs.h + iw * p.xs.w + c0 : c0), in, 8, xv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) z[e] = fmaf(xv[e], to_f(w[e * (K * K) + t]), z[e]);
+    }
+    uint32_t words[4];
+    MNET_DISPATCH_CONV_ACT(p.act, A, [&] {
+      MNET_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        float scale[2], shift[2];
+        MNET_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const int ch = c0 + 2 * j + h;
+          const BnFold f = bn_fold(p.mean[ch], p.invstd[ch], p.gamma[ch], p.beta[ch]);
+          scale[h] = f.scale;
+          shift[h] = f.shift;
+        }
+        words[j] = mma_out_pair<A, T>(z[2 * j], z[2 * j + 1], scale, shift);
+      }
+    });
+    T* dst = static_cast<T*>(p.y) + (int64_t)(n + b) * p.ys.n + (int64_t)(oh0 + r) * p.ys.h +
+             (int64_t)(ow0 + c) * p.ys.w + c0;
+    *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
+  }
 }
 
 // Grid (t.blocks, t.cblocks), t.GB warps; dynamic shared memory mma_smem_bytes(S, K, TW, t.GB): one plane per warp.
 // p: x [N, H, W, C] and y [N, Ho, Wo, C] channels_last (element strides p.xs / p.ys, 16-byte aligned bases),
 // weight [C, K*K], mean / invstd / gamma / beta [C] fp32; p.stride == S.
 template <typename T, int K, int S, int TW>
-__global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const MmaTilePlan t) {
+__global__ void __launch_bounds__(128) fwd_mma_kernel(const __grid_constant__ DwParams p, const MmaTilePlan t) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using G = MmaGeom<K, S, TW>;
   constexpr int NP = K * K / 2, NU = G::NU, NM = G::MR * G::MC;
@@ -93,11 +159,11 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
   const int xh = (int)p.xs.h, xw = (int)p.xs.w, yh = (int)p.ys.h, yw = (int)p.ys.w;
 #pragma unroll
   for (int i = 0; i < G::NV; ++i) {
-    const int v = lane + 32 * i, r = v / G::OW, cc = v - r * G::OW;
-    vr[i] = v < G::TH * G::OW ? r : G::TH;
-    vb[i] = cc / TW;
-    vc[i] = cc - vb[i] * TW;
-    voff[i] = vb[i] * (int)p.ys.n + r * yh + vc[i] * yw;
+    const int v = lane + 32 * i;
+    vr[i] = G::vec_row(v);
+    vb[i] = G::vec_image(v);
+    vc[i] = G::vec_col(v);
+    voff[i] = vb[i] * (int)p.ys.n + vr[i] * yh + vc[i] * yw;
   }
   // Staged columns lane + 32 u: image ub, column uj of its window (uj = IN_COLS at S = 2: the zero column).
   int ub[NU], uj[NU];
@@ -157,19 +223,11 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
       ldmatrix<2>(a, a_lane + (SmemAddr)((origin + G::tap(K * K - 1)) * 16));
       const uint32_t b[1] = {bw[K * K - 1]};
       mma<T, 8>(d[mt], a, b);
-      if ((d[mt][0] != d[mt][0]) | (d[mt][1] != d[mt][1]) | (d[mt][2] != d[mt][2]) | (d[mt][3] != d[mt][3])) {
-#pragma unroll  // d stays in registers: constant indices
-        for (int j = 0; j < 4; ++j) {  // rows g and g + 8 of the m-tile, channels 2 tq and 2 tq + 1
-          const int row = g + 8 * (j >> 1), e = 2 * tq + (j & 1);
-          d[mt][j] = mma_exact_output_cold<T, K, G>(plane + origin + mma_pos_row(row) * G::P + mma_pos_col(row), e,
-                                               static_cast<const T*>(p.weight) + (int64_t)(c0 + e) * (K * K));
-        }
-      }
     }
     syncwarp();  // every ldmatrix of the tile precedes the outputs' stores into the plane
     uint32_t out[NM][2];  // the switch computes only: its stores stay outside (one store path for every act)
     MNET_DISPATCH_CONV_ACT(p.act, A, [&] {
-#pragma unroll
+      MNET_UNROLL
       for (int mt = 0; mt < NM; ++mt) {
         out[mt][0] = mma_out_pair<A, T>(d[mt][0], d[mt][1], scale, shift);
         out[mt][1] = mma_out_pair<A, T>(d[mt][2], d[mt][3], scale, shift);
@@ -184,10 +242,18 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const DwParams p, const Mm
     syncwarp();  // the tile's outputs are in the plane
     T* yt = y + (int64_t)n * p.ys.n + mul_wide(oh0, yh) + mul_wide(ow0, yw) + c0;
     const int rows_left = (int)p.Ho - oh0, cols_left = (int)p.Wo - ow0;
+    // The union of the stored outputs' NaNs (4 max.NaN per vector of 8 outputs; sm_90 SASS: 2 HMNMX2 + one
+    // 3-input VHMNMX), tested once per tile: about 0.6 instructions per output instead of a test per accumulator.
+    uint32_t nan_seen = 0u;
 #pragma unroll
     for (int i = 0; i < G::NV; ++i)
-      if (vr[i] < rows_left && vc[i] < cols_left && vb[i] < images)
-        *reinterpret_cast<float4*>(yt + voff[i]) = plane[vr[i] * G::OP + vb[i] * TW + vc[i]];
+      if (vr[i] < rows_left && vc[i] < cols_left && vb[i] < images) {
+        const uint4 o = reinterpret_cast<const uint4*>(plane)[vr[i] * G::OP + vb[i] * TW + vc[i]];
+        *reinterpret_cast<uint4*>(yt + voff[i]) = o;
+        nan_seen = nan_union2<T>(nan_seen, nan_union2<T>(nan_union2<T>(o.x, o.y), nan_union2<T>(o.z, o.w)));
+      }
+    if (has_nan2<T>(nan_seen))  // rare: non-finite inputs (mma_recompute_nan_outputs_cold)
+      mma_recompute_nan_outputs_cold<T, K, S, TW>(p, plane, lane, (int)n, oh0, ow0, c0, rows_left, cols_left, images);
     syncwarp();  // the plane's outputs are read before the next tile's copies land
   }
 #endif

@@ -63,6 +63,11 @@ struct MmaGeom {
   static_assert(OP % 8 == 4 && TH * OP <= PLANE, "the outputs fit the plane, conflict-free");
   MNET_HD static constexpr int slot(int i, int j) { return (i % S) * RP + (i / S) * P + (j % S) * PH + j / S; }
   MNET_HD static constexpr int tap(int t) { return slot(t / K, t % K); }
+  // Output vector v (lane + 32 i: 16 bytes of 8 channels) of a tile, read back from the plane for the store: its
+  // output row (TH: past the tile, never stored), image and column within the image.
+  MNET_HD static constexpr int vec_row(int v) { return v < TH * OW ? v / OW : TH; }
+  MNET_HD static constexpr int vec_image(int v) { return v % OW / TW; }
+  MNET_HD static constexpr int vec_col(int v) { return v % OW % TW; }
   // Slot of m-tile mt's first position (row 0 of the tile, column 0 of its image): images JS / S slots apart.
   MNET_HD static constexpr int origin(int mt) {
     return (mt / MC) * 4 * P + (mt % MC) / (TW / 4) * (JS / S) + (mt % MC) % (TW / 4) * 4;
@@ -97,8 +102,11 @@ MNET_HD bool mma_fwd_shape(const DwParams& p) {
 }
 
 MNET_HD constexpr int mma_smem_bytes(int S, int K, int TW, int GB) { return GB * mma_plane_slots(S, K, TW) * 16; }
-// A block's shared memory at most: sm_86 / sm_89's opt-in limit (99 KB), two blocks per SM on sm_80 / sm_90.
-constexpr int kMmaSmemMax = 99 * 1024;
+// A block's shared memory at most: two blocks per SM on sm_80 (164 KB per SM, 1 KB reserved per block), so that
+// the stride-2 K5 / K7 planes (24 KB per warp) run 3 warps per block rather than 4 warps in one block per SM
+// (static report, sm_80: dw_c96_28x28 K5 and the 14x14 K7 layers, 1 -> 2 blocks); under sm_86 / sm_89's opt-in
+// limit (99 KB); sm_90 (228 KB) holds two or more.
+constexpr int kMmaSmemMax = 80 * 1024;
 static_assert(mma_smem_bytes(2, 7, 8, 1) <= kMmaSmemMax && mma_smem_bytes(2, 7, 16, 1) <= kMmaSmemMax &&
                   mma_smem_bytes(2, 7, 28, 1) <= kMmaSmemMax && mma_smem_bytes(1, 7, 8, 1) <= kMmaSmemMax &&
                   mma_smem_bytes(1, 7, 16, 1) <= kMmaSmemMax && mma_smem_bytes(1, 7, 28, 1) <= kMmaSmemMax,
