@@ -1089,14 +1089,16 @@ def dwconv_bn_act_bwd_apply(
 # ----------------------------------------------------------------------------------------------
 # Why: with fp32 FFMAs the eval forward cannot reach issue 13's instruction budget (<= 20 SASS per output element at
 # K = 3, <= 36 at K = 5, bf16 channels_last, sm_90): the FFMA design's floors are K3 s2 19-23 and K5 36-40 before
-# any addressing. Here a tile's convolution is 2K tl.dot calls. Output group = G consecutive output columns of one
-# output row x 8 channels (one 16-byte vector per pixel). Per kernel row kh, two TMA boxes (h = 0, 1) of the input
-# rows S * ho + kh - PAD hold, per group, the S*G input columns S * wo0 - PAD + h*S*G ... + S*G - 1 (hardware zero
-# fill outside the image: no masks, no address math per element); reshaped to A_h [groups, S*G*8] (column (j, c')),
-# they meet B_kh_h [S*G*8, G*8], the block-diagonal Toeplitz weights: B[(j, c'), (i, c)] = w[c, kh, kw] if c' == c
-# and kw = h*S*G + j - S*i is a tap, else 0. fp32 accumulate from -mean, so z - mean keeps its relative error.
-# Stride 2 reads the input rows of one parity through a descriptor whose row stride is doubled (x_desc0: even rows,
-# x_desc1: odd rows; strides of 2*W*C elements stay 16-byte multiples since C % 8 == 0).
+# any addressing. Here a tile is NB images x RH output rows x G output columns x 8 channels (one 16-byte vector per
+# pixel), and its convolution is K (or 2K) tl.dot calls. Per kernel row kh, TMA boxes of the input rows
+# S * ho + kh - PAD hold, per output row, the S*(G - 1) + K input columns S * wo0 - PAD + j of its window (one box
+# of WA columns, or two of WA = S*G and W1 when one would be much wider than the window; hardware zero fill outside
+# the image: no masks, no address math per element). Reshaped to A [NB*RH, WA*8] (column (j, c')), a box meets
+# B_kh [WA*8, G*8], the block-diagonal Toeplitz weights: B[(j, c'), (i, c)] = w[c, kh, kw] if c' == c and
+# kw = j - S*i is a tap, else 0. fp32 accumulate (exact products: the weights are in x's dtype). Stride 2 reads the
+# input rows of one parity through a descriptor whose row stride is doubled (xa0/xb0: even rows, xa1/xb1: odd rows;
+# 2*W*C-element strides stay 16-byte multiples since C % 8 == 0). The loads are not pipelined (static kernel rows:
+# each box is issued and awaited in turn); a GPU measurement is owed.
 #
 # Non-finite inputs: B's zeros meet the other channels' and columns' x, and 0 * Inf = 0 * NaN = NaN, so one Inf/NaN
 # in x turns its whole group NaN where the reference keeps it to its own outputs. Every contaminated output is NaN,
@@ -1104,12 +1106,14 @@ def dwconv_bn_act_bwd_apply(
 # tap by tap in (kh, kw) order (``_fwd_dot_exact_tile``, out of line: ``noinline`` keeps it off the tile's
 # registers and the report's counted path); a genuine NaN output stays NaN there.
 #
-# Domain (``_dot_fwd_supported``): eval forward only (training applies with ``_fwd_kernel``, so the statistics,
-# the apply pass and the backward recompute the same z bit for bit), bf16/fp16 (the MMA's inputs; fp32 would need
-# TF32 and change its numerics), channels_last-contiguous x with C % 8 == 0 and 16-byte aligned x and y (TMA box
-# rows of 16 bytes), dilation 1, K - 1 < S*G + S (the window of G outputs fits two boxes), a GPU with TMA (sm_90+).
-# Elsewhere (sm_80, fp32, NCHW, dilation 2, odd C) ``_fwd_kernel`` runs. Triton 3.8's interpreter computes bf16
-# tl.dot wrongly (fp16 and fp32 agree with the reference): on CPU tensors under the interpreter only fp16 takes it.
+# Domain (``_dot_fwd_supported``): eval forward only (``dwconv_bn_act_fwd_eval``; the training forward applies with
+# ``_fwd_kernel``, so the statistics, the apply pass and the backward recompute the same z bit for bit),
+# bf16/fp16 (the MMA's inputs; fp32 would need TF32 and change its numerics), channels_last x with C % 8 == 0 and
+# 16-byte aligned x and y (TMA), dilation 1 (a dilated window is not a run of columns), at stride 2 H >= 2, grid
+# axes below 65536, a GPU with TMA (sm_90+; sm_80 would need a pointer-load A: see the session-7 prototype, whose
+# im2col addressing cost more than the FFMAs it removed). Elsewhere ``_fwd_kernel`` runs. Triton 3.8's interpreter
+# computes bf16 tl.dot wrongly (fp16 and fp32 agree with the reference): on CPU tensors under the interpreter only
+# fp16 takes this path, so the CPU tests check its math in fp16.
 @triton.jit(noinline=True)
 def _fwd_dot_exact_tile(
     x_ptr,  # x [N, C, H, W] channels_last
@@ -1320,18 +1324,25 @@ def _dot_weights(weight: torch.Tensor, k: int, stride: int, g: int, nj: int) -> 
 
 
 def _dot_fwd_supported(x: torch.Tensor, y: torch.Tensor, k: int, stride: int, dilation: int) -> bool:
-    """Whether the eval forward runs ``_fwd_dot_kernel`` (its domain: see the section's comment)."""
+    """Whether the eval forward runs ``_fwd_dot_kernel``: the domain in the section's comment, in order: the MMA's
+    dtypes; dilation 1; channels_last x of 16-byte pixels vectors (C % 8 == 0) and 16-byte aligned x and y (TMA);
+    at stride 2 at least 2 input rows (the odd-row descriptor); the grid's axes 1 and 2 (< 65536 blocks); a GPU with
+    TMA (sm_90+), or on CPU tensors the interpreter in fp16 (its bf16 tl.dot is wrong in Triton 3.8)."""
     n, c, h, w = x.shape
-    if x.dtype not in (torch.bfloat16, torch.float16) or dilation != 1 or c % 8:
+    ho, wo = y.shape[2:]
+    if x.dtype not in (torch.bfloat16, torch.float16) or dilation != 1:
         return False
-    if x.stride(1) != 1 or memory_format_of(x) != torch.channels_last:
+    if memory_format_of(x) != torch.channels_last or c % 8 or x.stride(0) % 8 or x.stride(2) % 8:
         return False
-    if x.data_ptr() % 16 or y.data_ptr() % 16:
+    if x.data_ptr() % 16 or y.data_ptr() % 16 or (stride == 2 and h < 2):
         return False
-    if x.device.type == "cpu":  # the interpreter (TRITON_INTERPRET=1): its bf16 tl.dot is wrong (Triton 3.8)
+    t = _dot_tile(n, ho, wo, k, stride)
+    if triton.cdiv(wo, t.g) >= 65536 or triton.cdiv(n, t.nb) * triton.cdiv(ho, t.rh) >= 65536:
+        return False
+    if x.device.type == "cpu":
         return interpreting() and x.dtype == torch.float16
-    index = x.device.index if x.device.type == "cuda" else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).major >= 9  # TMA
+    index = x.device.index if x.device.type == "cuda" else torch.cuda.current_device()  # meta tensors: the report
+    return torch.cuda.get_device_properties(index).major >= 9
 
 
 def _fwd_dot(x, weight, mean, invstd, gamma, beta, y, k: int, stride: int, act: str) -> None:
@@ -1340,7 +1351,7 @@ def _fwd_dot(x, weight, mean, invstd, gamma, beta, y, k: int, stride: int, act: 
     ho, wo = y.shape[2:]
     t = _dot_tile(n, ho, wo, k, stride)
     xv = x.permute(0, 2, 3, 1)  # [N, H, W, C], contiguous
-    rows = (xv, xv) if stride == 1 else (xv[:, 0::2], xv[:, 1::2] if h > 1 else xv[:, 0::2])  # even, odd rows
+    rows = (xv, xv) if stride == 1 else (xv[:, 0::2], xv[:, 1::2])  # stride 2: even, odd input rows
     descs = [TensorDescriptor.from_tensor(r, [t.nb, t.rh, width, 8]) for r in rows for width in (t.wa, t.w1 or t.wa)]
     y_desc = TensorDescriptor.from_tensor(y.permute(0, 2, 3, 1), [t.nb, t.rh, t.g, 8])
     num_hb = triton.cdiv(ho, t.rh)

@@ -13,6 +13,7 @@ from mnet_ext.triton_kernels.dwconv_bn_act import (
     dwconv_bn_act_bwd_apply,
     dwconv_bn_act_bwd_reduce,
     dwconv_bn_act_fwd,
+    dwconv_bn_act_fwd_eval,
     dwconv_bn_stats,
 )
 from mnet_ext.triton_kernels.squeeze_excite import se_bwd_apply, se_bwd_reduce, se_pool, se_scale
@@ -21,6 +22,7 @@ __all__ = [
     "dwconv_bn_act_bwd_apply",
     "dwconv_bn_act_bwd_reduce",
     "dwconv_bn_act_fwd",
+    "dwconv_bn_act_fwd_eval",
     "dwconv_bn_stats",
     "se_bwd_apply",
     "se_bwd_reduce",
