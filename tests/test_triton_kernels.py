@@ -232,6 +232,9 @@ def small_dot_tiles(monkeypatch):
     and images."""
     monkeypatch.setattr(tdw, "_DOT_MIN_M", 16)
     monkeypatch.setattr(tdw, "_DOT_OUTPUTS", 16 * 4 * 8)
+    tdw._dot_tile.cache_clear()  # tiles are cached per shape
+    yield
+    tdw._dot_tile.cache_clear()
 
 
 def _dot_spy(monkeypatch) -> list:

@@ -49,6 +49,7 @@ partial rows and the L2-resident slots are small and ignored):
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -1203,7 +1204,7 @@ def _fwd_dot_kernel(
     G: tl.constexpr,  # output columns per tile (the dot's N = G*8)
     WA: tl.constexpr,  # columns of the first box (>= S*G; all S*(G - 1) + K of the window when W1 = 0)
     W1: tl.constexpr,  # columns of the second box: the window's columns past WA (0: one box per kernel row)
-    NB: tl.constexpr,  # images per tile (> 1 only when RH covers the image)
+    NB: tl.constexpr,  # images per tile
     RH: tl.constexpr,  # output rows per tile
 ):
     """y = act((z - mean) * (gamma * invstd) + beta) of one tile [NB, RH, G] x 8 channels per program (channel block
@@ -1260,8 +1261,9 @@ def _fwd_dot_kernel(
 
 
 class _DotTile(NamedTuple):
-    """Tile of ``_fwd_dot_kernel``: NB images x RH output rows x G output columns (x 8 channels); per kernel row a
-    box of WA input columns and one of W1 (0: none)."""
+    """Tile of ``_fwd_dot_kernel``: the same RH output rows x G output columns (x 8 channels) of NB images (small
+    images: RH = 1 or 2 rows of many images waste no rows); per kernel row a box of WA input columns and one of W1
+    (0: none)."""
 
     g: int
     wa: int
@@ -1289,38 +1291,49 @@ def _dot_boxes(k: int, stride: int, g: int) -> tuple[int, int]:
     return (one, 0) if one <= stride * g + w1 + 4 else (stride * g, w1)
 
 
+@functools.lru_cache(maxsize=1024)
 def _dot_tile(n: int, ho: int, wo: int, k: int, stride: int) -> _DotTile:
     """The tile with the fewest instructions per useful output by a simple model: per computed output a cost that
     falls with the tile's outputs (1 + 2 * 8192 / outputs: the per-tile boxes and setup), times the computed
-    positions per useful one (tiles past the image). A function of the shape only."""
+    positions per useful one (tiles past the image); ties go to more rows of fewer images. A function of the shape
+    only."""
     best, best_key = None, None
     for g in (4, 8):
         for rh in (1, 2, 4, 8, 16, 32, 64, 128, 256):
             for nb in (1, 2, 4, 8, 16, 32, 64, 128, 256):
                 m = nb * rh
-                if (nb > 1 and rh < ho) or m < _DOT_MIN_M or m * g * 8 > _DOT_OUTPUTS:
+                if m < _DOT_MIN_M or m * g * 8 > _DOT_OUTPUTS:
                     continue
                 tiles = triton.cdiv(n, nb) * triton.cdiv(ho, rh) * triton.cdiv(wo, g)
                 waste = tiles * m * g / (n * ho * wo)
-                key = (round(waste * (1 + 2 * _DOT_OUTPUTS / (m * g * 8)), 4), -m * g)
+                key = (round(waste * (1 + 2 * _DOT_OUTPUTS / (m * g * 8)), 4), -m * g, -rh)  # ties: compact
                 if best_key is None or key < best_key:
                     best, best_key = _DotTile(g, *_dot_boxes(k, stride, g), nb, rh), key
     assert best is not None
     return best
 
 
+@functools.lru_cache(maxsize=64)
+def _dot_weight_index(k: int, stride: int, g: int, nj: int, device: torch.device) -> torch.Tensor:
+    """[K * NJ*8 * G*8] int64: for B[kh, (j, c'), (i, c)] the index of its weight in a channel block's flattened
+    [8 (c), K, K] weights, or 8*K*K (a zero appended after them) where c' != c or kw = j - S*i is not a tap."""
+    kh = torch.arange(k)[:, None, None, None, None]
+    j = torch.arange(nj)[None, :, None, None, None]
+    c_in = torch.arange(8)[None, None, :, None, None]
+    i = torch.arange(g)[None, None, None, :, None]
+    c = torch.arange(8)[None, None, None, None, :]
+    kw = j - stride * i
+    tap = (c_in == c) & (kw >= 0) & (kw < k)
+    return torch.where(tap, c * (k * k) + kh * k + kw, 8 * k * k).reshape(-1).to(device)
+
+
 def _dot_weights(weight: torch.Tensor, k: int, stride: int, g: int, nj: int) -> torch.Tensor:
     """B [C/8, K, NJ*8, G*8] in weight's dtype: B[cb, kh, (j, c'), (i, c)] = weight[cb*8 + c, 0, kh, kw] if c' == c
-    and kw = j - S*i is a tap (0 <= kw < K), else 0 (window column j: the first box's, then the second's). One
-    gather and one select: no host loop."""
+    and kw = j - S*i is a tap (0 <= kw < K), else 0 (window column j: the first box's, then the second's). Two
+    device ops per call (a zero appended per channel block, one gather by a cached index)."""
     c = weight.shape[0]
-    kw = torch.arange(nj, device=weight.device)[:, None] - stride * torch.arange(g, device=weight.device)[None, :]
-    tap = torch.where((kw >= 0) & (kw < k), kw, k)  # [NJ, G]; k: the zero column appended below
-    w = torch.cat((weight.reshape(c // 8, 8, k, k), weight.new_zeros((c // 8, 8, k, 1))), dim=3)
-    taps = w[:, :, :, tap]  # [C/8, 8 (c), K (kh), NJ, G]
-    diag = torch.eye(8, dtype=torch.bool, device=weight.device)[:, None, :]  # [c', 1 (i), c]
-    b = torch.where(diag, taps.permute(0, 2, 3, 4, 1)[:, :, :, None], 0.0)  # [C/8, K, NJ, c', G, c]
-    return b.reshape(c // 8, k, nj * 8, g * 8).contiguous()
+    w = torch.nn.functional.pad(weight.reshape(c // 8, 8 * k * k), (0, 1))
+    return w[:, _dot_weight_index(k, stride, g, nj, weight.device)].reshape(c // 8, k, nj * 8, g * 8)
 
 
 def _dot_fwd_supported(x: torch.Tensor, y: torch.Tensor, k: int, stride: int, dilation: int) -> bool:

@@ -1,6 +1,7 @@
 """The ``triton`` backend: the eight primitives of ``docs/op_contract.md`` as Triton kernels
 (``triton_kernels/``, installed as ``mnet_ext.triton_kernels``), for CUDA tensors, or CPU tensors under Triton's
-interpreter (TRITON_INTERPRET=1).
+interpreter (TRITON_INTERPRET=1); plus ``dwconv_bn_act_fwd_eval``, the eval op's forward (tensor cores where
+supported; the training forward keeps ``dwconv_bn_act_fwd``).
 
 Importing this module compiles nothing and touches no GPU; kernels are compiled on first call.
 """
