@@ -31,21 +31,27 @@ Per kernel instantiation and layer (``--json``: one record each; markdown: aggre
   the K - 1 kernel rows after the peeled row 0, the three phase loops of the CUDA backward apply (dz rows, dweight
   strips, dx pixels per thread and item), the two of the Triton one (dz chunks, dx chunks, each with its kernel-row
   loop). A kernel without a loop (Triton fwd: one tile per program) counts its entry-to-exit path over the outputs one
-  thread holds (BLOCK_P * BLOCK_C / threads). Through branches (``bench.sass``) the counted path visits every block
-  with a load or store on its way (all K*K taps, the store) and takes the cheaper side of a branch that only computes;
-  a subroutine call counts its callee's path, so an int64 division counts its inline 32-bit fast path, not the call of
-  the 64-bit routine. A rare path kept out of line (``__noinline__``, a separate function in the cubin) is off the
-  counted path: its call site holds no load or store, so its branch only computes; so is the tensor-core forward's
-  recompute of its NaN outputs (``mma_recompute_nan_outputs_cold``: only non-finite inputs take it), while the NaN
-  test that guards it (on the tile's stored outputs) stays counted. The activation counted is the layer's own
-  (``act`` in the record), in both backends: a Triton kernel is compiled for its activation; a CUDA kernel picks it
-  with a runtime switch, whose cheapest case (``none``) the path takes, so the forward's records add
-  ``act_sass_per_elem``, what the activation adds per output element, measured on a probe kernel that applies the
-  same code (``bench/act_cost.cu``, compiled with the same flags): ``act_fwd`` on fp32 for the kernels that round
-  after it (sm_90 relu 1, relu6 2, hardswish 2, silu ~30), ``act_pair`` on bf16 pairs for the tensor-core forward,
-  whose relu / relu6 run on the rounded pairs (``PAIR_ACT_KERNELS``: relu 0, relu6 0.5, hardswish 2.1). The CUDA
-  backward kernels still count ``none`` for their activation derivative. ``fma_per_output_elem`` and
-  ``gmem_per_output_elem`` (global load/store instructions) split the same count.
+  thread holds (BLOCK_P * BLOCK_C / threads); the Triton tensor-core eval forward ``_fwd_dot_kernel`` (bf16/fp16
+  channels_last, sm_90) over the layer's outputs per thread of all its programs (its tiles of NB x RH x G outputs past
+  the image count as waste), its TMA barrier waits' retry loops not taken. The training forward's apply pass is
+  recorded as role ``fwd_train`` where it runs another kernel than the eval forward (Triton bf16/fp16 channels_last:
+  ``_fwd_kernel``), and the eval budgets count role ``fwd`` only. Through branches (``bench.sass``) the counted path
+  visits every block with a load or store on its way (all K*K taps, the store) and takes the cheaper side of a branch
+  that only computes; a subroutine call counts its callee's path, so an int64 division counts its inline 32-bit fast
+  path, not the call of the 64-bit routine. A rare path kept out of line (``__noinline__``, a separate function in the
+  cubin) is off the counted path: its call site holds no load or store, so its branch only computes; so is the CUDA
+  tensor-core forward's recompute of its NaN outputs (``mma_recompute_nan_outputs_cold``: only non-finite inputs take
+  it), while the NaN test that guards it (on the tile's stored outputs) stays counted; likewise the Triton
+  ``_fwd_dot_kernel``'s exact recompute of a tile holding a NaN (``_fwd_dot_exact_tile``, ``noinline``), while its
+  NaN probe (a sum over the tile) is counted. The activation counted is the layer's own (``act`` in the record), in
+  both backends: a Triton kernel is compiled for its activation; a CUDA kernel picks it with a runtime switch, whose
+  cheapest case (``none``) the path takes, so the forward's records add ``act_sass_per_elem``, what the activation
+  adds per output element, measured on a probe kernel that applies the same code (``bench/act_cost.cu``, compiled
+  with the same flags): ``act_fwd`` on fp32 for the kernels that round after it (sm_90 relu 1, relu6 2, hardswish 2,
+  silu ~30), ``act_pair`` on bf16 pairs for the tensor-core forward, whose relu / relu6 run on the rounded pairs
+  (``PAIR_ACT_KERNELS``: relu 0, relu6 0.5, hardswish 2.1). The CUDA backward kernels still count ``none`` for their
+  activation derivative. ``fma_per_output_elem`` and ``gmem_per_output_elem`` (global load/store instructions) split
+  the same count.
 
   Checked by hand on the CUDA ``fwd_kernel<__nv_bfloat16, 3, 1, true, true, 14>`` (sm_90, nvcc 13.0) for
   dw_c144_56x56 at batch 256 (blocks of 18 lanes x 7 walkers, 8 strips of 14 outputs x 8 channels per thread):
@@ -119,7 +125,10 @@ class Role:
 
 ROLES: dict[str, Role] = {
     # dwconv_bn_act: iteration space = output elements
-    "fwd": Role("dwconv_bn_act_fwd", True, lambda r, es: es * (r + 1)),  # read x, write y
+    "fwd": Role("dwconv_bn_act_fwd", True, lambda r, es: es * (r + 1)),  # the eval forward: read x, write y
+    # the training forward's apply pass where it runs another kernel than the eval forward (Triton: the FFMA
+    # _fwd_kernel, whose z the statistics and the backward recompute, next to the tensor-core eval forward)
+    "fwd_train": Role("dwconv_bn_act_fwd", True, lambda r, es: es * (r + 1)),
     "stats": Role("dwconv_bn_stats", True, lambda r, es: es * r),  # read x
     "stats_combine": Role("dwconv_bn_stats", False),
     "bwd_reduce": Role("dwconv_bn_act_bwd_reduce", True, lambda r, es: es * (1 + r)),  # read dy, x
@@ -478,8 +487,17 @@ def _triton_apply_plan(v: dict[str, Any], threads: int) -> Plan:
     return Plan(threads, trips, outputs, nest=((t_dz, ((v["K"] - 1, ()),)), (t_dx, ((v["K"], ()),))))
 
 
+def _triton_dot_plan(v: dict[str, Any], threads: int) -> Plan:
+    """``_fwd_dot_kernel``: one tile of NB images x RH rows x G columns x 8 channels per program, its kernel rows
+    unrolled (the TMA barrier waits' retry loops are not taken on the counted path). The outputs per thread are the
+    layer's own over all programs' threads: positions of tiles past the image count as waste, not as outputs."""
+    programs = -(-v["Wo"] // v["G"]) * -(-v["N"] // v["NB"]) * v["num_hb"]
+    return Plan(threads, None, v["N"] * v["Ho"] * v["Wo"] * 8 / (programs * threads))
+
+
 TRITON_KERNELS: dict[str, TritonKernel] = {
     "_fwd_kernel": TritonKernel("fwd", rows=_conv_rows),
+    "_fwd_dot_kernel": TritonKernel("fwd", plan=_triton_dot_plan),
     "_stats_partial_kernel": TritonKernel("stats", lambda v: v["ITERS"], rows=_conv_rows),
     "_stats_combine_kernel": TritonKernel("stats_combine", hot=False),
     "_bwd_reduce_partial_kernel": TritonKernel("bwd_reduce", lambda v: v["ITERS"], rows=_conv_rows),
@@ -596,7 +614,8 @@ def launcher_calls(case: Case, batch: int) -> tuple[str, list[tuple[str, tuple]]
     v = torch.empty((s.c,), dtype=torch.float32, device="meta")
     geo = (cfg.stride, cfg.dilation)
     return "mnet_ext.triton_kernels.dwconv_bn_act", [
-        ("dwconv_bn_act_fwd", (x, w, v, v, v, v, *geo, cfg.act)),
+        ("dwconv_bn_act_fwd_eval", (x, w, v, v, v, v, *geo, cfg.act)),
+        ("dwconv_bn_act_fwd", (x, w, v, v, v, v, *geo, cfg.act)),  # the training apply pass
         ("dwconv_bn_stats", (x, w, *geo)),
         ("dwconv_bn_act_bwd_reduce", (gy, x, w, v, v, v, v, *geo, cfg.act)),
         ("dwconv_bn_act_bwd_apply", (gy, x, w, v, v, v, v, v, v, *geo, cfg.act)),
@@ -765,19 +784,29 @@ def cuda_records(jobs: list[dict], results: dict[str, dict], cases: list[Case], 
 
 def triton_records(launches: list[tuple[Case, int, kernel_builds.TritonLaunch]], results: dict[str, dict],
                    batch: int) -> list[dict]:
+    """One record per launch and compile job. A launch equal to an earlier one of its case (the training apply pass
+    where it runs the eval forward's kernel) is recorded once, under the earlier launcher."""
     records = []
+    seen = set()
     for case, arch, launch in launches:
+        same = (case, arch, launch.kernel, tuple(sorted(launch.values.items())))
+        if same in seen:
+            continue
+        seen.add(same)
         spec = TRITON_KERNELS.get(launch.kernel)
         v = launch.values
         role = "unknown" if spec is None else spec.role(v) if callable(spec.role) else spec.role
+        if role == "fwd" and launch.primitive == "dwconv_bn_act_fwd":
+            role = "fwd_train"
         for job in launch.jobs:
             threads = 32 * job["num_warps"]
             plan = None
-            if spec is not None and spec.hot and ("BLOCK_P" in v or "BLOCK_G" in v) and "BLOCK_C" in v:
+            if spec is not None and spec.hot and (spec.plan is not None or (
+                    ("BLOCK_P" in v or "BLOCK_G" in v) and "BLOCK_C" in v)):
                 plan = triton_plan(spec, v, threads, results[job["key"]].get("path"))
             extra = {"num_warps": job["num_warps"], "launcher": launch.primitive,
-                     "constexprs": {n: v[n] for n in ("BLOCK_P", "BLOCK_G", "OW", "ROWS", "BLOCK_C", "VEC", "ITERS")
-                                    if n in v}}
+                     "constexprs": {n: v[n] for n in ("BLOCK_P", "BLOCK_G", "OW", "ROWS", "BLOCK_C", "VEC", "ITERS",
+                                                      "G", "WA", "W1", "NB", "RH") if n in v}}
             records.append(make_record(arch, "triton", launch.kernel, role, case.dtype, case.layout, case.k, case,
                                        batch, results[job["key"]], plan, threads, extra))
     return records
@@ -788,7 +817,7 @@ _ROLE_ORDER = list(ROLES)
 # Kernels (roles) behind each mode of an op, for the planned-bytes table; "a|b": either role (backend-specific).
 MODE_ROLES = {
     ("dwconv_bn_act", "eval"): ["fwd"],
-    ("dwconv_bn_act", "train_fwd"): ["stats", "fwd"],
+    ("dwconv_bn_act", "train_fwd"): ["stats", "fwd_train|fwd"],
     ("dwconv_bn_act", "bwd"): ["bwd_reduce", "bwd_apply"],
     ("squeeze_excite", "eval"): ["se_pool", "se_scale|se_apply"],
     ("squeeze_excite", "bwd"): ["se_bwd_reduce", "se_bwd_apply|se_apply"],

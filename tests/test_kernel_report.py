@@ -29,12 +29,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DW_KERNELS = {
     "cuda": ("fwd_kernel", "fwd_band_kernel", "fwd_mma_kernel", "stats_partial_kernel", "stats_band_kernel",
              "bwd_reduce_partial_kernel", "bwd_apply_kernel"),
-    "triton": ("_fwd_kernel", "_stats_partial_kernel", "_bwd_reduce_partial_kernel", "_bwd_apply_kernel"),
+    "triton": ("_fwd_kernel", "_fwd_dot_kernel", "_stats_partial_kernel", "_bwd_reduce_partial_kernel",
+               "_bwd_apply_kernel"),
 }
 # CUDA kernels that serve one layout only: channels_last with 16-byte vectors (every MobileNet layer) runs the staged
 # band kernels; the strip kernels' channels_last variant left (C % V != 0) is not hot.
 CUDA_LAYOUTS = {"fwd_kernel": ("NCHW",), "stats_partial_kernel": ("NCHW",), "fwd_band_kernel": ("NHWC",),
-                "fwd_mma_kernel": ("NHWC",), "stats_band_kernel": ("NHWC",)}
+                "fwd_mma_kernel": ("NHWC",), "stats_band_kernel": ("NHWC",),
+                "_fwd_dot_kernel": ("NHWC",)}  # Triton's tensor-core eval forward: bf16/fp16 channels_last, sm_90
 # Kernels no --quick case (bf16) reaches: on sm_80+ the bf16/fp16 channels_last forward of every MobileNet layer runs
 # fwd_mma_kernel (stride 1 and 2); fwd_band_kernel serves fp32 there (gated by the exhaustive sweep).
 NOT_QUICK = {("cuda", "fwd_band_kernel")}
@@ -251,8 +253,8 @@ def test_quick_report_covers_every_kernel_with_sane_values(quick_records):
             assert 1 < r["sass_per_output_elem"] < 5000 and r["outputs_per_thread"] > 0, r
             assert 0 < r["gmem_per_output_elem"] < r["sass_per_output_elem"], r
             # the counted path walks every tap: at least K*K FMAs per output element (fwd_mma_kernel: its products
-            # are tensor-core HMMA, not FMA; the emulator tests check its taps)
-            if r["k"] and r["kernel"] != "fwd_mma_kernel":
+            # are tensor-core HMMA, not FMA; the emulator tests check its taps; _fwd_dot_kernel: HGMMA)
+            if r["k"] and r["kernel"] not in ("fwd_mma_kernel", "_fwd_dot_kernel"):
                 assert r["fma_per_output_elem"] >= min_taps(r) - 1e-6, r
             # stride 1 (bf16; fp32 dz: 2 units); the CUDA stride-2 case (x counts 4 per output): stats 4, fwd and
             # bwd_reduce 5, bwd_apply 9
@@ -300,6 +302,9 @@ TRITON_CI_CASES = [
     (120, 14, 14, 5, 1, 1, "hardswish", "fp16", "NHWC", 80),
     # and 2 x 7 at K = 3 on a 14-wide output (254 registers on sm_80)
     (672, 14, 14, 3, 1, 1, "hardswish", "fp16", "NHWC", 80),
+    # the tensor-core eval forward at stride 2 (the --quick report holds its stride-1 configs): one box per kernel
+    # row of 16 columns, the largest shared-memory tile
+    (672, 14, 14, 5, 2, 1, "hardswish", "bf16", "NHWC", 90),
 ]
 
 _TRITON_CASES_SCRIPT = """

@@ -211,6 +211,142 @@ def test_fwd_shared_rows(small_tiles, monkeypatch, k, act, dtype):
     assert torch.equal(got, tdw.dwconv_bn_act_fwd(*args))
 
 
+# Eval forward on the tensor cores (``_fwd_dot_kernel``). On CPU tensors the interpreter runs it in fp16 only
+# (Triton 3.8's interpreter computes bf16 tl.dot wrongly), and it runs the TMA boxes (tensor descriptors) as numpy
+# slices with zero fill: these tests check the kernel's math, tiling and dispatch, not the TMA hardware, nor the
+# wgmma fragment layouts; bf16 is covered by the dispatch tests here and, on a GPU, by the CUDA-marked test below.
+DOT_GEOMETRY = [
+    # k, stride, act, N, C, H, W
+    (3, 1, "relu6", 2, 16, 9, 11),
+    (3, 2, "relu", 3, 8, 10, 9),  # K = 3 at stride 2: two boxes per kernel row (WA = 8, W1 = 2)
+    (5, 1, "hardswish", 2, 16, 7, 6),
+    (5, 2, "silu", 2, 8, 9, 13),  # odd H at stride 2: the odd-row descriptor has one row fewer
+    (7, 1, "none", 1, 8, 8, 9),
+    (7, 2, "relu", 1, 8, 11, 10),
+]
+
+
+@pytest.fixture
+def small_dot_tiles(monkeypatch):
+    """Tiles of 16 output rows (the smallest tl.dot M) of 4 columns: tiny images span several tiles in rows, columns
+    and images."""
+    monkeypatch.setattr(tdw, "_DOT_MIN_M", 16)
+    monkeypatch.setattr(tdw, "_DOT_OUTPUTS", 16 * 4 * 8)
+    tdw._dot_tile.cache_clear()  # tiles are cached per shape
+    yield
+    tdw._dot_tile.cache_clear()
+
+
+def _dot_spy(monkeypatch) -> list:
+    """Records each call of the tensor-core forward's launcher."""
+    calls = []
+    real = tdw._fwd_dot
+    monkeypatch.setattr(tdw, "_fwd_dot", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+def _dot_case(monkeypatch, k, stride, act, n, c, h, w, poison=None):
+    """(got, want) of the eval forward in fp16 channels_last, after checking it took the tensor-core path."""
+    x, weight, _, v = _inputs(n, c, h, w, k, stride, 1, torch.float16, True)
+    if poison is not None:
+        x[n - 1, c // 2, h // 2, w // 2] = poison  # one value of one channel
+    args = (x, weight, v["mean"], v["invstd"], v["gamma"], v["beta"], stride, 1, act)
+    calls = _dot_spy(monkeypatch)
+    got = tdw.dwconv_bn_act_fwd_eval(*args)
+    assert len(calls) == (1 if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9 else 0)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    return got, ref.dwconv_bn_act_fwd(*args)
+
+
+@pytest.mark.parametrize("k, stride, act, n, c, h, w", DOT_GEOMETRY)
+@pytest.mark.parametrize("tiles", ["small", "default"])
+def test_fwd_dot_matches_reference(request, monkeypatch, tiles, k, stride, act, n, c, h, w):
+    """fp16 against the reference at fp16's rounding tolerance (fp32 accumulation of exact products; one rounding of
+    y): with small tiles every case spans several row or image blocks, column blocks and channel blocks, with
+    partial tiles at the bottom and right edges (TMA zero fill and clipped stores)."""
+    if tiles == "small":
+        request.getfixturevalue("small_dot_tiles")
+    ho, wo = ref.output_hw(h, w, k, stride, 1)
+    t = tdw._dot_tile(n, ho, wo, k, stride)
+    if tiles == "small":
+        assert t.nb * t.rh == 16 and (ho % t.rh or n % t.nb) and wo % t.g and wo > t.g, t
+        assert (t.w1 > 0) == (k == 3 and stride == 2), t  # both box layouts are covered
+    got, want = _dot_case(monkeypatch, k, stride, act, n, c, h, w)
+    assert_close_scaled(got, want, torch.float16, "fwd (tensor cores)")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's 0 * inf (interpreter)
+@pytest.mark.parametrize("poison", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("k, stride", [(3, 1), (3, 2), (5, 2)])
+def test_fwd_dot_non_finite_input_stays_in_its_channel(monkeypatch, small_dot_tiles, poison, k, stride):
+    """One Inf/-Inf/NaN in one channel: B's zeros times it make NaN across its 8-channel group; the NaN tile is
+    recomputed exactly, so y is non-finite exactly where the reference's is (with the same infinities) and equal
+    elsewhere. (Fails with the NaN probe disabled: the group's other channels come out NaN.)"""
+    got, want = _dot_case(monkeypatch, k, stride, "none", 2, 16, 9, 10, poison)
+    assert not torch.isfinite(want).all() and torch.isfinite(want[:, :8]).all()
+    assert_close_scaled(got, want, torch.float16, "fwd (tensor cores), non-finite input")
+
+
+def test_fwd_dot_dispatch(monkeypatch):
+    """Which eval forward runs: the tensor cores only for bf16/fp16 channels_last, C % 8 == 0, dilation 1, on an
+    sm_90+ GPU (meta tensors stand for its tensors, as in the static report); under the interpreter in fp16 only."""
+    import types
+
+    def supported(dtype=torch.bfloat16, c=16, h=9, w=9, k=3, stride=1, dilation=1, cl=True, major=9, device="meta"):
+        props = types.SimpleNamespace(major=major, minor=0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: props)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        x = torch.empty((2, c, h, w), dtype=dtype, device=device, memory_format=fmt)
+        y = torch.empty((2, c, *ref.output_hw(h, w, k, stride, dilation)), dtype=dtype, device=device,
+                        memory_format=fmt)
+        return tdw._dot_fwd_supported(x, y, k, stride, dilation)
+
+    assert supported() and supported(torch.float16, k=5, stride=2) and supported(k=7) and supported(major=10)
+    assert not supported(major=8)  # no TMA
+    assert not supported(torch.float32)  # would need TF32
+    assert not supported(cl=False) and not supported(c=12) and not supported(dilation=2)
+    assert not supported(stride=2, h=1)
+    assert supported(torch.float16, device="cpu") == (DEVICE == "cpu")  # the interpreter
+    assert not supported(torch.bfloat16, device="cpu")  # its bf16 tl.dot is wrong
+
+
+def test_fwd_dot_eval_only(monkeypatch):
+    """The eval op runs the tensor cores; the training forward applies with ``_fwd_kernel`` (its z is the one its
+    statistics and the backward recompute)."""
+    from mnet_ext.ops import dwconv_bn_act as dw_ops
+
+    x, weight, _, v = _inputs(2, 16, 6, 6, 3, 1, 1, torch.float16, True)
+    calls = _dot_spy(monkeypatch)
+    dw_ops.eval_forward(x, weight, v["mean"], v["invstd"], v["gamma"], v["beta"], 1, 1, "relu", "triton")
+    expected = 1 if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9 else 0
+    assert len(calls) == expected
+    dw_ops.train_forward(x, weight, v["gamma"], v["beta"], 1e-5, 1, 1, "relu", "triton")
+    assert len(calls) == expected
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tl.dot needs a GPU (the interpreter's is wrong)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fwd_dot_mobilenet_layers_gpu(monkeypatch, dtype):
+    """Every MobileNet depthwise layer shape (and K = 7 on the K = 5 shapes), at both strides, at the tiles the
+    launcher picks, against the reference; one Inf per layer for the NaN-tile recompute."""
+    from mnet_ext.layers import MODEL_BUILDERS, unique_layers
+
+    for cfg in unique_layers(tuple(MODEL_BUILDERS)):
+        if cfg.kind != "dwconv_bn_act":
+            continue
+        for k in {cfg.kernel_size, 7 if cfg.kernel_size == 5 else cfg.kernel_size}:
+            x, weight, _, v = _inputs(3, cfg.channels, cfg.height, cfg.width, k, cfg.stride, 1, dtype, True)
+            args = (x, weight, v["mean"], v["invstd"], v["gamma"], v["beta"], cfg.stride, 1, cfg.act)
+            want = ref.dwconv_bn_act_fwd(*args)
+            calls = _dot_spy(monkeypatch)
+            assert_close_scaled(tdw.dwconv_bn_act_fwd_eval(*args), want, dtype, f"{cfg.name} K={k}")
+            assert len(calls) == (torch.cuda.get_device_capability()[0] >= 9)
+            x[1, 3, cfg.height // 2, cfg.width // 2] = float("inf")
+            assert_close_scaled(tdw.dwconv_bn_act_fwd_eval(*args), ref.dwconv_bn_act_fwd(*args), dtype,
+                                f"{cfg.name} K={k} with an Inf")
+
+
 # Backward apply (``_bwd_apply_kernel``): bands of TB output rows whose dz is recomputed with HALO_LO/HALO_HI rows
 # around them. Each case has several bands per image (halo rows at the band borders, clipped at the image's top and
 # bottom), several bands per program (the slot rewritten per band; in the first case a tail band past the grid),

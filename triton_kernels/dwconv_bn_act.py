@@ -49,9 +49,13 @@ partial rows and the L2-resident slots are small and ignored):
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from mnet_ext.reference import memory_format_of, output_hw
 
@@ -1079,3 +1083,318 @@ def dwconv_bn_act_bwd_apply(
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     _sum_rows(dw_part[:, : c * k * k], dweight.view(-1))
     return dx, dweight
+
+
+# ----------------------------------------------------------------------------------------------
+# eval forward on the tensor cores (tl.dot, A loaded by TMA boxes): kernel, exact recompute, launcher
+# ----------------------------------------------------------------------------------------------
+# Why: with fp32 FFMAs the eval forward cannot reach issue 13's instruction budget (<= 20 SASS per output element at
+# K = 3, <= 36 at K = 5, bf16 channels_last, sm_90): the FFMA design's floors are K3 s2 19-23 and K5 36-40 before
+# any addressing. Here a tile is NB images x RH output rows x G output columns x 8 channels (one 16-byte vector per
+# pixel), and its convolution is K (or 2K) tl.dot calls. Per kernel row kh, TMA boxes of the input rows
+# S * ho + kh - PAD hold, per output row, the S*(G - 1) + K input columns S * wo0 - PAD + j of its window (one box
+# of WA columns, or two of WA = S*G and W1 when one would be much wider than the window; hardware zero fill outside
+# the image: no masks, no address math per element). Reshaped to A [NB*RH, WA*8] (column (j, c')), a box meets
+# B_kh [WA*8, G*8], the block-diagonal Toeplitz weights: B[(j, c'), (i, c)] = w[c, kh, kw] if c' == c and
+# kw = j - S*i is a tap, else 0. fp32 accumulate (exact products: the weights are in x's dtype). Stride 2 reads the
+# input rows of one parity through a descriptor whose row stride is doubled (xa0/xb0: even rows, xa1/xb1: odd rows;
+# 2*W*C-element strides stay 16-byte multiples since C % 8 == 0). The loads are not pipelined (static kernel rows:
+# each box is issued and awaited in turn); a GPU measurement is owed.
+#
+# Non-finite inputs: B's zeros meet the other channels' and columns' x, and 0 * Inf = 0 * NaN = NaN, so one Inf/NaN
+# in x turns its whole group NaN where the reference keeps it to its own outputs. Every contaminated output is NaN,
+# so a tile whose accumulators hold a NaN (one sum over the tile: ~1 FADD per output and a reduction) is recomputed
+# tap by tap in (kh, kw) order (``_fwd_dot_exact_tile``, out of line: ``noinline`` keeps it off the tile's
+# registers and the report's counted path); a genuine NaN output stays NaN there.
+#
+# Domain (``_dot_fwd_supported``): eval forward only (``dwconv_bn_act_fwd_eval``; the training forward applies with
+# ``_fwd_kernel``, so the statistics, the apply pass and the backward recompute the same z bit for bit),
+# bf16/fp16 (the MMA's inputs; fp32 would need TF32 and change its numerics), channels_last x with C % 8 == 0 and
+# 16-byte aligned x and y (TMA), dilation 1 (a dilated window is not a run of columns), at stride 2 H >= 2, grid
+# axes below 65536, a GPU with TMA (sm_90+; sm_80 would need a pointer-load A: see the session-7 prototype, whose
+# im2col addressing cost more than the FFMAs it removed). Elsewhere ``_fwd_kernel`` runs. Triton 3.8's interpreter
+# computes bf16 tl.dot wrongly (fp16 and fp32 agree with the reference): on CPU tensors under the interpreter only
+# fp16 takes this path, so the CPU tests check its math in fp16.
+@triton.jit(noinline=True)
+def _fwd_dot_exact_tile(
+    x_ptr,  # x [N, C, H, W] channels_last
+    w_ptr,  # weight [C, K*K], contiguous, x's dtype
+    mean_ptr,  # [C] fp32
+    invstd_ptr,  # [C] fp32
+    gamma_ptr,  # [C] fp32
+    beta_ptr,  # [C] fp32
+    y_ptr,  # out: y [N, C, Ho, Wo] channels_last
+    n0,  # the tile: first image, output row, output column, channel
+    ho0,
+    wo0,
+    c0,
+    N,
+    H,
+    W,
+    Ho,
+    Wo,
+    stride_xn,  # x strides in elements: image, row, column (channel stride 1)
+    stride_xh,
+    stride_xw,
+    stride_yn,  # y strides in elements
+    stride_yh,
+    stride_yw,
+    K: tl.constexpr,
+    STRIDE: tl.constexpr,
+    ACT: tl.constexpr,
+    NB: tl.constexpr,  # images per tile
+    RH: tl.constexpr,  # output rows per tile
+    CW: tl.constexpr,  # output columns per tile
+):
+    """y of the tile [NB, RH, CW] x 8 channels, each output's taps added in (kh, kw) order on the CUDA cores: the
+    rare path of a tile whose tensor-core result holds a NaN."""
+    PAD: tl.constexpr = (K - 1) // 2
+    p = tl.arange(0, NB * RH * CW)
+    nn = n0 + p // (RH * CW)
+    ho = ho0 + (p // CW) % RH
+    wo = wo0 + p % CW
+    c = c0 + tl.arange(0, 8)
+    ok = ((nn < N) & (ho < Ho) & (wo < Wo))[:, None]
+    x_img = x_ptr + nn.to(tl.int64)[:, None] * stride_xn + c[None, :]
+    acc = tl.zeros([NB * RH * CW, 8], dtype=tl.float32) - tl.load(mean_ptr + c)[None, :]
+    for kh in tl.range(K, loop_unroll_factor=1):  # rolled: a small out-of-line function
+        hi = ho * STRIDE + kh - PAD
+        for kw in tl.range(K, loop_unroll_factor=1):
+            wi = wo * STRIDE + kw - PAD
+            inside = ok & ((hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))[:, None]
+            xv = tl.load(x_img + (hi * stride_xh + wi * stride_xw)[:, None], mask=inside, other=0.0)
+            wv = tl.load(w_ptr + c * (K * K) + (kh * K + kw))
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    scale = tl.load(gamma_ptr + c) * tl.load(invstd_ptr + c)
+    y = act_fwd(acc * scale[None, :] + tl.load(beta_ptr + c)[None, :], ACT)
+    y_img = y_ptr + nn.to(tl.int64)[:, None] * stride_yn + c[None, :]
+    tl.store(y_img + (ho * stride_yh + wo * stride_yw)[:, None], y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _fwd_dot_kernel(
+    xa0_desc,  # TensorDescriptors of x as [N, H', W, C] (NHWC): stride 1: every input row (H' = H); stride 2: the
+    xb0_desc,  # even input rows (xa0, xb0) and the odd ones (xa1, xb1; H' = their count). Blocks: xa [NB, RH, WA, 8]
+    xa1_desc,  # (the first WA columns of each kernel row's window), xb [NB, RH, W1, 8] (the next W1; unused when
+    xb1_desc,  # W1 = 0); stride 1: xa1 = xa0, xb1 = xb0
+    y_desc,  # TensorDescriptor of y as [N, Ho, Wo, C], block [NB, RH, G, 8]
+    b_ptr,  # B [C/8, K, (WA + W1)*8, G*8], x's dtype, contiguous: the block-diagonal Toeplitz weights (_dot_weights)
+    mean_ptr,  # [C] fp32
+    invstd_ptr,  # [C] fp32
+    gamma_ptr,  # [C] fp32
+    beta_ptr,  # [C] fp32
+    x_ptr,  # x [N, C, H, W] channels_last, for the exact recompute
+    w_ptr,  # weight [C, K*K] contiguous, x's dtype, for the exact recompute
+    y_ptr,  # y [N, C, Ho, Wo] channels_last, for the exact recompute
+    N,
+    H,  # input height, width
+    W,
+    Ho,  # output height, width
+    Wo,
+    num_hb,  # row blocks: cdiv(Ho, RH) (the grid: channel block, column block, image block * num_hb + row block)
+    stride_xn,  # x strides in elements: image, row, column (the exact recompute's)
+    stride_xh,
+    stride_xw,
+    stride_yn,  # y strides in elements
+    stride_yh,
+    stride_yw,
+    K: tl.constexpr,  # kernel size
+    STRIDE: tl.constexpr,  # 1/2
+    ACT: tl.constexpr,  # activations.ACT_IDS
+    G: tl.constexpr,  # output columns per tile (the dot's N = G*8)
+    WA: tl.constexpr,  # columns of the first box (>= S*G; all S*(G - 1) + K of the window when W1 = 0)
+    W1: tl.constexpr,  # columns of the second box: the window's columns past WA (0: one box per kernel row)
+    NB: tl.constexpr,  # images per tile
+    RH: tl.constexpr,  # output rows per tile
+):
+    """y = act((z - mean) * (gamma * invstd) + beta) of one tile [NB, RH, G] x 8 channels per program (channel block
+    fastest, so the programs sharing a pixel's 32-byte sector run together). The accumulators start at zero (the
+    MMA's first product needs no initialised registers) and the epilogue folds -mean * scale into the bias."""
+    PAD: tl.constexpr = (K - 1) // 2
+    M: tl.constexpr = NB * RH
+    NJ: tl.constexpr = WA + W1
+    c0 = tl.program_id(0) * 8
+    wo0 = tl.program_id(1) * G
+    t = tl.program_id(2)
+    ho0 = (t % num_hb) * RH
+    n0 = (t // num_hb) * NB
+    q = tl.arange(0, G * 8)
+    cq = c0 + q % 8
+    acc = tl.zeros([M, G * 8], dtype=tl.float32)
+    ra = tl.arange(0, WA * 8)
+    b_kh = b_ptr + (c0 // 8) * (K * NJ * 8 * G * 8)
+    col = wo0 * STRIDE - PAD
+    for kh in tl.static_range(K):
+        # the descriptor pair and box row of input rows STRIDE * ho + kh - PAD
+        if STRIDE == 1:
+            row = ho0 + kh - PAD
+        elif (kh + PAD) % 2 == 0:
+            row = ho0 + (kh - PAD) // 2
+        else:
+            row = ho0 + (kh - PAD - 1) // 2
+        if STRIDE == 2 and (kh + PAD) % 2 == 1:
+            a0 = xa1_desc.load([n0, row, col, c0])
+        else:
+            a0 = xa0_desc.load([n0, row, col, c0])
+        b0 = tl.load(b_kh + kh * (NJ * 8 * G * 8) + ra[:, None] * (G * 8) + q[None, :])
+        acc = tl.dot(a0.reshape(M, WA * 8), b0, acc)
+        if W1 > 0:
+            if STRIDE == 2 and (kh + PAD) % 2 == 1:
+                a1 = xb1_desc.load([n0, row, col + WA, c0])
+            else:
+                a1 = xb0_desc.load([n0, row, col + WA, c0])
+            rb = tl.arange(0, W1 * 8)
+            b1 = tl.load(b_kh + kh * (NJ * 8 * G * 8) + (WA * 8 + rb[:, None]) * (G * 8) + q[None, :])
+            acc = tl.dot(a1.reshape(M, W1 * 8), b1, acc)
+    # a NaN anywhere in the tile (an Inf/NaN input spreads through B's zeros): recompute it exactly, out of line
+    nan_probe = tl.sum(tl.sum(acc, axis=1), axis=0)
+    if nan_probe != nan_probe:
+        _fwd_dot_exact_tile(
+            x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, y_ptr, n0, ho0, wo0, c0, N, H, W, Ho, Wo,
+            stride_xn, stride_xh, stride_xw, stride_yn, stride_yh, stride_yw, K, STRIDE, ACT, NB, RH, G,
+        )  # fmt: skip
+    else:
+        scale = tl.load(gamma_ptr + cq) * tl.load(invstd_ptr + cq)
+        bias = tl.load(beta_ptr + cq) - tl.load(mean_ptr + cq) * scale
+        y = act_fwd(acc * scale[None, :] + bias[None, :], ACT)
+        y_desc.store([n0, ho0, wo0, c0], y.to(y_ptr.dtype.element_ty).reshape(NB, RH, G, 8))
+
+
+class _DotTile(NamedTuple):
+    """Tile of ``_fwd_dot_kernel``: the same RH output rows x G output columns (x 8 channels) of NB images (small
+    images: RH = 1 or 2 rows of many images waste no rows); per kernel row a box of WA input columns and one of W1
+    (0: none)."""
+
+    g: int
+    wa: int
+    w1: int
+    nb: int
+    rh: int
+
+
+# Output rows of a tile (the dot's M): 4 warps issue wgmma on M = 64 rows at a time. Larger tiles amortise the ~25
+# instructions each TMA box costs (issue, barrier wait) and the per-tile setup over more outputs; 64 accumulators
+# per thread (M * G * 8 = 8192 outputs) keep the registers below 255.
+_DOT_MIN_M = 64
+_DOT_OUTPUTS = 8192
+_DOT_NUM_WARPS = 4
+
+
+def _dot_boxes(k: int, stride: int, g: int) -> tuple[int, int]:
+    """(WA, W1): the box widths covering the S*(G - 1) + K input columns of a kernel row's window, each a power of
+    two >= 2 (the dot's K dimension a multiple of 16). One box of the whole window when it is at most 4 columns
+    wider than the two boxes S*G + W1 (each box costs ~25 instructions of TMA issue and barrier waits; each extra
+    column of a box 1/2 HGMMA and ~1 LDSM per 64 rows), else those two."""
+    window = stride * (g - 1) + k
+    one = triton.next_power_of_2(window)
+    w1 = max(2, triton.next_power_of_2(window - stride * g))
+    return (one, 0) if one <= stride * g + w1 + 4 else (stride * g, w1)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dot_tile(n: int, ho: int, wo: int, k: int, stride: int) -> _DotTile:
+    """The tile with the fewest instructions per useful output by a simple model: per computed output a cost that
+    falls with the tile's outputs (1 + 2 * 8192 / outputs: the per-tile boxes and setup), times the computed
+    positions per useful one (tiles past the image); ties go to more rows of fewer images. A function of the shape
+    only."""
+    best, best_key = None, None
+    for g in (4, 8):
+        for rh in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            for nb in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+                m = nb * rh
+                if m < _DOT_MIN_M or m * g * 8 > _DOT_OUTPUTS:
+                    continue
+                tiles = triton.cdiv(n, nb) * triton.cdiv(ho, rh) * triton.cdiv(wo, g)
+                waste = tiles * m * g / (n * ho * wo)
+                key = (round(waste * (1 + 2 * _DOT_OUTPUTS / (m * g * 8)), 4), -m * g, -rh)  # ties: compact
+                if best_key is None or key < best_key:
+                    best, best_key = _DotTile(g, *_dot_boxes(k, stride, g), nb, rh), key
+    assert best is not None
+    return best
+
+
+@functools.lru_cache(maxsize=64)
+def _dot_weight_index(k: int, stride: int, g: int, nj: int, device: torch.device) -> torch.Tensor:
+    """[K * NJ*8 * G*8] int64: for B[kh, (j, c'), (i, c)] the index of its weight in a channel block's flattened
+    [8 (c), K, K] weights, or 8*K*K (a zero appended after them) where c' != c or kw = j - S*i is not a tap."""
+    kh = torch.arange(k)[:, None, None, None, None]
+    j = torch.arange(nj)[None, :, None, None, None]
+    c_in = torch.arange(8)[None, None, :, None, None]
+    i = torch.arange(g)[None, None, None, :, None]
+    c = torch.arange(8)[None, None, None, None, :]
+    kw = j - stride * i
+    tap = (c_in == c) & (kw >= 0) & (kw < k)
+    return torch.where(tap, c * (k * k) + kh * k + kw, 8 * k * k).reshape(-1).to(device)
+
+
+def _dot_weights(weight: torch.Tensor, k: int, stride: int, g: int, nj: int) -> torch.Tensor:
+    """B [C/8, K, NJ*8, G*8] in weight's dtype: B[cb, kh, (j, c'), (i, c)] = weight[cb*8 + c, 0, kh, kw] if c' == c
+    and kw = j - S*i is a tap (0 <= kw < K), else 0 (window column j: the first box's, then the second's). Two
+    device ops per call (a zero appended per channel block, one gather by a cached index)."""
+    c = weight.shape[0]
+    w = torch.nn.functional.pad(weight.reshape(c // 8, 8 * k * k), (0, 1))
+    return w[:, _dot_weight_index(k, stride, g, nj, weight.device)].reshape(c // 8, k, nj * 8, g * 8)
+
+
+def _dot_fwd_supported(x: torch.Tensor, y: torch.Tensor, k: int, stride: int, dilation: int) -> bool:
+    """Whether the eval forward runs ``_fwd_dot_kernel``: the domain in the section's comment, in order: the MMA's
+    dtypes; dilation 1; channels_last x of 16-byte pixels vectors (C % 8 == 0) and 16-byte aligned x and y (TMA);
+    at stride 2 at least 2 input rows (the odd-row descriptor); the grid's axes 1 and 2 (< 65536 blocks); a GPU with
+    TMA (sm_90+), or on CPU tensors the interpreter in fp16 (its bf16 tl.dot is wrong in Triton 3.8)."""
+    n, c, h, w = x.shape
+    ho, wo = y.shape[2:]
+    if x.dtype not in (torch.bfloat16, torch.float16) or dilation != 1:
+        return False
+    if memory_format_of(x) != torch.channels_last or c % 8 or x.stride(0) % 8 or x.stride(2) % 8:
+        return False
+    if x.data_ptr() % 16 or y.data_ptr() % 16 or (stride == 2 and h < 2):
+        return False
+    t = _dot_tile(n, ho, wo, k, stride)
+    if triton.cdiv(wo, t.g) >= 65536 or triton.cdiv(n, t.nb) * triton.cdiv(ho, t.rh) >= 65536:
+        return False
+    if x.device.type == "cpu":
+        return interpreting() and x.dtype == torch.float16
+    index = x.device.index if x.device.type == "cuda" else torch.cuda.current_device()  # meta tensors: the report
+    return torch.cuda.get_device_properties(index).major >= 9
+
+
+def _fwd_dot(x, weight, mean, invstd, gamma, beta, y, k: int, stride: int, act: str) -> None:
+    """y <- the eval forward by ``_fwd_dot_kernel`` (x and y channels_last, see ``_dot_fwd_supported``)."""
+    n, c, h, w = x.shape
+    ho, wo = y.shape[2:]
+    t = _dot_tile(n, ho, wo, k, stride)
+    xv = x.permute(0, 2, 3, 1)  # [N, H, W, C], contiguous
+    rows = (xv, xv) if stride == 1 else (xv[:, 0::2], xv[:, 1::2])  # stride 2: even, odd input rows
+    descs = [TensorDescriptor.from_tensor(r, [t.nb, t.rh, width, 8]) for r in rows for width in (t.wa, t.w1 or t.wa)]
+    y_desc = TensorDescriptor.from_tensor(y.permute(0, 2, 3, 1), [t.nb, t.rh, t.g, 8])
+    num_hb = triton.cdiv(ho, t.rh)
+    _fwd_dot_kernel[(c // 8, triton.cdiv(wo, t.g), triton.cdiv(n, t.nb) * num_hb)](
+        *descs, y_desc, _dot_weights(weight, k, stride, t.g, t.wa + t.w1), mean, invstd, gamma, beta, x,
+        weight.reshape(c, k * k), y, n, h, w, ho, wo, num_hb, x.stride(0), x.stride(2), x.stride(3),
+        y.stride(0), y.stride(2), y.stride(3),
+        K=k, STRIDE=stride, ACT=act_id(act), G=t.g, WA=t.wa, W1=t.w1, NB=t.nb, RH=t.rh, num_warps=_DOT_NUM_WARPS,
+    )  # fmt: skip
+
+
+@on_tensor_device
+def dwconv_bn_act_fwd_eval(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    stride: int,
+    dilation: int,
+    act: str,
+) -> torch.Tensor:
+    """``dwconv_bn_act_fwd`` for the eval forward (running statistics): on the tensor cores where
+    ``_dot_fwd_supported``, else ``dwconv_bn_act_fwd``. The training forward calls ``dwconv_bn_act_fwd`` itself, so
+    its z is the statistics' and the backward's z bit for bit."""
+    k = _check(x, weight, stride, dilation, (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)))
+    n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
+    y = _new_like(x, (n, c, ho, wo))
+    if not _dot_fwd_supported(x, y, k, stride, dilation):
+        return dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
+    _fwd_dot(x, weight, mean, invstd, gamma, beta, y, k, stride, act)
+    return y

@@ -1,6 +1,7 @@
 """The ``triton`` backend: the eight primitives of ``docs/op_contract.md`` as Triton kernels
 (``triton_kernels/``, installed as ``mnet_ext.triton_kernels``), for CUDA tensors, or CPU tensors under Triton's
-interpreter (TRITON_INTERPRET=1).
+interpreter (TRITON_INTERPRET=1); plus ``dwconv_bn_act_fwd_eval``, the eval op's forward (tensor cores where
+supported; the training forward keeps ``dwconv_bn_act_fwd``).
 
 Importing this module compiles nothing and touches no GPU; kernels are compiled on first call.
 """
@@ -13,6 +14,7 @@ from mnet_ext.triton_kernels.dwconv_bn_act import (
     dwconv_bn_act_bwd_apply,
     dwconv_bn_act_bwd_reduce,
     dwconv_bn_act_fwd,
+    dwconv_bn_act_fwd_eval,
     dwconv_bn_stats,
 )
 from mnet_ext.triton_kernels.squeeze_excite import se_bwd_apply, se_bwd_reduce, se_pool, se_scale
@@ -21,6 +23,7 @@ __all__ = [
     "dwconv_bn_act_bwd_apply",
     "dwconv_bn_act_bwd_reduce",
     "dwconv_bn_act_fwd",
+    "dwconv_bn_act_fwd_eval",
     "dwconv_bn_stats",
     "se_bwd_apply",
     "se_bwd_reduce",

@@ -57,8 +57,11 @@ def eval_forward(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, gamma:
     if x.numel() == 0:
         return _like_output(x, weight, stride, dilation)
     impl, weight = load(backend), weight.contiguous()
+    # a backend may run its eval forward differently from the training apply pass (Triton: tensor cores, while the
+    # training forward keeps the z its statistics and backward recompute): then it exposes dwconv_bn_act_fwd_eval
+    fwd = getattr(impl, "dwconv_bn_act_fwd_eval", impl.dwconv_bn_act_fwd)
     with autocast_off(x):
-        return impl.dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
+        return fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
 
 
 @torch.library.custom_op("mnet_ext::dwconv_bn_act_train", mutates_args=())
