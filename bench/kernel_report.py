@@ -236,12 +236,15 @@ def _bwd_apply_plan(s: Shape, t: dict[str, Any]) -> Plan:
     halo = ((k - 1) + stride - 1) // stride + 1
     vectors = -(-s.c // tp.v)
     budget = _SMEM_TWO_BLOCKS // 4  # floats; tile.h: kSmemTwoBlocks, apply_tile_budget
+
+    def band_rows(lanes: int) -> int:  # tile.h: apply_band_rows
+        return (budget - _apply_fixed_floats(k, tp.v, lanes)) // (s.wo * lanes * tp.v) - halo
+
     lanes = 8
-    while lanes > 1 and (lanes > vectors or (8 + halo) * s.wo * lanes * tp.v > budget - _apply_fixed_floats(
-            k, tp.v, lanes)):
+    while lanes > 1 and (lanes > vectors or band_rows(lanes) < min(s.ho, 16)):  # tile.h: kApplyMinRows
         lanes //= 2
     cb, groups = lanes * tp.v, -(-vectors // lanes)
-    rows = min(max((budget - _apply_fixed_floats(k, tp.v, lanes)) // (s.wo * cb) - halo, 1), s.ho)
+    rows = min(max(band_rows(lanes), 1), s.ho)
     bands = -(-s.ho // rows)
     nchunks = min(s.n * bands, -(-1024 // groups), 512)
     per_row = -(-s.wo // tp.tw)

@@ -754,8 +754,12 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
 #pragma unroll 1
     for (int i = threadIdx.x; i < KK * cb; i += blockDim.x) {
       float s = 0.0f;
-#pragma unroll 1  // one loop (no unrolled copy and remainder): the report's plan mirrors it
-      for (int w = 0; w < walkers3; ++w) s += dzt[(int64_t)w * KK * cb + i];
+      int w = 0;
+      // One loop, no unrolled copy, and a do-while (walkers3 >= 1: check_bands) so that nvcc adds no zero-trip
+      // version of the outer loop: the report's plan mirrors a single loop.
+#pragma unroll 1
+      do s += dzt[(int64_t)w * KK * cb + i];
+      while (++w < walkers3);
       dwb[i] += s;
     }
     __syncthreads();  // the next item overwrites the tile

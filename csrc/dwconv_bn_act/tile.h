@@ -416,6 +416,13 @@ struct BandPlan {
   MNET_HD int64_t smem_floats(int k) const { return tile_floats + apply_fixed_floats(k, V, lanes); }
 };
 
+// Owned output rows a band should hold (band_plan's lanes), and how many a band of `lanes` channel vectors holds
+// within the tile's budget (< 1: not even one).
+constexpr int kApplyMinRows = 16;
+MNET_HD int64_t apply_band_rows(const DwParams& p, int halo, int V, int lanes) {
+  return apply_tile_budget(p.k, V, lanes) / (p.Wo * lanes * V) - halo;
+}
+
 // Blocks the backward apply aims at along (image, band) items and channel groups (a few waves of 2 blocks per SM).
 // The CUDA emulator's build lowers it (tests/cuda_emu/build.py) so that its small shapes walk several items per block.
 #ifndef MNET_APPLY_MIN_BLOCKS
@@ -431,15 +438,15 @@ MNET_HD BandPlan band_plan(const DwParams& p, int elem_size) {
   b.w = fast_div((uint32_t)p.W);
   const int64_t vectors = (p.C + b.V - 1) / b.V;
   const int halo = band_dz_rows(0, p.k, p.stride, p.dilation);
-  // Wide images: fewer lanes so that a band still holds >= 8 owned rows (less halo recomputed).
+  // Wide images: fewer lanes so that a band still holds kApplyMinRows owned rows, or the whole image (the halo
+  // rows recomputed per band stay a small part: at most ~20 % at K = 3).
+  const int64_t min_rows = p.Ho < kApplyMinRows ? p.Ho : kApplyMinRows;
   int lanes = 8;
-  while (lanes > 1 &&
-         (lanes > vectors || (int64_t)(8 + halo) * p.Wo * lanes * b.V > apply_tile_budget(p.k, b.V, lanes)))
-    lanes >>= 1;
+  while (lanes > 1 && (lanes > vectors || apply_band_rows(p, halo, b.V, lanes) < min_rows)) lanes >>= 1;
   b.lanes = lanes;
   b.cb = lanes * b.V;
   b.groups = (vectors + lanes - 1) / lanes;
-  int64_t rows = apply_tile_budget(p.k, b.V, lanes) / (p.Wo * b.cb) - halo;
+  int64_t rows = apply_band_rows(p, halo, b.V, lanes);
   rows = rows < 1 ? 1 : (rows > p.Ho ? p.Ho : rows);
   b.rows = (int)rows;
   b.bands = (p.Ho + rows - 1) / rows;
