@@ -138,14 +138,15 @@ void check_band_plan(const DwParams& p, const BandTilePlan& b, int64_t stage_bud
     if (counts[i] != 1) plan_error("band tiles compute an output " + std::to_string(counts[i]) + " times");
 }
 
-// The forward's plan and the stats' (fewer rows per tile where its budget is smaller: tile.h band_stage_budget).
+// The forward's plan and the stats' (fewer rows per tile where their budget is smaller: tile.h band_stage_budget).
 void check_band_tiles(const DwParams& p, int elem_size) {
   const BandTilePlan b = band_tile_plan(p, elem_size, false);
   const BandTilePlan br = band_tile_plan(p, elem_size, true);
   if (br.pitch != b.pitch || br.whole != b.whole || br.TW != b.TW || br.lanes != b.lanes || br.R > b.R)
     plan_error("the staged kernels' plans differ beyond the stats' rows per tile");
   check_band_plan(p, b, band_stage_budget(false, p.k, b.V, b.lanes));
-  check_band_plan(p, br, band_stage_budget(true, p.k, br.V, br.lanes));
+  // the stats' block (band, weights, Welford tree) within kSmemTwoBlocks: two blocks per SM on sm_80
+  check_band_plan(p, br, kSmemTwoBlocks - (int64_t)weight_lane_floats(p.k, br.V) * br.lanes * 4 - kBandTreeBytes);
 }
 
 // Adds to counts ([N, C, Ho, Wo]) the (strip, lane) work items of plan t that write each output; checks the
