@@ -162,6 +162,7 @@ class Plan:
 # Mirrors of the launch geometry in csrc/dwconv_bn_act/tile.h (tile_plan, reduction_chunks), kernels.cuh
 # (kThreads, fwd_blocks) and csrc/squeeze_excite/se.cu: keep in step with them.
 _KTHREADS = 256
+_SMEM_TWO_BLOCKS = 81 * 1024  # tile.h: kSmemTwoBlocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,18 +235,29 @@ def _band_rows(s: Shape, stride: int, k: int, band: int, rows: int) -> tuple[int
     return ob0, ob1, ib0, ib1, min(r0, ob0), min(max(r1, ob1), s.ho)
 
 
+def _apply_fixed_floats(k: int, v: int, lanes: int) -> int:
+    """tile.h: apply_fixed_floats (the block's dweight sums, the weights, 6 per-channel rows)."""
+    return k * k * lanes * v + lanes * _weight_lane_floats(k, v) + 6 * lanes * v
+
+
 def _bwd_apply_plan(s: Shape, t: dict[str, Any]) -> Plan:
     """tile.h: band_plan and kernels.cuh: bwd_apply_kernel. Per thread and (image, band) item: the dz loop over
-    (dz row, strip, lane) items / 256 (each with the K-row conv loop), the dweight loop over owned strips / walkers
-    (threads = lanes x K x walkers), the dx loop over (input pixel, lane) items / 256."""
+    (dz row, strip, lane) items / 256 (each with the K-row conv loop), the dx loop over (input pixel, lane) items /
+    256, the dweight loop over owned strips / walkers (threads = lanes x K x walkers), the loop adding the walkers'
+    dweight sums ((tap, channel) entries / 256, each over the walkers)."""
     k, stride, tp = t["K"], 2 if t["J"] == 2 else 1, tile_plan(s, t, strips=False)
     halo = ((k - 1) + stride - 1) // stride + 1
     vectors = -(-s.c // tp.v)
+    budget = _SMEM_TWO_BLOCKS // 4  # floats; tile.h: kSmemTwoBlocks, apply_tile_budget
+
+    def band_rows(lanes: int) -> int:  # tile.h: apply_band_rows
+        return (budget - _apply_fixed_floats(k, tp.v, lanes)) // (s.wo * lanes * tp.v) - halo
+
     lanes = 8
-    while lanes > 1 and (lanes > vectors or (8 + halo) * s.wo * lanes * tp.v * 4 > 64 * 1024):
+    while lanes > 1 and (lanes > vectors or band_rows(lanes) < min(s.ho, 16)):  # tile.h: kApplyMinRows
         lanes //= 2
     cb, groups = lanes * tp.v, -(-vectors // lanes)
-    rows = min(max(64 * 1024 // (s.wo * cb * 4) - halo, 1), s.ho)
+    rows = min(max(band_rows(lanes), 1), s.ho)
     bands = -(-s.ho // rows)
     nchunks = min(s.n * bands, -(-1024 // groups), 512)
     per_row = -(-s.wo // tp.tw)
@@ -257,11 +269,14 @@ def _bwd_apply_plan(s: Shape, t: dict[str, Any]) -> Plan:
         t3 += (ob1 - ob0) * per_row / walkers3 / bands
         t2 += (ib1 - ib0) * s.w * lanes / _KTHREADS / bands
         outputs += (ob1 - ob0) * s.wo * cb / _KTHREADS / bands
-    smem = ((rows + halo) * s.wo * cb + _KTHREADS * k * tp.v + lanes * _weight_lane_floats(k, tp.v) + 6 * cb) * 4
+    tile = max((rows + halo) * s.wo * cb, walkers3 * k * k * cb)
+    smem = (tile + _apply_fixed_floats(k, tp.v, lanes)) * 4
     # nvcc versions the NCHW dweight loop into two copies of which one runs: the second counts 0 trips.
     dweight = ((t3, ()),) if t["CL"] else ((t3, ()), (0.0, ()))
+    combine = (k * k * cb / _KTHREADS, ((walkers3, ()),))
     # conv_strip peels kernel row 0: its row loop runs K - 1 times per dz strip.
-    return Plan(_KTHREADS, s.n * bands / nchunks, outputs, smem, None, ((t1, ((k - 1, ()),)), *dweight, (t2, ())))
+    return Plan(_KTHREADS, s.n * bands / nchunks, outputs, smem, None,
+                ((t1, ((k - 1, ()),)), (t2, ()), *dweight, combine))
 
 
 def _se_plan(s: Shape, t: dict[str, Any], per_walker: int | None) -> Plan:
@@ -287,6 +302,7 @@ def _strip_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, 
 
 # tile.h: band_tile_plan (staged band tiles: channels_last, 16-byte vectors), kernels.cuh: band_smem_bytes
 _BAND_LANE_SLOTS, _BAND_ROWS_MAX, _BAND_STAGE_BYTES = 8, 16, 84 * 1024
+_BAND_TREE_BYTES = 12 * _BAND_LANE_SLOTS * _BAND_ROWS_MAX  # tile.h: kBandTreeBytes
 
 
 def band_whole(s: Shape, stride: int, tw: int) -> bool:
@@ -310,7 +326,10 @@ def _band_plan(reduction: bool, param_rows: int) -> Callable[[Shape, dict[str, A
         most = _BAND_ROWS_MAX if stride == 1 else _BAND_ROWS_MAX // 2
         bands = -(-s.ho // most)
         rows = -(-s.ho // bands)
-        while rows > 1 and ((rows - 1) * stride + k) * pitch * 16 > _BAND_STAGE_BYTES:
+        budget = _BAND_STAGE_BYTES  # tile.h: band_stage_budget (the stats' blocks: two per SM on sm_80)
+        if reduction:
+            budget = min(budget, _SMEM_TWO_BLOCKS - _weight_lane_floats(k, v) * lanes * 4 - _BAND_TREE_BYTES)
+        while rows > 1 and ((rows - 1) * stride + k) * pitch * 16 > budget:
             bands += 1
             rows = -(-s.ho // bands)
         bands = -(-s.ho // rows)

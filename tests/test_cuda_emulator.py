@@ -179,6 +179,9 @@ CASES = [
     ((2, 5, 9, 8), 5, 1, 2, BF16, "nchw"),  # NCHW, odd C, dilation 2
     ((1, 64, 14, 14), 3, 1, 1, BF16, "nhwc"),  # MobileNet-like: 14x14, 8 channel vectors
     ((1, 32, 28, 28), 3, 2, 1, BF16, "nhwc"),  # MobileNet-like: 28x28 -> 14x14 at stride 2
+    # K 7: the backward apply in 2 bands of 8 rows x 2 images, 2 items per block (the block's dweight sums across
+    # items); the stats in tiles of 8 rows where the forward takes 16 (tile.h: band_stage_budget)
+    ((2, 64, 16, 14), 7, 1, 1, BF16, "nhwc"),
 ]
 
 

@@ -46,12 +46,12 @@ QUICK_DW = (("NHWC", 3), ("NHWC", 5), ("NCHW", 3))  # kernel_report.quick_cases
 # sm_90, bf16, every MobileNet layer, K = 7 on the K = 5 shapes; whether the --quick subset spills too). Measured
 # 2026-11-30 with nvcc 13.0 and Triton 3.8.0 (bench/results/static/kernel_report.md); CUDA entries after the issue 12
 # strip rework (session 4), from ptxas -v of every dtype at sm_90 (the FULL channels_last path the MobileNet layers
-# take; stats and bwd_reduce no longer spill in any dtype). sm_80
+# take; stats and bwd_reduce no longer spill in any dtype; bwd_apply since session 8, when its dweight pass came
+# after dx: K = 7 at 128 registers, clean in every dtype on sm_90 and sm_80 by ptxas -v). sm_80
 # is not in the table: the exhaustive sweep has not been run in full (hours on 2 cores). Triton: the group tiles of
 # issue 13 ended every other spill (bench/results/static/triton_report.md, sm_90 bf16, every layer; sm_80,
 # fp16/fp32, K = 7, dilation 2 on a few layers: test_triton_compiles_without_spill_sm80_k7_dilation2).
 KNOWN_SPILLS: dict[tuple[str, str, str, int | None], tuple[str, bool]] = {
-    ("cuda", "bwd_apply_kernel", "NHWC", 7): ("bf16 12 B, fp16 12 B (1 block per SM)", False),
     # sm_90 bf16 clean since dw_tile's one-warp rule for 128-channel reduction tiles (stats: fp32 and sm_80 bf16
     # clean too); bwd_reduce still spills in fp32 on sm_90 (stride-2 layers)
     ("triton", "_bwd_reduce_partial_kernel", "NHWC", 3): ("fp32 48 B at 168 registers: 4 stride-2 layers (sm_90 "

@@ -16,7 +16,7 @@ void dw_bwd_apply_launch(const DwParams& p, cudaStream_t s) {
   dev::check_strides(p, b.TW);
   if (b.groups > 65535)
     throw std::runtime_error("mnet_ext: too many channels for the CUDA backward (more than 65535 channel groups)");
-  const size_t smem = (size_t)dev::bwd_apply_smem_floats(p, b) * sizeof(float);
+  const size_t smem = (size_t)b.smem_floats(p.k) * sizeof(float);  // kSmemTwoBlocks unless rows of 1 exceed it
   if (smem > 227 * 1024)
     throw std::runtime_error("mnet_ext: the image is too wide for the CUDA backward (a band of dz rows needs " +
                              std::to_string(smem) + " bytes of shared memory, at most 232448)");

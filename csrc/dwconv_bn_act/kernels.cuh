@@ -36,10 +36,7 @@ namespace mnet {
 namespace dev {
 
 
-// Weights in shared memory, per lane: [K*K][V] fp32 taps, so a lane reads every tap off one base address
-// (compile-time offsets), plus 4 floats of padding where K*K*V is a multiple of 8: the 16-byte loads of 8
-// consecutive lanes then start 12 or 28 words apart (mod 32) and fall in distinct banks.
-MNET_HD constexpr int weight_lane_floats(int K, int V) { return K * K * V + ((K * K * V) % 8 == 0 ? 4 : 0); }
+// Weights in shared memory: weight_lane_floats (tile.h) per lane.
 
 // Shared-memory parameters of a block: the weights [lane][weight_lane_floats] (taps past C read 0), then the
 // per-channel vectors v0..v3 (each [C], or all null: none) as [lane][4][V], read off one base address too.
@@ -412,6 +409,7 @@ template <typename T, int K, int J, int TW, bool WHOLE>
 __global__ void __launch_bounds__(kBandLaneSlots* kBandRowsMax, 2)
     stats_band_kernel(const DwParams p, const BandTilePlan b) {
   constexpr int V = tile_vec((int)sizeof(T), true), WL = weight_lane_floats(K, V);
+  static_assert(sizeof(Welford) * kBandLaneSlots * kBandRowsMax <= kBandTreeBytes, "tile.h: band_stage_budget");
   MNET_DYNAMIC_SMEM(float4, stage);
   MNET_SHARED_ARRAY(Welford, tree, kBandLaneSlots * kBandRowsMax);
   float* sh = reinterpret_cast<float*>(stage) + b.stage_floats();
@@ -553,22 +551,19 @@ constexpr int kFinalLanes = 32, kFinalWalkers = 8;
 // Grid (chunks, channel groups), 256 threads = lanes x walkers. Each block walks (image, band) items b, b + chunks,
 // ... and per item:
 //   1. dz of output rows [r0, r1) (owned rows + the halo its dx rows read) from x and grad_y, recomputing z strip
-//      by strip as the forward does, into shared memory as fp32 [row][Wo][cb];
-//   2. dweight: thread (lane, kernel row kh, walker) accumulates sum dz * x over the owned output rows for the K
-//      taps of its kernel row (x re-read through L1), into its own shared-memory slots (registers stay free for
-//      the conv of step 1);
-//   3. dx of input rows [ib0, ib1): one pixel x V channels per thread, gathered from the dz tile.
-// At the end the walkers' dweight sums combine in a fixed order in shared memory: one partial per (block, tap,
-// channel) in part[(chunk * K*K + tap) * C + c]; dweight_final_kernel sums the chunks in order. No fp32 dz in
-// DRAM: the pass reads x and grad_y once (plus the halo rows) and writes dx.
+//      by strip as the forward does, into the shared tile as fp32 [row][Wo][cb];
+//   2. dx of input rows [ib0, ib1): one pixel x V channels per thread, gathered from the dz tile;
+//   3. dweight: thread (lane, kernel row kh, walker) accumulates sum dz * x over the owned output rows for the K
+//      taps of its kernel row (x re-read through L1) in registers, then, once every thread is done with the dz
+//      tile, stores its sums into the tile's space ([walker][kh][kw][cb]);
+//   4. the block's dweight sums ([K*K][cb] in shared memory) add the item's walker sums, in walker order.
+// One partial per (block, tap, channel) in part[(chunk * K*K + tap) * C + c]; dweight_final_kernel sums the chunks
+// in order: every sum's order is fixed by the shape. (The walkers' sums live in the dz tile's space, not in slots of
+// their own across items: that keeps a block within tile.h's kSmemTwoBlocks, 2 blocks per SM on sm_80.) No fp32 dz
+// in DRAM: the pass reads x and grad_y once (plus the halo rows) and writes dx.
 MNET_HD constexpr int ilog2(int v) { return v <= 1 ? 0 : 1 + ilog2(v >> 1); }
 
-// Shared memory of bwd_apply_kernel in floats: the dz tile, each thread's dweight sums, the parameters.
-MNET_HD int64_t bwd_apply_tile_floats(const DwParams& p, const BandPlan& b) { return (int64_t)b.dz_rows * p.Wo * b.cb; }
-MNET_HD int64_t bwd_apply_smem_floats(const DwParams& p, const BandPlan& b) {
-  return bwd_apply_tile_floats(p, b) + (int64_t)kThreads * p.k * b.V + (int64_t)b.lanes * weight_lane_floats(p.k, b.V) +
-         6 * (int64_t)b.cb;
-}
+static_assert(kApplyThreads == kThreads, "the backward apply's plan (tile.h) assumes its block size");
 
 template <Act A, typename T, int TW, int V, bool FULL>
 MNET_DEVICE void dz_epilogue(const DwParams& p, const StripGeom& sg, const Lane& l, const StripPos& sp,
@@ -604,10 +599,10 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
   constexpr int NCOL = strip_cols(J, TW, K);
   MNET_DYNAMIC_SMEM(float, sh);
   const int cb = b.cb, lanes = b.lanes, lshift = ilog2(b.lanes);
-  float* dzt = sh;                               // [dz_rows][Wo][cb]
-  float* dws = sh + bwd_apply_tile_floats(p, b);  // [walker][kh][kw][cb] dweight sums, one slot per thread
+  float* dzt = sh;                      // [dz_rows][Wo][cb], then the walkers' dweight sums (tile.h: BandPlan)
+  float* dwb = sh + b.tile_floats;      // [K*K][cb] the block's dweight sums
   constexpr int WL = weight_lane_floats(K, V);
-  float* wsh = dws + kThreads * K * V;            // [lane][WL] weights (stage_params' layout), then [6][cb]
+  float* wsh = dwb + KK * cb;           // [lane][WL] weights (stage_params' layout), then [6][cb]
   float* shv0 = wsh + lanes * WL;
   {
     const int64_t cbase = (int64_t)blockIdx.y * cb;
@@ -622,21 +617,17 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
 #pragma unroll
       for (int r = 0; r < 6; ++r) shv0[r * cb + cl] = in ? vecs[r][c] : 0.0f;
     }
+    for (int i = threadIdx.x; i < KK * cb; i += blockDim.x) dwb[i] = 0.0f;
   }
-  // Phase-2 role of this thread (dweight): lane, kernel row, walker.
+  // Dweight role of this thread (step 3): lane, kernel row, walker.
   const int lane3 = threadIdx.x & (lanes - 1), kh3 = (threadIdx.x >> lshift) % K, w3 = (threadIdx.x >> lshift) / K;
-  const int walkers3 = (kThreads / lanes) / K;
+  const int walkers3 = b.dw_walkers;
   Lane l3;
   l3.lane = lane3;
   l3.walker = w3;
   l3.c0 = ((int)blockIdx.y * lanes + lane3) * V;
   l3.valid = (int)(p.C - l3.c0 < V ? p.C - l3.c0 : V);
-  float* myslot = dws + (int64_t)(w3 * K + kh3) * K * cb + lane3 * V;  // [kw][cb] of this thread
-  if (w3 < walkers3)
-#pragma unroll
-    for (int kw = 0; kw < K; ++kw)
-#pragma unroll
-      for (int v = 0; v < V; ++v) myslot[kw * cb + v] = 0.0f;
+  float* myslot = dzt + (int64_t)(w3 * K + kh3) * K * cb + lane3 * V;  // [kw][cb] of this thread in the tile
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const StripGeom& sg = b.sg;
   const int64_t Wo = p.Wo, per_row = sg.per_row;
@@ -672,56 +663,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
       });
     }
     __syncthreads();
-    // 2. dweight over the owned rows [ob0, ob1): dwacc[kw][v] += dz[oh][ow] * x[ih][iw] for kernel row kh3
-    if (w3 < walkers3 && l3.valid > 0) {
-      float dwacc[K][V];
-#pragma unroll
-      for (int kw = 0; kw < K; ++kw)
-#pragma unroll
-        for (int v = 0; v < V; ++v) dwacc[kw][v] = 0.0f;
-      const int64_t strips3 = (br.ob1 - br.ob0) * per_row;
-      for (int64_t st = w3; st < strips3; st += walkers3) {
-        const int64_t r = st / per_row;
-        const int oh = (int)(br.ob0 + r);
-        const int ih = oh * p.stride - p.pad + kh3 * p.dilation;
-        if ((unsigned)ih >= (unsigned)p.H) continue;
-        const int ow0 = (int)strip_ow0(sg, st - r * per_row, TW);
-        const int rest = (int)Wo - ow0, left = sg.out_step == 2 ? (rest + 1) >> 1 : rest;
-        const int count = left < TW ? left : TW;
-        const float* dzr = dzt + (oh - br.r0) * Wo * cb + lane3 * V;
-        float dz[TW][V];
-#pragma unroll
-        for (int m = 0; m < TW; ++m) {
-          if (m < count) {
-            load_shared<V>(dzr + (int64_t)(ow0 + m * sg.out_step) * cb, dz[m]);
-          } else {  // past Wo: not read (another row's dz, or past the dz tile into slots other threads write)
-#pragma unroll
-            for (int v = 0; v < V; ++v) dz[m][v] = 0.0f;
-          }
-        }
-        const int in_step = J == 2 ? 1 : p.dilation, iw0 = ow0 * p.stride - p.pad;
-        const T* row = x + n * p.xs.n + (int64_t)ih * p.xs.h + (int64_t)iw0 * p.xs.w + l3.c0 * p.xs.c;
-        const int64_t col = (int64_t)in_step * p.xs.w;
-#pragma unroll
-        for (int j = 0; j < NCOL; ++j) {
-          const bool in = (unsigned)(iw0 + j * in_step) < (unsigned)p.W;
-          float xv[V];
-          load_vec<T, V, FULL>(row + j * col, in, l3.valid, xv);
-#pragma unroll
-          for (int kw = 0; kw < K; ++kw) {
-            if (j < kw || (j - kw) % J != 0 || (j - kw) / J >= TW) continue;
-            const int m = (j - kw) / J;
-#pragma unroll
-            for (int v = 0; v < V; ++v) dwacc[kw][v] = fmaf(dz[m][v], xv[v], dwacc[kw][v]);
-          }
-        }
-      }
-#pragma unroll
-      for (int kw = 0; kw < K; ++kw)
-#pragma unroll
-        for (int v = 0; v < V; ++v) myslot[kw * cb + v] += dwacc[kw][v];
-    }
-    // 3. dx of input rows [ib0, ib1): gather dz over the taps that read each pixel
+    // 2. dx of input rows [ib0, ib1): gather dz over the taps that read each pixel
     const uint32_t items2 = (uint32_t)(((br.ib1 - br.ib0) * p.W) << lshift);
     for (uint32_t it = threadIdx.x; it < items2; it += blockDim.x) {
       const int lane = (int)(it & (lanes - 1));
@@ -756,15 +698,77 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_apply_kernel(const DwParams p
       T* dx = static_cast<T*>(p.y) + n * p.ys.n + (int64_t)ih * p.ys.h + (int64_t)iw * p.ys.w + c0 * p.ys.c;
       store_vec<T, V, FULL>(dx, valid, acc);
     }
-    __syncthreads();  // the next item overwrites the dz tile
+    // 3. dweight over the owned rows [ob0, ob1): dwacc[kw][v] += dz[oh][ow] * x[ih][iw] for kernel row kh3
+    float dwacc[K][V];
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw)
+#pragma unroll
+      for (int v = 0; v < V; ++v) dwacc[kw][v] = 0.0f;
+    if (w3 < walkers3 && l3.valid > 0) {
+      const int64_t strips3 = (br.ob1 - br.ob0) * per_row;
+      for (int64_t st = w3; st < strips3; st += walkers3) {
+        const int64_t r = st / per_row;
+        const int oh = (int)(br.ob0 + r);
+        const int ih = oh * p.stride - p.pad + kh3 * p.dilation;
+        if ((unsigned)ih >= (unsigned)p.H) continue;
+        const int ow0 = (int)strip_ow0(sg, st - r * per_row, TW);
+        const int rest = (int)Wo - ow0, left = sg.out_step == 2 ? (rest + 1) >> 1 : rest;
+        const int count = left < TW ? left : TW;
+        const float* dzr = dzt + (oh - br.r0) * Wo * cb + lane3 * V;
+        float dz[TW][V];
+#pragma unroll
+        for (int m = 0; m < TW; ++m) {
+          if (m < count) {
+            load_shared<V>(dzr + (int64_t)(ow0 + m * sg.out_step) * cb, dz[m]);
+          } else {  // past Wo: not read (another row's dz, or past the dz rows)
+#pragma unroll
+            for (int v = 0; v < V; ++v) dz[m][v] = 0.0f;
+          }
+        }
+        const int in_step = J == 2 ? 1 : p.dilation, iw0 = ow0 * p.stride - p.pad;
+        const T* row = x + n * p.xs.n + (int64_t)ih * p.xs.h + (int64_t)iw0 * p.xs.w + l3.c0 * p.xs.c;
+        const int64_t col = (int64_t)in_step * p.xs.w;
+#pragma unroll
+        for (int j = 0; j < NCOL; ++j) {
+          const bool in = (unsigned)(iw0 + j * in_step) < (unsigned)p.W;
+          float xv[V];
+          load_vec<T, V, FULL>(row + j * col, in, l3.valid, xv);
+#pragma unroll
+          for (int kw = 0; kw < K; ++kw) {
+            if (j < kw || (j - kw) % J != 0 || (j - kw) / J >= TW) continue;
+            const int m = (j - kw) / J;
+#pragma unroll
+            for (int v = 0; v < V; ++v) dwacc[kw][v] = fmaf(dz[m][v], xv[v], dwacc[kw][v]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // every thread is done with the dz tile: its space takes the walkers' sums
+    if (w3 < walkers3)
+#pragma unroll
+      for (int kw = 0; kw < K; ++kw)
+#pragma unroll
+        for (int v = 0; v < V; ++v) myslot[kw * cb + v] = dwacc[kw][v];
+    __syncthreads();
+    // 4. the block's sums += the item's walker sums, in walker order (thread i keeps entries i, i + 256, ...)
+#pragma unroll 1
+    for (int i = threadIdx.x; i < KK * cb; i += blockDim.x) {
+      float s = 0.0f;
+      int w = 0;
+      // One loop, no unrolled copy, and a do-while (walkers3 >= 1: check_bands) so that nvcc adds no zero-trip
+      // version of the outer loop: the report's plan mirrors a single loop.
+#pragma unroll 1
+      do s += dzt[(int64_t)w * KK * cb + i];
+      while (++w < walkers3);
+      dwb[i] += s;
+    }
+    __syncthreads();  // the next item overwrites the tile
   }
-  // dweight: one thread per (tap, channel) sums the walkers' slots in walker order.
+  // The block's partial (each thread stores the entries it summed in step 4).
   for (int i = threadIdx.x; i < KK * cb; i += blockDim.x) {
     const int tap = i / cb, cl = i - tap * cb;
     const int64_t c = (int64_t)blockIdx.y * cb + cl;
-    float s = 0.0f;
-    for (int w = 0; w < walkers3; ++w) s += dws[((int64_t)w * KK + tap) * cb + cl];
-    if (c < p.C) p.work[((int64_t)blockIdx.x * KK + tap) * p.C + c] = s;
+    if (c < p.C) p.work[((int64_t)blockIdx.x * KK + tap) * p.C + c] = dwb[i];
   }
 }
 

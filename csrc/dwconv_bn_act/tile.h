@@ -199,6 +199,16 @@ MNET_HD TilePlan tile_plan(const DwParams& p, int elem_size, int threads) {
   return t;
 }
 
+// Weights in shared memory, per lane: [K*K][V] fp32 taps, so a lane reads every tap off one base address
+// (compile-time offsets), plus 4 floats of padding where K*K*V is a multiple of 8: the 16-byte loads of 8
+// consecutive lanes then start 12 or 28 words apart (mod 32) and fall in distinct banks.
+MNET_HD constexpr int weight_lane_floats(int K, int V) { return K * K * V + ((K * K * V) % 8 == 0 ? 4 : 0); }
+
+// The most shared memory a block may take for two resident blocks per SM on sm_80 (164 KB per SM, of which the
+// runtime reserves 1 KB per block), so on sm_90 (228 KB) too: the backward apply's and the stats' blocks stay
+// within it (the issue-12 budget of >= 2 blocks per SM in every hot kernel).
+constexpr int64_t kSmemTwoBlocks = 81 * 1024;
+
 // ---- staged band tiles (channels_last with 16-byte vectors: fwd and stats) -------------------------------
 // A block of the staged kernels works on *band tiles*: R consecutive output rows [oh0, oh0 + R) of one image x one
 // strip column q (strip q of each of those rows, the strip geometry above) x `lanes` channel vectors. Walker k
@@ -222,6 +232,14 @@ constexpr int kBandRowsMax = 16;       // most output rows (walkers) per tile: t
 // 99 KB, the most an sm_86 / sm_89 block may opt into (those GPUs run the sm_80 build; kernels.cuh asserts it),
 // and 2 blocks fit an SM of sm_90 (228 KB).
 constexpr int64_t kBandStageBytes = 84 * 1024;
+// The stats' blocks (stats_band_kernel) hold besides the band their weights and a tree of kBandLaneSlots x
+// kBandRowsMax Welford triples (kernels.cuh asserts its size), all within kSmemTwoBlocks: their band takes what is
+// left (fewer rows per tile on the K = 5 and 7 layers than the forward's).
+constexpr int64_t kBandTreeBytes = 12 * kBandLaneSlots * kBandRowsMax;
+MNET_HD int64_t band_stage_budget(bool reduction, int k, int V, int lanes) {
+  const int64_t stats = kSmemTwoBlocks - (int64_t)weight_lane_floats(k, V) * lanes * 4 - kBandTreeBytes;
+  return reduction && stats < kBandStageBytes ? stats : kBandStageBytes;
+}
 
 struct BandTilePlan {
   StripGeom sg;         // strips of a row (width TW)
@@ -275,9 +293,10 @@ MNET_HD BandTilePlan band_tile_plan(const DwParams& p, int elem_size, bool reduc
   b.pitch = band_pitch(b.cols_in, b.nq, b.lanes, b.row_a);
   // Rows per tile: as many as fit (up to 16, 8 when input rows advance by 2), split evenly over the image's rows.
   const int most = b.row_a == 1 ? kBandRowsMax : kBandRowsMax / 2;
+  const int64_t budget = band_stage_budget(reduction, p.k, b.V, b.lanes);
   int64_t bands = (p.Ho + most - 1) / most;
   int R = (int)((p.Ho + bands - 1) / bands);
-  while (R > 1 && (int64_t)band_rows_in(R, p.k, b.row_a, b.row_b) * b.pitch * 16 > kBandStageBytes) {
+  while (R > 1 && (int64_t)band_rows_in(R, p.k, b.row_a, b.row_b) * b.pitch * 16 > budget) {
     ++bands;
     R = (int)((p.Ho + bands - 1) / bands);
   }
@@ -364,6 +383,21 @@ MNET_HD int band_dz_rows(int rows, int k, int stride, int dilation) {
   return rows + ((k - 1) * dilation + stride - 1) / stride + 1;
 }
 
+// A backward-apply block: kApplyThreads threads (kernels.cuh: kThreads) and at most kSmemTwoBlocks of shared memory.
+constexpr int kApplyThreads = 256;
+
+// Shared memory of the backward apply besides its tile, in floats: the block's dweight sums [K*K][cb], the weights
+// [lanes][weight_lane_floats] and 6 per-channel rows [6][cb] (cb = lanes * V).
+MNET_HD int64_t apply_fixed_floats(int k, int V, int lanes) {
+  const int64_t cb = (int64_t)lanes * V;
+  return (int64_t)k * k * cb + (int64_t)lanes * weight_lane_floats(k, V) + 6 * cb;
+}
+
+// The tile's budget in floats: what kSmemTwoBlocks leaves besides apply_fixed_floats.
+MNET_HD int64_t apply_tile_budget(int k, int V, int lanes) {
+  return kSmemTwoBlocks / 4 - apply_fixed_floats(k, V, lanes);
+}
+
 struct BandPlan {
   int rows = 1;        // owned output rows per band
   int64_t bands = 1;   // bands per image
@@ -375,10 +409,25 @@ struct BandPlan {
   int64_t groups = 1;  // channel groups (grid.y)
   int64_t nchunks = 1; // blocks along (image, band) items: each walks items b, b + nchunks, ... (grid.x)
   int V = 1, TW = 1, cb = 1;
+  int dw_walkers = 1;  // dweight walkers per (lane, kernel row): kApplyThreads / lanes / k
+  // Floats of the shared tile: the dz rows [dz_rows][Wo][cb], and after an item's dx and dweight passes the
+  // walkers' dweight sums of that item [dw_walkers][K*K][cb] in the same space: the larger of the two.
+  int64_t tile_floats = 1;
+  MNET_HD int64_t smem_floats(int k) const { return tile_floats + apply_fixed_floats(k, V, lanes); }
 };
 
-// Shared memory budget of the dz tile: two blocks per SM on sm_80/sm_90.
-constexpr int64_t kBandTileBytes = 64 * 1024;
+// Owned output rows a band should hold (band_plan's lanes), and how many a band of `lanes` channel vectors holds
+// within the tile's budget (< 1: not even one).
+constexpr int kApplyMinRows = 16;
+MNET_HD int64_t apply_band_rows(const DwParams& p, int halo, int V, int lanes) {
+  return apply_tile_budget(p.k, V, lanes) / (p.Wo * lanes * V) - halo;
+}
+
+// Blocks the backward apply aims at along (image, band) items and channel groups (a few waves of 2 blocks per SM).
+// The CUDA emulator's build lowers it (tests/cuda_emu/build.py) so that its small shapes walk several items per block.
+#ifndef MNET_APPLY_MIN_BLOCKS
+#define MNET_APPLY_MIN_BLOCKS 1024
+#endif
 
 MNET_HD BandPlan band_plan(const DwParams& p, int elem_size) {
   BandPlan b;
@@ -389,19 +438,23 @@ MNET_HD BandPlan band_plan(const DwParams& p, int elem_size) {
   b.w = fast_div((uint32_t)p.W);
   const int64_t vectors = (p.C + b.V - 1) / b.V;
   const int halo = band_dz_rows(0, p.k, p.stride, p.dilation);
-  // Wide images: fewer lanes so that a band still holds >= 8 owned rows (less halo recomputed).
+  // Wide images: fewer lanes so that a band still holds kApplyMinRows owned rows, or the whole image (the halo
+  // rows recomputed per band stay a small part: at most ~20 % at K = 3).
+  const int64_t min_rows = p.Ho < kApplyMinRows ? p.Ho : kApplyMinRows;
   int lanes = 8;
-  while (lanes > 1 && (lanes > vectors || (int64_t)(8 + halo) * p.Wo * lanes * b.V * 4 > kBandTileBytes)) lanes >>= 1;
+  while (lanes > 1 && (lanes > vectors || apply_band_rows(p, halo, b.V, lanes) < min_rows)) lanes >>= 1;
   b.lanes = lanes;
   b.cb = lanes * b.V;
   b.groups = (vectors + lanes - 1) / lanes;
-  const int64_t row_bytes = p.Wo * (int64_t)b.cb * 4;
-  int64_t rows = kBandTileBytes / row_bytes - halo;
+  int64_t rows = apply_band_rows(p, halo, b.V, lanes);
   rows = rows < 1 ? 1 : (rows > p.Ho ? p.Ho : rows);
   b.rows = (int)rows;
   b.bands = (p.Ho + rows - 1) / rows;
   b.dz_rows = band_dz_rows(b.rows, p.k, p.stride, p.dilation);
-  const int64_t items = p.N * b.bands, want = (1024 + b.groups - 1) / b.groups;
+  b.dw_walkers = kApplyThreads / lanes / p.k;
+  const int64_t dz = (int64_t)b.dz_rows * p.Wo * b.cb, sums = (int64_t)b.dw_walkers * p.k * p.k * b.cb;
+  b.tile_floats = dz > sums ? dz : sums;
+  const int64_t items = p.N * b.bands, want = (MNET_APPLY_MIN_BLOCKS + b.groups - 1) / b.groups;
   b.nchunks = items < want ? items : want;
   b.nchunks = b.nchunks > kMaxChunks ? kMaxChunks : b.nchunks;
   return b;

@@ -22,6 +22,10 @@ void check_bands(const DwParams& p, int elem_size) {
   const BandPlan b = band_plan(p, elem_size);
   if (b.lanes < 1 || b.lanes > 8 || (b.lanes & (b.lanes - 1)) != 0) plan_error("lanes must be a power of two <= 8");
   if (b.groups * b.lanes * b.V < p.C) plan_error("channel groups miss channels");
+  if (b.dw_walkers < 1 || b.lanes * p.k * b.dw_walkers > kApplyThreads) plan_error("dweight walkers do not fit the block");
+  if (b.tile_floats < (int64_t)b.dz_rows * p.Wo * b.cb || b.tile_floats < (int64_t)b.dw_walkers * p.k * p.k * b.cb)
+    plan_error("the backward apply's tile holds neither its dz rows nor the walkers' dweight sums");
+  if (b.rows > 1 && b.smem_floats(p.k) * 4 > kSmemTwoBlocks) plan_error("the backward apply exceeds its shared memory");
   int64_t next_o = 0, next_i = 0;
   for (int64_t band = 0; band < b.bands; ++band) {
     const BandRows r = band_rows(p, band, b.rows);
@@ -50,33 +54,27 @@ void check_bands(const DwParams& p, int elem_size) {
 // row and column of the conv's own input coordinates (zero there exactly when the conv pads), the band fits its
 // shared-memory budget and the block its threads, the conv's LDS.128 pattern is conflict-free where the pitch can
 // make it so, and whole-row tiles leave unstaged and unread only columns that are padding in every tile (tile.h).
-void check_band_tiles(const DwParams& p, int elem_size) {
-  const BandTilePlan b = band_tile_plan(p, elem_size, false);
-  const BandTilePlan br = band_tile_plan(p, elem_size, true);
-  if (br.tiles != b.tiles || br.R != b.R || br.pitch != b.pitch || br.whole != b.whole)
-    plan_error("the staged kernels' plans differ");
+void check_band_plan(const DwParams& p, const BandTilePlan& b, int64_t stage_budget) {
   if (b.whole && b.J != 1) plan_error("whole-row band tiles need the column pattern J = 1");
   if (b.lanes < 1 || b.lanes > kBandLaneSlots || b.groups * b.lanes * b.V < p.C) plan_error("band lanes miss channels");
   if (b.R < 1 || b.threads() > kBandLaneSlots * kBandRowsMax) plan_error("band block shape does not fit 128 threads");
-  if (b.R > 1 && b.stage_floats() * 4 > kBandStageBytes) plan_error("the staged band exceeds its shared memory");
+  if (b.R > 1 && b.stage_floats() * 4 > stage_budget) plan_error("the staged band exceeds its shared memory");
   if (b.tiles >= (int64_t(1) << 31)) plan_error("the band tiles need more than 31 bits");
   if (b.bands * b.R < p.Ho || (b.bands - 1) * b.R >= p.Ho) plan_error("bands do not cover the rows");
-  for (const BandTilePlan* q : {&b, &br}) {
-    int64_t next = 0;
-    for (int64_t c = 0; c < q->nchunks; ++c) {
-      int64_t lo, hi;
-      chunk_range(q->tiles, q->nchunks, c, lo, hi);
-      if (lo != next && lo < q->tiles) plan_error("chunks do not partition the band tiles");
-      next = hi > next ? hi : next;
-    }
-    if (next != q->tiles) plan_error("chunks do not cover every band tile");
-    for (int64_t c = 0; c < q->nchunks; ++c) {  // the kernels' 32-bit chunk bounds
-      int64_t lo, hi;
-      uint32_t lo32, hi32;
-      chunk_range(q->tiles, q->nchunks, c, lo, hi);
-      band_chunk_tiles(*q, (uint32_t)c, lo32, hi32);
-      if (lo32 != lo || hi32 != hi) plan_error("band chunk bounds differ from chunk_range");
-    }
+  int64_t next = 0;
+  for (int64_t c = 0; c < b.nchunks; ++c) {
+    int64_t lo, hi;
+    chunk_range(b.tiles, b.nchunks, c, lo, hi);
+    if (lo != next && lo < b.tiles) plan_error("chunks do not partition the band tiles");
+    next = hi > next ? hi : next;
+  }
+  if (next != b.tiles) plan_error("chunks do not cover every band tile");
+  for (int64_t c = 0; c < b.nchunks; ++c) {  // the kernels' 32-bit chunk bounds
+    int64_t lo, hi;
+    uint32_t lo32, hi32;
+    chunk_range(b.tiles, b.nchunks, c, lo, hi);
+    band_chunk_tiles(b, (uint32_t)c, lo32, hi32);
+    if (lo32 != lo || hi32 != hi) plan_error("band chunk bounds differ from chunk_range");
   }
   for (uint32_t t = 0; t < (uint32_t)b.threads(); ++t)
     if (div_of(b.lanes_div, t) != t / (uint32_t)b.lanes) plan_error("fast division by lanes differs");
@@ -138,6 +136,17 @@ void check_band_tiles(const DwParams& p, int elem_size) {
   }
   for (size_t i = 0; i < counts.size(); ++i)
     if (counts[i] != 1) plan_error("band tiles compute an output " + std::to_string(counts[i]) + " times");
+}
+
+// The forward's plan and the stats' (fewer rows per tile where their budget is smaller: tile.h band_stage_budget).
+void check_band_tiles(const DwParams& p, int elem_size) {
+  const BandTilePlan b = band_tile_plan(p, elem_size, false);
+  const BandTilePlan br = band_tile_plan(p, elem_size, true);
+  if (br.pitch != b.pitch || br.whole != b.whole || br.TW != b.TW || br.lanes != b.lanes || br.R > b.R)
+    plan_error("the staged kernels' plans differ beyond the stats' rows per tile");
+  check_band_plan(p, b, band_stage_budget(false, p.k, b.V, b.lanes));
+  // the stats' block (band, weights, Welford tree) within kSmemTwoBlocks: two blocks per SM on sm_80
+  check_band_plan(p, br, kSmemTwoBlocks - (int64_t)weight_lane_floats(p.k, br.V) * br.lanes * 4 - kBandTreeBytes);
 }
 
 // Adds to counts ([N, C, Ho, Wo]) the (strip, lane) work items of plan t that write each output; checks the

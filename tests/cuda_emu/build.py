@@ -23,8 +23,11 @@ KERNEL_UNITS = ("fwd.cu", "stats.cu", "bwd_reduce.cu", "bwd_apply.cu", "bwd_appl
                 "bwd_apply_f16.cu")
 # MNET_MMA_MIN_BLOCKS: the tensor-core forward's plan (mma_tile.h) puts several tiles in a block only while >= 1024
 # blocks remain, which no emulated shape reaches; at 2 the small shapes run blocks of 2-8 tiles (the tile loop).
+# MNET_APPLY_MIN_BLOCKS: likewise the backward apply's (tile.h: band_plan): at 2, shapes of several images or bands
+# walk several (image, band) items per block (the block's dweight sums across items), single-band single-image ones
+# one item per block.
 FLAGS = ("-x", "c++", "-std=c++17", "-O0", "-DWITH_CUDA", "-Wno-unknown-pragmas", "-Wno-attributes",
-         "-DMNET_MMA_MIN_BLOCKS=2")
+         "-DMNET_MMA_MIN_BLOCKS=2", "-DMNET_APPLY_MIN_BLOCKS=2")
 # `name<targs><<<launch>>>(` -> `::emu::Launch(launch)(&name<targs>, `: the kernel expression is a (qualified)
 # name with optional template arguments, as every launch in csrc/ is written.
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}()<>]*>)?)\s*<<<(.*?)>>>\s*\(\s*(\)?)", re.S)
