@@ -927,18 +927,21 @@ def _band_rows(ho: int, wo: int, block_c: int, halo: int) -> int:
     return triton.cdiv(ho, triton.cdiv(ho, tb))
 
 
-def _apply_maxnreg(k: int, elem_bytes: int, channels_last: bool, stride: int) -> int | None:
+def _apply_maxnreg(k: int, dtype: torch.dtype, channels_last: bool, stride: int) -> int | None:
     """Register limit (PTX .maxnreg) of the backward apply at K = 3; None (ptxas's own choice) at K = 5 and 7.
     Left to itself at K = 3, ptxas holds the kernel at its 128- or 168-register occupancy step and spills a pair of
     the dweight sums carried around the band loop (sm_90: bf16 NHWC 8 bytes on 2 layers, fp32 4-12 bytes on 13);
     under a limit of 168 it uses 168 and spills nothing, with 1-17 fewer SASS instructions per element, for one
     resident block per SM less where it sat at 128-140. fp32 channels_last at stride 2 needs 183-187 registers (an x
     value is a register, its windows are the widest) and spills 24-64 bytes under 168 (4 at ptxas's own 168 on one
-    layer): 255 there. K = 5 needs 181-255 registers (spills 4-400 bytes under 168) and K = 7 runs at 156-166
-    without a limit; a limit of 168 spilled 4 bytes on NCHW K = 7."""
+    layer): 255 there, and for fp16 (its conversions: 4-16 bytes under 168 on 9 layers, NCHW stride 1 and NHWC
+    stride 2). K = 5 needs 181-255 registers (spills 4-400 bytes under 168) and K = 7 runs at 156-166 without a
+    limit; a limit of 168 spilled 4 bytes on NCHW K = 7."""
     if k != 3:
         return None
-    return 255 if elem_bytes == 4 and channels_last and stride == 2 else _APPLY_MAXNREG
+    if dtype == torch.float16 or (dtype == torch.float32 and channels_last and stride == 2):
+        return 255
+    return _APPLY_MAXNREG
 
 
 def _sum_rows(part: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None = None) -> None:
@@ -1088,7 +1091,7 @@ def dwconv_bn_act_bwd_apply(
         n * num_bands, iters, *grad_y.stride(), *x.stride(), *dx.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl, VEC=vec_width(cl, c, grad_y, x, dx),
         OW=t.ow, OWX=owx, HALO_LO=halo_lo, HALO_HI=halo_hi, BLOCK_G=t.block_g, BLOCK_C=t.block_c,
-        num_warps=t.num_warps, maxnreg=_apply_maxnreg(k, x.element_size(), cl, stride),
+        num_warps=t.num_warps, maxnreg=_apply_maxnreg(k, x.dtype, cl, stride),
     )  # fmt: skip
     # dweight stage 2: deterministic column sums of the partials' first C*K*K columns, stored in weight's dtype.
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
