@@ -599,9 +599,20 @@ def quick_cases(all_layers: list[tuple[Any, str]]) -> list[Case]:
     return cases
 
 
-def all_cases(all_layers: list[tuple[Any, str]], dtypes: list[str], layouts: list[str], ks: list[int]) -> list[Case]:
-    return [Case(cfg, src, dtype, layout) for cfg, src in all_layers for dtype in dtypes for layout in layouts
-            if cfg.kind != "dwconv_bn_act" or cfg.kernel_size in ks]
+def all_cases(all_layers: list[tuple[Any, str]], dtypes: list[str], layouts: list[str], ks: list[int],
+              dilations: tuple[int, ...] = (1,)) -> list[Case]:
+    """Every layer in every dtype and layout; depthwise layers of the kernel sizes ``ks``, once per dilation in
+    ``dilations`` (no MobileNet layer has dilation 2: those are variants of the same shapes, same output size)."""
+    cases = []
+    for cfg, src in all_layers:
+        if cfg.kind != "dwconv_bn_act":
+            cases += [Case(cfg, src, dtype, layout) for dtype in dtypes for layout in layouts]
+        elif cfg.kernel_size in ks:
+            for d in dilations:
+                var = dataclasses.replace(cfg, dilation=d)
+                cases += [Case(var, src if d == cfg.dilation else f"dilation-{d} variant of {cfg.name}", dtype,
+                               layout) for dtype in dtypes for layout in layouts]
+    return cases
 
 
 def shape_of(case: Case, batch: int) -> Shape:
@@ -1009,6 +1020,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", type=lambda v: _csv(v, DTYPES))
     p.add_argument("--layout", default="nhwc,nchw", type=lambda v: [x.upper() for x in _csv(v, ("nhwc", "nchw"))])
     p.add_argument("--k", default="3,5,7", type=lambda v: _csv(v, (3, 5, 7), int), help="depthwise kernel sizes")
+    p.add_argument("--dilation", default="1", type=lambda v: _csv(v, (1, 2), int),
+                   help="depthwise dilations (2: a variant of every depthwise layer; SE layers once)")
+    p.add_argument("--kernels", default=None, type=lambda v: v.split(","),
+                   help="Triton only: compile and report just these kernels (e.g. _bwd_apply_kernel); a sweep of the "
+                        "kernels a change touches")
     p.add_argument("--models", default=None, help="comma list of mnet_ext.layers.MODEL_BUILDERS (default: all)")
     p.add_argument("--batch", type=int, default=256, help="batch size the launch plans are made for")
     p.add_argument("--quick", action="store_true",
@@ -1038,7 +1054,10 @@ def main(argv: list[str] | None = None) -> int:
         args.arch, args.dtype = [90], ["bf16"]
         cases = quick_cases(found)
     else:
-        cases = all_cases(found, args.dtype, args.layout, args.k)
+        cases = all_cases(found, args.dtype, args.layout, args.k, tuple(args.dilation))
+    if (args.kernels or args.dilation != [1]) and args.backend != ["triton"]:
+        # the CUDA records' launch plans (CUDA_KERNELS) model dilation 1 only
+        raise SystemExit("kernel_report: --kernels and --dilation 2 are Triton sweeps: use them with --backend triton")
     cache = pathlib.Path(args.cache_dir)
     build = kernel_builds.cuda_build()
     tools = kernel_builds.find_tools(build.cuda_home)
@@ -1051,7 +1070,8 @@ def main(argv: list[str] | None = None) -> int:
         for arch in args.arch:
             for case in (c for c in cases if "triton" in c.backends):
                 module, calls = launcher_calls(case, args.batch)
-                launches += [(case, arch, launch) for launch in kernel_builds.triton_launches(module, calls, arch)]
+                launches += [(case, arch, launch) for launch in kernel_builds.triton_launches(module, calls, arch)
+                             if not args.kernels or launch.kernel in args.kernels]
     jobs = cuda_jobs + act_jobs + [j for _, _, launch in launches for j in launch.jobs]
     print(f"kernel_report: {len(cases)} layer cases, {len({j['key'] for j in jobs})} unique kernels to compile or "
           f"read from {cache}", file=sys.stderr)
@@ -1064,6 +1084,8 @@ def main(argv: list[str] | None = None) -> int:
     scope = (f"sm_{'/'.join(map(str, args.arch))}, {', '.join(args.backend)}, {', '.join(args.dtype)}, "
              f"{len({c.layer for c in cases})} layers" + (" (--quick)" if args.quick else
                                                          f", {'/'.join(args.layout)}, K {args.k}") +
+             (f", dilation {args.dilation}" if args.dilation != [1] and not args.quick else "") +
+             (f", kernels {','.join(args.kernels)}" if args.kernels else "") +
              f", batch {args.batch}")
     meta = {"argv": " ".join(argv if argv is not None else sys.argv[1:]), "commit": _commit(), "scope": scope,
             "tools": f"nvcc {tools.nvcc_release}, Triton {triton.__version__}"}

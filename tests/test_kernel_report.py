@@ -52,17 +52,10 @@ QUICK_DW = (("NHWC", 3), ("NHWC", 5), ("NCHW", 3))  # kernel_report.quick_cases
 # issue 13 ended every other spill (bench/results/static/triton_report.md, sm_90 bf16, every layer; sm_80,
 # fp16/fp32, K = 7, dilation 2 on a few layers: test_triton_compiles_without_spill_sm80_k7_dilation2).
 KNOWN_SPILLS: dict[tuple[str, str, str, int | None], tuple[str, bool]] = {
-    # sm_90 bf16 clean since dw_tile's one-warp rule for 128-channel reduction tiles (stats: fp32 and sm_80 bf16
-    # clean too); bwd_reduce still spills in fp32 on sm_90 (stride-2 layers)
-    ("triton", "_bwd_reduce_partial_kernel", "NHWC", 3): ("fp32 48 B at 168 registers: 4 stride-2 layers (sm_90 "
-                                                         "bf16: none)", False),
-    # the one-pass backward apply (issue 13 item 3): since session 7 (2-D grid, band loop over the band index, no
-    # epilogue channel mask) ptxas no longer parks loop invariants; what is left are a few bytes at the 128 / 168
-    # register occupancy steps inside the dz chunk loop (one 64-bit value around the conv; sm_90 bf16: 2 layers)
-    ("triton", "_bwd_apply_kernel", "NCHW", 3): ("fp32 4 B at 128-168 registers in 6 layers (sm_90 bf16: none)",
-                                                 False),
-    ("triton", "_bwd_apply_kernel", "NHWC", 3): ("bf16 8 B at 128 registers: c384/c576 14x14 relu6; fp32 4-12 B at "
-                                                 "168 registers in 7 layers", False),
+    # Triton (session 8): bwd_reduce's fp32 channels_last tiles hold one 16-byte vector (4 channels) per thread
+    # (was 8 channels: 48 B at 168 registers on 4 stride-2 layers); the backward apply runs under .maxnreg 168
+    # (``_apply_maxnreg``; ptxas left to itself spilled a pair of dweight sums at its 128 / 168 register steps:
+    # bf16 NHWC K = 3 8 B on 2 layers, fp32 K = 3 4-12 B on 13)
 }
 
 
@@ -305,6 +298,9 @@ TRITON_CI_CASES = [
     # the tensor-core eval forward at stride 2 (the --quick report holds its stride-1 configs): one box per kernel
     # row of 16 columns, the largest shared-memory tile
     (672, 14, 14, 5, 2, 1, "hardswish", "bf16", "NHWC", 90),
+    # the backward apply's register limit (8 B spill without it) and fp32 bwd_reduce's 4-channel tiles (48 B with 8)
+    (384, 14, 14, 3, 1, 1, "relu6", "bf16", "NHWC", 90),
+    (144, 56, 56, 3, 2, 1, "relu6", "fp32", "NHWC", 90),
 ]
 
 _TRITON_CASES_SCRIPT = """

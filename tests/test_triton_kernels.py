@@ -149,6 +149,17 @@ def test_dw_tile_reduce_nhwc_block_c():
             assert t.block_c <= 64 or t.block_g * t.block_c // 8 <= 32, (ho, wo, c, k, t)
 
 
+def test_dw_tile_reduce_fp32_one_vector_per_thread():
+    """fp32 channels_last reductions hold one 16-byte vector (4 channels) per thread, not 8 channels (48 bytes of
+    spill on sm_90 at stride 2, K = 3), within the fixed 4 warps; bf16/fp16 keep 8."""
+    for ho, wo, c, k in _mobilenet_dw_outputs():
+        if k < 7:
+            for elem_bytes, vec in ((4, 4), (2, 8)):
+                t = triton_kernels.dw_tile(ho, wo, c, True, k, "reduce", elem_bytes=elem_bytes)
+                per_thread = t.block_g * t.block_c / (t.num_warps * 32)
+                assert per_thread <= vec and t.num_warps <= triton_kernels.NUM_WARPS, (ho, wo, c, k, elem_bytes, t)
+
+
 # Each case spans several group blocks per image and several channel blocks, with groups of OW > 1 outputs whose
 # windows cross the image edges (the halo); C = 20 (channels_last: VEC 4, not a multiple of the 8-channel vector)
 # and C = 5 / 6 leave a partial channel block; Wo not a multiple of OW leaves a partial last group per row.

@@ -128,7 +128,7 @@ class DwTile(NamedTuple):
 
 
 def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: str = "fwd",
-            max_block_c: int = 128, shared_rows: bool = False) -> DwTile:
+            max_block_c: int = 128, shared_rows: bool = False, elem_bytes: int = 2) -> DwTile:
     """The depthwise tile for an output of ``ho`` x ``wo`` pixels and ``channels`` channels: a pure function of the
     shape (no timing, so every reduction over it is reproducible). Among OW <= _DW_OW_MAX[kind][k] (fwd, reduce for
     stats and bwd_reduce, apply for the backward apply) and power-of-two blocks of at most _DW_*_SLOTS groups x channels
@@ -147,6 +147,10 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
     wider outputs spilled in fp32 (stride 2, 255 registers); counted in the reductions, idle lanes moved two K = 5
     layers (7 x 7 outputs) to 1-warp tiles of 128 channels that spill 4-12 bytes. Those keep the former choice.
 
+    ``elem_bytes`` (x's element size; the backward reduction passes it): channels_last tiles hold one 16-byte vector
+    per thread, 4 channels in fp32 (with 8, two vectors, bwd_reduce spilled 48 bytes at 168 registers on sm_90 at
+    stride 2); the default 2 is the 8 channels of bf16/fp16.
+
     ``shared_rows`` (the forward at stride 1 and dilation 1; channels_last, K <= 5): groups of _DW_FWD_ROWS output
     rows x OW <= _DW_FWD_ROWS_OW_MAX[k] columns (see _DW_FWD_ROWS_OW_NARROW, _SKIP_WO) compete with one-row
     groups by outputs per converted input value of the group's window: each input row is loaded and converted once
@@ -154,15 +158,17 @@ def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: 
     # the backward apply (its K*K dweight sums per slot live in registers) and the K = 7 reductions: 2 slots per
     # thread in both layouts; the backward apply at K = 7: 1
     narrow = not channels_last or kind == "apply" or (kind == "reduce" and k == 7)
-    slots = _DW_NCHW_SLOTS if narrow else _DW_NHWC_SLOTS
-    per_thread = 2 if narrow else 8
+    # channels_last: one 16-byte vector per thread (8 bf16/fp16 or 4 fp32 channels), 4 warps' worth of slots
+    vec = 16 // elem_bytes
+    slots = _DW_NCHW_SLOTS if narrow else _DW_NHWC_SLOTS * vec // 8
+    per_thread = 2 if narrow else vec
     if kind == "apply" and k == 7:
         slots, per_thread = slots // 2, 1
     ow_max = min(_DW_OW_MAX[kind][k], wo)
     fill_warp = kind == "fwd" and k <= 5  # see the docstring
     if fill_warp and wo <= 7:
         ow_max = wo
-    c_floor = 1 if narrow else min(8, next_pow2(channels))
+    c_floor = 1 if narrow else min(vec, next_pow2(channels))
     block_cs = [b for b in (1, 2, 4, 8, 16, 32, 64, 128)
                 if c_floor <= b <= max(c_floor, min(max_block_c, next_pow2(channels)))]
     # channels that no block can use (C = 5 in blocks of 8) are not the tile's fault: measure against the best

@@ -845,6 +845,7 @@ _INTERP_STAGE1_PROGRAMS = 4  # interpreter: few programs (each costs ~13 ms); IT
 # fp32 values of one backward-apply slot (a program's dz of one haloed band: rows x Wo x BLOCK_C): 32 KB, so the
 # slots of the resident programs (~4 per SM) stay in L2 (132 SMs x 4 x 32 KB = 17 MB of H100's 50 MB)
 _SLOT_FLOATS = 8192
+_APPLY_MAXNREG = 168  # K = 3, see _apply_maxnreg: 3 blocks of 128 threads per SM (65,536 registers)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, stride: int, dilation: int, vectors=()) -> int:
@@ -928,6 +929,23 @@ def _band_rows(ho: int, wo: int, block_c: int, halo: int) -> int:
         return ho
     tb = max(1, _SLOT_FLOATS // row - halo)
     return triton.cdiv(ho, triton.cdiv(ho, tb))
+
+
+def _apply_maxnreg(k: int, dtype: torch.dtype, channels_last: bool, stride: int) -> int | None:
+    """Register limit (PTX .maxnreg) of the backward apply at K = 3; None (ptxas's own choice) at K = 5 and 7.
+    Left to itself at K = 3, ptxas holds the kernel at its 128- or 168-register occupancy step and spills a pair of
+    the dweight sums carried around the band loop (sm_90: bf16 NHWC 8 bytes on 2 layers, fp32 4-12 bytes on 13);
+    under a limit of 168 it uses 168 and spills nothing, with 1-17 fewer SASS instructions per element, for one
+    resident block per SM less where it sat at 128-140. fp32 channels_last at stride 2 needs 183-187 registers (an x
+    value is a register, its windows are the widest) and spills 24-64 bytes under 168 (4 at ptxas's own 168 on one
+    layer): 255 there, and for fp16 (its conversions: 4-16 bytes under 168 on 9 layers, NCHW stride 1 and NHWC
+    stride 2). K = 5 needs 181-255 registers (spills 4-400 bytes under 168) and K = 7 runs at 156-166 without a
+    limit; a limit of 168 spilled 4 bytes on NCHW K = 7."""
+    if k != 3:
+        return None
+    if dtype == torch.float16 or (dtype == torch.float32 and channels_last and stride == 2):
+        return 255
+    return _APPLY_MAXNREG
 
 
 def _sum_rows(part: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None = None) -> None:
@@ -1014,7 +1032,7 @@ def dwconv_bn_act_bwd_reduce(
     k = _check(x, weight, stride, dilation, (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)))
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
     _check_grad(grad_y, x, (n, c, ho, wo))
-    t = dw_tile(ho, wo, c, cl, k, "reduce")
+    t = dw_tile(ho, wo, c, cl, k, "reduce", elem_bytes=x.element_size())
     num_cb = triton.cdiv(c, t.block_c)
     rows, iters = _stage1_rows(n * t.num_gb, c, t.block_c)
     part = torch.empty((rows, 2 * c), dtype=torch.float32, device=x.device)
@@ -1077,7 +1095,7 @@ def dwconv_bn_act_bwd_apply(
         n * num_bands, iters, *grad_y.stride(), *x.stride(), *dx.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl, VEC=vec_width(cl, c, grad_y, x, dx),
         OW=t.ow, OWX=owx, HALO_LO=halo_lo, HALO_HI=halo_hi, BLOCK_G=t.block_g, BLOCK_C=t.block_c,
-        num_warps=t.num_warps,
+        num_warps=t.num_warps, maxnreg=_apply_maxnreg(k, x.dtype, cl, stride),
     )  # fmt: skip
     # dweight stage 2: deterministic column sums of the partials' first C*K*K columns, stored in weight's dtype.
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
