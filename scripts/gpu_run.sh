@@ -41,7 +41,8 @@ step build 300 "$OUT/build.log" env MNET_EXT_REQUIRE_EXT=1 \
   $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 $PY -m mnet_ext.info > "$OUT/info.txt" 2>&1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null
+# the device copy of the tree may have no .git: MNET_COMMIT names the commit then
+git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null || echo "${MNET_COMMIT:-unknown}" > "$OUT/commit.txt"
 git status --porcelain > "$OUT/git-status.txt" 2>/dev/null
 
 stamp "CUDA-marked tests in three groups, each its own pytest call and junit file (a timeout loses one group)"

@@ -10,6 +10,8 @@ import xml.etree.ElementTree as ET
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import report  # noqa: E402  (standard library only)
 
+TQDM_LINE = re.compile(r"\d+/\d+ \[[0-9:<?]+")
+
 
 def junit_counts(path: pathlib.Path) -> str:
     if not path.exists():
@@ -51,7 +53,9 @@ def main(out: str) -> None:
         print(f"- {tool}: {sanitizer_verdict(d / f'sanitizer_{tool}.log')}")
     print("\n## Profile: MobileNetV3-Large, batch 256, bf16, channels_last\n")
     for mode in ("eval", "train"):
-        print(f"### {mode}\n\n```\n{read(f'profile_v3_large_{mode}.txt')}\n```\n")
+        # tqdm's progress lines are noise in a summary
+        text = "\n".join(ln for ln in read(f"profile_v3_large_{mode}.txt").splitlines() if not TQDM_LINE.search(ln))
+        print(f"### {mode}\n\n```\n{text}\n```\n")
     bench_section(d)
 
 
