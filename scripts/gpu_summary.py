@@ -26,10 +26,11 @@ def sanitizer_verdict(path: pathlib.Path) -> str:
     if not path.exists():
         return "did not run"
     text = path.read_text(errors="replace")
-    m = re.search(r"ERROR SUMMARY: (\d+) error", text)
+    m = re.search(r"(?:ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: \d+ hazards displayed \((\d+) error)", text)
     if m is None:
         return "no sanitizer summary (see log)"
-    return "clean" if m.group(1) == "0" else f"{m.group(1)} errors"
+    errors = m.group(1) or m.group(2)
+    return "clean" if errors == "0" else f"{errors} errors"
 
 
 def main(out: str) -> None:

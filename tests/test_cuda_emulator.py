@@ -218,6 +218,10 @@ MMA_CASES = [
     ((5, 8, 3, 4), 7, 1, BF16),  # narrow images: most taps in the padding, groups of 3 and 2
     ((1, 24, 6, 5), 5, 1, HALF),  # fp16, Ho 6, Wo 5
     ((3, 16, 16, 16), 3, 1, HALF),  # fp16, TW 16 exact, image groups of 2 and 1
+    # TW 28 at stride 2 (tiles of 4 rows: 112 outputs, 16 vectors past the tile) with a block boundary inside an
+    # image, blocks run in reverse (order 2): a store of a vector past the tile into the next tile's first row, a
+    # race on the GPU (the first H200 run, 2026-11-30), shows here. Ho 23, Wo 29: 2 column tiles, 6 row tiles.
+    ((1, 8, 45, 58), 3, 2, BF16),
 ]
 
 

@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const __grid_constant__ Dw
   const SmemAddr s_lane = smem_addr(plane + (lane % S) * G::PH + lane / S);
   // This lane's D fragment positions (g / 4, g % 4) and (g / 4 + 2, g % 4) of an m-tile in the output layout.
   uint32_t* d_lane = reinterpret_cast<uint32_t*>(plane + (g >> 2) * G::OP + (g & 3)) + tq;
-  // Output vectors v = lane + 32 i of a tile: row vr, image vb, column vc (vr = TH past the tile: never stored),
+  // Output vectors v = lane + 32 i of a tile: row vr, image vb, column vc (vr = TH past the tile: rows_left <= TH),
   // and their offset in y from the tile's first output; the same in every tile.
   int vr[G::NV], vb[G::NV], vc[G::NV], voff[G::NV];
   const int xh = (int)p.xs.h, xw = (int)p.xs.w, yh = (int)p.ys.h, yw = (int)p.ys.w;
@@ -241,7 +241,9 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const __grid_constant__ Dw
     }
     syncwarp();  // the tile's outputs are in the plane
     T* yt = y + (int64_t)n * p.ys.n + mul_wide(oh0, yh) + mul_wide(ow0, yw) + c0;
-    const int rows_left = (int)p.Ho - oh0, cols_left = (int)p.Wo - ow0;
+    // rows_left <= TH: the vectors past a tile of TH * OW % 32 != 0 outputs (TW 28 at S = 2: vr = TH) are never
+    // stored (else they land on the next tile's first row: a race, seen on the first GPU run).
+    const int rows_left = (int)p.Ho - oh0 < G::TH ? (int)p.Ho - oh0 : G::TH, cols_left = (int)p.Wo - ow0;
     // The union of the stored outputs' NaNs (4 max.NaN per vector of 8 outputs; sm_90 SASS: 2 HMNMX2 + one
     // 3-input VHMNMX), tested once per tile: about 0.6 instructions per output instead of a test per accumulator.
     uint32_t nan_seen = 0u;

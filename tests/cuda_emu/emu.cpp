@@ -359,27 +359,31 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*bod
   g_bdim = block;
   g_body = body;
   g_ctx = ctx;
-  for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      g_bid = make_uint3(bx, by, 0);
-      std::memset(base, 0xff, smem + kGuard);  // NaN in every float: a value no thread staged shows
-      std::memset(__start_mnet_emu_smem, 0xff, __stop_mnet_emu_smem - __start_mnet_emu_smem);
-      std::memset(g_arena, 0xff, sizeof(g_arena));
-      g_arena_used = 0;
-      g_arrays.clear();
-      run_block((int)n);
-      if (smem + g_arena_used > kSmemMax)
-        error("block (" + std::to_string(bx) + "," + std::to_string(by) + "): " + std::to_string(smem) +
-              " bytes of dynamic and " + std::to_string(g_arena_used) + " of static shared memory, over sm_90's " +
-              std::to_string(kSmemMax));
-      for (size_t i = smem; i < smem + kGuard; ++i)
-        if (base[i] != 0xff) {
-          error("block (" + std::to_string(bx) + "," + std::to_string(by) + ") wrote shared memory at byte " +
-                std::to_string(i) + ", past the launch's " + std::to_string(smem) + " bytes");
-          break;
-        }
-      if (!g_errors.empty()) return;
-    }
+  // Blocks in launch order at thread order 0, else in reverse: a block that writes outputs another block owns (a
+  // race on a GPU, where block order is unspecified) is caught whichever way its stale write lands.
+  const size_t blocks = (size_t)grid.x * grid.y;
+  for (size_t i = 0; i < blocks; ++i) {
+    const size_t b = g_order == 0 ? i : blocks - 1 - i;
+    const unsigned bx = (unsigned)(b % grid.x), by = (unsigned)(b / grid.x);
+    g_bid = make_uint3(bx, by, 0);
+    std::memset(base, 0xff, smem + kGuard);  // NaN in every float: a value no thread staged shows
+    std::memset(__start_mnet_emu_smem, 0xff, __stop_mnet_emu_smem - __start_mnet_emu_smem);
+    std::memset(g_arena, 0xff, sizeof(g_arena));
+    g_arena_used = 0;
+    g_arrays.clear();
+    run_block((int)n);
+    if (smem + g_arena_used > kSmemMax)
+      error("block (" + std::to_string(bx) + "," + std::to_string(by) + "): " + std::to_string(smem) +
+            " bytes of dynamic and " + std::to_string(g_arena_used) + " of static shared memory, over sm_90's " +
+            std::to_string(kSmemMax));
+    for (size_t j = smem; j < smem + kGuard; ++j)
+      if (base[j] != 0xff) {
+        error("block (" + std::to_string(bx) + "," + std::to_string(by) + ") wrote shared memory at byte " +
+              std::to_string(j) + ", past the launch's " + std::to_string(smem) + " bytes");
+        break;
+      }
+    if (!g_errors.empty()) return;
+  }
 }
 }  // namespace emu
 
