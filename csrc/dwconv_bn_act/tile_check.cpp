@@ -14,6 +14,19 @@ namespace mnet {
 
 namespace {
 [[noreturn]] void plan_error(const std::string& what) { throw std::runtime_error("mnet_ext tile plan: " + what); }
+
+// The kernels' chunks (chunk_range) partition items [0, n) in order: each starts where the last ended, the last ends
+// at n. `what` names the items in the errors.
+void check_chunks(int64_t n, int64_t nchunks, const std::string& what) {
+  int64_t next = 0;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    int64_t lo, hi;
+    chunk_range(n, nchunks, c, lo, hi);
+    if (lo != next && lo < n) plan_error("chunks do not partition the " + what);
+    next = hi > next ? hi : next;
+  }
+  if (next != n) plan_error("chunks do not cover every one of the " + what);
+}
 }  // namespace
 
 // Backward apply: the bands partition the output rows (dweight) and the input rows (dx) in order, each band's dz
@@ -61,14 +74,7 @@ void check_band_plan(const DwParams& p, const BandTilePlan& b, int64_t stage_bud
   if (b.R > 1 && b.stage_floats() * 4 > stage_budget) plan_error("the staged band exceeds its shared memory");
   if (b.tiles >= (int64_t(1) << 31)) plan_error("the band tiles need more than 31 bits");
   if (b.bands * b.R < p.Ho || (b.bands - 1) * b.R >= p.Ho) plan_error("bands do not cover the rows");
-  int64_t next = 0;
-  for (int64_t c = 0; c < b.nchunks; ++c) {
-    int64_t lo, hi;
-    chunk_range(b.tiles, b.nchunks, c, lo, hi);
-    if (lo != next && lo < b.tiles) plan_error("chunks do not partition the band tiles");
-    next = hi > next ? hi : next;
-  }
-  if (next != b.tiles) plan_error("chunks do not cover every band tile");
+  check_chunks(b.tiles, b.nchunks, "band tiles");
   for (int64_t c = 0; c < b.nchunks; ++c) {  // the kernels' 32-bit chunk bounds
     int64_t lo, hi;
     uint32_t lo32, hi32;
@@ -155,14 +161,7 @@ void cover(const DwParams& p, const TilePlan& t, int threads, int32_t* counts) {
   const int J = strip_j(p.stride, p.dilation);
   if (t.lg.walkers < 1 || t.lg.lanes * t.lg.walkers > plan_threads(threads, t.wide))
     plan_error("block shape does not fit the thread count");
-  int64_t next = 0;
-  for (int64_t c = 0; c < t.nchunks; ++c) {
-    int64_t b, e;
-    chunk_range(t.strips, t.nchunks, c, b, e);
-    if (b != next && b < t.strips) plan_error("chunks do not partition the strips");
-    next = e > next ? e : next;
-  }
-  if (next != t.strips) plan_error("chunks do not cover every strip");
+  check_chunks(t.strips, t.nchunks, "strips");
   if (t.strips >= (int64_t(1) << 31)) plan_error("the strips need more than 31 bits");
   const int ncol = strip_cols(J, t.TW, p.k);
   if (ncol > 31) plan_error("the window is wider than the column mask");
