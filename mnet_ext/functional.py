@@ -191,7 +191,7 @@ def dwconv_bn_act(
         mean, var = (running_mean.detach(), running_var.detach()) if grad else (running_mean, running_var)
         invstd = torch.rsqrt(_as(var, acc) + eps)
         mean = _as(mean, acc)
-        if name == "cuda" and not autocasting and not torch.compiler.is_compiling():
+        if not autocasting and not torch.compiler.is_compiling():
             # The op's body without the custom op's dispatch and autograd layers (they cost more than a small
             # layer's convolution on a CPU): directly when autograd has nothing to record, else with its autograd
             # as an autograd.Function
@@ -207,7 +207,7 @@ def dwconv_bn_act(
         count = n * ho * wo
         # As native: an empty batch is fine (an empty result, running statistics left alone), one value is not.
         _check(count != 1, f"x: expected more than 1 value per channel when training, got input size {list(x.shape)}")
-        if name == "cuda" and not autocasting and not torch.compiler.is_compiling():
+        if not autocasting and not torch.compiler.is_compiling():
             # The op bodies and their autograd without the custom op's layers (see TrainFunction)
             y, mean, var = dw_ops.TrainFunction.apply(x, weight, gamma, beta, eps, stride, dilation, act, name)
         else:
@@ -281,7 +281,7 @@ def squeeze_excite(
         # (x's dtype for float32 or the autocast dtype itself; float32 for float16 x under bfloat16 and vice versa).
         x = x.to(torch.promote_types(x.dtype, dtype))
     name = _backend_for(backend, x)
-    if name == "cuda" and not autocasting and not torch.compiler.is_compiling():
+    if not autocasting and not torch.compiler.is_compiling():
         # The op's body without the custom op's layers (see dwconv_bn_act): directly when autograd has nothing to
         # record, else with its autograd as an autograd.Function
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, fc1_bias, w2, fc2_bias)):

@@ -126,48 +126,52 @@ def test_se_primitives_geometry(backend, shape, layout):
 
 # mnet_ext.functional runs the op bodies without the custom ops' dispatch and autograd layers in eager mode
 # (eval_forward / EvalFunction, and since session 5 the one-call TrainStepFunctions for training and SE): the results
-# and every gradient must be bitwise those of the custom ops (which torch.compile traces).
+# and every gradient must be bitwise those of the custom ops (which torch.compile traces), on every backend (since
+# session 9 the Triton and reference backends take the fast path too: the custom op's Python dispatch cost more than
+# a small layer's kernels on the first GPU run).
 def _grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return torch.autograd.grad(out, inputs, torch.linspace(-1, 1, out.numel()).reshape(out.shape))
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_functional_fast_path_matches_custom_op(backend, training, layout):
+@pytest.mark.parametrize("name", ["cuda", "triton", "reference"])
+def test_functional_fast_path_matches_custom_op(backend, name, training, layout):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x, weight, mean, invstd, gamma, beta = _args(2, 24, 9, 7, 3, seed=5)
     x = x.contiguous(memory_format=fmt)
     var = invstd.pow(-2) - 1e-5
     inputs = [t.clone().requires_grad_() for t in (x, weight, gamma, beta)]
     y = MF.dwconv_bn_act(inputs[0], inputs[1], mean.clone(), var.clone(), inputs[2], inputs[3], training,
-                         stride=2, act="hardswish", backend="cuda")
+                         stride=2, act="hardswish", backend=name)
     if training:
-        y_op = torch.ops.mnet_ext.dwconv_bn_act_train(*inputs, 1e-5, 2, 1, "hardswish", "cuda")[0]
+        y_op = torch.ops.mnet_ext.dwconv_bn_act_train(*inputs, 1e-5, 2, 1, "hardswish", name)[0]
     else:
         inv = torch.rsqrt(var + 1e-5)
         y_op = torch.ops.mnet_ext.dwconv_bn_act(inputs[0], inputs[1], mean, inv, inputs[2], inputs[3], 2, 1,
-                                                "hardswish", "cuda")
+                                                "hardswish", name)
         with torch.no_grad():  # the path without autograd
             assert torch.equal(MF.dwconv_bn_act(x, weight, mean, var, gamma, beta, stride=2, act="hardswish",
-                                                backend="cuda"), y_op)
+                                                backend=name), y_op)
     assert torch.equal(y, y_op)
     for g, g_op in zip(_grads(y, inputs), _grads(y_op, inputs), strict=True):
         assert torch.equal(g, g_op)
 
 
-def test_functional_se_fast_path_matches_custom_op(backend):
+@pytest.mark.parametrize("name", ["cuda", "triton", "reference"])
+def test_functional_se_fast_path_matches_custom_op(backend, name):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 12, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
     params = [torch.randn(4, 12, generator=g), torch.randn(4, generator=g), torch.randn(12, 4, generator=g),
               torch.randn(12, generator=g)]
     inputs = [t.clone().requires_grad_() for t in (x, *params)]
-    y = MF.squeeze_excite(*inputs, backend="cuda")
-    y_op = torch.ops.mnet_ext.squeeze_excite(*inputs, "relu", "hardsigmoid", "cuda")[0]
+    y = MF.squeeze_excite(*inputs, backend=name)
+    y_op = torch.ops.mnet_ext.squeeze_excite(*inputs, "relu", "hardsigmoid", name)[0]
     assert torch.equal(y, y_op)
     for gr, gr_op in zip(_grads(y, inputs), _grads(y_op, inputs), strict=True):
         assert torch.equal(gr, gr_op)
     with torch.no_grad():
-        assert torch.equal(MF.squeeze_excite(x, *params, backend="cuda"), y_op)
+        assert torch.equal(MF.squeeze_excite(x, *params, backend=name), y_op)
 
 
 # Eval with nothing for autograd to record runs each layer as one C++ call (dwconv_bn_act_eval, squeeze_excite_eval:

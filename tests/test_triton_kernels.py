@@ -40,6 +40,10 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(tdw, "_SUM_BLOCK_R", 2)
     # stage-1 reductions: a few rows of several tiles each, with a short tail
     monkeypatch.setattr(tdw, "_INTERP_STAGE1_PROGRAMS", 6)
+    # dw_tile is cached: no plan made with the real slot counts may serve these tests, nor theirs the others
+    triton_kernels.dw_tile.cache_clear()
+    yield
+    triton_kernels.dw_tile.cache_clear()
 
 
 def _inputs(n, c, h, w, k, stride, dilation, dtype, channels_last, offset=0.0):

@@ -127,6 +127,9 @@ class DwTile(NamedTuple):
     rows: int = 1  # output rows per group (the forward's multi-row groups; 1 elsewhere)
 
 
+# Cached: a launch's planning is a pure function of these ints, and this search costs ~0.3 ms of Python per call
+# (more than a small layer's kernels on a GPU: the first H200 run's Triton layers were host-bound).
+@functools.lru_cache(maxsize=4096)
 def dw_tile(ho: int, wo: int, channels: int, channels_last: bool, k: int, kind: str = "fwd",
             max_block_c: int = 128, shared_rows: bool = False, elem_bytes: int = 2) -> DwTile:
     """The depthwise tile for an output of ``ho`` x ``wo`` pixels and ``channels`` channels: a pure function of the
