@@ -591,18 +591,30 @@ def ncu_command(case: NcuCase, python: str, full: bool) -> list[str]:
 
 
 def _run_capped(cmd: list[str], cap_s: float, stdout: pathlib.Path, stderr: pathlib.Path) -> int:
-    """Run ``cmd`` in its own process group; past ``cap_s`` the whole group (ncu and the profiled python) is
-    killed. Returns the exit code, 124 on timeout."""
+    """Run ``cmd`` in its own process group; past ``cap_s``, or when this process gets SIGTERM (the shell step's
+    timeout), the whole group (ncu and the profiled python) is killed: no profiler left running into the next step.
+    Returns the exit code, 124 on timeout."""
     with open(stdout, "w") as out, open(stderr, "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, start_new_session=True)
+
+        def kill_group(*_: object) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        def on_term(*_: object) -> None:
+            kill_group()
+            sys.exit(124)
+
+        previous = signal.signal(signal.SIGTERM, on_term)
         try:
             return proc.wait(timeout=cap_s)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_group()
             proc.wait()
             err.write(f"\n[diag_gpu] killed after {cap_s:.0f} s\n")
             return 124
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_ncu(out: pathlib.Path, budget_s: float, case_cap_s: float, keys: list[str] | None) -> int:
@@ -625,7 +637,9 @@ def run_ncu(out: pathlib.Path, budget_s: float, case_cap_s: float, keys: list[st
         t0 = time.monotonic()
         rc = _run_capped(ncu_command(case, sys.executable, full), min(case_cap_s, left), csv_path, log_path)
         rows = parse_ncu_csv(csv_path.read_text(errors="replace"))
-        if not rows and full and rc != 124:  # e.g. an unknown metric or option: the plain command from here on
+        # ncu failed (an unknown metric, section or option; not "no kernel matched", which exits 0): the plain
+        # command from here on
+        if not rows and full and rc not in (0, 124):
             full = False
             log_path.rename(out / f"ncu_{case.key}.full_failed.log")
             left = t_end - time.monotonic()
@@ -652,13 +666,13 @@ def run_host(out: pathlib.Path, budget_s: float) -> int:
     rows = RowFile(out / "host.csv", HOST_COLUMNS)
     t_end = time.monotonic() + budget_s
     with open(out / "host_profile.txt", "w") as prof_txt:
-        for case in HOST_CASES:
-            cfg = case.layer()
-            setup = Setup(torch.device("cuda"), torch.bfloat16, case.batch, torch.channels_last)
-            native = build_native(cfg, setup, torch.channels_last)
-            x, dy = make_inputs(cfg, setup, torch.channels_last)
-            for backend in ("cuda", "triton"):
-                for mode in ("eval", "fwd_bwd"):
+        for mode in ("eval", "fwd_bwd"):  # eval of every layer and backend first: H3 is about the eval forward
+            for case in HOST_CASES:
+                cfg = case.layer()
+                setup = Setup(torch.device("cuda"), torch.bfloat16, case.batch, torch.channels_last)
+                native = build_native(cfg, setup, torch.channels_last)
+                x, dy = make_inputs(cfg, setup, torch.channels_last)
+                for backend in ("cuda", "triton"):
                     row = {"layer": case.name, "backend": backend, "mode": mode}
                     if time.monotonic() > t_end:
                         rows.write({**row, "status": "skipped", "detail": "host budget spent"})
@@ -673,8 +687,8 @@ def run_host(out: pathlib.Path, budget_s: float) -> int:
                         row.update(status="error", detail=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                                    if str(exc) else type(exc).__name__)
                     rows.write(row)
-            del x, dy, native
-            torch.cuda.empty_cache()
+                del x, dy, native
+                torch.cuda.empty_cache()
     rows.close()
     return 0
 

@@ -11,8 +11,9 @@
 # Whole run <= GPU_DIAG_BUDGET_S (default 240 s). Without a GPU (or without ncu) the GPU steps are skipped with a line
 # saying why, and diag_summary.md is still written.
 #
-# The device `run` command (at most 8 files come back, so the folder travels as one tarball, < 10 MB):
-#   export PYTHON=python3; bash scripts/gpu_diag.sh /tmp/d; tar czf $OUT/diag.tgz -C /tmp d; cp /tmp/d/diag_summary.md $OUT/
+# The device `run` command (at most 8 files come back, so the folder travels as one tarball, < 10 MB; MNET_COMMIT
+# names the commit where the device copy has no .git):
+#   export PYTHON=python3 MNET_COMMIT=<sha>; bash scripts/gpu_diag.sh /tmp/d; tar czf $OUT/diag.tgz -C /tmp d; cp /tmp/d/diag_summary.md $OUT/
 # with timeout_s 300 (the script's 240 s, the tarball, and slack).
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_diag.sh OUTDIR}

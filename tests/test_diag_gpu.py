@@ -65,14 +65,17 @@ def sample_details(cols: int = 20) -> str:
         r("0", "MemoryWorkloadAnalysis_Tables", "", "", "",
           rule=("UncoalescedGlobalAccess", "OPT", "This kernel has uncoalesced global accesses resulting in a total "
                 "of 3612672 excessive sectors (75% of the total 4816896 sectors)."))
-    lines.append(_row("1", "GPU Speed Of Light Throughput", "Duration", "nsecond", "1", cols=cols))  # a 2nd launch
+    r("0", "Command line profiler metrics", "smsp__inst_executed_op_ldgsts.sum", "inst", "")  # printed empty
+    # a second launch: its values (even a metric launch 0 lacks) stay out of launch 0's figures
+    lines.append(_row("1", "GPU Speed Of Light Throughput", "Duration", "nsecond", "1", cols=cols))
+    lines.append(_row("1", "Occupancy", "Block Limit Registers", "block", "4", cols=cols))
     return "\n".join(lines) + "\n"
 
 
 @pytest.mark.parametrize("cols", [15, 20])
 def test_parse_ncu_details(cols):
     rows = dg.parse_ncu_csv(sample_details(cols))
-    assert len(rows) == 19 + (cols == 20)  # 18 metrics of launch 0, launch 1, the rule
+    assert len(rows) == 21 + (cols == 20)  # 19 metrics of launch 0, 2 of launch 1, the rule
     first = rows[0]
     assert (first.launch, first.kernel, first.grid, first.block) == ("0", KERNEL, "(6272, 9, 1)", "(96, 1, 1)")
     assert (first.section, first.metric, first.unit, first.value) == (
@@ -83,6 +86,7 @@ def test_parse_ncu_details(cols):
     assert values["gpu__time_duration.sum"] == pytest.approx(477310.0)  # usecond -> ns
     assert values["Duration"] == 477312.0  # launch 0's, not launch 1's
     assert "l1tex__t_sectors_pipe_lsu_mem_local_op_st.sum" not in values  # n/a
+    assert "smsp__inst_executed_op_ldgsts.sum" not in values and "Block Limit Registers" not in values
     rules = [r for r in rows if r.rule]
     assert [r.rule for r in rules] == (["UncoalescedGlobalAccess"] if cols == 20 else [])
 
