@@ -456,6 +456,46 @@ def test_band_rows_fit_the_slot():
                 assert dz_rows <= 1.5 * ho, (cfg, k, t, tb)
 
 
+@pytest.mark.parametrize("dtype, channels_last, k, stride, arch, want", [
+    (torch.float32, True, 3, 1, 80, 255),  # spilled 4-12 bytes under 168 on sm_80
+    (torch.float32, True, 3, 1, 90, 168),
+    (torch.float32, False, 3, 1, 80, 255),
+    (torch.bfloat16, True, 3, 1, 80, 168),
+    (torch.float32, True, 3, 2, 90, 255),
+    (torch.float16, False, 3, 1, 90, 255),
+    (torch.float32, True, 5, 1, 80, None),
+])  # fmt: skip
+def test_bwd_apply_register_limit_follows_the_gpu(monkeypatch, dtype, channels_last, k, stride, arch, want):
+    """The backward apply's .maxnreg is ``_apply_maxnreg`` of the launch's GPU, which the launcher asks for x's
+    device; on meta tensors (the static report, which answers as its target GPU) the current device's."""
+    import types
+
+    props = types.SimpleNamespace(major=arch // 10, minor=arch % 10)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    launches = {}
+
+    class Recorder:  # stands in for a kernel: records the launch's keyword arguments
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.setdefault(self.name, kwargs)
+
+    for name in ("_bwd_apply_kernel", "_sum_rows_kernel"):
+        monkeypatch.setattr(tdw, name, Recorder(name))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    c, h = 32, 28
+    ho = ref.output_hw(h, h, k, stride, 1)[0]
+    x = torch.empty((2, c, h, h), dtype=dtype, device="meta", memory_format=fmt)
+    gy = torch.empty((2, c, ho, ho), dtype=dtype, device="meta", memory_format=fmt)
+    weight = torch.empty((c, 1, k, k), dtype=dtype, device="meta")
+    v = torch.empty((c,), dtype=torch.float32, device="meta")
+    tdw.dwconv_bn_act_bwd_apply(gy, x, weight, v, v, v, v, v, v, stride, 1, "relu")
+    assert launches["_bwd_apply_kernel"]["maxnreg"] == want == tdw._apply_maxnreg(k, dtype, channels_last, stride,
+                                                                                   arch)
+
+
 def test_stats_large_mean(small_tiles):
     """mean 1000, std ~1: a naive sum of squares in fp32 loses the variance; Welford tiles + Chan keep it."""
     x, weight, _, _ = _inputs(2, 4, 7, 9, 3, 1, 1, torch.float32, True, offset=1000.0)

@@ -931,7 +931,17 @@ def _band_rows(ho: int, wo: int, block_c: int, halo: int) -> int:
     return triton.cdiv(ho, triton.cdiv(ho, tb))
 
 
-def _apply_maxnreg(k: int, dtype: torch.dtype, channels_last: bool, stride: int) -> int | None:
+def _device_arch(x: torch.Tensor) -> int | None:
+    """Compute capability (90 for sm_90) of the GPU that runs a launch on ``x``: x's own; on meta tensors (the
+    static report) the current device, which the report answers as its target architecture; None on CPU tensors
+    (the interpreter: no registers, no tensor cores)."""
+    if x.device.type == "cpu":
+        return None
+    props = torch.cuda.get_device_properties(x.device.index if x.device.type == "cuda" else torch.cuda.current_device())
+    return props.major * 10 + props.minor
+
+
+def _apply_maxnreg(k: int, dtype: torch.dtype, channels_last: bool, stride: int, arch: int | None) -> int | None:
     """Register limit (PTX .maxnreg) of the backward apply at K = 3; None (ptxas's own choice) at K = 5 and 7.
     Left to itself at K = 3, ptxas holds the kernel at its 128- or 168-register occupancy step and spills a pair of
     the dweight sums carried around the band loop (sm_90: bf16 NHWC 8 bytes on 2 layers, fp32 4-12 bytes on 13);
@@ -940,10 +950,16 @@ def _apply_maxnreg(k: int, dtype: torch.dtype, channels_last: bool, stride: int)
     value is a register, its windows are the widest) and spills 24-64 bytes under 168 (4 at ptxas's own 168 on one
     layer): 255 there, and for fp16 (its conversions: 4-16 bytes under 168 on 9 layers, NCHW stride 1 and NHWC
     stride 2). K = 5 needs 181-255 registers (spills 4-400 bytes under 168) and K = 7 runs at 156-166 without a
-    limit; a limit of 168 spilled 4 bytes on NCHW K = 7."""
-    if k != 3:
+    limit; a limit of 168 spilled 4 bytes on NCHW K = 7.
+
+    ``arch`` (``_device_arch``: the launch's GPU; the static report compiles each target through the launcher, so
+    both apply this one rule; None: the interpreter, which has no registers). sm_80 fp32 spills under 168 too (NHWC
+    stride 1 4-12 bytes on 9 layers, NCHW 16 on c200 14 x 14) and at ptxas's own choice (4 bytes at 128 on NHWC
+    c200 14 x 14): 255 for fp32 below sm_90 (198-251 registers, no spill, 0-8 fewer SASS/elem, 2 blocks per SM
+    instead of 3). Measured on sm_80 and sm_90; sm_86/89 take sm_80's rule, later GPUs sm_90's."""
+    if k != 3 or arch is None:
         return None
-    if dtype == torch.float16 or (dtype == torch.float32 and channels_last and stride == 2):
+    if dtype == torch.float16 or (dtype == torch.float32 and (arch < 90 or channels_last and stride == 2)):
         return 255
     return _APPLY_MAXNREG
 
@@ -1095,7 +1111,7 @@ def dwconv_bn_act_bwd_apply(
         n * num_bands, iters, *grad_y.stride(), *x.stride(), *dx.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl, VEC=vec_width(cl, c, grad_y, x, dx),
         OW=t.ow, OWX=owx, HALO_LO=halo_lo, HALO_HI=halo_hi, BLOCK_G=t.block_g, BLOCK_C=t.block_c,
-        num_warps=t.num_warps, maxnreg=_apply_maxnreg(k, x.dtype, cl, stride),
+        num_warps=t.num_warps, maxnreg=_apply_maxnreg(k, x.dtype, cl, stride, _device_arch(x)),
     )  # fmt: skip
     # dweight stage 2: deterministic column sums of the partials' first C*K*K columns, stored in weight's dtype.
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
@@ -1370,10 +1386,10 @@ def _dot_fwd_supported(x: torch.Tensor, y: torch.Tensor, k: int, stride: int, di
     t = _dot_tile(n, ho, wo, k, stride)
     if triton.cdiv(wo, t.g) >= 65536 or triton.cdiv(n, t.nb) * triton.cdiv(ho, t.rh) >= 65536:
         return False
-    if x.device.type == "cpu":
+    arch = _device_arch(x)
+    if arch is None:
         return interpreting() and x.dtype == torch.float16
-    index = x.device.index if x.device.type == "cuda" else torch.cuda.current_device()  # meta tensors: the report
-    return torch.cuda.get_device_properties(index).major >= 9
+    return arch >= 90
 
 
 def _fwd_dot(x, weight, mean, invstd, gamma, beta, y, k: int, stride: int, act: str) -> None:
