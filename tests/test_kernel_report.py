@@ -286,7 +286,8 @@ def test_exhaustive_no_spill(full_records, key):
 # ------------------------------------------------------------------------------------------------- Triton AOT gate
 # What the --quick report leaves out, for the Triton kernels: sm_80, fp16/fp32, K = 7 and dilation 2, on the layers
 # whose tiles are tightest in registers (fp32 and K = 7: the widest loads and the most weights and dweight sums).
-# (channels, H, W, K, stride, dilation, act, dtype, layout, arch); every launch with the launchers' own constexprs.
+# (channels, H, W, K, stride, dilation, act, dtype, layout, arch[, kernels]); every launch with the launchers' own
+# constexprs (only those of ``kernels`` where given: a rule that concerns one kernel costs one compile).
 TRITON_CI_CASES = [
     (960, 7, 7, 7, 1, 1, "hardswish", "fp32", "NHWC", 80),
     (72, 56, 56, 3, 1, 2, "relu", "fp16", "NCHW", 80),
@@ -301,6 +302,11 @@ TRITON_CI_CASES = [
     # the backward apply's register limit (8 B spill without it) and fp32 bwd_reduce's 4-channel tiles (48 B with 8)
     (384, 14, 14, 3, 1, 1, "relu6", "bf16", "NHWC", 90),
     (144, 56, 56, 3, 2, 1, "relu6", "fp32", "NHWC", 90),
+    # the backward apply's limit on sm_80 in fp32 (255; under 168 12 B on NHWC stride 1, 16 B on NCHW c200 14 x 14)
+    (128, 56, 56, 3, 1, 1, "relu", "fp32", "NHWC", 80, ["_bwd_apply_kernel"]),
+    (200, 14, 14, 3, 1, 1, "hardswish", "fp32", "NCHW", 80, ["_bwd_apply_kernel"]),
+    # its 64-channel tiles in fp32 at K = 5 (128 channels: 4 B at 255 registers)
+    (960, 7, 7, 5, 1, 1, "hardswish", "fp32", "NHWC", 90, ["_bwd_apply_kernel"]),
 ]
 
 _TRITON_CASES_SCRIPT = """
@@ -308,10 +314,11 @@ import json, sys
 from bench import kernel_builds, kernel_report
 from mnet_ext.layers import LayerConfig
 launches = []
-for c, h, w, k, s, d, act, dtype, layout, arch in json.loads(sys.argv[1]):
+for c, h, w, k, s, d, act, dtype, layout, arch, *only in json.loads(sys.argv[1]):
     case = kernel_report.Case(LayerConfig("dwconv_bn_act", c, h, w, k, s, d, act), "ci", dtype, layout)
     module, calls = kernel_report.launcher_calls(case, 256)
-    launches += [(case, arch, launch) for launch in kernel_builds.triton_launches(module, calls, arch)]
+    launches += [(case, arch, launch) for launch in kernel_builds.triton_launches(module, calls, arch)
+                 if not only or launch.kernel in only[0]]
 jobs = [j for _, _, launch in launches for j in launch.jobs]
 results = kernel_builds.run_jobs(jobs, kernel_builds.find_tools(None), kernel_builds.DEFAULT_CACHE, 2, None, False)
 print(json.dumps(kernel_report.triton_records(launches, results, 256)))

@@ -448,12 +448,14 @@ def test_band_rows_fit_the_slot():
             ho, wo = ref.output_hw(cfg.height, cfg.width, k, cfg.stride, cfg.dilation)
             lo, hi = tdw._band_halo(k, cfg.stride, cfg.dilation)
             for cl in (True, False):
-                t = triton_kernels.dw_tile(ho, wo, cfg.channels, cl, k, "apply", tdw._apply_block_c(ho, wo, lo + hi))
-                tb = tdw._band_rows(ho, wo, t.block_c, lo + hi)
-                assert min(tb + lo + hi, ho) * wo * t.block_c <= tdw._SLOT_FLOATS, (cfg, k, t, tb)
-                bands = -(-ho // tb)
-                dz_rows = sum(min(b * tb + tb + hi, ho) - max(b * tb - lo, 0) for b in range(bands))
-                assert dz_rows <= 1.5 * ho, (cfg, k, t, tb)
+                for dtype in (torch.bfloat16, torch.float32):
+                    block_c = tdw._apply_block_c(ho, wo, lo + hi, k, dtype)
+                    t = triton_kernels.dw_tile(ho, wo, cfg.channels, cl, k, "apply", block_c)
+                    tb = tdw._band_rows(ho, wo, t.block_c, lo + hi)
+                    assert min(tb + lo + hi, ho) * wo * t.block_c <= tdw._SLOT_FLOATS, (cfg, k, t, tb)
+                    bands = -(-ho // tb)
+                    dz_rows = sum(min(b * tb + tb + hi, ho) - max(b * tb - lo, 0) for b in range(bands))
+                    assert dz_rows <= 1.5 * ho, (cfg, k, t, tb)
 
 
 @pytest.mark.parametrize("dtype, channels_last, k, stride, arch, want", [

@@ -911,11 +911,13 @@ def _band_halo(k: int, stride: int, dilation: int) -> tuple[int, int]:
     return pad // stride, -(-pad // stride)
 
 
-def _apply_block_c(ho: int, wo: int, halo: int) -> int:
+def _apply_block_c(ho: int, wo: int, halo: int, k: int, dtype: torch.dtype) -> int:
     """Most channels per backward-apply tile: the largest power of two whose slot holds the bands' rows with a halo
-    at most half of them (TB >= 2 * halo: <= 1.5x dz recomputed), or the whole image."""
+    at most half of them (TB >= 2 * halo: <= 1.5x dz recomputed), or the whole image; at most 64 in fp32 at K = 5
+    (measured on sm_90: 128-channel tiles of 4 warps on c960 7 x 7 spill 4 bytes at 255 registers; 64-channel tiles
+    of 2 warps do not, with 3 fewer SASS/elem)."""
     rows = min(ho, 3 * halo)
-    block_c = 128
+    block_c = 64 if k == 5 and dtype == torch.float32 else 128
     while block_c > 1 and rows * wo * block_c > _SLOT_FLOATS:
         block_c //= 2
     return block_c
@@ -1094,7 +1096,7 @@ def dwconv_bn_act_bwd_apply(
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
     _check_grad(grad_y, x, (n, c, ho, wo))
     halo_lo, halo_hi = _band_halo(k, stride, dilation)
-    t = dw_tile(ho, wo, c, cl, k, "apply", _apply_block_c(ho, wo, halo_lo + halo_hi))
+    t = dw_tile(ho, wo, c, cl, k, "apply", _apply_block_c(ho, wo, halo_lo + halo_hi, k, x.dtype))
     tb = _band_rows(ho, wo, t.block_c, halo_lo + halo_hi)
     num_bands = triton.cdiv(ho, tb)
     sr = min(tb + halo_lo + halo_hi, ho)
