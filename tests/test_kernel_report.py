@@ -307,6 +307,11 @@ TRITON_CI_CASES = [
     (200, 14, 14, 3, 1, 1, "hardswish", "fp32", "NCHW", 80, ["_bwd_apply_kernel"]),
     # its 64-channel tiles in fp32 at K = 5 (128 channels: 4 B at 255 registers)
     (960, 7, 7, 5, 1, 1, "hardswish", "fp32", "NHWC", 90, ["_bwd_apply_kernel"]),
+    # K = 7 channels_last fwd and stats under .maxnreg 255 (ptxas's occupancy steps spilled 4-16 B in fp16 and fp32),
+    # fp32 stats in 64-channel tiles (128: 12 B at 255 on c240)
+    (120, 14, 14, 7, 1, 1, "hardswish", "fp16", "NHWC", 90, ["_fwd_kernel"]),
+    (72, 56, 56, 7, 2, 1, "relu", "fp16", "NHWC", 90, ["_stats_partial_kernel"]),
+    (240, 14, 14, 7, 1, 1, "hardswish", "fp32", "NHWC", 90, ["_stats_partial_kernel"]),
 ]
 
 _TRITON_CASES_SCRIPT = """
