@@ -312,6 +312,9 @@ TRITON_CI_CASES = [
     (120, 14, 14, 7, 1, 1, "hardswish", "fp16", "NHWC", 90, ["_fwd_kernel"]),
     (72, 56, 56, 7, 2, 1, "relu", "fp16", "NHWC", 90, ["_stats_partial_kernel"]),
     (240, 14, 14, 7, 1, 1, "hardswish", "fp32", "NHWC", 90, ["_stats_partial_kernel"]),
+    # fp32 stats and bwd_reduce at K = 5, stride 2 on sm_80 under 255 (ptxas's own choice: 4-28 B)
+    (96, 28, 28, 5, 2, 1, "hardswish", "fp32", "NHWC", 80, ["_stats_partial_kernel", "_bwd_reduce_partial_kernel"]),
+    (72, 56, 56, 5, 2, 1, "relu", "fp32", "NCHW", 80, ["_stats_partial_kernel"]),
 ]
 
 _TRITON_CASES_SCRIPT = """

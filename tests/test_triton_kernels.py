@@ -458,18 +458,26 @@ def test_band_rows_fit_the_slot():
                     assert dz_rows <= 1.5 * ho, (cfg, k, t, tb)
 
 
-@pytest.mark.parametrize("dtype, channels_last, k, stride, arch, want", [
-    (torch.float32, True, 3, 1, 80, 255),  # spilled 4-12 bytes under 168 on sm_80
-    (torch.float32, True, 3, 1, 90, 168),
-    (torch.float32, False, 3, 1, 80, 255),
-    (torch.bfloat16, True, 3, 1, 80, 168),
-    (torch.float32, True, 3, 2, 90, 255),
-    (torch.float16, False, 3, 1, 90, 255),
-    (torch.float32, True, 5, 1, 80, None),
+@pytest.mark.parametrize("kernel, dtype, channels_last, k, stride, arch, want", [
+    ("_bwd_apply_kernel", torch.float32, True, 3, 1, 80, 255),  # spilled 4-12 bytes under 168 on sm_80
+    ("_bwd_apply_kernel", torch.float32, True, 3, 1, 90, 168),
+    ("_bwd_apply_kernel", torch.float32, False, 3, 1, 80, 255),
+    ("_bwd_apply_kernel", torch.bfloat16, True, 3, 1, 80, 168),
+    ("_bwd_apply_kernel", torch.float32, True, 3, 2, 90, 255),
+    ("_bwd_apply_kernel", torch.float16, False, 3, 1, 90, 255),
+    ("_bwd_apply_kernel", torch.float32, True, 5, 1, 80, None),
+    ("_fwd_kernel", torch.float16, True, 7, 1, 90, 255),
+    ("_fwd_kernel", torch.float16, False, 7, 1, 90, None),
+    ("_stats_partial_kernel", torch.bfloat16, True, 7, 2, 80, 255),
+    ("_stats_partial_kernel", torch.float32, False, 5, 2, 80, 255),
+    ("_stats_partial_kernel", torch.float32, False, 5, 2, 90, None),
+    ("_bwd_reduce_partial_kernel", torch.float32, True, 5, 2, 80, 255),
+    ("_bwd_reduce_partial_kernel", torch.float32, True, 5, 1, 80, None),
+    ("_bwd_reduce_partial_kernel", torch.float32, True, 7, 1, 90, None),
 ])  # fmt: skip
-def test_bwd_apply_register_limit_follows_the_gpu(monkeypatch, dtype, channels_last, k, stride, arch, want):
-    """The backward apply's .maxnreg is ``_apply_maxnreg`` of the launch's GPU, which the launcher asks for x's
-    device; on meta tensors (the static report, which answers as its target GPU) the current device's."""
+def test_register_limit_follows_the_gpu(monkeypatch, kernel, dtype, channels_last, k, stride, arch, want):
+    """Each launcher's .maxnreg is its rule (``_apply_maxnreg``, ``_conv_maxnreg``) for the launch's GPU, which it
+    asks for x's device; on meta tensors (the static report, which answers as its target GPU) the current device's."""
     import types
 
     props = types.SimpleNamespace(major=arch // 10, minor=arch % 10)
@@ -484,7 +492,8 @@ def test_bwd_apply_register_limit_follows_the_gpu(monkeypatch, dtype, channels_l
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.setdefault(self.name, kwargs)
 
-    for name in ("_bwd_apply_kernel", "_sum_rows_kernel"):
+    for name in ("_fwd_kernel", "_stats_partial_kernel", "_stats_combine_kernel", "_bwd_reduce_partial_kernel",
+                 "_bwd_apply_kernel", "_sum_rows_kernel"):
         monkeypatch.setattr(tdw, name, Recorder(name))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     c, h = 32, 28
@@ -493,9 +502,14 @@ def test_bwd_apply_register_limit_follows_the_gpu(monkeypatch, dtype, channels_l
     gy = torch.empty((2, c, ho, ho), dtype=dtype, device="meta", memory_format=fmt)
     weight = torch.empty((c, 1, k, k), dtype=dtype, device="meta")
     v = torch.empty((c,), dtype=torch.float32, device="meta")
-    tdw.dwconv_bn_act_bwd_apply(gy, x, weight, v, v, v, v, v, v, stride, 1, "relu")
-    assert launches["_bwd_apply_kernel"]["maxnreg"] == want == tdw._apply_maxnreg(k, dtype, channels_last, stride,
-                                                                                   arch)
+    geo = (stride, 1)
+    {
+        "_fwd_kernel": lambda: tdw.dwconv_bn_act_fwd(x, weight, v, v, v, v, *geo, "relu"),
+        "_stats_partial_kernel": lambda: tdw.dwconv_bn_stats(x, weight, *geo),
+        "_bwd_reduce_partial_kernel": lambda: tdw.dwconv_bn_act_bwd_reduce(gy, x, weight, v, v, v, v, *geo, "relu"),
+        "_bwd_apply_kernel": lambda: tdw.dwconv_bn_act_bwd_apply(gy, x, weight, v, v, v, v, v, v, *geo, "relu"),
+    }[kernel]()
+    assert launches[kernel]["maxnreg"] == want
 
 
 def test_stats_large_mean(small_tiles):

@@ -966,13 +966,25 @@ def _apply_maxnreg(k: int, dtype: torch.dtype, channels_last: bool, stride: int,
     return _APPLY_MAXNREG
 
 
-def _conv_maxnreg(k: int, channels_last: bool) -> int | None:
-    """Register limit (PTX .maxnreg) of the forward and the statistics kernels: 255 at K = 7 channels_last, else
-    None (ptxas's own choice). Left to itself there, ptxas holds them at an occupancy step (stats at 80-96 registers,
-    fwd at 168 on 4 warps) and spills 4-16 bytes (sm_90 fp16: stats on 3 layers, fwd on c120 14 x 14; fp32: stats on
-    2); under 255 they take 109-240 registers, spill nothing and issue 0-15 % fewer SASS per element (stats 3-10 %)
-    in bf16, fp16 and fp32 on sm_90 and sm_80, for fewer resident blocks (stats 5-12 -> 4-8 per SM)."""
-    return 255 if k == 7 and channels_last else None
+def _conv_maxnreg(
+    kind: str, k: int, dtype: torch.dtype, channels_last: bool, stride: int, arch: int | None
+) -> int | None:
+    """Register limit (PTX .maxnreg) of the forward (``kind`` "fwd"), statistics ("stats") and backward reduction
+    ("bwd_reduce") kernels on GPU ``arch`` (``_device_arch``; None: the interpreter), else None (ptxas's own choice).
+    Left to itself, ptxas holds a kernel at an occupancy step and spills 4-28 bytes where the tile needs a few
+    registers more. 255 for fwd and stats at K = 7 channels_last (stats at 80-96 registers, fwd at 168 on 4 warps:
+    sm_90 fp16 stats 4-8 bytes on 3 layers, fwd 4 on c120 14 x 14; fp32 stats 4-16 bytes on 2 layers on sm_90 and
+    sm_80): 109-240 registers, no spill, SASS per element fwd -15 to +0.5 %, stats -0.2 to -22.5 % in bf16, fp16 and
+    fp32 on sm_90 and sm_80, for fewer resident blocks (stats 5-12 -> 4-8 per SM). 255 for stats and bwd_reduce in
+    fp32 at K = 5, stride 2 below sm_90 (sm_80: stats 4 bytes at 96 and 168 registers on 3 layers, bwd_reduce 16-28
+    at 128 on 2): no spill, -0.5 to -8.2 SASS/elem, bwd_reduce channels_last 4 -> 2 blocks per SM on 2 layers."""
+    if arch is None:
+        return None
+    if k == 7 and channels_last and kind in ("fwd", "stats"):
+        return 255
+    if k == 5 and stride == 2 and dtype == torch.float32 and arch < 90 and kind in ("stats", "bwd_reduce"):
+        return 255
+    return None
 
 
 def _stats_block_c(k: int, dtype: torch.dtype) -> int:
@@ -1016,7 +1028,7 @@ def dwconv_bn_act_fwd(
         c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, *x.stride(), *y.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl,
         VEC=vec_width(cl, c, x, y), OW=t.ow, ROWS=t.rows, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
-        maxnreg=_conv_maxnreg(k, cl),
+        maxnreg=_conv_maxnreg("fwd", k, x.dtype, cl, stride, _device_arch(x)),
     )  # fmt: skip
     return y
 
@@ -1039,7 +1051,7 @@ def dwconv_bn_stats(
         c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, n * t.num_gb, iters, *x.stride(),
         K=k, STRIDE=stride, DIL=dilation, CHANNELS_LAST=cl,
         VEC=vec_width(cl, c, x), OW=t.ow, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
-        maxnreg=_conv_maxnreg(k, cl),
+        maxnreg=_conv_maxnreg("stats", k, x.dtype, cl, stride, _device_arch(x)),
     )  # fmt: skip
     mean = torch.empty((c,), dtype=torch.float32, device=x.device)
     var = torch.empty_like(mean)
@@ -1078,6 +1090,7 @@ def dwconv_bn_act_bwd_reduce(
         *grad_y.stride(), *x.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl,
         VEC=vec_width(cl, c, grad_y, x), OW=t.ow, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
+        maxnreg=_conv_maxnreg("bwd_reduce", k, x.dtype, cl, stride, _device_arch(x)),
     )  # fmt: skip
     sum_g = torch.empty((c,), dtype=torch.float32, device=x.device)
     sum_g_xhat = torch.empty_like(sum_g)
