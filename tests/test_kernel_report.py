@@ -315,6 +315,9 @@ TRITON_CI_CASES = [
     # fp32 stats and bwd_reduce at K = 5, stride 2 on sm_80 under 255 (ptxas's own choice: 4-28 B)
     (96, 28, 28, 5, 2, 1, "hardswish", "fp32", "NHWC", 80, ["_stats_partial_kernel", "_bwd_reduce_partial_kernel"]),
     (72, 56, 56, 5, 2, 1, "relu", "fp32", "NCHW", 80, ["_stats_partial_kernel"]),
+    # dilation 2 at K = 3 under 255: channels_last stats (16 B at 168) and the stride-2 backward apply (4 B at 168)
+    (184, 14, 14, 3, 1, 2, "hardswish", "bf16", "NHWC", 90, ["_stats_partial_kernel"]),
+    (72, 56, 56, 3, 2, 2, "relu", "bf16", "NHWC", 90, ["_bwd_apply_kernel"]),
 ]
 
 _TRITON_CASES_SCRIPT = """

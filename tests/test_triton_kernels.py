@@ -458,24 +458,28 @@ def test_band_rows_fit_the_slot():
                     assert dz_rows <= 1.5 * ho, (cfg, k, t, tb)
 
 
-@pytest.mark.parametrize("kernel, dtype, channels_last, k, stride, arch, want", [
-    ("_bwd_apply_kernel", torch.float32, True, 3, 1, 80, 255),  # spilled 4-12 bytes under 168 on sm_80
-    ("_bwd_apply_kernel", torch.float32, True, 3, 1, 90, 168),
-    ("_bwd_apply_kernel", torch.float32, False, 3, 1, 80, 255),
-    ("_bwd_apply_kernel", torch.bfloat16, True, 3, 1, 80, 168),
-    ("_bwd_apply_kernel", torch.float32, True, 3, 2, 90, 255),
-    ("_bwd_apply_kernel", torch.float16, False, 3, 1, 90, 255),
-    ("_bwd_apply_kernel", torch.float32, True, 5, 1, 80, None),
-    ("_fwd_kernel", torch.float16, True, 7, 1, 90, 255),
-    ("_fwd_kernel", torch.float16, False, 7, 1, 90, None),
-    ("_stats_partial_kernel", torch.bfloat16, True, 7, 2, 80, 255),
-    ("_stats_partial_kernel", torch.float32, False, 5, 2, 80, 255),
-    ("_stats_partial_kernel", torch.float32, False, 5, 2, 90, None),
-    ("_bwd_reduce_partial_kernel", torch.float32, True, 5, 2, 80, 255),
-    ("_bwd_reduce_partial_kernel", torch.float32, True, 5, 1, 80, None),
-    ("_bwd_reduce_partial_kernel", torch.float32, True, 7, 1, 90, None),
+@pytest.mark.parametrize("kernel, dtype, channels_last, k, stride, arch, want, dilation", [
+    ("_bwd_apply_kernel", torch.float32, True, 3, 1, 80, 255, 1),  # spilled 4-12 bytes under 168 on sm_80
+    ("_bwd_apply_kernel", torch.float32, True, 3, 1, 90, 168, 1),
+    ("_bwd_apply_kernel", torch.float32, False, 3, 1, 80, 255, 1),
+    ("_bwd_apply_kernel", torch.bfloat16, True, 3, 1, 80, 168, 1),
+    ("_bwd_apply_kernel", torch.float32, True, 3, 2, 90, 255, 1),
+    ("_bwd_apply_kernel", torch.float16, False, 3, 1, 90, 255, 1),
+    ("_bwd_apply_kernel", torch.float32, True, 5, 1, 80, None, 1),
+    ("_fwd_kernel", torch.float16, True, 7, 1, 90, 255, 1),
+    ("_fwd_kernel", torch.float16, False, 7, 1, 90, None, 1),
+    ("_stats_partial_kernel", torch.bfloat16, True, 7, 2, 80, 255, 1),
+    ("_stats_partial_kernel", torch.float32, False, 5, 2, 80, 255, 1),
+    ("_stats_partial_kernel", torch.float32, False, 5, 2, 90, None, 1),
+    ("_bwd_reduce_partial_kernel", torch.float32, True, 5, 2, 80, 255, 1),
+    ("_bwd_reduce_partial_kernel", torch.float32, True, 5, 1, 80, None, 1),
+    ("_bwd_reduce_partial_kernel", torch.float32, True, 7, 1, 90, None, 1),
+    ("_stats_partial_kernel", torch.bfloat16, True, 3, 1, 90, 255, 2),
+    ("_stats_partial_kernel", torch.bfloat16, True, 3, 1, 90, None, 1),
+    ("_bwd_apply_kernel", torch.bfloat16, True, 3, 2, 90, 255, 2),
+    ("_bwd_apply_kernel", torch.bfloat16, True, 3, 2, 90, 168, 1),
 ])  # fmt: skip
-def test_register_limit_follows_the_gpu(monkeypatch, kernel, dtype, channels_last, k, stride, arch, want):
+def test_register_limit_follows_the_gpu(monkeypatch, kernel, dtype, channels_last, k, stride, arch, want, dilation):
     """Each launcher's .maxnreg is its rule (``_apply_maxnreg``, ``_conv_maxnreg``) for the launch's GPU, which it
     asks for x's device; on meta tensors (the static report, which answers as its target GPU) the current device's."""
     import types
@@ -497,12 +501,12 @@ def test_register_limit_follows_the_gpu(monkeypatch, kernel, dtype, channels_las
         monkeypatch.setattr(tdw, name, Recorder(name))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     c, h = 32, 28
-    ho = ref.output_hw(h, h, k, stride, 1)[0]
+    ho = ref.output_hw(h, h, k, stride, dilation)[0]
     x = torch.empty((2, c, h, h), dtype=dtype, device="meta", memory_format=fmt)
     gy = torch.empty((2, c, ho, ho), dtype=dtype, device="meta", memory_format=fmt)
     weight = torch.empty((c, 1, k, k), dtype=dtype, device="meta")
     v = torch.empty((c,), dtype=torch.float32, device="meta")
-    geo = (stride, 1)
+    geo = (stride, dilation)
     {
         "_fwd_kernel": lambda: tdw.dwconv_bn_act_fwd(x, weight, v, v, v, v, *geo, "relu"),
         "_stats_partial_kernel": lambda: tdw.dwconv_bn_stats(x, weight, *geo),

@@ -943,7 +943,9 @@ def _device_arch(x: torch.Tensor) -> int | None:
     return props.major * 10 + props.minor
 
 
-def _apply_maxnreg(k: int, dtype: torch.dtype, channels_last: bool, stride: int, arch: int | None) -> int | None:
+def _apply_maxnreg(
+    k: int, dtype: torch.dtype, channels_last: bool, stride: int, dilation: int, arch: int | None
+) -> int | None:
     """Register limit (PTX .maxnreg) of the backward apply at K = 3; None (ptxas's own choice) at K = 5 and 7.
     Left to itself at K = 3, ptxas holds the kernel at its 128- or 168-register occupancy step and spills a pair of
     the dweight sums carried around the band loop (sm_90: bf16 NHWC 8 bytes on 2 layers, fp32 4-12 bytes on 13);
@@ -957,17 +959,21 @@ def _apply_maxnreg(k: int, dtype: torch.dtype, channels_last: bool, stride: int,
     ``arch`` (``_device_arch``: the launch's GPU; the static report compiles each target through the launcher, so
     both apply this one rule; None: the interpreter, which has no registers). sm_80 fp32 spills under 168 too (NHWC
     stride 1 4-12 bytes on 9 layers, NCHW 16 on c200 14 x 14) and at ptxas's own choice (4 bytes at 128 on NHWC
-    c200 14 x 14): 255 for fp32 below sm_90 (198-251 registers, no spill, 0-8 fewer SASS/elem, 2 blocks per SM
-    instead of 3). Measured on sm_80 and sm_90; sm_86/89 take sm_80's rule, later GPUs sm_90's."""
+    c200 14 x 14): 255 for fp32 below sm_90 (189-251 registers, no spill, -8.2 to +1.2 SASS/elem, 2 blocks per SM
+    instead of 3). Measured on sm_80 and sm_90; sm_86/89 take sm_80's rule, later GPUs sm_90's. Dilation 2 (no
+    MobileNet layer; sm_90 bf16): channels_last stride 2 spilled 4 bytes under 168 on 3 layers: 255 there (187-206
+    registers, -1.4 to +0.9 SASS/elem, 3 -> 2 blocks per SM)."""
     if k != 3 or arch is None:
         return None
     if dtype == torch.float16 or (dtype == torch.float32 and (arch < 90 or channels_last and stride == 2)):
+        return 255
+    if dilation == 2 and channels_last and stride == 2:
         return 255
     return _APPLY_MAXNREG
 
 
 def _conv_maxnreg(
-    kind: str, k: int, dtype: torch.dtype, channels_last: bool, stride: int, arch: int | None
+    kind: str, k: int, dtype: torch.dtype, channels_last: bool, stride: int, dilation: int, arch: int | None
 ) -> int | None:
     """Register limit (PTX .maxnreg) of the forward (``kind`` "fwd"), statistics ("stats") and backward reduction
     ("bwd_reduce") kernels on GPU ``arch`` (``_device_arch``; None: the interpreter), else None (ptxas's own choice).
@@ -977,12 +983,16 @@ def _conv_maxnreg(
     sm_80): 109-240 registers, no spill, SASS per element fwd -15 to +0.5 %, stats -0.2 to -22.5 % in bf16, fp16 and
     fp32 on sm_90 and sm_80, for fewer resident blocks (stats 5-12 -> 4-8 per SM). 255 for stats and bwd_reduce in
     fp32 at K = 5, stride 2 below sm_90 (sm_80: stats 4 bytes at 96 and 168 registers on 3 layers, bwd_reduce 16-28
-    at 128 on 2): no spill, -0.5 to -8.2 SASS/elem, bwd_reduce channels_last 4 -> 2 blocks per SM on 2 layers."""
+    at 128 on 2): no spill, -0.5 to -8.2 SASS/elem, bwd_reduce channels_last 4 -> 2 blocks per SM on 2 layers.
+    255 for stats at K = 3, dilation 2, channels_last (sm_90 bf16: 16 bytes at 168 on 8 stride-1 layers; under 255
+    168-231 registers, no spill, -0.1 to -1.0 SASS/elem, 3-16 -> 2-16 blocks per SM)."""
     if arch is None:
         return None
     if k == 7 and channels_last and kind in ("fwd", "stats"):
         return 255
     if k == 5 and stride == 2 and dtype == torch.float32 and arch < 90 and kind in ("stats", "bwd_reduce"):
+        return 255
+    if k == 3 and dilation == 2 and channels_last and kind == "stats":
         return 255
     return None
 
@@ -1028,7 +1038,7 @@ def dwconv_bn_act_fwd(
         c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, *x.stride(), *y.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl,
         VEC=vec_width(cl, c, x, y), OW=t.ow, ROWS=t.rows, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
-        maxnreg=_conv_maxnreg("fwd", k, x.dtype, cl, stride, _device_arch(x)),
+        maxnreg=_conv_maxnreg("fwd", k, x.dtype, cl, stride, dilation, _device_arch(x)),
     )  # fmt: skip
     return y
 
@@ -1051,7 +1061,7 @@ def dwconv_bn_stats(
         c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, n * t.num_gb, iters, *x.stride(),
         K=k, STRIDE=stride, DIL=dilation, CHANNELS_LAST=cl,
         VEC=vec_width(cl, c, x), OW=t.ow, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
-        maxnreg=_conv_maxnreg("stats", k, x.dtype, cl, stride, _device_arch(x)),
+        maxnreg=_conv_maxnreg("stats", k, x.dtype, cl, stride, dilation, _device_arch(x)),
     )  # fmt: skip
     mean = torch.empty((c,), dtype=torch.float32, device=x.device)
     var = torch.empty_like(mean)
@@ -1090,7 +1100,7 @@ def dwconv_bn_act_bwd_reduce(
         *grad_y.stride(), *x.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl,
         VEC=vec_width(cl, c, grad_y, x), OW=t.ow, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
-        maxnreg=_conv_maxnreg("bwd_reduce", k, x.dtype, cl, stride, _device_arch(x)),
+        maxnreg=_conv_maxnreg("bwd_reduce", k, x.dtype, cl, stride, dilation, _device_arch(x)),
     )  # fmt: skip
     sum_g = torch.empty((c,), dtype=torch.float32, device=x.device)
     sum_g_xhat = torch.empty_like(sum_g)
@@ -1143,7 +1153,7 @@ def dwconv_bn_act_bwd_apply(
         n * num_bands, iters, *grad_y.stride(), *x.stride(), *dx.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl, VEC=vec_width(cl, c, grad_y, x, dx),
         OW=t.ow, OWX=owx, HALO_LO=halo_lo, HALO_HI=halo_hi, BLOCK_G=t.block_g, BLOCK_C=t.block_c,
-        num_warps=t.num_warps, maxnreg=_apply_maxnreg(k, x.dtype, cl, stride, _device_arch(x)),
+        num_warps=t.num_warps, maxnreg=_apply_maxnreg(k, x.dtype, cl, stride, dilation, _device_arch(x)),
     )  # fmt: skip
     # dweight stage 2: deterministic column sums of the partials' first C*K*K columns, stored in weight's dtype.
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
