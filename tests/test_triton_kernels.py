@@ -303,6 +303,8 @@ def test_fwd_dot_dispatch(monkeypatch):
     sm_90+ GPU (meta tensors stand for its tensors, as in the static report); under the interpreter in fp16 only."""
     import types
 
+    monkeypatch.setattr(tdw, "_gpu_arch", tdw._gpu_arch.__wrapped__)  # uncached: props changes per call
+
     def supported(dtype=torch.bfloat16, c=16, h=9, w=9, k=3, stride=1, dilation=1, cl=True, major=9, device="meta"):
         props = types.SimpleNamespace(major=major, minor=0)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: props)
@@ -487,6 +489,7 @@ def test_register_limit_follows_the_gpu(monkeypatch, kernel, dtype, channels_las
     props = types.SimpleNamespace(major=arch // 10, minor=arch % 10)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: props)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(tdw, "_gpu_arch", tdw._gpu_arch.__wrapped__)  # uncached: the cache keeps the real GPU's
     launches = {}
 
     class Recorder:  # stands in for a kernel: records the launch's keyword arguments

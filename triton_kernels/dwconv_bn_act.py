@@ -939,7 +939,13 @@ def _device_arch(x: torch.Tensor) -> int | None:
     (the interpreter: no registers, no tensor cores)."""
     if x.device.type == "cpu":
         return None
-    props = torch.cuda.get_device_properties(x.device.index if x.device.type == "cuda" else torch.cuda.current_device())
+    return _gpu_arch(x.device.index if x.device.type == "cuda" else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _gpu_arch(index: int) -> int:
+    """Compute capability of CUDA device ``index``, cached: every launcher call asks (the layers are host-bound)."""
+    props = torch.cuda.get_device_properties(index)
     return props.major * 10 + props.minor
 
 
