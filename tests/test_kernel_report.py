@@ -50,7 +50,10 @@ QUICK_DW = (("NHWC", 3), ("NHWC", 5), ("NCHW", 3))  # kernel_report.quick_cases
 # after dx: K = 7 at 128 registers, clean in every dtype on sm_90 and sm_80 by ptxas -v). sm_80
 # is not in the table: the exhaustive sweep has not been run in full (hours on 2 cores). Triton: the group tiles of
 # issue 13 ended every other spill (bench/results/static/triton_report.md, sm_90 bf16, every layer; sm_80,
-# fp16/fp32, K = 7, dilation 2 on a few layers: test_triton_compiles_without_spill_sm80_k7_dilation2).
+# fp16/fp32, K = 7, dilation 2 on a few layers: test_triton_compiles_without_spill_sm80_k7_dilation2). Session 9 swept
+# sm_80 fp16 (K 3/5/7), sm_80 bf16/fp32 and sm_90 fp16 at K 5/7 and sm_90 bf16 at dilation 2 (targeted runs): every
+# spill found ended under a register limit or tile rule of the launchers (``_apply_maxnreg``, ``_conv_maxnreg``,
+# ``_apply_block_c``, ``_stats_block_c``), each with a TRITON_CI_CASES entry.
 KNOWN_SPILLS: dict[tuple[str, str, str, int | None], tuple[str, bool]] = {
     # Triton (session 8): bwd_reduce's fp32 channels_last tiles hold one 16-byte vector (4 channels) per thread
     # (was 8 channels: 48 B at 168 registers on 4 stride-2 layers); the backward apply runs under .maxnreg 168
@@ -286,7 +289,8 @@ def test_exhaustive_no_spill(full_records, key):
 # ------------------------------------------------------------------------------------------------- Triton AOT gate
 # What the --quick report leaves out, for the Triton kernels: sm_80, fp16/fp32, K = 7 and dilation 2, on the layers
 # whose tiles are tightest in registers (fp32 and K = 7: the widest loads and the most weights and dweight sums).
-# (channels, H, W, K, stride, dilation, act, dtype, layout, arch); every launch with the launchers' own constexprs.
+# (channels, H, W, K, stride, dilation, act, dtype, layout, arch[, kernels]); every launch with the launchers' own
+# constexprs (only those of ``kernels`` where given: a rule that concerns one kernel costs one compile).
 TRITON_CI_CASES = [
     (960, 7, 7, 7, 1, 1, "hardswish", "fp32", "NHWC", 80),
     (72, 56, 56, 3, 1, 2, "relu", "fp16", "NCHW", 80),
@@ -301,6 +305,22 @@ TRITON_CI_CASES = [
     # the backward apply's register limit (8 B spill without it) and fp32 bwd_reduce's 4-channel tiles (48 B with 8)
     (384, 14, 14, 3, 1, 1, "relu6", "bf16", "NHWC", 90),
     (144, 56, 56, 3, 2, 1, "relu6", "fp32", "NHWC", 90),
+    # the backward apply's limit on sm_80 in fp32 (255; under 168 12 B on NHWC stride 1, 16 B on NCHW c200 14 x 14)
+    (128, 56, 56, 3, 1, 1, "relu", "fp32", "NHWC", 80, ["_bwd_apply_kernel"]),
+    (200, 14, 14, 3, 1, 1, "hardswish", "fp32", "NCHW", 80, ["_bwd_apply_kernel"]),
+    # its 64-channel tiles in fp32 at K = 5 (128 channels: 4 B at 255 registers)
+    (960, 7, 7, 5, 1, 1, "hardswish", "fp32", "NHWC", 90, ["_bwd_apply_kernel"]),
+    # K = 7 channels_last fwd and stats under .maxnreg 255 (ptxas's occupancy steps spilled 4-16 B in fp16 and fp32),
+    # fp32 stats in 64-channel tiles (128: 12 B at 255 on c240)
+    (120, 14, 14, 7, 1, 1, "hardswish", "fp16", "NHWC", 90, ["_fwd_kernel"]),
+    (72, 56, 56, 7, 2, 1, "relu", "fp16", "NHWC", 90, ["_stats_partial_kernel"]),
+    (240, 14, 14, 7, 1, 1, "hardswish", "fp32", "NHWC", 90, ["_stats_partial_kernel"]),
+    # fp32 stats and bwd_reduce at K = 5, stride 2 on sm_80 under 255 (ptxas's own choice: 4-28 B)
+    (96, 28, 28, 5, 2, 1, "hardswish", "fp32", "NHWC", 80, ["_stats_partial_kernel", "_bwd_reduce_partial_kernel"]),
+    (72, 56, 56, 5, 2, 1, "relu", "fp32", "NCHW", 80, ["_stats_partial_kernel"]),
+    # dilation 2 at K = 3 under 255: channels_last stats (16 B at 168) and the stride-2 backward apply (4 B at 168)
+    (184, 14, 14, 3, 1, 2, "hardswish", "bf16", "NHWC", 90, ["_stats_partial_kernel"]),
+    (72, 56, 56, 3, 2, 2, "relu", "bf16", "NHWC", 90, ["_bwd_apply_kernel"]),
 ]
 
 _TRITON_CASES_SCRIPT = """
@@ -308,10 +328,11 @@ import json, sys
 from bench import kernel_builds, kernel_report
 from mnet_ext.layers import LayerConfig
 launches = []
-for c, h, w, k, s, d, act, dtype, layout, arch in json.loads(sys.argv[1]):
+for c, h, w, k, s, d, act, dtype, layout, arch, *only in json.loads(sys.argv[1]):
     case = kernel_report.Case(LayerConfig("dwconv_bn_act", c, h, w, k, s, d, act), "ci", dtype, layout)
     module, calls = kernel_report.launcher_calls(case, 256)
-    launches += [(case, arch, launch) for launch in kernel_builds.triton_launches(module, calls, arch)]
+    launches += [(case, arch, launch) for launch in kernel_builds.triton_launches(module, calls, arch)
+                 if not only or launch.kernel in only[0]]
 jobs = [j for _, _, launch in launches for j in launch.jobs]
 results = kernel_builds.run_jobs(jobs, kernel_builds.find_tools(None), kernel_builds.DEFAULT_CACHE, 2, None, False)
 print(json.dumps(kernel_report.triton_records(launches, results, 256)))

@@ -307,6 +307,8 @@ def test_fwd_dot_dispatch(monkeypatch):
     sm_90+ GPU (meta tensors stand for its tensors, as in the static report); under the interpreter in fp16 only."""
     import types
 
+    monkeypatch.setattr(tdw, "_gpu_arch", tdw._gpu_arch.__wrapped__)  # uncached: props changes per call
+
     def supported(dtype=torch.bfloat16, c=16, h=9, w=9, k=3, stride=1, dilation=1, cl=True, major=9, device="meta"):
         props = types.SimpleNamespace(major=major, minor=0)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: props)
@@ -452,12 +454,73 @@ def test_band_rows_fit_the_slot():
             ho, wo = ref.output_hw(cfg.height, cfg.width, k, cfg.stride, cfg.dilation)
             lo, hi = tdw._band_halo(k, cfg.stride, cfg.dilation)
             for cl in (True, False):
-                t = triton_kernels.dw_tile(ho, wo, cfg.channels, cl, k, "apply", tdw._apply_block_c(ho, wo, lo + hi))
-                tb = tdw._band_rows(ho, wo, t.block_c, lo + hi)
-                assert min(tb + lo + hi, ho) * wo * t.block_c <= tdw._SLOT_FLOATS, (cfg, k, t, tb)
-                bands = -(-ho // tb)
-                dz_rows = sum(min(b * tb + tb + hi, ho) - max(b * tb - lo, 0) for b in range(bands))
-                assert dz_rows <= 1.5 * ho, (cfg, k, t, tb)
+                for dtype in (torch.bfloat16, torch.float32):
+                    block_c = tdw._apply_block_c(ho, wo, lo + hi, k, dtype)
+                    t = triton_kernels.dw_tile(ho, wo, cfg.channels, cl, k, "apply", block_c)
+                    tb = tdw._band_rows(ho, wo, t.block_c, lo + hi)
+                    assert min(tb + lo + hi, ho) * wo * t.block_c <= tdw._SLOT_FLOATS, (cfg, k, t, tb)
+                    bands = -(-ho // tb)
+                    dz_rows = sum(min(b * tb + tb + hi, ho) - max(b * tb - lo, 0) for b in range(bands))
+                    assert dz_rows <= 1.5 * ho, (cfg, k, t, tb)
+
+
+@pytest.mark.parametrize("kernel, dtype, channels_last, k, stride, arch, want, dilation", [
+    ("_bwd_apply_kernel", torch.float32, True, 3, 1, 80, 255, 1),  # spilled 4-12 bytes under 168 on sm_80
+    ("_bwd_apply_kernel", torch.float32, True, 3, 1, 90, 168, 1),
+    ("_bwd_apply_kernel", torch.float32, False, 3, 1, 80, 255, 1),
+    ("_bwd_apply_kernel", torch.bfloat16, True, 3, 1, 80, 168, 1),
+    ("_bwd_apply_kernel", torch.float32, True, 3, 2, 90, 255, 1),
+    ("_bwd_apply_kernel", torch.float16, False, 3, 1, 90, 255, 1),
+    ("_bwd_apply_kernel", torch.float32, True, 5, 1, 80, None, 1),
+    ("_fwd_kernel", torch.float16, True, 7, 1, 90, 255, 1),
+    ("_fwd_kernel", torch.float16, False, 7, 1, 90, None, 1),
+    ("_stats_partial_kernel", torch.bfloat16, True, 7, 2, 80, 255, 1),
+    ("_stats_partial_kernel", torch.float32, False, 5, 2, 80, 255, 1),
+    ("_stats_partial_kernel", torch.float32, False, 5, 2, 90, None, 1),
+    ("_bwd_reduce_partial_kernel", torch.float32, True, 5, 2, 80, 255, 1),
+    ("_bwd_reduce_partial_kernel", torch.float32, True, 5, 1, 80, None, 1),
+    ("_bwd_reduce_partial_kernel", torch.float32, True, 7, 1, 90, None, 1),
+    ("_stats_partial_kernel", torch.bfloat16, True, 3, 1, 90, 255, 2),
+    ("_stats_partial_kernel", torch.bfloat16, True, 3, 1, 90, None, 1),
+    ("_bwd_apply_kernel", torch.bfloat16, True, 3, 2, 90, 255, 2),
+    ("_bwd_apply_kernel", torch.bfloat16, True, 3, 2, 90, 168, 1),
+])  # fmt: skip
+def test_register_limit_follows_the_gpu(monkeypatch, kernel, dtype, channels_last, k, stride, arch, want, dilation):
+    """Each launcher's .maxnreg is its rule (``_apply_maxnreg``, ``_conv_maxnreg``) for the launch's GPU, which it
+    asks for x's device; on meta tensors (the static report, which answers as its target GPU) the current device's."""
+    import types
+
+    props = types.SimpleNamespace(major=arch // 10, minor=arch % 10)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(tdw, "_gpu_arch", tdw._gpu_arch.__wrapped__)  # uncached: the cache keeps the real GPU's
+    launches = {}
+
+    class Recorder:  # stands in for a kernel: records the launch's keyword arguments
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.setdefault(self.name, kwargs)
+
+    for name in ("_fwd_kernel", "_stats_partial_kernel", "_stats_combine_kernel", "_bwd_reduce_partial_kernel",
+                 "_bwd_apply_kernel", "_sum_rows_kernel"):
+        monkeypatch.setattr(tdw, name, Recorder(name))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    c, h = 32, 28
+    ho = ref.output_hw(h, h, k, stride, dilation)[0]
+    x = torch.empty((2, c, h, h), dtype=dtype, device="meta", memory_format=fmt)
+    gy = torch.empty((2, c, ho, ho), dtype=dtype, device="meta", memory_format=fmt)
+    weight = torch.empty((c, 1, k, k), dtype=dtype, device="meta")
+    v = torch.empty((c,), dtype=torch.float32, device="meta")
+    geo = (stride, dilation)
+    {
+        "_fwd_kernel": lambda: tdw.dwconv_bn_act_fwd(x, weight, v, v, v, v, *geo, "relu"),
+        "_stats_partial_kernel": lambda: tdw.dwconv_bn_stats(x, weight, *geo),
+        "_bwd_reduce_partial_kernel": lambda: tdw.dwconv_bn_act_bwd_reduce(gy, x, weight, v, v, v, v, *geo, "relu"),
+        "_bwd_apply_kernel": lambda: tdw.dwconv_bn_act_bwd_apply(gy, x, weight, v, v, v, v, v, v, *geo, "relu"),
+    }[kernel]()
+    assert launches[kernel]["maxnreg"] == want
 
 
 def test_stats_large_mean(small_tiles):

@@ -911,11 +911,13 @@ def _band_halo(k: int, stride: int, dilation: int) -> tuple[int, int]:
     return pad // stride, -(-pad // stride)
 
 
-def _apply_block_c(ho: int, wo: int, halo: int) -> int:
+def _apply_block_c(ho: int, wo: int, halo: int, k: int, dtype: torch.dtype) -> int:
     """Most channels per backward-apply tile: the largest power of two whose slot holds the bands' rows with a halo
-    at most half of them (TB >= 2 * halo: <= 1.5x dz recomputed), or the whole image."""
+    at most half of them (TB >= 2 * halo: <= 1.5x dz recomputed), or the whole image; at most 64 in fp32 at K = 5
+    (measured on sm_90: 128-channel tiles of 4 warps on c960 7 x 7 spill 4 bytes at 255 registers; 64-channel tiles
+    of 2 warps do not, with 3 fewer SASS/elem)."""
     rows = min(ho, 3 * halo)
-    block_c = 128
+    block_c = 64 if k == 5 and dtype == torch.float32 else 128
     while block_c > 1 and rows * wo * block_c > _SLOT_FLOATS:
         block_c //= 2
     return block_c
@@ -931,7 +933,25 @@ def _band_rows(ho: int, wo: int, block_c: int, halo: int) -> int:
     return triton.cdiv(ho, triton.cdiv(ho, tb))
 
 
-def _apply_maxnreg(k: int, dtype: torch.dtype, channels_last: bool, stride: int) -> int | None:
+def _device_arch(x: torch.Tensor) -> int | None:
+    """Compute capability (90 for sm_90) of the GPU that runs a launch on ``x``: x's own; on meta tensors (the
+    static report) the current device, which the report answers as its target architecture; None on CPU tensors
+    (the interpreter: no registers, no tensor cores)."""
+    if x.device.type == "cpu":
+        return None
+    return _gpu_arch(x.device.index if x.device.type == "cuda" else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _gpu_arch(index: int) -> int:
+    """Compute capability of CUDA device ``index``, cached: every launcher call asks (the layers are host-bound)."""
+    props = torch.cuda.get_device_properties(index)
+    return props.major * 10 + props.minor
+
+
+def _apply_maxnreg(
+    k: int, dtype: torch.dtype, channels_last: bool, stride: int, dilation: int, arch: int | None
+) -> int | None:
     """Register limit (PTX .maxnreg) of the backward apply at K = 3; None (ptxas's own choice) at K = 5 and 7.
     Left to itself at K = 3, ptxas holds the kernel at its 128- or 168-register occupancy step and spills a pair of
     the dweight sums carried around the band loop (sm_90: bf16 NHWC 8 bytes on 2 layers, fp32 4-12 bytes on 13);
@@ -940,12 +960,53 @@ def _apply_maxnreg(k: int, dtype: torch.dtype, channels_last: bool, stride: int)
     value is a register, its windows are the widest) and spills 24-64 bytes under 168 (4 at ptxas's own 168 on one
     layer): 255 there, and for fp16 (its conversions: 4-16 bytes under 168 on 9 layers, NCHW stride 1 and NHWC
     stride 2). K = 5 needs 181-255 registers (spills 4-400 bytes under 168) and K = 7 runs at 156-166 without a
-    limit; a limit of 168 spilled 4 bytes on NCHW K = 7."""
-    if k != 3:
+    limit; a limit of 168 spilled 4 bytes on NCHW K = 7.
+
+    ``arch`` (``_device_arch``: the launch's GPU; the static report compiles each target through the launcher, so
+    both apply this one rule; None: the interpreter, which has no registers). sm_80 fp32 spills under 168 too (NHWC
+    stride 1 4-12 bytes on 9 layers, NCHW 16 on c200 14 x 14) and at ptxas's own choice (4 bytes at 128 on NHWC
+    c200 14 x 14): 255 for fp32 below sm_90 (189-251 registers, no spill, -8.2 to +1.2 SASS/elem, 2 blocks per SM
+    instead of 3). Measured on sm_80 and sm_90; sm_86/89 take sm_80's rule, later GPUs sm_90's. Dilation 2 (no
+    MobileNet layer; sm_90 bf16): channels_last stride 2 spilled 4 bytes under 168 on 3 layers: 255 there (187-206
+    registers, -1.4 to +0.9 SASS/elem, 3 -> 2 blocks per SM)."""
+    if k != 3 or arch is None:
         return None
-    if dtype == torch.float16 or (dtype == torch.float32 and channels_last and stride == 2):
+    if dtype == torch.float16 or (dtype == torch.float32 and (arch < 90 or channels_last and stride == 2)):
+        return 255
+    if dilation == 2 and channels_last and stride == 2:
         return 255
     return _APPLY_MAXNREG
+
+
+def _conv_maxnreg(
+    kind: str, k: int, dtype: torch.dtype, channels_last: bool, stride: int, dilation: int, arch: int | None
+) -> int | None:
+    """Register limit (PTX .maxnreg) of the forward (``kind`` "fwd"), statistics ("stats") and backward reduction
+    ("bwd_reduce") kernels on GPU ``arch`` (``_device_arch``; None: the interpreter), else None (ptxas's own choice).
+    Left to itself, ptxas holds a kernel at an occupancy step and spills 4-28 bytes where the tile needs a few
+    registers more. 255 for fwd and stats at K = 7 channels_last (stats at 80-96 registers, fwd at 168 on 4 warps:
+    sm_90 fp16 stats 4-8 bytes on 3 layers, fwd 4 on c120 14 x 14; fp32 stats 4-16 bytes on 2 layers on sm_90 and
+    sm_80): 109-240 registers, no spill, SASS per element fwd -15 to +0.5 %, stats -0.2 to -22.5 % in bf16, fp16 and
+    fp32 on sm_90 and sm_80, for fewer resident blocks (stats 5-12 -> 4-8 per SM). 255 for stats and bwd_reduce in
+    fp32 at K = 5, stride 2 below sm_90 (sm_80: stats 4 bytes at 96 and 168 registers on 3 layers, bwd_reduce 16-28
+    at 128 on 2): no spill, -0.5 to -8.2 SASS/elem, bwd_reduce channels_last 4 -> 2 blocks per SM on 2 layers.
+    255 for stats at K = 3, dilation 2, channels_last (sm_90 bf16: 16 bytes at 168 on 8 stride-1 layers; under 255
+    168-231 registers, no spill, -0.1 to -1.0 SASS/elem, 3-16 -> 2-16 blocks per SM)."""
+    if arch is None:
+        return None
+    if k == 7 and channels_last and kind in ("fwd", "stats"):
+        return 255
+    if k == 5 and stride == 2 and dtype == torch.float32 and arch < 90 and kind in ("stats", "bwd_reduce"):
+        return 255
+    if k == 3 and dilation == 2 and channels_last and kind == "stats":
+        return 255
+    return None
+
+
+def _stats_block_c(k: int, dtype: torch.dtype) -> int:
+    """Most channels per statistics tile: 64 in fp32 at K = 7 (128-channel tiles of 4 warps, c120 / c240 14 x 14,
+    spill 16 bytes at ptxas's 128 registers and 12 at 255 on sm_90), else 128."""
+    return 64 if k == 7 and dtype == torch.float32 else 128
 
 
 def _sum_rows(part: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None = None) -> None:
@@ -983,6 +1044,7 @@ def dwconv_bn_act_fwd(
         c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, *x.stride(), *y.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl,
         VEC=vec_width(cl, c, x, y), OW=t.ow, ROWS=t.rows, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
+        maxnreg=_conv_maxnreg("fwd", k, x.dtype, cl, stride, dilation, _device_arch(x)),
     )  # fmt: skip
     return y
 
@@ -993,7 +1055,7 @@ def dwconv_bn_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     k = _check(x, weight, stride, dilation)
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
-    t = dw_tile(ho, wo, c, cl, k, "reduce")
+    t = dw_tile(ho, wo, c, cl, k, "reduce", _stats_block_c(k, x.dtype))
     num_cb = triton.cdiv(c, t.block_c)
     rows, iters = _stage1_rows(n * t.num_gb, c, t.block_c)
     mean_part = torch.empty((rows, c), dtype=torch.float32, device=x.device)
@@ -1005,6 +1067,7 @@ def dwconv_bn_stats(
         c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, n * t.num_gb, iters, *x.stride(),
         K=k, STRIDE=stride, DIL=dilation, CHANNELS_LAST=cl,
         VEC=vec_width(cl, c, x), OW=t.ow, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
+        maxnreg=_conv_maxnreg("stats", k, x.dtype, cl, stride, dilation, _device_arch(x)),
     )  # fmt: skip
     mean = torch.empty((c,), dtype=torch.float32, device=x.device)
     var = torch.empty_like(mean)
@@ -1043,6 +1106,7 @@ def dwconv_bn_act_bwd_reduce(
         *grad_y.stride(), *x.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl,
         VEC=vec_width(cl, c, grad_y, x), OW=t.ow, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
+        maxnreg=_conv_maxnreg("bwd_reduce", k, x.dtype, cl, stride, dilation, _device_arch(x)),
     )  # fmt: skip
     sum_g = torch.empty((c,), dtype=torch.float32, device=x.device)
     sum_g_xhat = torch.empty_like(sum_g)
@@ -1078,7 +1142,7 @@ def dwconv_bn_act_bwd_apply(
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
     _check_grad(grad_y, x, (n, c, ho, wo))
     halo_lo, halo_hi = _band_halo(k, stride, dilation)
-    t = dw_tile(ho, wo, c, cl, k, "apply", _apply_block_c(ho, wo, halo_lo + halo_hi))
+    t = dw_tile(ho, wo, c, cl, k, "apply", _apply_block_c(ho, wo, halo_lo + halo_hi, k, x.dtype))
     tb = _band_rows(ho, wo, t.block_c, halo_lo + halo_hi)
     num_bands = triton.cdiv(ho, tb)
     sr = min(tb + halo_lo + halo_hi, ho)
@@ -1095,7 +1159,7 @@ def dwconv_bn_act_bwd_apply(
         n * num_bands, iters, *grad_y.stride(), *x.stride(), *dx.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl, VEC=vec_width(cl, c, grad_y, x, dx),
         OW=t.ow, OWX=owx, HALO_LO=halo_lo, HALO_HI=halo_hi, BLOCK_G=t.block_g, BLOCK_C=t.block_c,
-        num_warps=t.num_warps, maxnreg=_apply_maxnreg(k, x.dtype, cl, stride),
+        num_warps=t.num_warps, maxnreg=_apply_maxnreg(k, x.dtype, cl, stride, dilation, _device_arch(x)),
     )  # fmt: skip
     # dweight stage 2: deterministic column sums of the partials' first C*K*K columns, stored in weight's dtype.
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
@@ -1370,10 +1434,10 @@ def _dot_fwd_supported(x: torch.Tensor, y: torch.Tensor, k: int, stride: int, di
     t = _dot_tile(n, ho, wo, k, stride)
     if triton.cdiv(wo, t.g) >= 65536 or triton.cdiv(n, t.nb) * triton.cdiv(ho, t.rh) >= 65536:
         return False
-    if x.device.type == "cpu":
+    arch = _device_arch(x)
+    if arch is None:
         return interpreting() and x.dtype == torch.float16
-    index = x.device.index if x.device.type == "cuda" else torch.cuda.current_device()  # meta tensors: the report
-    return torch.cuda.get_device_properties(index).major >= 9
+    return arch >= 90
 
 
 def _fwd_dot(x, weight, mean, invstd, gamma, beta, y, k: int, stride: int, act: str) -> None:
