@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from bench import diag_gpu as dg
-from mnet_ext._backend import unavailable_reason
 
 HEAD15 = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
           '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
@@ -187,7 +186,6 @@ def test_summary_without_any_data(tmp_path):
     assert "no sweep data" in text and "no ncu data" in text and "no host data" in text
 
 
-@pytest.mark.skipif(unavailable_reason("cuda", "cpu") is not None, reason="no C++ extension host twin")
 @pytest.mark.parametrize("what", ["fwd", "stats", "bwd_apply", "copy"])
 def test_primitive_calls_run_on_the_host_twin(what):
     """The argument lists ncu-target passes to each primitive, checked on the CPU host twin (tiny shape)."""
