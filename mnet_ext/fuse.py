@@ -19,6 +19,7 @@ product left alone is reported with the reason (``explain_fuse``).
 
 from __future__ import annotations
 
+import gc
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -625,6 +626,11 @@ def _walk(model: nn.Module, backend: str | None, apply: bool, example: Tensor | 
     report = FuseReport()
     claimed = _container_pass(model, backend, apply, report)
     _dataflow_pass(model, backend, apply, example, report, claimed, fold_batchnorm)
+    # torch.fx's tracing leaves reference cycles that hold the model (Proxy.__iter__ keeps its frames; the tracer's
+    # recursive closures keep the tracer and its root): collected now, the model is freed with its last reference,
+    # not at some later collection (GPU memory held till then; a process group its layers hold torn down at
+    # interpreter exit, which can abort a torchrun worker after its job is done).
+    gc.collect()
     return report
 
 

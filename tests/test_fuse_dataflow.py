@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
+import weakref
 
 import pytest
 import timm
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, EffectiveSEModule
 from torch import nn
+from torchvision.ops.misc import Conv2dNormActivation
 
 import mnet_ext
 from mnet_ext.modules import FoldedActivation, FoldedBatchNorm, FusedDwConvBNAct
@@ -259,6 +262,26 @@ def test_functional_activation_model(cls, backend):
     _check_training_step(native, fused, (LOGITS_FLOOR, 1e-5, 2e-6), shape=(4, 3, 32, 32))
     restored = mnet_ext.unfuse(fused)
     assert [type(m) for m in restored.modules()] == [type(m) for m in native.modules()]
+
+
+def _torchvision_block() -> nn.Module:
+    return nn.Sequential(Conv2dNormActivation(8, 8, 3, groups=8, activation_layer=nn.Hardswish))
+
+
+@pytest.mark.parametrize("make", [functools.partial(_toy, FunctionalBlock), functools.partial(_toy, DataDependentBlock),
+                                  _torchvision_block], ids=["functional", "recorded", "container"])
+def test_fused_model_is_freed_by_reference_counting(make):
+    """fuse leaves no reference cycle holding the model (torch.fx's tracing makes some): dropping the last reference
+    frees it at once, GPU memory and a process group its layers hold included, not at a later collection."""
+    model = make()
+    gc.collect()
+    gc.disable()
+    try:
+        freed = weakref.ref(mnet_ext.fuse(model, backend="reference"))
+        del model
+        assert freed() is None, "the fused model outlived its last reference (held by a reference cycle)"
+    finally:
+        gc.enable()
 
 
 def _dw(c: int = 8, **kw) -> nn.Conv2d:
