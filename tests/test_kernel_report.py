@@ -52,13 +52,13 @@ QUICK_DW = (("NHWC", 3), ("NHWC", 5), ("NCHW", 3))  # kernel_report.quick_cases
 # issue 13 ended every other spill (bench/results/static/triton_report.md, sm_90 bf16, every layer; sm_80,
 # fp16/fp32, K = 7, dilation 2 on a few layers: test_triton_compiles_without_spill_sm80_k7_dilation2). Session 9 swept
 # sm_80 fp16 (K 3/5/7), sm_80 bf16/fp32 and sm_90 fp16 at K 5/7 and sm_90 bf16 at dilation 2 (targeted runs): every
-# spill found ended under a register limit or tile rule of the launchers (``_apply_maxnreg``, ``_conv_maxnreg``,
+# spill found ended under a register limit or tile rule of the launchers (``_conv_maxnreg``,
 # ``_apply_block_c``, ``_stats_block_c``), each with a TRITON_CI_CASES entry.
 KNOWN_SPILLS: dict[tuple[str, str, str, int | None], tuple[str, bool]] = {
     # Triton (session 8): bwd_reduce's fp32 channels_last tiles hold one 16-byte vector (4 channels) per thread
     # (was 8 channels: 48 B at 168 registers on 4 stride-2 layers); the backward apply runs under .maxnreg 168
-    # (``_apply_maxnreg``; ptxas left to itself spilled a pair of dweight sums at its 128 / 168 register steps:
-    # bf16 NHWC K = 3 8 B on 2 layers, fp32 K = 3 4-12 B on 13)
+    # (``_conv_maxnreg("apply", ...)``; ptxas left to itself spilled a pair of dweight sums at its 128 / 168
+    # register steps: bf16 NHWC K = 3 8 B on 2 layers, fp32 K = 3 4-12 B on 13)
 }
 
 

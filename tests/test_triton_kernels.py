@@ -486,8 +486,8 @@ def test_band_rows_fit_the_slot():
     ("_bwd_apply_kernel", torch.bfloat16, True, 3, 2, 90, 168, 1),
 ])  # fmt: skip
 def test_register_limit_follows_the_gpu(monkeypatch, kernel, dtype, channels_last, k, stride, arch, want, dilation):
-    """Each launcher's .maxnreg is its rule (``_apply_maxnreg``, ``_conv_maxnreg``) for the launch's GPU, which it
-    asks for x's device; on meta tensors (the static report, which answers as its target GPU) the current device's."""
+    """Each launcher's .maxnreg is its rule (``_conv_maxnreg``) for the launch's GPU, which it asks for x's device;
+    on meta tensors (the static report, which answers as its target GPU) the current device's."""
     import types
 
     props = types.SimpleNamespace(major=arch // 10, minor=arch % 10)

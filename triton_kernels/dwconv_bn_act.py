@@ -845,7 +845,7 @@ _INTERP_STAGE1_PROGRAMS = 4  # interpreter: few programs (each costs ~13 ms); IT
 # fp32 values of one backward-apply slot (a program's dz of one haloed band: rows x Wo x BLOCK_C): 32 KB, so the
 # slots of the resident programs (~4 per SM) stay in L2 (132 SMs x 4 x 32 KB = 17 MB of H100's 50 MB)
 _SLOT_FLOATS = 8192
-_APPLY_MAXNREG = 168  # K = 3, see _apply_maxnreg: 3 blocks of 128 threads per SM (65,536 registers)
+_APPLY_MAXNREG = 168  # K = 3, see _conv_maxnreg: 3 blocks of 128 threads per SM (65,536 registers)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, stride: int, dilation: int, vectors=()) -> int:
@@ -949,51 +949,47 @@ def _gpu_arch(index: int) -> int:
     return props.major * 10 + props.minor
 
 
-def _apply_maxnreg(
-    k: int, dtype: torch.dtype, channels_last: bool, stride: int, dilation: int, arch: int | None
-) -> int | None:
-    """Register limit (PTX .maxnreg) of the backward apply at K = 3; None (ptxas's own choice) at K = 5 and 7.
-    Left to itself at K = 3, ptxas holds the kernel at its 128- or 168-register occupancy step and spills a pair of
-    the dweight sums carried around the band loop (sm_90: bf16 NHWC 8 bytes on 2 layers, fp32 4-12 bytes on 13);
-    under a limit of 168 it uses 168 and spills nothing, with 1-17 fewer SASS instructions per element, for one
-    resident block per SM less where it sat at 128-140. fp32 channels_last at stride 2 needs 183-187 registers (an x
-    value is a register, its windows are the widest) and spills 24-64 bytes under 168 (4 at ptxas's own 168 on one
-    layer): 255 there, and for fp16 (its conversions: 4-16 bytes under 168 on 9 layers, NCHW stride 1 and NHWC
-    stride 2). K = 5 needs 181-255 registers (spills 4-400 bytes under 168) and K = 7 runs at 156-166 without a
-    limit; a limit of 168 spilled 4 bytes on NCHW K = 7.
-
-    ``arch`` (``_device_arch``: the launch's GPU; the static report compiles each target through the launcher, so
-    both apply this one rule; None: the interpreter, which has no registers). sm_80 fp32 spills under 168 too (NHWC
-    stride 1 4-12 bytes on 9 layers, NCHW 16 on c200 14 x 14) and at ptxas's own choice (4 bytes at 128 on NHWC
-    c200 14 x 14): 255 for fp32 below sm_90 (189-251 registers, no spill, -8.2 to +1.2 SASS/elem, 2 blocks per SM
-    instead of 3). Measured on sm_80 and sm_90; sm_86/89 take sm_80's rule, later GPUs sm_90's. Dilation 2 (no
-    MobileNet layer; sm_90 bf16): channels_last stride 2 spilled 4 bytes under 168 on 3 layers: 255 there (187-206
-    registers, -1.4 to +0.9 SASS/elem, 3 -> 2 blocks per SM)."""
-    if k != 3 or arch is None:
-        return None
-    if dtype == torch.float16 or (dtype == torch.float32 and (arch < 90 or channels_last and stride == 2)):
-        return 255
-    if dilation == 2 and channels_last and stride == 2:
-        return 255
-    return _APPLY_MAXNREG
-
-
 def _conv_maxnreg(
     kind: str, k: int, dtype: torch.dtype, channels_last: bool, stride: int, dilation: int, arch: int | None
 ) -> int | None:
-    """Register limit (PTX .maxnreg) of the forward (``kind`` "fwd"), statistics ("stats") and backward reduction
-    ("bwd_reduce") kernels on GPU ``arch`` (``_device_arch``; None: the interpreter), else None (ptxas's own choice).
-    Left to itself, ptxas holds a kernel at an occupancy step and spills 4-28 bytes where the tile needs a few
-    registers more. 255 for fwd and stats at K = 7 channels_last (stats at 80-96 registers, fwd at 168 on 4 warps:
-    sm_90 fp16 stats 4-8 bytes on 3 layers, fwd 4 on c120 14 x 14; fp32 stats 4-16 bytes on 2 layers on sm_90 and
-    sm_80): 109-240 registers, no spill, SASS per element fwd -15 to +0.5 %, stats -0.2 to -22.5 % in bf16, fp16 and
-    fp32 on sm_90 and sm_80, for fewer resident blocks (stats 5-12 -> 4-8 per SM). 255 for stats and bwd_reduce in
-    fp32 at K = 5, stride 2 below sm_90 (sm_80: stats 4 bytes at 96 and 168 registers on 3 layers, bwd_reduce 16-28
-    at 128 on 2): no spill, -0.5 to -8.2 SASS/elem, bwd_reduce channels_last 4 -> 2 blocks per SM on 2 layers.
-    255 for stats at K = 3, dilation 2, channels_last (sm_90 bf16: 16 bytes at 168 on 8 stride-1 layers; under 255
-    168-231 registers, no spill, -0.1 to -1.0 SASS/elem, 3-16 -> 2-16 blocks per SM)."""
+    """Register limit (PTX .maxnreg) of the forward (``kind`` "fwd"), statistics ("stats"), backward reduction
+    ("bwd_reduce") and backward apply ("apply") kernels on GPU ``arch`` (``_device_arch``: the launch's GPU; the
+    static report compiles each target through the launchers, so both apply this one rule), else None: ptxas's own
+    choice, and the interpreter (``arch`` None), which has no registers. Left to itself, ptxas holds a kernel at an
+    occupancy step (80/96/128/168 registers) and spills 4-28 bytes where the tile needs a few registers more.
+    Measured on sm_80 and sm_90; sm_86/89 take sm_80's rules, later GPUs sm_90's.
+
+    fwd / stats / bwd_reduce:
+    - 255 for fwd and stats at K = 7 channels_last (stats at 80-96 registers, fwd at 168 on 4 warps: sm_90 fp16
+      stats 4-8 bytes on 3 layers, fwd 4 on c120 14 x 14; fp32 stats 4-16 bytes on 2 layers on sm_90 and sm_80):
+      109-240 registers, no spill, SASS per element fwd -15 to +0.5 %, stats -0.2 to -22.5 % in bf16, fp16 and fp32
+      on sm_90 and sm_80, for fewer resident blocks (stats 5-12 -> 4-8 per SM).
+    - 255 for stats and bwd_reduce in fp32 at K = 5, stride 2 below sm_90 (sm_80: stats 4 bytes at 96 and 168
+      registers on 3 layers, bwd_reduce 16-28 at 128 on 2): no spill, -0.5 to -8.2 SASS/elem, bwd_reduce
+      channels_last 4 -> 2 blocks per SM on 2 layers.
+    - 255 for stats at K = 3, dilation 2, channels_last (sm_90 bf16: 16 bytes at 168 on 8 stride-1 layers; under
+      255 168-231 registers, no spill, -0.1 to -1.0 SASS/elem, 3-16 -> 2-16 blocks per SM).
+
+    apply (K = 3 only: K = 5 needs 181-255 registers and spills 4-400 bytes under 168; K = 7 runs at 156-166
+    without a limit, and a limit of 168 spilled 4 bytes on NCHW K = 7):
+    - 168 (``_APPLY_MAXNREG``) by default. Left to itself ptxas holds the kernel at its 128- or 168-register step
+      and spills a pair of the dweight sums carried around the band loop (sm_90: bf16 NHWC 8 bytes on 2 layers,
+      fp32 4-12 bytes on 13); under 168 it uses 168 and spills nothing, with 1-17 fewer SASS instructions per
+      element, for one resident block per SM less where it sat at 128-140.
+    - 255 for fp16 (its conversions: 4-16 bytes under 168 on 9 layers, NCHW stride 1 and NHWC stride 2), for fp32
+      channels_last at stride 2 (183-187 registers: an x value is a register, its windows are the widest; 24-64
+      bytes under 168, 4 at ptxas's own 168 on one layer), and for fp32 below sm_90 (sm_80 spills under 168: NHWC
+      stride 1 4-12 bytes on 9 layers, NCHW 16 on c200 14 x 14; and at ptxas's own choice: 4 bytes at 128 on NHWC
+      c200 14 x 14; under 255 189-251 registers, no spill, -8.2 to +1.2 SASS/elem, 2 blocks per SM instead of 3).
+    - 255 for dilation 2 channels_last stride 2 (no MobileNet layer; sm_90 bf16 spilled 4 bytes under 168 on 3
+      layers: 187-206 registers, -1.4 to +0.9 SASS/elem, 3 -> 2 blocks per SM)."""
     if arch is None:
         return None
+    if kind == "apply":
+        if k != 3:
+            return None
+        wide = dtype == torch.float16 or (dtype == torch.float32 and (arch < 90 or channels_last and stride == 2))
+        return 255 if wide or (dilation == 2 and channels_last and stride == 2) else _APPLY_MAXNREG
     if k == 7 and channels_last and kind in ("fwd", "stats"):
         return 255
     if k == 5 and stride == 2 and dtype == torch.float32 and arch < 90 and kind in ("stats", "bwd_reduce"):
@@ -1159,7 +1155,7 @@ def dwconv_bn_act_bwd_apply(
         n * num_bands, iters, *grad_y.stride(), *x.stride(), *dx.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl, VEC=vec_width(cl, c, grad_y, x, dx),
         OW=t.ow, OWX=owx, HALO_LO=halo_lo, HALO_HI=halo_hi, BLOCK_G=t.block_g, BLOCK_C=t.block_c,
-        num_warps=t.num_warps, maxnreg=_apply_maxnreg(k, x.dtype, cl, stride, dilation, _device_arch(x)),
+        num_warps=t.num_warps, maxnreg=_conv_maxnreg("apply", k, x.dtype, cl, stride, dilation, _device_arch(x)),
     )  # fmt: skip
     # dweight stage 2: deterministic column sums of the partials' first C*K*K columns, stored in weight's dtype.
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
