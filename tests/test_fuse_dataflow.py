@@ -274,13 +274,15 @@ def test_fused_model_is_freed_by_reference_counting(make):
     """fuse leaves no reference cycle holding the model (torch.fx's tracing makes some): dropping the last reference
     frees it at once, GPU memory and a process group its layers hold included, not at a later collection."""
     model = make()
-    gc.collect()
-    gc.disable()
+    threshold = gc.get_threshold()
+    gc.set_threshold(10, 1, 10**6)  # young objects promoted at once, the oldest generation never collected
     try:
         freed = weakref.ref(mnet_ext.fuse(model, backend="reference"))
+        gc.disable()
         del model
         assert freed() is None, "the fused model outlived its last reference (held by a reference cycle)"
     finally:
+        gc.set_threshold(*threshold)
         gc.enable()
 
 
