@@ -545,11 +545,17 @@ def test_reductions_bitwise_deterministic(small_tiles):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("rows", ["dense", "strided"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_se_multi_block(small_tiles, channels_last):
+def test_se_multi_block(small_tiles, channels_last, rows):
+    """Several pixel and channel blocks; "strided": columns 1-7 of 9, so rows are not back to back and the kernels
+    take the (h, w) addressing (DENSE_HW false)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(2, 20, 5, 7).to(DEVICE).contiguous(memory_format=fmt)
+    x = torch.randn(2, 20, 5, 9).to(DEVICE).contiguous(memory_format=fmt)
     gy = torch.randn_like(x)
+    x, gy = (x[..., 1:8], gy[..., 1:8]) if rows == "strided" else (x[..., :7].contiguous(memory_format=fmt),
+                                                                    gy[..., :7].contiguous(memory_format=fmt))
+    assert tse._dense_hw(x, gy) == (rows == "dense")
     s, dp = torch.rand(2, 20, device=DEVICE), torch.randn(2, 20, device=DEVICE)
     assert_close_scaled(tse.se_pool(x), ref.se_pool(x), torch.float32, "se_pool")
     assert_close_scaled(tse.se_scale(x, s), ref.se_scale(x, s), torch.float32, "se_scale")

@@ -33,6 +33,15 @@ from . import (
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _pixel_offset(p, W, stride_h, stride_w, DENSE_HW: tl.constexpr):
+    """Element offset of flattened pixel ``p`` (= h * W + w): ``p * stride_w`` where rows lie back to back
+    (DENSE_HW: stride_h == W * stride_w, both contiguous layouts), which saves a division per element."""
+    if DENSE_HW:
+        return p * stride_w
+    return (p // W) * stride_h + (p % W) * stride_w
+
+
+@triton.jit
 def _se_reduce_kernel(
     a_ptr,  # x (pool) or grad_y (bwd_reduce): [N, C, H, W], any strides, fp32/fp16/bf16
     b_ptr,  # x for bwd_reduce (same shape as a); unused when PRODUCT is false
@@ -50,6 +59,7 @@ def _se_reduce_kernel(
     stride_bh,
     stride_bw,
     PRODUCT: tl.constexpr,  # False: sum a (pool); True: sum a * b (bwd_reduce)
+    DENSE_HW: tl.constexpr,  # every tensor's rows lie back to back (stride_h == W * stride_w): see _pixel_offset
     CHANNELS_LAST: tl.constexpr,  # tile orientation (contiguous axis last)
     VEC: tl.constexpr,  # host-checked power of two dividing C and the n/h/w strides (1 for NCHW)
     BLOCK_P: tl.constexpr,  # pixels per tile
@@ -73,11 +83,11 @@ def _se_reduce_kernel(
     for p0 in range(0, H * W, BLOCK_P):
         p = p0 + offs_p
         mask = (p < H * W) & cmask
-        h = p // W
-        w = p % W
-        v = tl.load(a_img + h * stride_ah + w * stride_aw, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(a_img + _pixel_offset(p, W, stride_ah, stride_aw, DENSE_HW), mask=mask, other=0.0)
+        v = v.to(tl.float32)
         if PRODUCT:
-            v *= tl.load(b_img + h * stride_bh + w * stride_bw, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(b_img + _pixel_offset(p, W, stride_bh, stride_bw, DENSE_HW), mask=mask, other=0.0)
+            v *= b.to(tl.float32)
         acc += v
     tl.store(out_ptr + n * C + offs_c, sum_pixels(acc, CHANNELS_LAST) * scale, mask=cmask)
 
@@ -103,6 +113,7 @@ def _se_apply_kernel(
     stride_oh,
     stride_ow,
     HAS_BIAS: tl.constexpr,  # False: out = g * s (se_scale); True: out = g * s + d / (H*W) (se_bwd_apply)
+    DENSE_HW: tl.constexpr,  # g's and out's rows lie back to back (stride_h == W * stride_w): see _pixel_offset
     CHANNELS_LAST: tl.constexpr,  # tile orientation (contiguous axis last)
     VEC: tl.constexpr,  # host-checked power of two dividing C and the n/h/w strides (1 for NCHW)
     BLOCK_P: tl.constexpr,  # pixels per tile
@@ -121,14 +132,13 @@ def _se_apply_kernel(
     offs_p, offs_c = tile_offsets(pb, cb, BLOCK_P, BLOCK_C, CHANNELS_LAST)
     cmask = offs_c < C
     mask = (offs_p < H * W) & cmask
-    h = offs_p // W
-    w = offs_p % W
     s = tl.load(s_ptr + n * C + offs_c, mask=cmask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + n * stride_gn + offs_c * stride_gc + h * stride_gh + w * stride_gw, mask=mask, other=0.0)
+    g_pix = _pixel_offset(offs_p, W, stride_gh, stride_gw, DENSE_HW)
+    g = tl.load(g_ptr + n * stride_gn + offs_c * stride_gc + g_pix, mask=mask, other=0.0)
     out = g.to(tl.float32) * s
     if HAS_BIAS:
         out += tl.load(d_ptr + n * C + offs_c, mask=cmask, other=0.0).to(tl.float32) * inv_hw
-    out_ptrs = out_ptr + n * stride_on + offs_c * stride_oc + h * stride_oh + w * stride_ow
+    out_ptrs = out_ptr + n * stride_on + offs_c * stride_oc + _pixel_offset(offs_p, W, stride_oh, stride_ow, DENSE_HW)
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -149,6 +159,21 @@ def _check_nc(v: torch.Tensor, x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected a contiguous [N, C] = {tuple(x.shape[:2])} tensor, got {tuple(v.shape)}")
 
 
+def _dense_hw(*tensors: torch.Tensor) -> bool:
+    """Every tensor's rows lie back to back (a pixel's offset is (h * W + w) * stride_w): both contiguous layouts;
+    a one-row image always."""
+    return all(t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3) for t in tensors)
+
+
+def _maxnreg(x: torch.Tensor) -> int | None:
+    """Register limit (PTX .maxnreg) of both kernels: 255 for fp16 NCHW, else ptxas's own choice. Left to itself
+    ptxas holds fp16 NCHW tiles (scalar loads, 16-32 per thread) at 80 or 96 registers and spills (sm_80 and
+    sm_90: bwd_reduce 40-180 bytes on the 28 x 28 / 56 x 56 layers, se_scale 24-36 on 7 x 7, bwd_apply 4-32 on
+    14 x 14); under 255 it takes 56-247 with no spill and 0-7 fewer SASS instructions per element. The other dtypes
+    and channels_last do not spill at ptxas's choice, which keeps more blocks per SM."""
+    return 255 if x.dtype == torch.float16 and memory_format_of(x) != torch.channels_last else None
+
+
 def _reduce(a: torch.Tensor, b: torch.Tensor | None, scale: float) -> torch.Tensor:
     n, c, h, w = a.shape
     cl = memory_format_of(a) == torch.channels_last
@@ -157,8 +182,8 @@ def _reduce(a: torch.Tensor, b: torch.Tensor | None, scale: float) -> torch.Tens
     bb = a if b is None else b
     _se_reduce_kernel[(n, triton.cdiv(c, bc))](
         a, bb, out, c, h, w, scale, *a.stride(), *bb.stride(),
-        PRODUCT=b is not None, CHANNELS_LAST=cl, VEC=vec_width(cl, c, a, bb), BLOCK_P=bp, BLOCK_C=bc,
-        num_warps=NUM_WARPS,
+        PRODUCT=b is not None, DENSE_HW=_dense_hw(a, bb), CHANNELS_LAST=cl, VEC=vec_width(cl, c, a, bb),
+        BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS, maxnreg=_maxnreg(a),
     )  # fmt: skip
     return out
 
@@ -172,8 +197,8 @@ def _apply(g: torch.Tensor, s: torch.Tensor, d: torch.Tensor | None) -> torch.Te
     num_cb = triton.cdiv(c, bc)
     _se_apply_kernel[(n * num_pb * num_cb,)](
         g, s, s if d is None else d, out, c, h, w, 1.0 / (h * w), num_pb, num_cb, *g.stride(), *out.stride(),
-        HAS_BIAS=d is not None, CHANNELS_LAST=cl, VEC=vec_width(cl, c, g, out), BLOCK_P=bp, BLOCK_C=bc,
-        num_warps=NUM_WARPS,
+        HAS_BIAS=d is not None, DENSE_HW=_dense_hw(g, out), CHANNELS_LAST=cl, VEC=vec_width(cl, c, g, out),
+        BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS, maxnreg=_maxnreg(g),
     )  # fmt: skip
     return out
 
