@@ -289,8 +289,9 @@ def test_exhaustive_no_spill(full_records, key):
 # ------------------------------------------------------------------------------------------------- Triton AOT gate
 # What the --quick report leaves out, for the Triton kernels: sm_80, fp16/fp32, K = 7 and dilation 2, on the layers
 # whose tiles are tightest in registers (fp32 and K = 7: the widest loads and the most weights and dweight sums).
-# (channels, H, W, K, stride, dilation, act, dtype, layout, arch[, kernels]); every launch with the launchers' own
-# constexprs (only those of ``kernels`` where given: a rule that concerns one kernel costs one compile).
+# (channels, H, W, K, stride, dilation, act, dtype, layout, arch[, kernels]), K 0 for an SE layer (squeeze C / 4,
+# hardsigmoid gate); every launch with the launchers' own constexprs (only those of ``kernels`` where given: a rule
+# that concerns one kernel costs one compile).
 TRITON_CI_CASES = [
     (960, 7, 7, 7, 1, 1, "hardswish", "fp32", "NHWC", 80),
     (72, 56, 56, 3, 1, 2, "relu", "fp16", "NCHW", 80),
@@ -321,6 +322,16 @@ TRITON_CI_CASES = [
     # dilation 2 at K = 3 under 255: channels_last stats (16 B at 168) and the stride-2 backward apply (4 B at 168)
     (184, 14, 14, 3, 1, 2, "hardswish", "bf16", "NHWC", 90, ["_stats_partial_kernel"]),
     (72, 56, 56, 3, 2, 2, "relu", "bf16", "NHWC", 90, ["_bwd_apply_kernel"]),
+    # dilation 2 (session 10): stats under 255 in NCHW on sm_80 (8 B at 80), fp32 channels_last fwd / stats in
+    # 4-channel tiles (8 channels: 64 / 36 B at 255), the fp32 K = 3 backward apply under 255 (16 B at 168), the
+    # K = 5 backward apply in 32-channel tiles (64: 8 B at 255, fp16)
+    (1024, 7, 7, 3, 1, 2, "relu", "bf16", "NCHW", 80, ["_stats_partial_kernel"]),
+    (240, 14, 14, 7, 1, 2, "hardswish", "fp32", "NHWC", 90, ["_fwd_kernel", "_stats_partial_kernel"]),
+    (960, 7, 7, 3, 1, 2, "relu6", "fp32", "NCHW", 90, ["_bwd_apply_kernel"]),
+    (672, 14, 14, 5, 2, 2, "hardswish", "fp16", "NHWC", 90, ["_bwd_apply_kernel"]),
+    # SE (K 0): fp16 NCHW under 255 (ptxas's 80-96 registers: se_scale 24 B on 7 x 7, bwd_reduce 40-180 B on 28 x 28)
+    (288, 7, 7, 0, 1, 1, "relu", "fp16", "NCHW", 90, ["_se_apply_kernel"]),
+    (120, 28, 28, 0, 1, 1, "relu", "fp16", "NCHW", 80, ["_se_reduce_kernel"]),
 ]
 
 _TRITON_CASES_SCRIPT = """
@@ -329,7 +340,9 @@ from bench import kernel_builds, kernel_report
 from mnet_ext.layers import LayerConfig
 launches = []
 for c, h, w, k, s, d, act, dtype, layout, arch, *only in json.loads(sys.argv[1]):
-    case = kernel_report.Case(LayerConfig("dwconv_bn_act", c, h, w, k, s, d, act), "ci", dtype, layout)
+    cfg = (LayerConfig("dwconv_bn_act", c, h, w, k, s, d, act) if k
+           else LayerConfig("squeeze_excite", c, h, w, act=act, squeeze=c // 4, gate="hardsigmoid"))
+    case = kernel_report.Case(cfg, "ci", dtype, layout)
     module, calls = kernel_report.launcher_calls(case, 256)
     launches += [(case, arch, launch) for launch in kernel_builds.triton_launches(module, calls, arch)
                  if not only or launch.kernel in only[0]]
@@ -362,7 +375,7 @@ def _assert_compiled_without_spill(records: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_triton_compiles_without_spill_sm80_k7_dilation2():
-    """A few minutes cold on 2 cores (~25 kernels), seconds from the cache."""
+    """A few minutes cold on 2 cores (~35 kernels), seconds from the cache."""
     _assert_compiled_without_spill(triton_case_records(TRITON_CI_CASES, timeout=1800))
 
 

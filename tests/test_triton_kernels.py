@@ -455,7 +455,7 @@ def test_band_rows_fit_the_slot():
             lo, hi = tdw._band_halo(k, cfg.stride, cfg.dilation)
             for cl in (True, False):
                 for dtype in (torch.bfloat16, torch.float32):
-                    block_c = tdw._apply_block_c(ho, wo, lo + hi, k, dtype)
+                    block_c = tdw._apply_block_c(ho, wo, lo + hi, k, dtype, cfg.dilation)
                     t = triton_kernels.dw_tile(ho, wo, cfg.channels, cl, k, "apply", block_c)
                     tb = tdw._band_rows(ho, wo, t.block_c, lo + hi)
                     assert min(tb + lo + hi, ho) * wo * t.block_c <= tdw._SLOT_FLOATS, (cfg, k, t, tb)

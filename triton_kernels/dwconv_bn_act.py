@@ -911,13 +911,18 @@ def _band_halo(k: int, stride: int, dilation: int) -> tuple[int, int]:
     return pad // stride, -(-pad // stride)
 
 
-def _apply_block_c(ho: int, wo: int, halo: int, k: int, dtype: torch.dtype) -> int:
+def _apply_block_c(ho: int, wo: int, halo: int, k: int, dtype: torch.dtype, dilation: int) -> int:
     """Most channels per backward-apply tile: the largest power of two whose slot holds the bands' rows with a halo
-    at most half of them (TB >= 2 * halo: <= 1.5x dz recomputed), or the whole image; at most 64 in fp32 at K = 5
+    at most half of them (TB >= 2 * halo: <= 1.5x dz recomputed), or the whole image; at K = 5 at most 64 in fp32
     (measured on sm_90: 128-channel tiles of 4 warps on c960 7 x 7 spill 4 bytes at 255 registers; 64-channel tiles
-    of 2 warps do not, with 3 fewer SASS/elem)."""
+    of 2 warps do not, with 3 fewer SASS/elem) and 32 at dilation 2 (sm_90 fp16 channels_last, c672 14 x 14 stride
+    2: 64-channel tiles spill 8 bytes at 255 registers)."""
     rows = min(ho, 3 * halo)
-    block_c = 64 if k == 5 and dtype == torch.float32 else 128
+    block_c = 128
+    if k == 5 and dilation == 2:
+        block_c = 32
+    elif k == 5 and dtype == torch.float32:
+        block_c = 64
     while block_c > 1 and rows * wo * block_c > _SLOT_FLOATS:
         block_c //= 2
     return block_c
@@ -967,8 +972,10 @@ def _conv_maxnreg(
     - 255 for stats and bwd_reduce in fp32 at K = 5, stride 2 below sm_90 (sm_80: stats 4 bytes at 96 and 168
       registers on 3 layers, bwd_reduce 16-28 at 128 on 2): no spill, -0.5 to -8.2 SASS/elem, bwd_reduce
       channels_last 4 -> 2 blocks per SM on 2 layers.
-    - 255 for stats at K = 3, dilation 2, channels_last (sm_90 bf16: 16 bytes at 168 on 8 stride-1 layers; under
-      255 168-231 registers, no spill, -0.1 to -1.0 SASS/elem, 3-16 -> 2-16 blocks per SM).
+    - 255 for stats at dilation 2 (no MobileNet layer). sm_90 bf16 channels_last K = 3: 16 bytes at 168 on 8
+      stride-1 layers; under 255 168-231 registers, no spill, -0.1 to -1.0 SASS/elem, 3-16 -> 2-16 blocks per SM.
+      sm_80: NCHW K = 3 4-8 bytes at 80 registers (c960 / c1024 7 x 7, every dtype), K = 5 stride 2 4 bytes at 96
+      (bf16, fp16), channels_last K = 5 stride 2 fp16 12 bytes at 168.
 
     apply (K = 3 only: K = 5 needs 181-255 registers and spills 4-400 bytes under 168; K = 7 runs at 156-166
     without a limit, and a limit of 168 spilled 4 bytes on NCHW K = 7):
@@ -981,22 +988,31 @@ def _conv_maxnreg(
       bytes under 168, 4 at ptxas's own 168 on one layer), and for fp32 below sm_90 (sm_80 spills under 168: NHWC
       stride 1 4-12 bytes on 9 layers, NCHW 16 on c200 14 x 14; and at ptxas's own choice: 4 bytes at 128 on NHWC
       c200 14 x 14; under 255 189-251 registers, no spill, -8.2 to +1.2 SASS/elem, 2 blocks per SM instead of 3).
-    - 255 for dilation 2 channels_last stride 2 (no MobileNet layer; sm_90 bf16 spilled 4 bytes under 168 on 3
-      layers: 187-206 registers, -1.4 to +0.9 SASS/elem, 3 -> 2 blocks per SM)."""
+    - 255 at dilation 2 (no MobileNet layer): sm_90 bf16 channels_last stride 2 spilled 4 bytes under 168 on 3
+      layers (under 255: 187-206 registers, -1.4 to +0.9 SASS/elem, 3 -> 2 blocks per SM), sm_90 fp32 4-16 bytes
+      on 6 layers of both layouts."""
     if arch is None:
         return None
     if kind == "apply":
         if k != 3:
             return None
         wide = dtype == torch.float16 or (dtype == torch.float32 and (arch < 90 or channels_last and stride == 2))
-        return 255 if wide or (dilation == 2 and channels_last and stride == 2) else _APPLY_MAXNREG
+        return 255 if wide or dilation == 2 else _APPLY_MAXNREG
     if k == 7 and channels_last and kind in ("fwd", "stats"):
         return 255
     if k == 5 and stride == 2 and dtype == torch.float32 and arch < 90 and kind in ("stats", "bwd_reduce"):
         return 255
-    if k == 3 and dilation == 2 and channels_last and kind == "stats":
+    if dilation == 2 and kind == "stats":
         return 255
     return None
+
+
+def _tile_elem_bytes(x: torch.Tensor, dilation: int) -> int:
+    """``dw_tile``'s ``elem_bytes`` for the forward and the statistics: x's own at dilation 2 (fp32: 4 channels per
+    thread, one 16-byte vector), else 2 (8 channels). At dilation 2 a kernel row's window is K - 1 columns wider, and
+    fp32 channels_last tiles of 8 channels per thread spilled at 255 registers on sm_80 (fwd 8-60 bytes on 27 layer
+    variants, stats 36-40 on 10); at dilation 1 they do not."""
+    return x.element_size() if dilation == 2 else 2
 
 
 def _stats_block_c(k: int, dtype: torch.dtype) -> int:
@@ -1032,7 +1048,8 @@ def dwconv_bn_act_fwd(
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
     y = _new_like(x, (n, c, ho, wo))
     # multi-row groups share converted input rows: fp32 has no conversion, and its 8-channel loads are two vectors
-    t = dw_tile(ho, wo, c, cl, k, shared_rows=stride == 1 and dilation == 1 and x.element_size() == 2)
+    t = dw_tile(ho, wo, c, cl, k, shared_rows=stride == 1 and dilation == 1 and x.element_size() == 2,
+                elem_bytes=_tile_elem_bytes(x, dilation))
     taps = _weight_taps(weight, t.block_c)
     num_cb = triton.cdiv(c, t.block_c)
     _fwd_kernel[(n * t.num_gb * num_cb,)](
@@ -1051,7 +1068,7 @@ def dwconv_bn_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     k = _check(x, weight, stride, dilation)
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
-    t = dw_tile(ho, wo, c, cl, k, "reduce", _stats_block_c(k, x.dtype))
+    t = dw_tile(ho, wo, c, cl, k, "reduce", _stats_block_c(k, x.dtype), elem_bytes=_tile_elem_bytes(x, dilation))
     num_cb = triton.cdiv(c, t.block_c)
     rows, iters = _stage1_rows(n * t.num_gb, c, t.block_c)
     mean_part = torch.empty((rows, c), dtype=torch.float32, device=x.device)
@@ -1138,7 +1155,7 @@ def dwconv_bn_act_bwd_apply(
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
     _check_grad(grad_y, x, (n, c, ho, wo))
     halo_lo, halo_hi = _band_halo(k, stride, dilation)
-    t = dw_tile(ho, wo, c, cl, k, "apply", _apply_block_c(ho, wo, halo_lo + halo_hi, k, x.dtype))
+    t = dw_tile(ho, wo, c, cl, k, "apply", _apply_block_c(ho, wo, halo_lo + halo_hi, k, x.dtype, dilation))
     tb = _band_rows(ho, wo, t.block_c, halo_lo + halo_hi)
     num_bands = triton.cdiv(ho, tb)
     sr = min(tb + halo_lo + halo_hi, ho)
