@@ -329,6 +329,10 @@ TRITON_CI_CASES = [
     (240, 14, 14, 7, 1, 2, "hardswish", "fp32", "NHWC", 90, ["_fwd_kernel", "_stats_partial_kernel"]),
     (960, 7, 7, 3, 1, 2, "relu6", "fp32", "NCHW", 90, ["_bwd_apply_kernel"]),
     (672, 14, 14, 5, 2, 2, "hardswish", "fp16", "NHWC", 90, ["_bwd_apply_kernel"]),
+    # fp32 channels_last fwd / stats under 255, stride-2 forward tiles of 4 channels (session 10: 8-20 B at 168 on
+    # sm_80 stats, 4-12 B at 255 on sm_90 fwd stride 2 with 8 channels)
+    (32, 112, 112, 3, 1, 1, "relu", "fp32", "NHWC", 80, ["_stats_partial_kernel"]),
+    (256, 28, 28, 3, 2, 1, "relu", "fp32", "NHWC", 90, ["_fwd_kernel"]),
     # SE (K 0): fp16 NCHW under 255 (ptxas's 80-96 registers: se_scale 24 B on 7 x 7, bwd_reduce 40-180 B on 28 x 28)
     (288, 7, 7, 0, 1, 1, "relu", "fp16", "NCHW", 90, ["_se_apply_kernel"]),
     (120, 28, 28, 0, 1, 1, "relu", "fp16", "NCHW", 80, ["_se_reduce_kernel"]),

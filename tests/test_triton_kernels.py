@@ -222,7 +222,7 @@ def test_fwd_shared_rows(small_tiles, monkeypatch, k, act, dtype):
     got = tdw.dwconv_bn_act_fwd(*args)
     assert_close_scaled(got, ref.dwconv_bn_act_fwd(*args), dtype, "fwd")
     real_tile = tdw.dw_tile
-    monkeypatch.setattr(tdw, "dw_tile", lambda *a, shared_rows=False: real_tile(*a))
+    monkeypatch.setattr(tdw, "dw_tile", lambda *a, shared_rows=False, **kw: real_tile(*a, **kw))
     assert torch.equal(got, tdw.dwconv_bn_act_fwd(*args))
 
 
@@ -484,6 +484,11 @@ def test_band_rows_fit_the_slot():
     ("_stats_partial_kernel", torch.bfloat16, True, 3, 1, 90, None, 1),
     ("_bwd_apply_kernel", torch.bfloat16, True, 3, 2, 90, 255, 2),
     ("_bwd_apply_kernel", torch.bfloat16, True, 3, 2, 90, 168, 1),
+    ("_fwd_kernel", torch.float32, True, 3, 2, 90, 255, 1),  # fp32 channels_last fwd / stats (session 10)
+    ("_stats_partial_kernel", torch.float32, True, 3, 1, 80, 255, 1),
+    ("_stats_partial_kernel", torch.float32, False, 3, 1, 80, None, 1),
+    ("_stats_partial_kernel", torch.float32, False, 3, 1, 80, 255, 2),  # stats at dilation 2, both layouts
+    ("_bwd_apply_kernel", torch.float32, False, 3, 1, 90, 255, 2),
 ])  # fmt: skip
 def test_register_limit_follows_the_gpu(monkeypatch, kernel, dtype, channels_last, k, stride, arch, want, dilation):
     """Each launcher's .maxnreg is its rule (``_conv_maxnreg``) for the launch's GPU, which it asks for x's device;

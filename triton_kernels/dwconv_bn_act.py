@@ -969,6 +969,11 @@ def _conv_maxnreg(
       stats 4-8 bytes on 3 layers, fwd 4 on c120 14 x 14; fp32 stats 4-16 bytes on 2 layers on sm_90 and sm_80):
       109-240 registers, no spill, SASS per element fwd -15 to +0.5 %, stats -0.2 to -22.5 % in bf16, fp16 and fp32
       on sm_90 and sm_80, for fewer resident blocks (stats 5-12 -> 4-8 per SM).
+    - 255 for fwd and stats in fp32 channels_last at every K (ptxas's own steps spilled: sm_80 stats K = 3 8-20
+      bytes at 168 on 6 layers, sm_90 stats K = 5 4 bytes at 128 on 7 x 7, fwd K = 5 stride 2 64 bytes at 168 on
+      c288); with the forward's stride-2 tiles of 4 channels (``dw_tile(elem_bytes=)``: 8-channel ones spilled 4-12
+      bytes at 255 on 10 layers) no spill on sm_80 or sm_90, SASS/elem -2.4 to +0.7 at stride 1, +1.6 to +5.6 at
+      stride 2 (+10 to +14 at K = 7), blocks per SM 2-16 -> 2-12.
     - 255 for stats and bwd_reduce in fp32 at K = 5, stride 2 below sm_90 (sm_80: stats 4 bytes at 96 and 168
       registers on 3 layers, bwd_reduce 16-28 at 128 on 2): no spill, -0.5 to -8.2 SASS/elem, bwd_reduce
       channels_last 4 -> 2 blocks per SM on 2 layers.
@@ -998,21 +1003,13 @@ def _conv_maxnreg(
             return None
         wide = dtype == torch.float16 or (dtype == torch.float32 and (arch < 90 or channels_last and stride == 2))
         return 255 if wide or dilation == 2 else _APPLY_MAXNREG
-    if k == 7 and channels_last and kind in ("fwd", "stats"):
+    if channels_last and kind in ("fwd", "stats") and (k == 7 or dtype == torch.float32):
         return 255
     if k == 5 and stride == 2 and dtype == torch.float32 and arch < 90 and kind in ("stats", "bwd_reduce"):
         return 255
     if dilation == 2 and kind == "stats":
         return 255
     return None
-
-
-def _tile_elem_bytes(x: torch.Tensor, dilation: int) -> int:
-    """``dw_tile``'s ``elem_bytes`` for the forward and the statistics: x's own at dilation 2 (fp32: 4 channels per
-    thread, one 16-byte vector), else 2 (8 channels). At dilation 2 a kernel row's window is K - 1 columns wider, and
-    fp32 channels_last tiles of 8 channels per thread spilled at 255 registers on sm_80 (fwd 8-60 bytes on 27 layer
-    variants, stats 36-40 on 10); at dilation 1 they do not."""
-    return x.element_size() if dilation == 2 else 2
 
 
 def _stats_block_c(k: int, dtype: torch.dtype) -> int:
@@ -1048,8 +1045,10 @@ def dwconv_bn_act_fwd(
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
     y = _new_like(x, (n, c, ho, wo))
     # multi-row groups share converted input rows: fp32 has no conversion, and its 8-channel loads are two vectors
+    # fp32 channels_last: tiles of one 16-byte vector (4 channels) per thread at stride 2 and dilation 2, whose
+    # windows are the widest (8 channels spilled 4-64 bytes at 255 registers); 8 channels elsewhere, fewer SASS/elem
     t = dw_tile(ho, wo, c, cl, k, shared_rows=stride == 1 and dilation == 1 and x.element_size() == 2,
-                elem_bytes=_tile_elem_bytes(x, dilation))
+                elem_bytes=x.element_size() if stride == 2 or dilation == 2 else 2)
     taps = _weight_taps(weight, t.block_c)
     num_cb = triton.cdiv(c, t.block_c)
     _fwd_kernel[(n * t.num_gb * num_cb,)](
@@ -1068,7 +1067,9 @@ def dwconv_bn_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     k = _check(x, weight, stride, dilation)
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
-    t = dw_tile(ho, wo, c, cl, k, "reduce", _stats_block_c(k, x.dtype), elem_bytes=_tile_elem_bytes(x, dilation))
+    # fp32 channels_last at dilation 2: 4 channels per thread (8 spilled 36-40 bytes at 255 registers)
+    t = dw_tile(ho, wo, c, cl, k, "reduce", _stats_block_c(k, x.dtype),
+                elem_bytes=x.element_size() if dilation == 2 else 2)
     num_cb = triton.cdiv(c, t.block_c)
     rows, iters = _stage1_rows(n * t.num_gb, c, t.block_c)
     mean_part = torch.empty((rows, c), dtype=torch.float32, device=x.device)
