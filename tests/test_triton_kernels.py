@@ -173,6 +173,7 @@ GEOMETRY = [
     (3, 2, 2, "silu", True, 20, 5, 9),
     (5, 2, 1, "hardswish", True, 20, 5, 9),
     (5, 2, 2, "none", False, 5, 5, 17),
+    (5, 1, 1, "relu", False, 5, 9, 7),  # NCHW groups of 7 columns: the forward's plain loads at dilation 1
     # K = 7 costs 35-95 s each in the interpreter: the exhaustive run keeps it (the tile and halo logic does not
     # depend on K beyond the window width, which the K = 5 cases and tests/test_dwconv_bn_act.py's K = 7 cover).
     pytest.param(7, 1, 2, "relu", True, 20, 6, 5, marks=pytest.mark.exhaustive),
