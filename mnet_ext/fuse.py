@@ -628,14 +628,14 @@ def _walk(model: nn.Module, backend: str | None, apply: bool, example: Tensor | 
     # (GPU memory held; a process group its layers hold torn down at interpreter exit, which can abort a torchrun
     # worker after its job is done). The collector pauses during the walk, so none of them leaves the youngest
     # generation and collecting that one frees them all (a full collection costs ~0.1 s with torch loaded).
-    paused = gc.isenabled()
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         report = FuseReport()
         claimed = _container_pass(model, backend, apply, report)
         _dataflow_pass(model, backend, apply, example, report, claimed, fold_batchnorm)
     finally:
-        if paused:
+        if was_enabled:
             gc.enable()
     gc.collect(0)
     return report
