@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mnet_ext._backend import load, resolve
+from mnet_ext._backend import load, resolve, unavailable_reason
 from mnet_ext.ops import dwconv_bn_act as dw_ops  # importing registers the torch.ops.mnet_ext ops
 from mnet_ext.ops import squeeze_excite as se_ops
+from mnet_ext.ops._common import transforming
 from mnet_ext.reference import (
     CONV_ACTS,
     DILATIONS,
@@ -29,7 +30,7 @@ from mnet_ext.reference import (
 from mnet_ext.sync_batchnorm import needs_sync, sync_dwconv_bn_act_train
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_warned_fp64: set[str] = set()
+_warned_fallback: set[tuple[str, str]] = set()
 
 
 def _check(ok: bool, message: str) -> None:
@@ -63,14 +64,21 @@ def _check_vector(name: str, v: Tensor, c: int, x: Tensor) -> None:
 
 
 def _backend_for(backend: str | None, x: Tensor) -> str:
-    """The resolved backend; float64 (for gradcheck) runs only on the reference, with a one-time warning."""
+    """The resolved backend; float64 (for gradcheck) runs only on the reference, and Triton, whose launchers read
+    raw pointers, not inside a ``torch.func`` transform (its tensors are wrappers without storage): the next
+    backend then, with a one-time warning."""
     name = resolve(backend, x.device.type)
     if x.dtype == torch.float64 and name != "reference":
-        if name not in _warned_fp64:
-            _warned_fp64.add(name)
-            warnings.warn(f"mnet_ext: backend {name!r} has no float64 kernels; using 'reference'", stacklevel=3)
-        return "reference"
-    return name
+        fallback, why = "reference", "has no float64 kernels"
+    elif name == "triton" and transforming():
+        fallback = "cuda" if unavailable_reason("cuda", x.device.type) is None else "reference"
+        why = "cannot run inside torch.func transforms"
+    else:
+        return name
+    if (name, why) not in _warned_fallback:
+        _warned_fallback.add((name, why))
+        warnings.warn(f"mnet_ext: backend {name!r} {why}; using {fallback!r}", stacklevel=3)
+    return fallback
 
 
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:
@@ -95,7 +103,8 @@ def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
 def _in_one_call(x: object, backend: str | None, params: tuple[object, ...], with_autograd: bool) -> bool:
     """Whether a layer runs in one C++ call (without autograd: ``_eager_calls``; ``with_autograd``: the ops'
     ``TrainStepFunction``, one call forward and one backward): the host twin (backend ``cuda``, CPU tensors of its
-    dtypes) in eager mode without autocast, without ``with_autograd`` only when autograd has nothing to record,
+    dtypes) in eager mode without autocast or a ``torch.func`` transform (the one-call Functions have no
+    ``setup_context``), without ``with_autograd`` only when autograd has nothing to record,
     every parameter a tensor (or None) so that the Python checks below name a non-tensor argument. The C++ calls
     check the rest, with the Python checks' messages."""
     if not (isinstance(x, Tensor) and x.is_cpu and x.dtype is not torch.float64):
@@ -106,7 +115,7 @@ def _in_one_call(x: object, backend: str | None, params: tuple[object, ...], wit
     for p in params:
         if p is not None and (not isinstance(p, Tensor) or (grad and p.requires_grad)):
             return False
-    return (not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+    return (not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and not transforming()
             and resolve(backend, "cpu") == "cuda")
 
 
@@ -196,7 +205,7 @@ def dwconv_bn_act(
             # layer's convolution on a CPU): directly when autograd has nothing to record, else with its autograd
             # as an autograd.Function
             if grad and (x.requires_grad or weight.requires_grad or gamma.requires_grad or beta.requires_grad):
-                return dw_ops.EvalFunction.apply(x, weight, mean, invstd, gamma, beta, stride, dilation, act, name)
+                return dw_ops.eval_autograd(x, weight, mean, invstd, gamma, beta, stride, dilation, act, name)
             return dw_ops.eval_forward(x, weight, mean, invstd, gamma, beta, stride, dilation, act, name)
         return torch.ops.mnet_ext.dwconv_bn_act(x, weight, mean, invstd, gamma, beta, stride, dilation, act, name)
     if needs_sync(process_group):
@@ -208,8 +217,8 @@ def dwconv_bn_act(
         # As native: an empty batch is fine (an empty result, running statistics left alone), one value is not.
         _check(count != 1, f"x: expected more than 1 value per channel when training, got input size {list(x.shape)}")
         if not autocasting and not torch.compiler.is_compiling():
-            # The op bodies and their autograd without the custom op's layers (see TrainFunction)
-            y, mean, var = dw_ops.TrainFunction.apply(x, weight, gamma, beta, eps, stride, dilation, act, name)
+            # The op bodies and their autograd without the custom op's layers (see train_autograd)
+            y, mean, var = dw_ops.train_autograd(x, weight, gamma, beta, eps, stride, dilation, act, name)
         else:
             y, mean, var = torch.ops.mnet_ext.dwconv_bn_act_train(x, weight, gamma, beta, eps, stride, dilation,
                                                                   act, name)
@@ -285,6 +294,6 @@ def squeeze_excite(
         # The op's body without the custom op's layers (see dwconv_bn_act): directly when autograd has nothing to
         # record, else with its autograd as an autograd.Function
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, fc1_bias, w2, fc2_bias)):
-            return se_ops.SEFunction.apply(x, w1, fc1_bias, w2, fc2_bias, act, gate, name)[0]
+            return se_ops.se_autograd(x, w1, fc1_bias, w2, fc2_bias, act, gate, name)[0]
         return se_ops.forward(x, w1, fc1_bias, w2, fc2_bias, act, gate, name)[0]
     return torch.ops.mnet_ext.squeeze_excite(x, w1, fc1_bias, w2, fc2_bias, act, gate, name)[0]

@@ -123,3 +123,26 @@ def assert_matches_fp64_reference(name: str, outputs, args: tuple, what: str = "
         else:
             assert out.dtype == torch.float32, f"{name} output {i} {what}: dtype {out.dtype}, expected float32"
             assert_sums_close(out, ref, mag, f"{name} output {i} {what}")
+
+
+def check_func_grad(backend: str, loss, params: tuple[torch.Tensor, ...], monkeypatch) -> None:
+    """torch.func.grad of ``loss(*params)`` against autograd's gradients on ``backend``: bitwise (a transform runs
+    the op's setup_context Function, plain eager mode the cheaper one or on the host twin its one-call Function, all
+    of one body), except Triton, which cannot run inside a transform and falls back to the next backend with a
+    warning (gradients then within rounding of its own)."""
+    import mnet_ext.functional as MF
+
+    leaves = [t.clone().requires_grad_() for t in params]
+    expected = torch.autograd.grad(loss(*leaves), leaves)
+    monkeypatch.setattr(MF, "_warned_fallback", set())
+    grad = torch.func.grad(loss, argnums=tuple(range(len(params))))
+    if backend == "triton":
+        with pytest.warns(UserWarning, match="'triton' cannot run inside torch.func transforms; using 'cuda'"):
+            got = grad(*params)
+    else:
+        got = grad(*params)
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        if backend == "triton":
+            assert_close_scaled(g, e, torch.float32, f"gradient {i}")
+        else:
+            assert torch.equal(g, e), f"gradient {i}: torch.func.grad differs from autograd on backend {backend}"

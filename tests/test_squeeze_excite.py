@@ -13,7 +13,14 @@ from torchvision.ops import SqueezeExcitation
 import mnet_ext
 from mnet_ext import reference as R
 from mnet_ext._backend import load
-from tests.helpers import ROUNDING_TOL, assert_close_scaled, assert_sums_close, backend_param, scaled_error
+from tests.helpers import (
+    ROUNDING_TOL,
+    assert_close_scaled,
+    assert_sums_close,
+    backend_param,
+    check_func_grad,
+    scaled_error,
+)
 
 CPU_BACKENDS = [backend_param("cuda"), backend_param("triton")]
 
@@ -79,6 +86,21 @@ def test_module_matches_torchvision(backend, act, gate):
     assert scaled_error(x_f.grad, x_n.grad) <= tol
     for (name, p_f), p_n in zip(fused.named_parameters(), native.parameters(), strict=False):
         assert scaled_error(p_f.grad, p_n.grad) <= 4 * tol, name
+
+
+@pytest.mark.parametrize("backend", [backend_param("reference"), *CPU_BACKENDS])
+def test_func_grad_matches_autograd(backend, monkeypatch):
+    """torch.func.grad through a fused SE layer: autograd's gradients (tests.helpers.check_func_grad)."""
+    import mnet_ext.functional as MF
+
+    x = torch.randn(2, 6, 4, 5).to(memory_format=torch.channels_last)
+    params = [torch.randn(s) for s in ((3, 6), (3,), (6, 3), (6,))]
+
+    def loss(x, w1, b1, w2, b2):
+        y = MF.squeeze_excite(x, w1, b1, w2, b2, "silu", "hardsigmoid", backend)
+        return (y * y).sum()
+
+    check_func_grad(backend, loss, (x, *params), monkeypatch)
 
 
 @pytest.mark.parametrize("backend", [backend_param("reference"), *CPU_BACKENDS])

@@ -61,9 +61,11 @@ from mnet_ext.reference import memory_format_of, output_hw
 
 from . import (
     NUM_WARPS,
+    cdiv,
     dw_tile,
     hint_multiple,
     interpreting,
+    next_power_of_2,
     on_tensor_device,
     program_tile,
     sum_pixels,
@@ -891,9 +893,9 @@ def _stage1_rows(tiles: int, c: int, block_c: int) -> tuple[int, int]:
     channel block, reads only a few thousand rows instead of N * num_gb. A function of the shape alone, not of the
     GPU's SM count: the sums come out bitwise the same on every GPU."""
     target = _INTERP_STAGE1_PROGRAMS if interpreting() else _STAGE1_PROGRAMS
-    rows_wanted = max(1, target // triton.cdiv(c, block_c))
-    iters = triton.cdiv(tiles, min(tiles, rows_wanted))
-    return triton.cdiv(tiles, iters), iters
+    rows_wanted = max(1, target // cdiv(c, block_c))
+    iters = cdiv(tiles, min(tiles, rows_wanted))
+    return cdiv(tiles, iters), iters
 
 
 def _weight_taps(weight: torch.Tensor, block_c: int) -> torch.Tensor:
@@ -901,7 +903,7 @@ def _weight_taps(weight: torch.Tensor, block_c: int) -> torch.Tensor:
     copy (K*K*CP values) after which a thread loads its 8 channels of a tap as two 16-byte vectors, unmasked and
     with no conversion."""
     c = weight.shape[0]
-    cp = triton.cdiv(c, block_c) * block_c
+    cp = cdiv(c, block_c) * block_c
     taps = torch.zeros((weight[0].numel(), cp), dtype=torch.float32, device=weight.device)
     taps[:, :c] = weight.reshape(c, -1).t()
     return taps
@@ -939,7 +941,7 @@ def _band_rows(ho: int, wo: int, block_c: int, halo: int) -> int:
     if ho * row <= _SLOT_FLOATS:
         return ho
     tb = max(1, _SLOT_FLOATS // row - halo)
-    return triton.cdiv(ho, triton.cdiv(ho, tb))
+    return cdiv(ho, cdiv(ho, tb))
 
 
 def _device_arch(x: torch.Tensor) -> int | None:
@@ -1026,8 +1028,8 @@ def _sum_rows(part: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None =
     """out (and out2) <- column sums of ``part`` [R, L] (unit column stride): out takes the first out.numel()
     columns, out2 the rest."""
     rows, length = part.shape
-    block_l = 32 if not interpreting() else min(1024, triton.next_power_of_2(length))
-    _sum_rows_kernel[(triton.cdiv(length, block_l),)](
+    block_l = 32 if not interpreting() else min(1024, next_power_of_2(length))
+    _sum_rows_kernel[(cdiv(length, block_l),)](
         part, out, out if out2 is None else out2, rows, length, part.stride(0), out.numel(), BLOCK_R=_SUM_BLOCK_R,
         BLOCK_L=block_l, num_warps=NUM_WARPS,
     )
@@ -1054,7 +1056,7 @@ def dwconv_bn_act_fwd(
     t = dw_tile(ho, wo, c, cl, k, shared_rows=stride == 1 and dilation == 1 and x.element_size() == 2,
                 elem_bytes=x.element_size() if stride == 2 or dilation == 2 else 2)
     taps = _weight_taps(weight, t.block_c)
-    num_cb = triton.cdiv(c, t.block_c)
+    num_cb = cdiv(c, t.block_c)
     _fwd_kernel[(n * t.num_gb * num_cb,)](
         x, taps, mean, invstd, gamma, beta, y,
         c, taps.shape[1], h, w, ho, wo, t.groups_per_row, t.num_gb, num_cb, *x.stride(), *y.stride(),
@@ -1074,7 +1076,7 @@ def dwconv_bn_stats(
     # fp32 channels_last at dilation 2: 4 channels per thread (8 spilled 36-40 bytes at 255 registers)
     t = dw_tile(ho, wo, c, cl, k, "reduce", _stats_block_c(k, x.dtype),
                 elem_bytes=x.element_size() if dilation == 2 else 2)
-    num_cb = triton.cdiv(c, t.block_c)
+    num_cb = cdiv(c, t.block_c)
     rows, iters = _stage1_rows(n * t.num_gb, c, t.block_c)
     mean_part = torch.empty((rows, c), dtype=torch.float32, device=x.device)
     m2_part = torch.empty_like(mean_part)
@@ -1089,8 +1091,8 @@ def dwconv_bn_stats(
     )  # fmt: skip
     mean = torch.empty((c,), dtype=torch.float32, device=x.device)
     var = torch.empty_like(mean)
-    block_c = min(_COMBINE_BLOCK_C, triton.next_power_of_2(c))
-    _stats_combine_kernel[(triton.cdiv(c, block_c),)](
+    block_c = min(_COMBINE_BLOCK_C, next_power_of_2(c))
+    _stats_combine_kernel[(cdiv(c, block_c),)](
         mean_part, m2_part, count_part, mean, var, rows, c, BLOCK_R=_COMBINE_BLOCK_R, BLOCK_C=block_c,
         num_warps=NUM_WARPS,
     )
@@ -1114,7 +1116,7 @@ def dwconv_bn_act_bwd_reduce(
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
     _check_grad(grad_y, x, (n, c, ho, wo))
     t = dw_tile(ho, wo, c, cl, k, "reduce", elem_bytes=x.element_size())
-    num_cb = triton.cdiv(c, t.block_c)
+    num_cb = cdiv(c, t.block_c)
     rows, iters = _stage1_rows(n * t.num_gb, c, t.block_c)
     part = torch.empty((rows, 2 * c), dtype=torch.float32, device=x.device)
     taps = _weight_taps(weight, t.block_c)
@@ -1162,18 +1164,18 @@ def dwconv_bn_act_bwd_apply(
     halo_lo, halo_hi = _band_halo(k, stride, dilation)
     t = dw_tile(ho, wo, c, cl, k, "apply", _apply_block_c(ho, wo, halo_lo + halo_hi, k, x.dtype, dilation))
     tb = _band_rows(ho, wo, t.block_c, halo_lo + halo_hi)
-    num_bands = triton.cdiv(ho, tb)
+    num_bands = cdiv(ho, tb)
     sr = min(tb + halo_lo + halo_hi, ho)
     taps = _weight_taps(weight, t.block_c)
-    num_cb = triton.cdiv(c, t.block_c)
+    num_cb = cdiv(c, t.block_c)
     rows, iters = _stage1_rows(n * num_bands, c, t.block_c)
     dw_part = torch.empty((rows, taps.shape[1] * k * k), dtype=torch.float32, device=x.device)
     slots = torch.empty((rows * num_cb, sr * wo * t.block_c), dtype=torch.float32, device=x.device)
     dx = _new_like(x, (n, c, h, w))
-    owx = triton.cdiv(t.ow, stride) * stride
+    owx = cdiv(t.ow, stride) * stride
     _bwd_apply_kernel[(num_cb, rows)](
         grad_y, x, taps, mean, invstd, gamma, beta, mean_g, mean_g_xhat, dx, dw_part, slots,
-        c, taps.shape[1], h, w, ho, wo, t.groups_per_row, triton.cdiv(w, owx), tb, sr, num_bands, num_cb,
+        c, taps.shape[1], h, w, ho, wo, t.groups_per_row, cdiv(w, owx), tb, sr, num_bands, num_cb,
         n * num_bands, iters, *grad_y.stride(), *x.stride(), *dx.stride(),
         K=k, STRIDE=stride, DIL=dilation, ACT=act_id(act), CHANNELS_LAST=cl, VEC=vec_width(cl, c, grad_y, x, dx),
         OW=t.ow, OWX=owx, HALO_LO=halo_lo, HALO_HI=halo_hi, BLOCK_G=t.block_g, BLOCK_C=t.block_c,
@@ -1386,8 +1388,8 @@ def _dot_boxes(k: int, stride: int, g: int) -> tuple[int, int]:
     wider than the two boxes S*G + W1 (each box costs ~25 instructions of TMA issue and barrier waits; each extra
     column of a box 1/2 HGMMA and ~1 LDSM per 64 rows), else those two."""
     window = stride * (g - 1) + k
-    one = triton.next_power_of_2(window)
-    w1 = max(2, triton.next_power_of_2(window - stride * g))
+    one = next_power_of_2(window)
+    w1 = max(2, next_power_of_2(window - stride * g))
     return (one, 0) if one <= stride * g + w1 + 4 else (stride * g, w1)
 
 
@@ -1404,7 +1406,7 @@ def _dot_tile(n: int, ho: int, wo: int, k: int, stride: int) -> _DotTile:
                 m = nb * rh
                 if m < _DOT_MIN_M or m * g * 8 > _DOT_OUTPUTS:
                     continue
-                tiles = triton.cdiv(n, nb) * triton.cdiv(ho, rh) * triton.cdiv(wo, g)
+                tiles = cdiv(n, nb) * cdiv(ho, rh) * cdiv(wo, g)
                 waste = tiles * m * g / (n * ho * wo)
                 key = (round(waste * (1 + 2 * _DOT_OUTPUTS / (m * g * 8)), 4), -m * g, -rh)  # ties: compact
                 if best_key is None or key < best_key:
@@ -1450,7 +1452,7 @@ def _dot_fwd_supported(x: torch.Tensor, y: torch.Tensor, k: int, stride: int, di
     if x.data_ptr() % 16 or y.data_ptr() % 16 or (stride == 2 and h < 2):
         return False
     t = _dot_tile(n, ho, wo, k, stride)
-    if triton.cdiv(wo, t.g) >= 65536 or triton.cdiv(n, t.nb) * triton.cdiv(ho, t.rh) >= 65536:
+    if cdiv(wo, t.g) >= 65536 or cdiv(n, t.nb) * cdiv(ho, t.rh) >= 65536:
         return False
     arch = _device_arch(x)
     if arch is None:
@@ -1467,8 +1469,8 @@ def _fwd_dot(x, weight, mean, invstd, gamma, beta, y, k: int, stride: int, act: 
     rows = (xv, xv) if stride == 1 else (xv[:, 0::2], xv[:, 1::2])  # stride 2: even, odd input rows
     descs = [TensorDescriptor.from_tensor(r, [t.nb, t.rh, width, 8]) for r in rows for width in (t.wa, t.w1 or t.wa)]
     y_desc = TensorDescriptor.from_tensor(y.permute(0, 2, 3, 1), [t.nb, t.rh, t.g, 8])
-    num_hb = triton.cdiv(ho, t.rh)
-    _fwd_dot_kernel[(c // 8, triton.cdiv(wo, t.g), triton.cdiv(n, t.nb) * num_hb)](
+    num_hb = cdiv(ho, t.rh)
+    _fwd_dot_kernel[(c // 8, cdiv(wo, t.g), cdiv(n, t.nb) * num_hb)](
         *descs, y_desc, _dot_weights(weight, k, stride, t.g, t.wa + t.w1), mean, invstd, gamma, beta, x,
         weight.reshape(c, k * k), y, n, h, w, ho, wo, num_hb, x.stride(0), x.stride(2), x.stride(3),
         y.stride(0), y.stride(2), y.stride(3),

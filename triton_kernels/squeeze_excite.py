@@ -19,6 +19,7 @@ from mnet_ext.reference import memory_format_of
 
 from . import (
     NUM_WARPS,
+    cdiv,
     hint_multiple,
     on_tensor_device,
     program_tile,
@@ -180,7 +181,7 @@ def _reduce(a: torch.Tensor, b: torch.Tensor | None, scale: float) -> torch.Tens
     bp, bc = tile_sizes(h * w, c, cl)
     out = torch.empty((n, c), dtype=torch.float32, device=a.device)
     bb = a if b is None else b
-    _se_reduce_kernel[(n, triton.cdiv(c, bc))](
+    _se_reduce_kernel[(n, cdiv(c, bc))](
         a, bb, out, c, h, w, scale, *a.stride(), *bb.stride(),
         PRODUCT=b is not None, DENSE_HW=_dense_hw(a, bb), CHANNELS_LAST=cl, VEC=vec_width(cl, c, a, bb),
         BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS, maxnreg=_maxnreg(a),
@@ -192,9 +193,9 @@ def _apply(g: torch.Tensor, s: torch.Tensor, d: torch.Tensor | None) -> torch.Te
     n, c, h, w = g.shape
     cl = memory_format_of(g) == torch.channels_last
     bp, bc = tile_sizes(h * w, c, cl)
-    num_pb = triton.cdiv(h * w, bp)
+    num_pb = cdiv(h * w, bp)
     out = torch.empty(g.shape, dtype=g.dtype, device=g.device, memory_format=memory_format_of(g))
-    num_cb = triton.cdiv(c, bc)
+    num_cb = cdiv(c, bc)
     _se_apply_kernel[(n * num_pb * num_cb,)](
         g, s, s if d is None else d, out, c, h, w, 1.0 / (h * w), num_pb, num_cb, *g.stride(), *out.stride(),
         HAS_BIAS=d is not None, DENSE_HW=_dense_hw(g, out), CHANNELS_LAST=cl, VEC=vec_width(cl, c, g, out),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,18 +39,41 @@ def autocast_off(t: Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
-def eager_function(name: str, body: Callable, setup: Callable, backward: Callable) -> type[torch.autograd.Function]:
-    """An op's body with its registered autograd (``setup(ctx, inputs, output, direct=True)``, ``backward``) as a
-    plain ``autograd.Function``, which eager mode runs without the custom op's dispatch and autograd layers (they cost
-    as much as a small layer's kernels on a CPU). ``torch.compile`` traces the custom op itself."""
+def transforming() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, ...) is active: only ``setup_context``-style autograd Functions
+    run under one. (A private torch API, stable since torch 2.0; recheck on upgrades.)"""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
-    class EagerFunction(torch.autograd.Function):
+
+def eager_function(name: str, body: Callable, setup: Callable, backward: Callable) -> Callable[..., Any]:
+    """An op's body with its registered autograd (``setup(ctx, inputs, output, direct=True)``, ``backward``) as the
+    ``apply`` of a plain ``autograd.Function``, which eager mode runs without the custom op's dispatch and autograd
+    layers (they cost as much as a small layer's kernels on a CPU). ``torch.compile`` traces the custom op itself.
+
+    Two classes of one body: torch binds the arguments of a Function that has a ``setup_context`` with
+    ``inspect.signature`` on every call (~55 us on a CPU core, more than a small layer's GPU time), so eager mode runs
+    the ``forward(ctx, ...)`` style, and only a ``torch.func`` transform, which requires ``setup_context``, the other.
+    """
+
+    class Transformable(torch.autograd.Function):
         forward = staticmethod(body)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
             setup(ctx, inputs, output, direct=True)
 
-    EagerFunction.backward = staticmethod(backward)
-    EagerFunction.__name__ = EagerFunction.__qualname__ = name
-    return EagerFunction
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = body(*inputs)
+            setup(ctx, inputs, output, direct=True)
+            return output
+
+    for cls, cls_name in ((Eager, name), (Transformable, f"{name}ForTransforms")):
+        cls.backward = staticmethod(backward)
+        cls.__name__ = cls.__qualname__ = cls_name
+
+    def apply(*inputs: Any) -> Any:
+        return (Transformable if transforming() else Eager).apply(*inputs)
+
+    return apply

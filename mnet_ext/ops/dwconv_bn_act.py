@@ -81,7 +81,7 @@ def dwconv_bn_act_train(
 
 def train_forward(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float, stride: int, dilation: int,
                   act: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """The body of ``mnet_ext::dwconv_bn_act_train`` (also run by ``TrainFunction``)."""
+    """The body of ``mnet_ext::dwconv_bn_act_train`` (also run by ``train_autograd``)."""
     if x.numel() == 0:  # zero statistics with a count of 0, as an empty rank reports them under SyncBatchNorm
         return _like_output(x, weight, stride, dilation), _vector(x).zero_(), _vector(x).zero_()
     impl, weight = load(backend), weight.contiguous()
@@ -113,7 +113,7 @@ def dwconv_bn_act_backward(
 def backward(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor,
              stride: int, dilation: int, act: str, training: bool,
              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The body of ``mnet_ext::dwconv_bn_act_backward`` (also run by ``TrainFunction``)."""
+    """The body of ``mnet_ext::dwconv_bn_act_backward`` (also run by ``train_autograd``)."""
     if x.numel() == 0:
         dweight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         return new_output(x, x.shape), dweight, _vector(x).zero_(), _vector(x).zero_()
@@ -197,15 +197,15 @@ dwconv_bn_act.register_autograd(_backward_eval, setup_context=_setup_eval)
 dwconv_bn_act_train.register_autograd(_backward_train, setup_context=_setup_train)
 
 
-EvalFunction = eager_function("EvalFunction", eval_forward, _setup_eval, _backward_eval)
-TrainFunction = eager_function("TrainFunction", train_forward, _setup_train, _backward_train)
+eval_autograd = eager_function("EvalFunction", eval_forward, _setup_eval, _backward_eval)
+train_autograd = eager_function("TrainFunction", train_forward, _setup_train, _backward_train)
 
 
 class TrainStepFunction(torch.autograd.Function):
     """A training step of one layer on the host twin (backend ``cuda``, CPU tensors, eager mode) in two C++ calls:
     ``dwconv_bn_act_train_eager`` (``mnet_ext.functional``'s checks, statistics, forward, the running statistics'
     update in place) and ``dwconv_bn_act_train_backward_eager`` (bwd_reduce, BatchNorm's mean terms, bwd_apply).
-    The kernels and torch ops of ``TrainFunction`` plus the functional's update, without their Python: bitwise the
+    The kernels and torch ops of ``train_autograd`` plus the functional's update, without their Python: bitwise the
     same results. Arguments as ``mnet_ext.functional.dwconv_bn_act``'s (affine parameters and running statistics
     may be None)."""
 

@@ -82,7 +82,7 @@ def squeeze_excite_backward(
 
 def backward(grad_y: Tensor, x: Tensor, pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
              fc2_bias: Tensor, act: str, gate: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The body of ``mnet_ext::squeeze_excite_backward`` (also run by ``SEFunction``)."""
+    """The body of ``mnet_ext::squeeze_excite_backward`` (also run by ``se_autograd``)."""
     impl, empty = load(backend), x.numel() == 0
     with autocast_off(x):
         a1, h, a2, s = _excite(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)
@@ -115,7 +115,7 @@ def _(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate, 
     )
 
 
-# One setup and one backward for the custom op's registered autograd and the eager ``SEFunction`` (see
+# One setup and one backward for the custom op's registered autograd and the eager ``se_autograd`` (see
 # ``dwconv_bn_act``'s autograd section): ``direct`` picks the backward's body over its op.
 def _setup(ctx, inputs, output, direct: bool = False):
     x, w1, b1, w2, b2, act, gate, backend = inputs
@@ -139,13 +139,13 @@ def _backward(ctx, grad_y, _grad_pooled):
 squeeze_excite.register_autograd(_backward, setup_context=_setup)
 
 
-SEFunction = eager_function("SEFunction", forward, _setup, _backward)
+se_autograd = eager_function("SEFunction", forward, _setup, _backward)
 
 
 class TrainStepFunction(torch.autograd.Function):
     """An SE layer with autograd on the host twin (backend ``cuda``, CPU tensors, eager mode) in two C++ calls:
     ``squeeze_excite_train_eager`` (``mnet_ext.functional``'s checks, pool, FCs, scale) and
-    ``squeeze_excite_backward_eager`` (this file's ``backward``, op for op). The torch ops of ``SEFunction``
+    ``squeeze_excite_backward_eager`` (this file's ``backward``, op for op). The torch ops of ``se_autograd``
     without their Python (~0.3 ms per layer and step on a CPU, more than the layer's kernels at batch 1): bitwise
     the same results. Arguments as ``mnet_ext.functional.squeeze_excite``'s (FC weights 2-D or 1x1 conv weights)."""
 
