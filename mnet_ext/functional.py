@@ -236,8 +236,11 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tenso
     with torch.no_grad():
         unbiased = var * (count / (count - 1))
         for running, stat in ((running_mean, mean), (running_var, unbiased)):
-            updated = running.mul(1 - momentum).add_(stat.to(running.dtype), alpha=momentum)
-            running.copy_(updated if isinstance(count, int) else torch.where(count > 0, updated, running))
+            if isinstance(count, int):  # in place: two device ops per statistic (each a launch on a GPU)
+                running.mul_(1 - momentum).add_(stat.to(running.dtype), alpha=momentum)
+            else:
+                updated = running.mul(1 - momentum).add_(stat.to(running.dtype), alpha=momentum)
+                running.copy_(torch.where(count > 0, updated, running))
 
 
 def squeeze_excite(
