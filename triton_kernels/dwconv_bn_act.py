@@ -904,7 +904,10 @@ def _weight_taps(weight: torch.Tensor, block_c: int) -> torch.Tensor:
     with no conversion."""
     c = weight.shape[0]
     cp = cdiv(c, block_c) * block_c
-    taps = torch.zeros((weight[0].numel(), cp), dtype=torch.float32, device=weight.device)
+    taps = torch.empty((weight[0].numel(), cp), dtype=torch.float32, device=weight.device)
+    if cp == c:  # one device op (a launch on a GPU) where no channel is padded: most layers
+        return taps.copy_(weight.reshape(c, -1).t())
+    taps[:, c:].zero_()
     taps[:, :c] = weight.reshape(c, -1).t()
     return taps
 
@@ -1035,21 +1038,9 @@ def _sum_rows(part: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None =
     )
 
 
-@on_tensor_device
-def dwconv_bn_act_fwd(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    stride: int,
-    dilation: int,
-    act: str,
-) -> torch.Tensor:
-    k = _check(x, weight, stride, dilation, (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)))
+def _fwd(x, weight, mean, invstd, gamma, beta, y, k: int, stride: int, dilation: int, act: str) -> None:
+    """y <- the forward by ``_fwd_kernel`` (arguments checked, y allocated by the caller)."""
     n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
-    y = _new_like(x, (n, c, ho, wo))
     # multi-row groups share converted input rows: fp32 has no conversion, and its 8-channel loads are two vectors
     # fp32 channels_last: tiles of one 16-byte vector (4 channels) per thread at stride 2 and dilation 2, whose
     # windows are the widest (8 channels spilled 4-64 bytes at 255 registers); 8 channels elsewhere, fewer SASS/elem
@@ -1064,6 +1055,24 @@ def dwconv_bn_act_fwd(
         VEC=vec_width(cl, c, x, y), OW=t.ow, ROWS=t.rows, BLOCK_G=t.block_g, BLOCK_C=t.block_c, num_warps=t.num_warps,
         maxnreg=_conv_maxnreg("fwd", k, x.dtype, cl, stride, dilation, _device_arch(x)),
     )  # fmt: skip
+
+
+@on_tensor_device
+def dwconv_bn_act_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    stride: int,
+    dilation: int,
+    act: str,
+) -> torch.Tensor:
+    k = _check(x, weight, stride, dilation, (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)))
+    n, c, h, w = x.shape
+    y = _new_like(x, (n, c, *output_hw(h, w, k, stride, dilation)))
+    _fwd(x, weight, mean, invstd, gamma, beta, y, k, stride, dilation, act)
     return y
 
 
@@ -1491,12 +1500,13 @@ def dwconv_bn_act_fwd_eval(
     act: str,
 ) -> torch.Tensor:
     """``dwconv_bn_act_fwd`` for the eval forward (running statistics): on the tensor cores where
-    ``_dot_fwd_supported``, else ``dwconv_bn_act_fwd``. The training forward calls ``dwconv_bn_act_fwd`` itself, so
-    its z is the statistics' and the backward's z bit for bit."""
+    ``_dot_fwd_supported``, else by ``dwconv_bn_act_fwd``'s kernel. The training forward calls ``dwconv_bn_act_fwd``
+    itself, so its z is the statistics' and the backward's z bit for bit."""
     k = _check(x, weight, stride, dilation, (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)))
-    n, c, h, w, ho, wo, cl = _geometry(x, k, stride, dilation)
-    y = _new_like(x, (n, c, ho, wo))
-    if not _dot_fwd_supported(x, y, k, stride, dilation):
-        return dwconv_bn_act_fwd(x, weight, mean, invstd, gamma, beta, stride, dilation, act)
-    _fwd_dot(x, weight, mean, invstd, gamma, beta, y, k, stride, act)
+    n, c, h, w = x.shape
+    y = _new_like(x, (n, c, *output_hw(h, w, k, stride, dilation)))
+    if _dot_fwd_supported(x, y, k, stride, dilation):
+        _fwd_dot(x, weight, mean, invstd, gamma, beta, y, k, stride, act)
+    else:
+        _fwd(x, weight, mean, invstd, gamma, beta, y, k, stride, dilation, act)
     return y
